@@ -1,0 +1,43 @@
+//! Byte accounting shared by the dry run (planned peak) and real runs (measured peak).
+
+/// Live bytes over time, with their peak.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ledger {
+    live: usize,
+    peak: usize,
+}
+
+impl Ledger {
+    pub fn alloc(&mut self, bytes: usize) {
+        self.live += bytes;
+        self.peak = self.peak.max(self.live);
+    }
+
+    pub fn free(&mut self, bytes: usize) {
+        self.live = self.live.saturating_sub(bytes);
+    }
+
+    /// A buffer that lives only while one op runs (its workspace).
+    pub fn transient(&mut self, bytes: usize) {
+        self.peak = self.peak.max(self.live + bytes);
+    }
+
+    pub fn live(&self) -> usize {
+        self.live
+    }
+
+    pub fn peak(&self) -> usize {
+        self.peak
+    }
+}
+
+/// What one run (real or dry) cost.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunStats {
+    /// Peak of live activation bytes, inputs included, op workspaces included in dry runs.
+    pub peak_bytes: usize,
+    /// Floating-point operations of the nodes that ran.
+    pub flops: u64,
+    /// Nodes that ran (substituted and pruned nodes do not).
+    pub nodes_run: usize,
+}

@@ -1,0 +1,128 @@
+//! The contract every lowered layer implements.
+
+use std::fmt::Debug;
+use std::ops::Range;
+
+use candle_core::Tensor;
+
+use crate::error::Result;
+use crate::value::{Axis, ValueInfo};
+
+/// Along which axes an op may run slice by slice with no change to any number.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Independence {
+    /// Mixes everything: only ever runs whole.
+    None,
+    /// Treats every frame alone (2D convs, per-frame norms, spatial attention).
+    Frames,
+    /// Mixes only along time at each location (temporal attention and convs).
+    Positions,
+    /// Pointwise: any slicing is exact.
+    Both,
+}
+
+impl Independence {
+    pub fn allows(self, axis: Axis) -> bool {
+        matches!(
+            (self, axis),
+            (Independence::Both, _)
+                | (Independence::Frames, Axis::Frames)
+                | (Independence::Positions, Axis::Positions)
+        )
+    }
+}
+
+/// Which part of the sliced axis a forward call computes.
+///
+/// Most ops ignore it: their inputs arrive already narrowed. Ops that read a value whole (norm
+/// statistics per batch item, a frame-major input they gather from) use it to find which rows
+/// of that value belong to the slice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceCtx {
+    /// `None` when the node runs unsliced.
+    pub axis: Option<Axis>,
+    /// The slice, in the axis' index space.
+    pub range: Range<usize>,
+    /// Length of the whole axis.
+    pub len: usize,
+}
+
+impl SliceCtx {
+    /// The context of an unsliced run.
+    pub fn whole() -> Self {
+        SliceCtx {
+            axis: None,
+            range: 0..0,
+            len: 0,
+        }
+    }
+
+    /// The rows of an axis of length `len` this call covers (all of them when unsliced).
+    pub fn rows(&self, len: usize) -> Range<usize> {
+        match self.axis {
+            Some(_) => self.range.clone(),
+            None => 0..len,
+        }
+    }
+}
+
+/// One node's computation.
+///
+/// Shape functions (`infer`, `workspace_bytes`, `flops`) never touch weights, so a full-size
+/// model can be planned without loading it.
+pub trait Op: Debug + Send + Sync {
+    /// Short kind name used in dumps, e.g. `conv2d`.
+    fn kind(&self) -> &'static str;
+
+    /// Parameters worth showing in a dump (kernel size, heads, ...).
+    fn describe(&self) -> String {
+        String::new()
+    }
+
+    /// Axes along which the op is exact when run slice by slice.
+    fn independence(&self) -> Independence;
+
+    /// A reduction runs slice by slice along its independent axes, but each slice yields a
+    /// partial result that [`Op::merge`] folds; its output is whole along the sliced axis and
+    /// only exists once every slice has run.
+    fn is_reduction(&self) -> bool {
+        false
+    }
+
+    /// Fold two partial results of a reduction.
+    fn merge(&self, acc: &Tensor, partial: &Tensor) -> Result<Tensor> {
+        let _ = (acc, partial);
+        Err(crate::IrError::Plan(format!(
+            "{} is not a reduction and cannot merge partial results",
+            self.kind()
+        )))
+    }
+
+    /// Whether input `input` may be a value with an interleaved tag along `axis`: the op then
+    /// receives it whole and gathers the slice described by the [`SliceCtx`] itself.
+    fn gathers_input(&self, input: usize, axis: Axis) -> bool {
+        let _ = (input, axis);
+        false
+    }
+
+    /// Output shape, dtype and layout from the inputs'. Errors explain the mismatch.
+    fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo>;
+
+    /// Bytes of transient buffers one call allocates besides its output (attention scores,
+    /// im2col columns), for per-slice inputs and output.
+    fn workspace_bytes(&self, inputs: &[&ValueInfo], output: &ValueInfo) -> usize {
+        let _ = (inputs, output);
+        0
+    }
+
+    /// Floating-point operations of one call.
+    fn flops(&self, inputs: &[&ValueInfo], output: &ValueInfo) -> u64;
+
+    /// Bytes of the parameters the op holds.
+    fn param_bytes(&self) -> usize {
+        0
+    }
+
+    /// Compute the output (or a reduction's partial) of one slice.
+    fn forward(&self, inputs: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor>;
+}

@@ -1,0 +1,452 @@
+//! Toy ops with the same slicing contracts as the real layers, small enough to fuzz.
+//!
+//! Frame-major values are `(B*T, C, S)` (S = H*W flattened), position-major values
+//! `(B*S, T, C)`. Each op does real mixing along the axis it is *not* independent of, so a
+//! wrong slicing shows in the numbers.
+
+#![allow(dead_code)]
+
+use candle_core::{DType, Device, Tensor};
+use streamline_ir::{
+    Axis, AxisTag, Graph, Independence, IrError, Layout, Op, Result, SliceCtx, ValueId, ValueInfo,
+};
+
+#[derive(Copy, Clone, Debug)]
+pub struct Dims {
+    pub b: usize,
+    pub t: usize,
+    pub c: usize,
+    pub s: usize,
+}
+
+impl Dims {
+    pub fn frame_info(&self) -> ValueInfo {
+        ValueInfo::new(
+            (self.b * self.t, self.c, self.s),
+            DType::F32,
+            Layout::FRAME_MAJOR,
+        )
+    }
+    pub fn position_info(&self) -> ValueInfo {
+        ValueInfo::new(
+            (self.b * self.s, self.t, self.c),
+            DType::F32,
+            Layout::POSITION_MAJOR,
+        )
+    }
+}
+
+fn pieces(rows: std::ops::Range<usize>, per: usize) -> Vec<(usize, std::ops::Range<usize>)> {
+    let mut out = Vec::new();
+    let mut s = rows.start;
+    while s < rows.end {
+        let b = s / per;
+        let e = rows.end.min((b + 1) * per);
+        out.push((b, s - b * per..e - b * per));
+        s = e;
+    }
+    out
+}
+
+fn cat0(parts: Vec<Tensor>) -> Result<Tensor> {
+    Ok(if parts.len() == 1 {
+        parts.into_iter().next().unwrap()
+    } else {
+        Tensor::cat(&parts, 0)?
+    })
+}
+
+fn same(inputs: &[&ValueInfo]) -> Result<ValueInfo> {
+    Ok(inputs[0].clone())
+}
+
+/// Frame-wise: scales each frame by its own mean magnitude.
+#[derive(Debug)]
+pub struct FrameNorm;
+impl Op for FrameNorm {
+    fn kind(&self) -> &'static str {
+        "frame_norm"
+    }
+    fn independence(&self) -> Independence {
+        Independence::Frames
+    }
+    fn infer(&self, i: &[&ValueInfo]) -> Result<ValueInfo> {
+        same(i)
+    }
+    fn workspace_bytes(&self, i: &[&ValueInfo], _: &ValueInfo) -> usize {
+        i[0].bytes()
+    }
+    fn flops(&self, i: &[&ValueInfo], _: &ValueInfo) -> u64 {
+        3 * i[0].shape.elem_count() as u64
+    }
+    fn forward(&self, x: &[&Tensor], _: &SliceCtx) -> Result<Tensor> {
+        let m = x[0].abs()?.mean_keepdim(2)?.mean_keepdim(1)?;
+        Ok(x[0].broadcast_div(&(m + 1.0)?)?)
+    }
+}
+
+/// Position-wise: each frame adds half of the previous frame at the same position.
+#[derive(Debug)]
+pub struct TimeMix;
+impl Op for TimeMix {
+    fn kind(&self) -> &'static str {
+        "time_mix"
+    }
+    fn independence(&self) -> Independence {
+        Independence::Positions
+    }
+    fn infer(&self, i: &[&ValueInfo]) -> Result<ValueInfo> {
+        same(i)
+    }
+    fn workspace_bytes(&self, i: &[&ValueInfo], _: &ValueInfo) -> usize {
+        3 * i[0].bytes()
+    }
+    fn flops(&self, i: &[&ValueInfo], _: &ValueInfo) -> u64 {
+        2 * i[0].shape.elem_count() as u64
+    }
+    fn forward(&self, x: &[&Tensor], _: &SliceCtx) -> Result<Tensor> {
+        let (n, t, c) = x[0].dims3()?;
+        if t == 1 {
+            return Ok(x[0].clone());
+        }
+        let zeros = Tensor::zeros((n, 1, c), x[0].dtype(), x[0].device())?;
+        let prev = Tensor::cat(&[&zeros, &x[0].narrow(1, 0, t - 1)?], 1)?;
+        Ok((x[0] + (prev * 0.5)?)?)
+    }
+}
+
+/// Pointwise on any layout.
+#[derive(Debug)]
+pub struct Squash;
+impl Op for Squash {
+    fn kind(&self) -> &'static str {
+        "squash"
+    }
+    fn independence(&self) -> Independence {
+        Independence::Both
+    }
+    fn infer(&self, i: &[&ValueInfo]) -> Result<ValueInfo> {
+        same(i)
+    }
+    fn workspace_bytes(&self, i: &[&ValueInfo], _: &ValueInfo) -> usize {
+        3 * i[0].bytes()
+    }
+    fn flops(&self, i: &[&ValueInfo], _: &ValueInfo) -> u64 {
+        4 * i[0].shape.elem_count() as u64
+    }
+    fn forward(&self, x: &[&Tensor], _: &SliceCtx) -> Result<Tensor> {
+        Ok(((x[0].tanh()? * 0.1)? + (x[0] * 0.9)?)?)
+    }
+}
+
+/// Pointwise sum of two values of the same layout (a skip connection).
+#[derive(Debug)]
+pub struct Add;
+impl Op for Add {
+    fn kind(&self) -> &'static str {
+        "add"
+    }
+    fn independence(&self) -> Independence {
+        Independence::Both
+    }
+    fn infer(&self, i: &[&ValueInfo]) -> Result<ValueInfo> {
+        if i[0] != i[1] {
+            return Err(IrError::Plan(format!("add of {} and {}", i[0], i[1])));
+        }
+        same(i)
+    }
+    fn flops(&self, i: &[&ValueInfo], _: &ValueInfo) -> u64 {
+        i[0].shape.elem_count() as u64
+    }
+    fn forward(&self, x: &[&Tensor], _: &SliceCtx) -> Result<Tensor> {
+        Ok((x[0] + x[1])?)
+    }
+}
+
+/// Frame-major to position-major, gathering its slice of positions.
+#[derive(Debug)]
+pub struct ToPositions(pub Dims);
+impl Op for ToPositions {
+    fn kind(&self) -> &'static str {
+        "to_positions"
+    }
+    fn independence(&self) -> Independence {
+        Independence::Positions
+    }
+    fn gathers_input(&self, input: usize, axis: Axis) -> bool {
+        input == 0 && axis == Axis::Positions
+    }
+    fn infer(&self, _: &[&ValueInfo]) -> Result<ValueInfo> {
+        Ok(self.0.position_info())
+    }
+    fn workspace_bytes(&self, _: &[&ValueInfo], o: &ValueInfo) -> usize {
+        o.bytes()
+    }
+    fn flops(&self, _: &[&ValueInfo], _: &ValueInfo) -> u64 {
+        0
+    }
+    fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
+        let d = self.0;
+        let parts = pieces(ctx.rows(d.b * d.s), d.s)
+            .into_iter()
+            .map(|(b, r)| {
+                Ok(x[0]
+                    .narrow(0, b * d.t, d.t)?
+                    .narrow(2, r.start, r.len())?
+                    .permute((2, 0, 1))?
+                    .contiguous()?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        cat0(parts)
+    }
+}
+
+/// Position-major to frame-major, gathering its slice of frames.
+#[derive(Debug)]
+pub struct ToFrames(pub Dims);
+impl Op for ToFrames {
+    fn kind(&self) -> &'static str {
+        "to_frames"
+    }
+    fn independence(&self) -> Independence {
+        Independence::Frames
+    }
+    fn gathers_input(&self, input: usize, axis: Axis) -> bool {
+        input == 0 && axis == Axis::Frames
+    }
+    fn infer(&self, _: &[&ValueInfo]) -> Result<ValueInfo> {
+        Ok(self.0.frame_info())
+    }
+    fn workspace_bytes(&self, _: &[&ValueInfo], o: &ValueInfo) -> usize {
+        o.bytes()
+    }
+    fn flops(&self, _: &[&ValueInfo], _: &ValueInfo) -> u64 {
+        0
+    }
+    fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
+        let d = self.0;
+        let parts = pieces(ctx.rows(d.b * d.t), d.t)
+            .into_iter()
+            .map(|(b, r)| {
+                Ok(x[0]
+                    .narrow(0, b * d.s, d.s)?
+                    .narrow(1, r.start, r.len())?
+                    .permute((1, 2, 0))?
+                    .contiguous()?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        cat0(parts)
+    }
+}
+
+/// Reduction: per batch item, the sum of squares over all its positions, frames, channels.
+#[derive(Debug)]
+pub struct SumSq(pub Dims);
+impl Op for SumSq {
+    fn kind(&self) -> &'static str {
+        "sum_sq"
+    }
+    fn independence(&self) -> Independence {
+        Independence::Positions
+    }
+    fn is_reduction(&self) -> bool {
+        true
+    }
+    fn merge(&self, acc: &Tensor, partial: &Tensor) -> Result<Tensor> {
+        Ok((acc + partial)?)
+    }
+    fn infer(&self, _: &[&ValueInfo]) -> Result<ValueInfo> {
+        Ok(ValueInfo::new((self.0.b, 1), DType::F32, Layout::WHOLE))
+    }
+    fn workspace_bytes(&self, i: &[&ValueInfo], _: &ValueInfo) -> usize {
+        i[0].bytes()
+    }
+    fn flops(&self, i: &[&ValueInfo], _: &ValueInfo) -> u64 {
+        2 * i[0].shape.elem_count() as u64
+    }
+    fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
+        let d = self.0;
+        let rows = ctx.rows(d.b * d.s);
+        let mut sums = vec![0f32; d.b];
+        for (b, r) in pieces(rows.clone(), d.s) {
+            let off = b * d.s + r.start - rows.start;
+            let piece = x[0].narrow(0, off, r.len())?;
+            sums[b] = piece.sqr()?.sum_all()?.to_scalar::<f32>()?;
+        }
+        Ok(Tensor::from_vec(sums, (d.b, 1), x[0].device())?)
+    }
+}
+
+/// Pointwise per position, with the per-batch statistic of [`SumSq`] read whole.
+#[derive(Debug)]
+pub struct Normalize(pub Dims);
+impl Op for Normalize {
+    fn kind(&self) -> &'static str {
+        "normalize"
+    }
+    fn independence(&self) -> Independence {
+        Independence::Positions
+    }
+    fn infer(&self, i: &[&ValueInfo]) -> Result<ValueInfo> {
+        same(i)
+    }
+    fn workspace_bytes(&self, _: &[&ValueInfo], o: &ValueInfo) -> usize {
+        o.bytes()
+    }
+    fn flops(&self, i: &[&ValueInfo], _: &ValueInfo) -> u64 {
+        i[0].shape.elem_count() as u64
+    }
+    fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
+        let d = self.0;
+        let rows = ctx.rows(d.b * d.s);
+        let stats = x[1].flatten_all()?.to_vec1::<f32>()?;
+        let parts = pieces(rows.clone(), d.s)
+            .into_iter()
+            .map(|(b, r)| {
+                let off = b * d.s + r.start - rows.start;
+                let scale = 1.0 / (1.0 + stats[b] as f64 / (d.s * d.t * d.c) as f64).sqrt();
+                Ok((x[0].narrow(0, off, r.len())? * scale)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        cat0(parts)
+    }
+}
+
+/// Frame-wise: adds a per-frame embedding `(B*T, C)` (a side input sliced with the frames).
+#[derive(Debug)]
+pub struct AddFrameEmb;
+impl Op for AddFrameEmb {
+    fn kind(&self) -> &'static str {
+        "add_frame_emb"
+    }
+    fn independence(&self) -> Independence {
+        Independence::Frames
+    }
+    fn infer(&self, i: &[&ValueInfo]) -> Result<ValueInfo> {
+        same(i)
+    }
+    fn flops(&self, i: &[&ValueInfo], _: &ValueInfo) -> u64 {
+        i[0].shape.elem_count() as u64
+    }
+    fn forward(&self, x: &[&Tensor], _: &SliceCtx) -> Result<Tensor> {
+        Ok(x[0].broadcast_add(&x[1].unsqueeze(2)?)?)
+    }
+}
+
+/// Position-wise: adds per-batch conditioning `(B, C)` read whole; the batch item of each
+/// row comes from the slice context.
+#[derive(Debug)]
+pub struct AddCond(pub Dims);
+impl Op for AddCond {
+    fn kind(&self) -> &'static str {
+        "add_cond"
+    }
+    fn independence(&self) -> Independence {
+        Independence::Positions
+    }
+    fn infer(&self, i: &[&ValueInfo]) -> Result<ValueInfo> {
+        same(i)
+    }
+    fn workspace_bytes(&self, _: &[&ValueInfo], o: &ValueInfo) -> usize {
+        o.bytes()
+    }
+    fn flops(&self, i: &[&ValueInfo], _: &ValueInfo) -> u64 {
+        i[0].shape.elem_count() as u64
+    }
+    fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
+        let d = self.0;
+        let rows = ctx.rows(d.b * d.s);
+        let parts = pieces(rows.clone(), d.s)
+            .into_iter()
+            .map(|(b, r)| {
+                let off = b * d.s + r.start - rows.start;
+                let cond = x[1].narrow(0, b, 1)?.unsqueeze(0)?;
+                Ok(x[0].narrow(0, off, r.len())?.broadcast_add(&cond)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        cat0(parts)
+    }
+}
+
+/// The three inputs every toy graph starts from: the video, a per-frame embedding and a
+/// per-batch conditioning.
+pub fn toy_inputs(g: &mut Graph, d: Dims) -> (ValueId, ValueId, ValueId) {
+    let x = g.input("x", d.frame_info()).unwrap();
+    let emb_layout = Layout {
+        frames: AxisTag::Dim(0),
+        positions: AxisTag::Interleaved,
+    };
+    let emb = g
+        .input(
+            "emb",
+            ValueInfo::new((d.b * d.t, d.c), DType::F32, emb_layout),
+        )
+        .unwrap();
+    let cond = g
+        .input(
+            "cond",
+            ValueInfo::new((d.b, d.c), DType::F32, Layout::WHOLE),
+        )
+        .unwrap();
+    (x, emb, cond)
+}
+
+/// Deterministic input tensors for a graph built with [`toy_inputs`].
+pub fn toy_tensors(d: Dims, seed: u64) -> Vec<Tensor> {
+    let dev = Device::Cpu;
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let mut next = move |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    };
+    vec![
+        Tensor::from_vec(next(d.b * d.t * d.c * d.s), (d.b * d.t, d.c, d.s), &dev).unwrap(),
+        Tensor::from_vec(next(d.b * d.t * d.c), (d.b * d.t, d.c), &dev).unwrap(),
+        Tensor::from_vec(next(d.b * d.c), (d.b, d.c), &dev).unwrap(),
+    ]
+}
+
+/// A fixed graph touching every op kind: the subject of the dump snapshots and examples.
+pub fn sample_graph(d: Dims) -> Graph {
+    let mut g = Graph::new();
+    let (x, emb, cond) = toy_inputs(&mut g, d);
+    let a = g.push("down.norm", FrameNorm, &[x]).unwrap();
+    let a = g.push("down.emb", AddFrameEmb, &[a, emb]).unwrap();
+    let p = g.push("temporal.in", ToPositions(d), &[a]).unwrap();
+    let s = g.push("temporal.stats", SumSq(d), &[p]).unwrap();
+    let p = g.push("temporal.norm", Normalize(d), &[p, s]).unwrap();
+    let p = g.push("temporal.mix", TimeMix, &[p]).unwrap();
+    let p = g.push("temporal.cond", AddCond(d), &[p, cond]).unwrap();
+    let f = g.push("temporal.out", ToFrames(d), &[p]).unwrap();
+    let f = g.push("up.skip", Add, &[f, a]).unwrap();
+    let f = g.push("up.act", Squash, &[f]).unwrap();
+    g.set_outputs(&[f]);
+    g
+}
+
+pub fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
+    let diff = (a - b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    let norm = b
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    (diff / norm.max(1e-30)).sqrt()
+}

@@ -1,0 +1,39 @@
+//! The text dumps of graphs and plans, one line per node or group.
+
+mod common;
+
+use common::*;
+use streamline_ir::{Axis, Group, Plan};
+
+#[test]
+fn graph_dump() {
+    let g = sample_graph(Dims {
+        b: 2,
+        t: 3,
+        c: 2,
+        s: 5,
+    });
+    insta::assert_snapshot!(g.to_string());
+}
+
+#[test]
+fn plan_dump() {
+    let g = sample_graph(Dims {
+        b: 2,
+        t: 3,
+        c: 2,
+        s: 5,
+    });
+    let plan = Plan {
+        groups: vec![
+            Group::sliced(0..2, Axis::Frames, 4),
+            Group::sliced(2..4, Axis::Positions, 3),
+            Group::sliced(4..7, Axis::Positions, 7),
+            Group::whole(7..8),
+            Group::sliced(8..10, Axis::Frames, 5),
+        ],
+    };
+    plan.validate(&g).unwrap();
+    insta::assert_snapshot!(plan.dump(&g).to_string());
+    insta::assert_snapshot!("trivial_plan_dump", Plan::trivial(&g).dump(&g).to_string());
+}

@@ -1,0 +1,13 @@
+//! IR ops shared by the models.
+//!
+//! Video features travel frame-major, `(B*T, C, H, W)`, between blocks; temporal layers work
+//! position-major, `(B*H*W, T, C)`, where one dim enumerates the positions so slicing along
+//! them is a plain narrow. [`FramesToPositions`] and [`PositionsToFrames`] switch between the
+//! two and gather their slice from the other layout themselves, so a layout change never
+//! materializes inside a sliced group.
+
+mod group_norm;
+mod layout;
+
+pub use group_norm::{GroupNormApply, GroupNormStats};
+pub use layout::{FramesToPositions, PositionsToFrames, VideoDims};
