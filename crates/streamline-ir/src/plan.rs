@@ -148,9 +148,10 @@ pub fn check_group(graph: &Graph, group: &Group) -> Result<usize> {
         let out = graph.info(node.output);
         match (out.layout.tag(axis), op.is_reduction()) {
             (AxisTag::Dim(_), false) | (AxisTag::Whole, true) => {}
-            (tag, reduction) => return Err(IrError::node(
-                &node.name,
-                format!(
+            (tag, reduction) => {
+                return Err(IrError::node(
+                    &node.name,
+                    format!(
                     "its output has {axis} tag `{tag}`, which a {} cannot produce slice by slice",
                     if reduction {
                         "reduction"
@@ -158,7 +159,8 @@ pub fn check_group(graph: &Graph, group: &Group) -> Result<usize> {
                         "sliced node"
                     }
                 ),
-            )),
+                ))
+            }
         }
         if let Some(len) = out.axis_len(axis) {
             see_len(len, &format!("output of `{}`", node.name), &node.name)?;

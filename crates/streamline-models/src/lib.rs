@@ -14,4 +14,5 @@
 //! **Tests:** `cargo test -p streamline-models` compares against the fixtures under
 //! `fixtures/data/` (made by `cargo xtask fixtures`; no Python needed to test).
 
+pub mod load;
 pub mod ops;

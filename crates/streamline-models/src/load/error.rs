@@ -1,0 +1,32 @@
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+/// Why a model could not be loaded or built. Every variant names the file, and the tensor or
+/// field where one is at fault.
+#[derive(Debug, Error)]
+pub enum ModelError {
+    #[error("{path}: {reason}")]
+    Io { path: PathBuf, reason: String },
+    #[error("{path}: {reason}")]
+    Config { path: PathBuf, reason: String },
+    #[error("{path}: `{field}` = {value:?} is not supported: {reason}")]
+    Unsupported {
+        path: PathBuf,
+        field: String,
+        value: String,
+        reason: String,
+    },
+    /// Raised while building modules; the message names the file and tensor (see
+    /// [`super::WeightSource`]).
+    #[error("{path}: {source}")]
+    Weights {
+        path: PathBuf,
+        #[source]
+        source: candle_core::Error,
+    },
+    #[error(transparent)]
+    Ir(#[from] streamline_ir::IrError),
+}
+
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;

@@ -1,0 +1,10 @@
+//! Loading diffusers checkpoints: config.json into serde `Config`s, safetensors into a
+//! candle `VarBuilder` that checks names and shapes and records what was used.
+
+mod config;
+mod error;
+mod weights;
+
+pub use config::load_config;
+pub use error::{ModelError, Result};
+pub use weights::{weights_file, Manifest, Usage, WeightSource};
