@@ -7,6 +7,9 @@
 //! UNet with motion modules, SD VAE and CLIP text encoder, and config.json + safetensors loading
 //! arrive with their issues.
 //!
+//! - [`clip`]: SVD's image encoder, transformers' `CLIPVisionModelWithProjection`, run eagerly
+//!   (once per video, so not lowered to the IR).
+//!
 //! **Promises:** every lowered model matches diffusers 0.30.1 on the committed fixtures to
 //! relative L2 <= 1e-4 in f32, and declares on every node the axes it is independent of, so
 //! the slicing passes stay exact.
@@ -14,5 +17,7 @@
 //! **Tests:** `cargo test -p streamline-models` compares against the fixtures under
 //! `fixtures/data/` (made by `cargo xtask fixtures`; no Python needed to test).
 
+pub mod clip;
 pub mod load;
 pub mod ops;
+pub mod svd;

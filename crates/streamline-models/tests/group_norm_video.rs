@@ -7,7 +7,7 @@ use candle_core::{Device, Tensor};
 use serde::Deserialize;
 use streamline_ir::{Axis, Executor, Graph, Group, Layout, Plan, Request, ValueInfo};
 use streamline_models::ops::{
-    FramesToPositions, GroupNormApply, GroupNormStats, PositionsToFrames, VideoDims,
+    FrameLayout, FramesToPositions, GroupNormApply, GroupNormStats, PositionsToFrames, VideoDims,
 };
 
 #[derive(Deserialize)]
@@ -85,6 +85,7 @@ fn graph(c: &Config, t: &std::collections::HashMap<String, Tensor>) -> (VideoDim
             FramesToPositions {
                 dims,
                 channels: c.channels,
+                from: FrameLayout::ChannelsFirst,
             },
             &[x],
         )
@@ -104,6 +105,7 @@ fn graph(c: &Config, t: &std::collections::HashMap<String, Tensor>) -> (VideoDim
             PositionsToFrames {
                 dims,
                 channels: c.channels,
+                to: FrameLayout::ChannelsFirst,
             },
             &[y],
         )

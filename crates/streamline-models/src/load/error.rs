@@ -17,8 +17,8 @@ pub enum ModelError {
         value: String,
         reason: String,
     },
-    /// Raised while building modules; the message names the file and tensor (see
-    /// [`super::WeightSource`]).
+    /// Raised while building modules from the weights file `path`; the source names the
+    /// tensor (see [`super::WeightSource`]).
     #[error("{path}: {source}")]
     Weights {
         path: PathBuf,

@@ -63,8 +63,9 @@ enum Store {
 
 /// A `SimpleBackend` for candle's `VarBuilder` over one checkpoint file (or a manifest).
 ///
-/// Missing tensors and wrong shapes are errors that name the file and the tensor; tensors are
-/// converted to the requested dtype, so fp16, bf16 and fp32 checkpoints all load.
+/// Missing tensors and wrong shapes are errors that name the tensor ([`ModelError::Weights`]
+/// adds the file); tensors are converted to the requested dtype, so fp16, bf16 and fp32
+/// checkpoints all load.
 pub struct WeightSource {
     path: PathBuf,
     store: Store,
@@ -133,10 +134,7 @@ impl WeightSource {
     }
 
     fn missing(&self, name: &str) -> candle_core::Error {
-        candle_core::Error::Msg(format!(
-            "{}: tensor `{name}` is missing",
-            self.path.display()
-        ))
+        candle_core::Error::Msg(format!("tensor `{name}` is missing"))
     }
 
     fn load(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
@@ -144,10 +142,9 @@ impl WeightSource {
             Store::Safetensors(st) => {
                 let t = st.load(name, dev).map_err(|e| match st.get(name) {
                     Err(_) => self.missing(name),
-                    Ok(_) => candle_core::Error::Msg(format!(
-                        "{}: tensor `{name}` cannot be read: {e}",
-                        self.path.display()
-                    )),
+                    Ok(_) => {
+                        candle_core::Error::Msg(format!("tensor `{name}` cannot be read: {e}"))
+                    }
                 })?;
                 t.to_dtype(dtype)
             }
@@ -172,8 +169,7 @@ impl SimpleBackend for WeightSource {
         let t = self.load(name, dtype, dev)?;
         if t.shape() != &s {
             return Err(candle_core::Error::Msg(format!(
-                "{}: tensor `{name}` has shape {:?}, the model expects {:?}",
-                self.path.display(),
+                "tensor `{name}` has shape {:?}, the model expects {:?}",
                 t.dims(),
                 s.dims()
             )));

@@ -62,7 +62,24 @@ fn expect_rank(info: &ValueInfo, dims: &[usize], what: &str) -> Result<()> {
     Ok(())
 }
 
-/// `(B*T, C, H, W)` -> `(B*H*W, T, C)`, the layout temporal layers work in.
+/// How frame-major features hold channels: `(B*T, C, H, W)` between blocks, or
+/// channels-last tokens `(B*T, H*W, C)` inside transformers.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum FrameLayout {
+    ChannelsFirst,
+    Tokens,
+}
+
+impl FrameLayout {
+    fn shape(self, d: VideoDims, c: usize) -> Vec<usize> {
+        match self {
+            FrameLayout::ChannelsFirst => vec![d.frames_len(), c, d.height, d.width],
+            FrameLayout::Tokens => vec![d.frames_len(), d.hw(), c],
+        }
+    }
+}
+
+/// Frame-major features -> position-major `(B*H*W, T, C)`, the layout temporal layers work in.
 ///
 /// Sliced along positions, it reads the frame-major input whole and gathers only the
 /// positions of its slice, so the full transposed copy never exists.
@@ -70,6 +87,7 @@ fn expect_rank(info: &ValueInfo, dims: &[usize], what: &str) -> Result<()> {
 pub struct FramesToPositions {
     pub dims: VideoDims,
     pub channels: usize,
+    pub from: FrameLayout,
 }
 
 impl Op for FramesToPositions {
@@ -88,11 +106,7 @@ impl Op for FramesToPositions {
     fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
         let d = self.dims;
         let c = self.channels;
-        expect_rank(
-            inputs[0],
-            &[d.frames_len(), c, d.height, d.width],
-            self.kind(),
-        )?;
+        expect_rank(inputs[0], &self.from.shape(d, c), self.kind())?;
         Ok(ValueInfo::new(
             (d.positions_len(), d.frames, c),
             inputs[0].dtype,
@@ -116,18 +130,24 @@ impl Op for FramesToPositions {
         let parts = batch_pieces(rows, d.hw())
             .into_iter()
             .map(|(b, hw)| {
-                Ok(x.narrow(0, b * d.frames, d.frames)?
-                    .reshape((d.frames, self.channels, d.hw()))?
-                    .narrow(2, hw.start, hw.len())?
-                    .permute((2, 0, 1))?
-                    .contiguous()?)
+                let frames = x.narrow(0, b * d.frames, d.frames)?;
+                let piece = match self.from {
+                    FrameLayout::ChannelsFirst => frames
+                        .reshape((d.frames, self.channels, d.hw()))?
+                        .narrow(2, hw.start, hw.len())?
+                        .permute((2, 0, 1))?,
+                    FrameLayout::Tokens => {
+                        frames.narrow(1, hw.start, hw.len())?.permute((1, 0, 2))?
+                    }
+                };
+                Ok(piece.contiguous()?)
             })
             .collect::<Result<Vec<_>>>()?;
         cat0(parts)
     }
 }
 
-/// `(B*H*W, T, C)` -> `(B*T, C, H, W)`, back to the layout between blocks.
+/// `(B*H*W, T, C)` -> frame-major features, back to the layout between blocks.
 ///
 /// Sliced along frames, it reads the position-major input whole and gathers only the frames
 /// of its slice.
@@ -135,6 +155,7 @@ impl Op for FramesToPositions {
 pub struct PositionsToFrames {
     pub dims: VideoDims,
     pub channels: usize,
+    pub to: FrameLayout,
 }
 
 impl Op for PositionsToFrames {
@@ -155,7 +176,7 @@ impl Op for PositionsToFrames {
         let c = self.channels;
         expect_rank(inputs[0], &[d.positions_len(), d.frames, c], self.kind())?;
         Ok(ValueInfo::new(
-            (d.frames_len(), c, d.height, d.width),
+            self.to.shape(d, c),
             inputs[0].dtype,
             Layout::FRAME_MAJOR,
         ))
@@ -176,13 +197,76 @@ impl Op for PositionsToFrames {
         let parts = batch_pieces(rows, d.frames)
             .into_iter()
             .map(|(b, t)| {
-                Ok(x.narrow(0, b * d.hw(), d.hw())?
-                    .narrow(1, t.start, t.len())?
-                    .permute((1, 2, 0))?
-                    .contiguous()?
-                    .reshape((t.len(), self.channels, d.height, d.width))?)
+                let frames = x
+                    .narrow(0, b * d.hw(), d.hw())?
+                    .narrow(1, t.start, t.len())?;
+                Ok(match self.to {
+                    FrameLayout::ChannelsFirst => frames
+                        .permute((1, 2, 0))?
+                        .contiguous()?
+                        .reshape((t.len(), self.channels, d.height, d.width))?,
+                    FrameLayout::Tokens => frames.permute((1, 0, 2))?.contiguous()?,
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         cat0(parts)
+    }
+}
+
+/// Frame-major `(N, C, H, W)` <-> channels-last tokens `(N, H*W, C)`, frame by frame.
+#[derive(Debug, Clone, Copy)]
+pub struct Tokens {
+    pub height: usize,
+    pub width: usize,
+    /// `true`: to tokens; `false`: back to `(N, C, H, W)`.
+    pub to_tokens: bool,
+}
+
+impl Op for Tokens {
+    fn kind(&self) -> &'static str {
+        if self.to_tokens {
+            "to_tokens"
+        } else {
+            "from_tokens"
+        }
+    }
+
+    fn independence(&self) -> Independence {
+        Independence::Frames
+    }
+
+    fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
+        let x = inputs[0];
+        let hw = self.height * self.width;
+        let dims = match (x.shape.dims(), self.to_tokens) {
+            (&[n, c, h, w], true) if h == self.height && w == self.width => vec![n, hw, c],
+            (&[n, l, c], false) if l == hw => vec![n, c, self.height, self.width],
+            (d, _) => {
+                return Err(IrError::Plan(format!(
+                    "{} at {}x{} cannot take {d:?}",
+                    self.kind(),
+                    self.height,
+                    self.width
+                )))
+            }
+        };
+        Ok(ValueInfo::new(dims, x.dtype, x.layout))
+    }
+
+    fn flops(&self, _: &[&ValueInfo], _: &ValueInfo) -> u64 {
+        0
+    }
+
+    fn forward(&self, inputs: &[&Tensor], _: &SliceCtx) -> Result<Tensor> {
+        let x = inputs[0];
+        Ok(if self.to_tokens {
+            let (n, c, h, w) = x.dims4()?;
+            x.reshape((n, c, h * w))?.transpose(1, 2)?.contiguous()?
+        } else {
+            let (n, _, c) = x.dims3()?;
+            x.transpose(1, 2)?
+                .contiguous()?
+                .reshape((n, c, self.height, self.width))?
+        })
     }
 }

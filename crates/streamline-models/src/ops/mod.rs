@@ -6,8 +6,18 @@
 //! two and gather their slice from the other layout themselves, so a layout change never
 //! materializes inside a sliced group.
 
+mod attention;
+mod elementwise;
+mod embed;
 mod group_norm;
 mod layout;
+mod nn;
+mod temporal;
 
+pub use attention::{Attention, Context};
+pub use elementwise::{Add, AddBatchEmb, AddBroadcast, Blend, ConcatChannels};
+pub use embed::{Const, Sinusoid};
 pub use group_norm::{GroupNormApply, GroupNormStats};
-pub use layout::{FramesToPositions, PositionsToFrames, VideoDims};
+pub use layout::{FrameLayout, FramesToPositions, PositionsToFrames, Tokens, VideoDims};
+pub use nn::{Conv2d, Geglu, GroupNormFrames, LayerNorm, Linear, PadEnd, Silu, Upsample2x};
+pub use temporal::TemporalConv;

@@ -1,0 +1,212 @@
+//! Pointwise combinations: residual adds, blends, skip concatenation, embedding adds.
+
+use candle_core::{DType, Tensor};
+use candle_nn::VarBuilder;
+use streamline_ir::{Independence, IrError, Op, Result, SliceCtx, ValueInfo};
+
+use super::layout::{batch_pieces, cat0};
+
+fn elems(v: &ValueInfo) -> u64 {
+    v.shape.elem_count() as u64
+}
+
+/// `a + b` for two values of one shape and layout (residuals, skip connections).
+#[derive(Debug, Clone, Copy)]
+pub struct Add;
+
+impl Op for Add {
+    fn kind(&self) -> &'static str {
+        "add"
+    }
+    fn independence(&self) -> Independence {
+        Independence::Both
+    }
+    fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
+        if inputs[0] != inputs[1] {
+            return Err(IrError::Plan(format!(
+                "add of {} and {}",
+                inputs[0], inputs[1]
+            )));
+        }
+        Ok(inputs[0].clone())
+    }
+    fn flops(&self, inputs: &[&ValueInfo], _: &ValueInfo) -> u64 {
+        elems(inputs[0])
+    }
+    fn forward(&self, x: &[&Tensor], _: &SliceCtx) -> Result<Tensor> {
+        Ok((x[0] + x[1])?)
+    }
+}
+
+/// diffusers' `AlphaBlender`: `alpha * spatial + (1 - alpha) * temporal`.
+///
+/// With the "learned" strategy alpha is `sigmoid(mix_factor)`; "learned_with_images" gives
+/// the same wherever `image_only_indicator` is 0, and SVD's UNet always passes zeros, so alpha
+/// is one number. The temporal VAE swaps the roles (`switch_spatial_to_temporal_mix`).
+#[derive(Debug, Clone)]
+pub struct Blend {
+    alpha: f64,
+}
+
+impl Blend {
+    pub fn learned(switch_spatial_to_temporal: bool, vb: VarBuilder) -> candle_core::Result<Self> {
+        let mix = vb
+            .get(1, "mix_factor")?
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?[0];
+        let alpha = 1.0 / (1.0 + (-mix).exp());
+        Ok(Blend {
+            alpha: if switch_spatial_to_temporal {
+                1.0 - alpha
+            } else {
+                alpha
+            },
+        })
+    }
+}
+
+impl Op for Blend {
+    fn kind(&self) -> &'static str {
+        "blend"
+    }
+    fn describe(&self) -> String {
+        format!("{:.4}", self.alpha)
+    }
+    fn independence(&self) -> Independence {
+        Independence::Both
+    }
+    fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
+        Add.infer(inputs)
+    }
+    fn workspace_bytes(&self, inputs: &[&ValueInfo], _: &ValueInfo) -> usize {
+        2 * inputs[0].bytes()
+    }
+    fn flops(&self, inputs: &[&ValueInfo], _: &ValueInfo) -> u64 {
+        3 * elems(inputs[0])
+    }
+    fn forward(&self, x: &[&Tensor], _: &SliceCtx) -> Result<Tensor> {
+        Ok(((x[0] * self.alpha)? + (x[1] * (1.0 - self.alpha))?)?)
+    }
+}
+
+/// Channel concatenation `(N, C1, ...)` + `(N, C2, ...)` of the up path and a skip.
+#[derive(Debug, Clone, Copy)]
+pub struct ConcatChannels;
+
+impl Op for ConcatChannels {
+    fn kind(&self) -> &'static str {
+        "concat"
+    }
+    fn independence(&self) -> Independence {
+        Independence::Both
+    }
+    fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
+        let (a, b) = (inputs[0].shape.dims(), inputs[1].shape.dims());
+        let compatible = a.len() == b.len()
+            && a.len() >= 2
+            && a[0] == b[0]
+            && a[2..] == b[2..]
+            && inputs[0].layout == inputs[1].layout
+            && inputs[0].dtype == inputs[1].dtype;
+        if !compatible {
+            return Err(IrError::Plan(format!(
+                "concat of {} and {}",
+                inputs[0], inputs[1]
+            )));
+        }
+        let mut dims = a.to_vec();
+        dims[1] += b[1];
+        Ok(ValueInfo::new(dims, inputs[0].dtype, inputs[0].layout))
+    }
+    fn flops(&self, _: &[&ValueInfo], _: &ValueInfo) -> u64 {
+        0
+    }
+    fn forward(&self, x: &[&Tensor], _: &SliceCtx) -> Result<Tensor> {
+        Ok(Tensor::cat(&[x[0], x[1]], 1)?)
+    }
+}
+
+/// Adds a per-batch-item vector `e: (B, C)` along the channel dim of every row of batch item
+/// `row / rows_per_batch` (resnet time embeddings). `e` is read whole; the slice context tells
+/// which batch item each row belongs to.
+#[derive(Debug, Clone)]
+pub struct AddBatchEmb {
+    pub rows_per_batch: usize,
+    pub channel_dim: usize,
+}
+
+impl Op for AddBatchEmb {
+    fn kind(&self) -> &'static str {
+        "add_batch_emb"
+    }
+    fn independence(&self) -> Independence {
+        Independence::Both
+    }
+    fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
+        let (x, e) = (inputs[0], inputs[1]);
+        let ok = match (x.shape.dims(), e.shape.dims()) {
+            (xd, &[b, c]) => {
+                xd.get(self.channel_dim) == Some(&c) && xd[0] == b * self.rows_per_batch
+            }
+            _ => false,
+        };
+        if !ok {
+            return Err(IrError::Plan(format!(
+                "add_batch_emb of {x} and {e} ({} rows per batch item, channels at dim {})",
+                self.rows_per_batch, self.channel_dim
+            )));
+        }
+        Ok(x.clone())
+    }
+    fn workspace_bytes(&self, _: &[&ValueInfo], output: &ValueInfo) -> usize {
+        output.bytes()
+    }
+    fn flops(&self, inputs: &[&ValueInfo], _: &ValueInfo) -> u64 {
+        elems(inputs[0])
+    }
+    fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
+        let (h, e) = (x[0], x[1]);
+        let rows = ctx.rows(h.dim(0)?);
+        let mut shape = vec![1; h.rank()];
+        shape[self.channel_dim] = e.dim(1)?;
+        let parts = batch_pieces(rows.clone(), self.rows_per_batch)
+            .into_iter()
+            .map(|(b, within)| {
+                let offset = b * self.rows_per_batch + within.start - rows.start;
+                let eb = e.narrow(0, b, 1)?.reshape(shape.as_slice())?;
+                Ok(h.narrow(0, offset, within.len())?.broadcast_add(&eb)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        cat0(parts)
+    }
+}
+
+/// `x + e` with `e` read whole and broadcast (frame position embeddings `(T, C)` added to
+/// position-major `(P, T, C)` features).
+#[derive(Debug, Clone, Copy)]
+pub struct AddBroadcast;
+
+impl Op for AddBroadcast {
+    fn kind(&self) -> &'static str {
+        "add_broadcast"
+    }
+    fn independence(&self) -> Independence {
+        Independence::Both
+    }
+    fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
+        let (x, e) = (inputs[0].shape.dims(), inputs[1].shape.dims());
+        if e.len() > x.len() || x[x.len() - e.len()..] != *e {
+            return Err(IrError::Plan(format!(
+                "add_broadcast of {} and {}",
+                inputs[0], inputs[1]
+            )));
+        }
+        Ok(inputs[0].clone())
+    }
+    fn flops(&self, inputs: &[&ValueInfo], _: &ValueInfo) -> u64 {
+        elems(inputs[0])
+    }
+    fn forward(&self, x: &[&Tensor], _: &SliceCtx) -> Result<Tensor> {
+        Ok(x[0].broadcast_add(x[1])?)
+    }
+}

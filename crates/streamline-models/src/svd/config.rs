@@ -1,0 +1,156 @@
+//! `UNetSpatioTemporalConditionModel`'s config.json.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::load::{ModelError, Result};
+
+/// An `int` or one value per block, as diffusers accepts for per-block settings.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum PerBlock {
+    One(usize),
+    Each(Vec<usize>),
+}
+
+impl PerBlock {
+    fn expand(&self, blocks: usize, field: &str, path: &Path) -> Result<Vec<usize>> {
+        match self {
+            PerBlock::One(v) => Ok(vec![*v; blocks]),
+            PerBlock::Each(v) if v.len() == blocks => Ok(v.clone()),
+            PerBlock::Each(v) => Err(ModelError::Config {
+                path: path.to_path_buf(),
+                reason: format!("`{field}` has {} entries for {blocks} blocks", v.len()),
+            }),
+        }
+    }
+}
+
+/// Fields of diffusers' `UNetSpatioTemporalConditionModel` config; unknown fields are ignored.
+#[derive(Clone, Debug, Deserialize)]
+pub struct UNetConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub down_block_types: Vec<String>,
+    pub up_block_types: Vec<String>,
+    pub block_out_channels: Vec<usize>,
+    pub addition_time_embed_dim: usize,
+    pub projection_class_embeddings_input_dim: usize,
+    pub layers_per_block: PerBlock,
+    pub cross_attention_dim: PerBlock,
+    pub transformer_layers_per_block: PerBlock,
+    pub num_attention_heads: PerBlock,
+    #[serde(default = "default_frames")]
+    pub num_frames: usize,
+}
+
+fn default_frames() -> usize {
+    25
+}
+
+/// Whether a block has cross-attention transformers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BlockKind {
+    Plain,
+    CrossAttn,
+}
+
+/// One down or up block's settings, expanded from the config.
+#[derive(Clone, Debug)]
+pub(crate) struct BlockSpec {
+    pub kind: BlockKind,
+    pub layers: usize,
+    pub transformer_layers: usize,
+    pub heads: usize,
+    pub cross_attention_dim: usize,
+}
+
+impl UNetConfig {
+    /// Check the config and expand per-block settings, down path order. Errors name the
+    /// file and the field.
+    pub(crate) fn blocks(&self, path: &Path) -> Result<(Vec<BlockSpec>, Vec<BlockSpec>)> {
+        let n = self.block_out_channels.len();
+        let config_err = |reason: String| ModelError::Config {
+            path: path.to_path_buf(),
+            reason,
+        };
+        if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
+            return Err(config_err(format!(
+                "`down_block_types` ({}), `up_block_types` ({}) and `block_out_channels` ({n}) must have one entry per block",
+                self.down_block_types.len(),
+                self.up_block_types.len()
+            )));
+        }
+        if let Some(c) = self.block_out_channels.iter().find(|c| *c % 32 != 0) {
+            return Err(config_err(format!(
+                "`block_out_channels` entry {c} is not a multiple of the 32 GroupNorm groups SVD uses"
+            )));
+        }
+        let layers = self.layers_per_block.expand(n, "layers_per_block", path)?;
+        let cross = self
+            .cross_attention_dim
+            .expand(n, "cross_attention_dim", path)?;
+        let tlayers =
+            self.transformer_layers_per_block
+                .expand(n, "transformer_layers_per_block", path)?;
+        let heads = self
+            .num_attention_heads
+            .expand(n, "num_attention_heads", path)?;
+        for (i, (&c, &h)) in self.block_out_channels.iter().zip(&heads).enumerate() {
+            if h == 0 || c % h != 0 {
+                return Err(config_err(format!(
+                    "`num_attention_heads`[{i}] = {h} does not divide {c} channels"
+                )));
+            }
+        }
+        let kind = |field: &str, i: usize, ty: &str, plain: &str, attn: &str| match ty {
+            t if t == plain => Ok(BlockKind::Plain),
+            t if t == attn => Ok(BlockKind::CrossAttn),
+            other => Err(ModelError::Unsupported {
+                path: path.to_path_buf(),
+                field: format!("{field}[{i}]"),
+                value: other.to_string(),
+                reason: format!("SVD's UNet has only {plain} and {attn}"),
+            }),
+        };
+        let spec = |i: usize, kind: BlockKind, layers: usize| BlockSpec {
+            kind,
+            layers,
+            transformer_layers: tlayers[i],
+            heads: heads[i],
+            cross_attention_dim: cross[i],
+        };
+        let down = (0..n)
+            .map(|i| {
+                let k = kind(
+                    "down_block_types",
+                    i,
+                    &self.down_block_types[i],
+                    "DownBlockSpatioTemporal",
+                    "CrossAttnDownBlockSpatioTemporal",
+                )?;
+                Ok(spec(i, k, layers[i]))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let up = (0..n)
+            .map(|i| {
+                let r = n - 1 - i;
+                let k = kind(
+                    "up_block_types",
+                    i,
+                    &self.up_block_types[i],
+                    "UpBlockSpatioTemporal",
+                    "CrossAttnUpBlockSpatioTemporal",
+                )?;
+                Ok(spec(r, k, layers[r] + 1))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((down, up))
+    }
+
+    /// The time embedding width, `4 * block_out_channels[0]`.
+    pub fn time_embed_dim(&self) -> usize {
+        4 * self.block_out_channels[0]
+    }
+}

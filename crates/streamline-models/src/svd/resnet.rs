@@ -1,0 +1,236 @@
+//! diffusers' `ResnetBlock2D`, `TemporalResnetBlock` and `SpatioTemporalResBlock`.
+
+use std::sync::Arc;
+
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+use streamline_ir::{Graph, Result, ValueId};
+
+use super::node;
+use crate::ops::{
+    Add, AddBatchEmb, Blend, Conv2d, FrameLayout, FramesToPositions, GroupNormApply,
+    GroupNormFrames, GroupNormStats, Linear, PositionsToFrames, Silu, TemporalConv, VideoDims,
+};
+
+/// Where a block runs: its video extent and, when it has one, the per-batch-item time
+/// embedding `silu(emb)` of shape `(B, temb)` that every resnet projects.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct At {
+    pub dims: VideoDims,
+    pub emb: Option<ValueId>,
+}
+
+impl At {
+    pub fn with_size(self, height: usize, width: usize) -> At {
+        At {
+            dims: VideoDims {
+                height,
+                width,
+                ..self.dims
+            },
+            ..self
+        }
+    }
+}
+
+/// Frame-wise residual block: GroupNorm, SiLU, 3x3 conv, + time embedding, twice.
+#[derive(Debug)]
+pub(crate) struct ResnetBlock2D {
+    norm1: Arc<GroupNormFrames>,
+    conv1: Arc<Conv2d>,
+    time_emb_proj: Option<Arc<Linear>>,
+    norm2: Arc<GroupNormFrames>,
+    conv2: Arc<Conv2d>,
+    conv_shortcut: Option<Arc<Conv2d>>,
+}
+
+impl ResnetBlock2D {
+    pub fn new(
+        in_c: usize,
+        out_c: usize,
+        temb: Option<usize>,
+        eps: f64,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        Ok(ResnetBlock2D {
+            norm1: Arc::new(GroupNormFrames::new(32, in_c, eps, vb.pp("norm1"))?),
+            conv1: Arc::new(Conv2d::new(in_c, out_c, 3, 1, 1, vb.pp("conv1"))?),
+            time_emb_proj: temb
+                .map(|t| Linear::new(t, out_c, true, vb.pp("time_emb_proj")).map(Arc::new))
+                .transpose()?,
+            norm2: Arc::new(GroupNormFrames::new(32, out_c, eps, vb.pp("norm2"))?),
+            conv2: Arc::new(Conv2d::new(out_c, out_c, 3, 1, 1, vb.pp("conv2"))?),
+            conv_shortcut: (in_c != out_c)
+                .then(|| Conv2d::new(in_c, out_c, 1, 1, 0, vb.pp("conv_shortcut")).map(Arc::new))
+                .transpose()?,
+        })
+    }
+
+    pub fn lower(&self, g: &mut Graph, p: &str, x: ValueId, at: At) -> Result<ValueId> {
+        let h = node(g, p, "norm1", self.norm1.clone(), &[x])?;
+        let h = node(g, p, "act1", Arc::new(Silu), &[h])?;
+        let mut h = node(g, p, "conv1", self.conv1.clone(), &[h])?;
+        if let (Some(proj), Some(emb)) = (&self.time_emb_proj, at.emb) {
+            let e = node(g, p, "time_emb_proj", proj.clone(), &[emb])?;
+            let add = AddBatchEmb {
+                rows_per_batch: at.dims.frames,
+                channel_dim: 1,
+            };
+            h = node(g, p, "add_temb", Arc::new(add), &[h, e])?;
+        }
+        let h = node(g, p, "norm2", self.norm2.clone(), &[h])?;
+        let h = node(g, p, "act2", Arc::new(Silu), &[h])?;
+        let h = node(g, p, "conv2", self.conv2.clone(), &[h])?;
+        let shortcut = match &self.conv_shortcut {
+            Some(c) => node(g, p, "conv_shortcut", c.clone(), &[x])?,
+            None => x,
+        };
+        node(g, p, "residual", Arc::new(Add), &[shortcut, h])
+    }
+}
+
+/// A GroupNorm over (C/G, T, H, W): lowered as a statistics reduction plus a pointwise apply.
+#[derive(Debug)]
+pub(crate) struct TemporalGroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    channels: usize,
+    eps: f64,
+}
+
+impl TemporalGroupNorm {
+    pub fn new(channels: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(TemporalGroupNorm {
+            weight: vb.get(channels, "weight")?,
+            bias: vb.get(channels, "bias")?,
+            channels,
+            eps,
+        })
+    }
+
+    pub fn lower(&self, g: &mut Graph, p: &str, x: ValueId, dims: VideoDims) -> Result<ValueId> {
+        let stats = GroupNormStats::new(dims, self.channels, 32)?;
+        let s = node(g, p, "stats", Arc::new(stats), &[x])?;
+        let apply = GroupNormApply::new(dims, 32, self.eps, &self.weight, &self.bias)?;
+        node(g, p, "", Arc::new(apply), &[x, s])
+    }
+}
+
+/// Position-wise residual block on `(B*H*W, T, C)`: temporal GroupNorm, SiLU, (3,1,1) conv,
+/// + time embedding, twice.
+#[derive(Debug)]
+pub(crate) struct TemporalResnetBlock {
+    norm1: TemporalGroupNorm,
+    conv1: Arc<TemporalConv>,
+    time_emb_proj: Option<Arc<Linear>>,
+    norm2: TemporalGroupNorm,
+    conv2: Arc<TemporalConv>,
+}
+
+impl TemporalResnetBlock {
+    pub fn new(
+        c: usize,
+        temb: Option<usize>,
+        eps: f64,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        Ok(TemporalResnetBlock {
+            norm1: TemporalGroupNorm::new(c, eps, vb.pp("norm1"))?,
+            conv1: Arc::new(TemporalConv::new(c, c, 3, vb.pp("conv1"))?),
+            time_emb_proj: temb
+                .map(|t| Linear::new(t, c, true, vb.pp("time_emb_proj")).map(Arc::new))
+                .transpose()?,
+            norm2: TemporalGroupNorm::new(c, eps, vb.pp("norm2"))?,
+            conv2: Arc::new(TemporalConv::new(c, c, 3, vb.pp("conv2"))?),
+        })
+    }
+
+    pub fn lower(&self, g: &mut Graph, p: &str, x: ValueId, at: At) -> Result<ValueId> {
+        let h = self.norm1.lower(g, &format!("{p}.norm1"), x, at.dims)?;
+        let h = node(g, p, "act1", Arc::new(Silu), &[h])?;
+        let mut h = node(g, p, "conv1", self.conv1.clone(), &[h])?;
+        if let (Some(proj), Some(emb)) = (&self.time_emb_proj, at.emb) {
+            let e = node(g, p, "time_emb_proj", proj.clone(), &[emb])?;
+            let add = AddBatchEmb {
+                rows_per_batch: at.dims.hw(),
+                channel_dim: 2,
+            };
+            h = node(g, p, "add_temb", Arc::new(add), &[h, e])?;
+        }
+        let h = self.norm2.lower(g, &format!("{p}.norm2"), h, at.dims)?;
+        let h = node(g, p, "act2", Arc::new(Silu), &[h])?;
+        let h = node(g, p, "conv2", self.conv2.clone(), &[h])?;
+        node(g, p, "residual", Arc::new(Add), &[x, h])
+    }
+}
+
+/// diffusers' `SpatioTemporalResBlock`: a frame-wise resnet, then a temporal resnet on its
+/// output, blended with it.
+#[derive(Debug)]
+pub(crate) struct SpatioTemporalResBlock {
+    spatial_res_block: ResnetBlock2D,
+    temporal_res_block: TemporalResnetBlock,
+    time_mixer: Arc<Blend>,
+    out_c: usize,
+}
+
+/// Settings that differ between the UNet and the temporal VAE decoder.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ResBlockSettings {
+    pub temb: Option<usize>,
+    pub eps: f64,
+    pub temporal_eps: f64,
+    pub switch_spatial_to_temporal_mix: bool,
+}
+
+impl SpatioTemporalResBlock {
+    pub fn new(
+        in_c: usize,
+        out_c: usize,
+        s: ResBlockSettings,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        Ok(SpatioTemporalResBlock {
+            spatial_res_block: ResnetBlock2D::new(
+                in_c,
+                out_c,
+                s.temb,
+                s.eps,
+                vb.pp("spatial_res_block"),
+            )?,
+            temporal_res_block: TemporalResnetBlock::new(
+                out_c,
+                s.temb,
+                s.temporal_eps,
+                vb.pp("temporal_res_block"),
+            )?,
+            time_mixer: Arc::new(Blend::learned(
+                s.switch_spatial_to_temporal_mix,
+                vb.pp("time_mixer"),
+            )?),
+            out_c,
+        })
+    }
+
+    pub fn lower(&self, g: &mut Graph, p: &str, x: ValueId, at: At) -> Result<ValueId> {
+        let h = self
+            .spatial_res_block
+            .lower(g, &format!("{p}.spatial_res_block"), x, at)?;
+        let to_positions = FramesToPositions {
+            dims: at.dims,
+            channels: self.out_c,
+            from: FrameLayout::ChannelsFirst,
+        };
+        let hp = node(g, p, "to_positions", Arc::new(to_positions), &[h])?;
+        let t = self
+            .temporal_res_block
+            .lower(g, &format!("{p}.temporal_res_block"), hp, at)?;
+        let mixed = node(g, p, "time_mixer", self.time_mixer.clone(), &[hp, t])?;
+        let to_frames = PositionsToFrames {
+            dims: at.dims,
+            channels: self.out_c,
+            to: FrameLayout::ChannelsFirst,
+        };
+        node(g, p, "to_frames", Arc::new(to_frames), &[mixed])
+    }
+}

@@ -1,0 +1,362 @@
+//! diffusers' `UNetSpatioTemporalConditionModel` (SVD, SVD-XT).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use streamline_ir::{Graph, Layout, Result as IrResult, ValueId, ValueInfo};
+
+use super::config::{BlockKind, BlockSpec, PerBlock, UNetConfig};
+use super::embedding::{sinusoid, TimestepEmbedding};
+use super::node;
+use super::resnet::{At, ResBlockSettings, SpatioTemporalResBlock};
+use super::transformer::TransformerSpatioTemporalModel;
+use crate::load::{load_config, weights_file, ModelError, Result, WeightSource};
+use crate::ops::{Add, ConcatChannels, Conv2d, GroupNormFrames, Silu, Upsample2x, VideoDims};
+
+fn settings(temb: usize, eps: f64) -> ResBlockSettings {
+    ResBlockSettings {
+        temb: Some(temb),
+        eps,
+        temporal_eps: eps,
+        switch_spatial_to_temporal_mix: false,
+    }
+}
+
+/// Resnets, optional transformers after each, and an optional resampling conv.
+#[derive(Debug)]
+struct Block {
+    resnets: Vec<SpatioTemporalResBlock>,
+    attentions: Vec<TransformerSpatioTemporalModel>,
+    /// Downsampling conv (stride 2) or upsampling conv (after nearest 2x).
+    resample: Option<Arc<Conv2d>>,
+}
+
+impl Block {
+    fn transformers(
+        spec: &BlockSpec,
+        c: usize,
+        vb: &VarBuilder,
+    ) -> candle_core::Result<Vec<TransformerSpatioTemporalModel>> {
+        match spec.kind {
+            BlockKind::Plain => Ok(Vec::new()),
+            BlockKind::CrossAttn => (0..spec.layers)
+                .map(|i| {
+                    TransformerSpatioTemporalModel::new(
+                        c,
+                        spec.heads,
+                        spec.transformer_layers,
+                        spec.cross_attention_dim,
+                        vb.pp("attentions").pp(i),
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The SVD UNet, with weights; [`UNetSpatioTemporalConditionModel::lower`] turns it into an
+/// IR graph for one video size.
+#[derive(Debug)]
+pub struct UNetSpatioTemporalConditionModel {
+    config: UNetConfig,
+    conv_in: Arc<Conv2d>,
+    time_embedding: TimestepEmbedding,
+    add_embedding: TimestepEmbedding,
+    down_blocks: Vec<Block>,
+    mid_resnets: Vec<SpatioTemporalResBlock>,
+    mid_attentions: Vec<TransformerSpatioTemporalModel>,
+    up_blocks: Vec<Block>,
+    conv_norm_out: Arc<GroupNormFrames>,
+    conv_out: Arc<Conv2d>,
+    dtype: DType,
+}
+
+impl UNetSpatioTemporalConditionModel {
+    /// Load a diffusers `unet/` folder: `config.json` and
+    /// `diffusion_pytorch_model[.fp16].safetensors`, converted to `dtype`.
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        let config: UNetConfig = load_config(&config_path)?;
+        config.blocks(&config_path)?;
+        let file = weights_file(dir, "diffusion_pytorch_model")?;
+        let vb = WeightSource::open(&file)?.var_builder(dtype, device);
+        Self::new(&config, vb).map_err(|source| ModelError::Weights { path: file, source })
+    }
+
+    /// Build from a checked config (see [`UNetConfig`]) and a `VarBuilder` at the checkpoint
+    /// root.
+    pub fn new(config: &UNetConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let (down, up) = config
+            .blocks(Path::new("config.json"))
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let ch = &config.block_out_channels;
+        let n = ch.len();
+        let temb = config.time_embed_dim();
+        let mut down_blocks = Vec::new();
+        for (i, spec) in down.iter().enumerate() {
+            let vb = vb.pp("down_blocks").pp(i);
+            let in_c = if i == 0 { ch[0] } else { ch[i - 1] };
+            let eps = if spec.kind == BlockKind::CrossAttn {
+                1e-6
+            } else {
+                1e-5
+            };
+            let resnets = (0..spec.layers)
+                .map(|l| {
+                    let c_in = if l == 0 { in_c } else { ch[i] };
+                    SpatioTemporalResBlock::new(
+                        c_in,
+                        ch[i],
+                        settings(temb, eps),
+                        vb.pp("resnets").pp(l),
+                    )
+                })
+                .collect::<candle_core::Result<_>>()?;
+            let resample = (i + 1 < n)
+                .then(|| {
+                    Conv2d::new(ch[i], ch[i], 3, 2, 1, vb.pp("downsamplers.0.conv")).map(Arc::new)
+                })
+                .transpose()?;
+            down_blocks.push(Block {
+                resnets,
+                attentions: Block::transformers(spec, ch[i], &vb)?,
+                resample,
+            });
+        }
+        let mid = vb.pp("mid_block");
+        let last = &down[n - 1];
+        let mid_spec = BlockSpec {
+            kind: BlockKind::CrossAttn,
+            layers: 1,
+            ..last.clone()
+        };
+        let mid_resnets = (0..2)
+            .map(|l| {
+                SpatioTemporalResBlock::new(
+                    ch[n - 1],
+                    ch[n - 1],
+                    settings(temb, 1e-5),
+                    mid.pp("resnets").pp(l),
+                )
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let mid_attentions = Block::transformers(&mid_spec, ch[n - 1], &mid)?;
+        let mut up_blocks = Vec::new();
+        for (i, spec) in up.iter().enumerate() {
+            let vb = vb.pp("up_blocks").pp(i);
+            let out_c = ch[n - 1 - i];
+            let prev_c = if i == 0 { ch[n - 1] } else { ch[n - i] };
+            let skip_in = ch[(n - 1 - i).saturating_sub(1)];
+            let resnets = (0..spec.layers)
+                .map(|l| {
+                    let skip = if l + 1 == spec.layers { skip_in } else { out_c };
+                    let res_in = if l == 0 { prev_c } else { out_c };
+                    SpatioTemporalResBlock::new(
+                        res_in + skip,
+                        out_c,
+                        settings(temb, 1e-5),
+                        vb.pp("resnets").pp(l),
+                    )
+                })
+                .collect::<candle_core::Result<_>>()?;
+            let resample = (i + 1 < n)
+                .then(|| {
+                    Conv2d::new(out_c, out_c, 3, 1, 1, vb.pp("upsamplers.0.conv")).map(Arc::new)
+                })
+                .transpose()?;
+            up_blocks.push(Block {
+                resnets,
+                attentions: Block::transformers(spec, out_c, &vb)?,
+                resample,
+            });
+        }
+        Ok(UNetSpatioTemporalConditionModel {
+            config: config.clone(),
+            conv_in: Arc::new(Conv2d::new(
+                config.in_channels,
+                ch[0],
+                3,
+                1,
+                1,
+                vb.pp("conv_in"),
+            )?),
+            time_embedding: TimestepEmbedding::new(ch[0], temb, temb, vb.pp("time_embedding"))?,
+            add_embedding: TimestepEmbedding::new(
+                config.projection_class_embeddings_input_dim,
+                temb,
+                temb,
+                vb.pp("add_embedding"),
+            )?,
+            down_blocks,
+            mid_resnets,
+            mid_attentions,
+            up_blocks,
+            conv_norm_out: Arc::new(GroupNormFrames::new(
+                32,
+                ch[0],
+                1e-5,
+                vb.pp("conv_norm_out"),
+            )?),
+            conv_out: Arc::new(Conv2d::new(
+                ch[0],
+                config.out_channels,
+                3,
+                1,
+                1,
+                vb.pp("conv_out"),
+            )?),
+            dtype: vb.dtype(),
+        })
+    }
+
+    pub fn config(&self) -> &UNetConfig {
+        &self.config
+    }
+
+    /// The graph of one UNet evaluation for `batch` videos of `frames` latent frames of
+    /// `height` x `width` latents.
+    ///
+    /// Inputs, in order: `sample` `(B*T, in_channels, H, W)` (diffusers' `(B, T, C, H, W)`
+    /// flattened), `timestep` `(B,)` f32, `encoder_hidden_states` `(B, L, cross_attention_dim)`,
+    /// `added_time_ids` `(B, 3)` f32. Output: `(B*T, out_channels, H, W)`.
+    pub fn lower(
+        &self,
+        batch: usize,
+        frames: usize,
+        height: usize,
+        width: usize,
+    ) -> IrResult<Graph> {
+        let c = &self.config;
+        let dt = self.dtype;
+        let mut g = Graph::new();
+        let bt = batch * frames;
+        let sample = g.input(
+            "sample",
+            ValueInfo::new((bt, c.in_channels, height, width), dt, Layout::FRAME_MAJOR),
+        )?;
+        let timestep = g.input("timestep", ValueInfo::new(batch, DType::F32, Layout::WHOLE))?;
+        // One encoder state feeds every block, so every block's cross-attention width is the
+        // same in any usable config; the first block's names it.
+        let ehs_dim = match &c.cross_attention_dim {
+            PerBlock::One(d) => *d,
+            PerBlock::Each(d) => d[0],
+        };
+        let ehs = g.input(
+            "encoder_hidden_states",
+            ValueInfo::new((batch, 1, ehs_dim), dt, Layout::WHOLE),
+        )?;
+        let time_ids = g.input(
+            "added_time_ids",
+            ValueInfo::new((batch, 3), DType::F32, Layout::WHOLE),
+        )?;
+
+        let t = node(
+            &mut g,
+            "time_proj",
+            "",
+            sinusoid(c.block_out_channels[0], dt),
+            &[timestep],
+        )?;
+        let temb = self.time_embedding.lower(&mut g, "time_embedding", t)?;
+        let ids = node(
+            &mut g,
+            "add_time_proj",
+            "",
+            sinusoid(c.addition_time_embed_dim, dt),
+            &[time_ids],
+        )?;
+        let aug = self.add_embedding.lower(&mut g, "add_embedding", ids)?;
+        let emb = node(&mut g, "emb", "", Arc::new(Add), &[temb, aug])?;
+        let emb = node(&mut g, "emb.act", "", Arc::new(Silu), &[emb])?;
+
+        let mut at = At {
+            dims: VideoDims {
+                batch,
+                frames,
+                height,
+                width,
+            },
+            emb: Some(emb),
+        };
+        let mut x = node(&mut g, "conv_in", "", self.conv_in.clone(), &[sample])?;
+        let mut skips: Vec<ValueId> = vec![x];
+        for (i, block) in self.down_blocks.iter().enumerate() {
+            let p = format!("down_blocks.{i}");
+            for (l, resnet) in block.resnets.iter().enumerate() {
+                x = resnet.lower(&mut g, &format!("{p}.resnets.{l}"), x, at)?;
+                if let Some(attn) = block.attentions.get(l) {
+                    x = attn.lower(&mut g, &format!("{p}.attentions.{l}"), x, ehs, at, dt)?;
+                }
+                skips.push(x);
+            }
+            if let Some(conv) = &block.resample {
+                x = node(
+                    &mut g,
+                    &format!("{p}.downsamplers.0.conv"),
+                    "",
+                    conv.clone(),
+                    &[x],
+                )?;
+                at = at.with_size(at.dims.height.div_ceil(2), at.dims.width.div_ceil(2));
+                skips.push(x);
+            }
+        }
+        x = self.mid_resnets[0].lower(&mut g, "mid_block.resnets.0", x, at)?;
+        for (l, (attn, resnet)) in self
+            .mid_attentions
+            .iter()
+            .zip(&self.mid_resnets[1..])
+            .enumerate()
+        {
+            x = attn.lower(&mut g, &format!("mid_block.attentions.{l}"), x, ehs, at, dt)?;
+            x = resnet.lower(&mut g, &format!("mid_block.resnets.{}", l + 1), x, at)?;
+        }
+        for (i, block) in self.up_blocks.iter().enumerate() {
+            let p = format!("up_blocks.{i}");
+            for (l, resnet) in block.resnets.iter().enumerate() {
+                let skip = skips.pop().expect("one skip per up resnet");
+                let cat = node(
+                    &mut g,
+                    &format!("{p}.resnets.{l}.concat"),
+                    "",
+                    Arc::new(ConcatChannels),
+                    &[x, skip],
+                )?;
+                x = resnet.lower(&mut g, &format!("{p}.resnets.{l}"), cat, at)?;
+                if let Some(attn) = block.attentions.get(l) {
+                    x = attn.lower(&mut g, &format!("{p}.attentions.{l}"), x, ehs, at, dt)?;
+                }
+            }
+            if let Some(conv) = &block.resample {
+                let up = node(
+                    &mut g,
+                    &format!("{p}.upsamplers.0.upsample"),
+                    "",
+                    Arc::new(Upsample2x),
+                    &[x],
+                )?;
+                x = node(
+                    &mut g,
+                    &format!("{p}.upsamplers.0.conv"),
+                    "",
+                    conv.clone(),
+                    &[up],
+                )?;
+                at = at.with_size(2 * at.dims.height, 2 * at.dims.width);
+            }
+        }
+        let h = node(
+            &mut g,
+            "conv_norm_out",
+            "",
+            self.conv_norm_out.clone(),
+            &[x],
+        )?;
+        let h = node(&mut g, "conv_act", "", Arc::new(Silu), &[h])?;
+        let out = node(&mut g, "conv_out", "", self.conv_out.clone(), &[h])?;
+        g.set_outputs(&[out]);
+        Ok(g)
+    }
+}
