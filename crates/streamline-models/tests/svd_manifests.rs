@@ -8,7 +8,9 @@ use candle_core::{DType, Device};
 use common::*;
 use serde_json::Value;
 use streamline_models::load::{Manifest, WeightSource};
-use streamline_models::svd::{AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel};
+use streamline_models::svd::{
+    AutoencoderKLTemporalDecoder, UNetShape, UNetSpatioTemporalConditionModel,
+};
 
 fn manifest(name: &str) -> (Value, WeightSource) {
     let path = fixture_dir("manifests").join(format!("{name}.json"));
@@ -49,7 +51,15 @@ fn full_size_unet_uses_the_checkpoint_exactly() {
     .unwrap();
     assert_exact(tensors, usage.requested());
     // SVD at 576x1024 (72x128 latents), 14 frames, CFG batch 2 lowers without error.
-    let g = unet.lower(2, 14, 72, 128).unwrap();
+    let g = unet
+        .lower(UNetShape {
+            batch: 2,
+            frames: 14,
+            height: 72,
+            width: 128,
+            context_len: 1,
+        })
+        .unwrap();
     assert!(g.nodes().len() > 1000);
 }
 

@@ -46,6 +46,7 @@ fn encoder_matches_diffusers() {
         ("latent_sample", dist.sample(&io["noise"]).unwrap()),
     ] {
         let err = rel_l2(&ours, &io[name]);
+        eprintln!("{name}: relative L2 {err:.2e}");
         assert!(err <= 1e-4, "{name}: relative L2 vs diffusers {err}");
     }
     assert_eq!(vae.scale_factor() * dist.mean.dim(2).unwrap(), h);
@@ -65,6 +66,7 @@ fn temporal_decoder_matches_diffusers() {
         .unwrap();
     let decoded = run(&g, io["latents"].clone());
     let err = rel_l2(&decoded, &io["decoded"]);
+    eprintln!("decoded: relative L2 {err:.2e}");
     assert!(
         err <= 1e-4,
         "decoded frames: relative L2 vs diffusers {err}"

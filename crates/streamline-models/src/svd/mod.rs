@@ -8,7 +8,7 @@ mod unet;
 mod vae;
 
 pub use config::UNetConfig;
-pub use unet::UNetSpatioTemporalConditionModel;
+pub use unet::{UNetShape, UNetSpatioTemporalConditionModel};
 pub use vae::{AutoencoderKLTemporalDecoder, LatentDist, VaeConfig};
 
 use std::sync::Arc;

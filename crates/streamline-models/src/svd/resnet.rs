@@ -234,3 +234,92 @@ impl SpatioTemporalResBlock {
         node(g, p, "to_frames", Arc::new(to_frames), &[mixed])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use candle_core::{DType, Device};
+    use streamline_ir::{Executor, Layout, Plan, Request, ValueInfo};
+
+    use super::*;
+    use crate::load::WeightSource;
+
+    /// The 64-channel block fixture: with two channels per GroupNorm group, the time
+    /// embedding survives the norms (the 32-channel UNet fixtures cannot show it).
+    #[test]
+    fn time_embedding_reaches_spatial_and_temporal_res_blocks() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/data/svd_resblock");
+        let dev = Device::Cpu;
+        let io = candle_core::safetensors::load(dir.join("io.safetensors"), &dev).unwrap();
+        let vb = WeightSource::open(&dir.join("block.safetensors"))
+            .unwrap()
+            .var_builder(DType::F32, &dev);
+        let settings = ResBlockSettings {
+            temb: Some(32),
+            eps: 1e-6,
+            temporal_eps: 1e-6,
+            switch_spatial_to_temporal_mix: false,
+        };
+        let block = SpatioTemporalResBlock::new(64, 64, settings, vb).unwrap();
+        let mut g = Graph::new();
+        let x = g
+            .input(
+                "x",
+                ValueInfo::new((6, 64, 4, 5), DType::F32, Layout::FRAME_MAJOR),
+            )
+            .unwrap();
+        let temb = g
+            .input("temb", ValueInfo::new((2, 32), DType::F32, Layout::WHOLE))
+            .unwrap();
+        let emb = node(&mut g, "temb", "act", Arc::new(Silu), &[temb]).unwrap();
+        let at = At {
+            dims: VideoDims {
+                batch: 2,
+                frames: 3,
+                height: 4,
+                width: 5,
+            },
+            emb: Some(emb),
+        };
+        let out = block.lower(&mut g, "block", x, at).unwrap();
+        g.set_outputs(&[out]);
+        let plan = Plan::trivial(&g);
+        let exec = Executor::new(&g, &plan, &dev).unwrap();
+        let run = |temb: &Tensor| {
+            exec.run(
+                vec![io["hidden_states"].clone(), temb.clone()],
+                &Request::default(),
+            )
+            .unwrap()
+            .outputs
+            .remove(0)
+        };
+        let rel = |a: &Tensor, b: &Tensor| {
+            let d = (a - b)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let n = b
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            (d / n).sqrt()
+        };
+        let ours = run(&io["temb"]);
+        let err = rel(&ours, &io["out"]);
+        assert!(err <= 1e-4, "relative L2 vs diffusers: {err}");
+        let without = run(&io["temb"].zeros_like().unwrap());
+        assert!(
+            rel(&without, &io["out"]) > 1e-2,
+            "the time embedding does not matter here"
+        );
+    }
+}

@@ -56,6 +56,18 @@ impl Block {
     }
 }
 
+/// The size of one UNet evaluation: `batch` videos (2 under classifier-free guidance) of
+/// `frames` latent frames of `height` x `width` latents, with `context_len` encoder tokens (1
+/// for SVD's image embedding).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UNetShape {
+    pub batch: usize,
+    pub frames: usize,
+    pub height: usize,
+    pub width: usize,
+    pub context_len: usize,
+}
+
 /// The SVD UNet, with weights; [`UNetSpatioTemporalConditionModel::lower`] turns it into an
 /// IR graph for one video size.
 #[derive(Debug)]
@@ -215,19 +227,20 @@ impl UNetSpatioTemporalConditionModel {
         &self.config
     }
 
-    /// The graph of one UNet evaluation for `batch` videos of `frames` latent frames of
-    /// `height` x `width` latents.
+    /// The graph of one UNet evaluation at `shape`.
     ///
     /// Inputs, in order: `sample` `(B*T, in_channels, H, W)` (diffusers' `(B, T, C, H, W)`
     /// flattened), `timestep` `(B,)` f32, `encoder_hidden_states` `(B, L, cross_attention_dim)`,
-    /// `added_time_ids` `(B, 3)` f32. Output: `(B*T, out_channels, H, W)`.
-    pub fn lower(
-        &self,
-        batch: usize,
-        frames: usize,
-        height: usize,
-        width: usize,
-    ) -> IrResult<Graph> {
+    /// `added_time_ids` `(B, 3)` f32. Output: `(B*T, out_channels, H, W)`. The value `emb`
+    /// is the time + time-id embedding `(B, 4 * block_out_channels[0])`.
+    pub fn lower(&self, shape: UNetShape) -> IrResult<Graph> {
+        let UNetShape {
+            batch,
+            frames,
+            height,
+            width,
+            context_len,
+        } = shape;
         let c = &self.config;
         let dt = self.dtype;
         let mut g = Graph::new();
@@ -245,7 +258,7 @@ impl UNetSpatioTemporalConditionModel {
         };
         let ehs = g.input(
             "encoder_hidden_states",
-            ValueInfo::new((batch, 1, ehs_dim), dt, Layout::WHOLE),
+            ValueInfo::new((batch, context_len, ehs_dim), dt, Layout::WHOLE),
         )?;
         let time_ids = g.input(
             "added_time_ids",
