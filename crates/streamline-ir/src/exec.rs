@@ -357,6 +357,7 @@ impl<'e, B: Backend> Engine<'e, B> {
             if nodes.is_empty() {
                 continue;
             }
+            self.ledger.enter_group(gi);
             self.run_group(gi, &nodes, &last_use, &mut live)?;
             live.retain(|id, v| {
                 let keep = last_use.get(id).is_some_and(|&last| last > gi);
@@ -367,6 +368,7 @@ impl<'e, B: Backend> Engine<'e, B> {
             });
         }
         self.stats.peak_bytes = self.ledger.peak();
+        self.stats.peak_group = self.ledger.peak_group();
         Ok((live, self.stats))
     }
 
@@ -411,13 +413,17 @@ impl<'e, B: Backend> Engine<'e, B> {
         }
         let mut partials: HashMap<ValueId, B::V> = HashMap::new();
         for range in ranges {
-            let ctx = match group.axis {
-                Some(axis) => SliceCtx {
-                    axis: Some(axis),
-                    range,
-                    len,
-                },
-                None => SliceCtx::whole(),
+            let ctx = SliceCtx {
+                workspace_limit: group.workspace_limit,
+                ..match group.axis {
+                    Some(axis) => SliceCtx {
+                        axis: Some(axis),
+                        range,
+                        len,
+                        workspace_limit: None,
+                    },
+                    None => SliceCtx::whole(),
+                }
             };
             let mut state = SliceState {
                 local: HashMap::new(),
@@ -554,8 +560,11 @@ impl<'e, B: Backend> Engine<'e, B> {
         let out = self.backend.forward(node, &expected, &inputs, ctx)?;
         self.ledger.alloc(B::bytes(&out));
         if B::COUNTS_WORKSPACE {
-            self.ledger
-                .transient(node.op.workspace_bytes(&in_refs, &expected));
+            let workspace = match ctx.workspace_limit {
+                Some(limit) => node.op.tiled_workspace_bytes(&in_refs, &expected, limit),
+                None => node.op.workspace_bytes(&in_refs, &expected),
+            };
+            self.ledger.transient(workspace);
         }
         state.local.insert(node.output, out);
         Ok(())

@@ -159,6 +159,47 @@ impl Graph {
         }
     }
 
+    /// The same graph with its nodes in `order` (a permutation of node indices in which every
+    /// node comes after the producers of its inputs). Names, ops and outputs are kept.
+    pub fn reordered(&self, order: &[usize]) -> Result<Graph> {
+        if order.len() != self.nodes.len() {
+            return Err(IrError::Plan(format!(
+                "a reordering lists {} of {} nodes",
+                order.len(),
+                self.nodes.len()
+            )));
+        }
+        let mut g = Graph::new();
+        let mut map: HashMap<ValueId, ValueId> = HashMap::new();
+        for &id in &self.inputs {
+            let v = self.value(id);
+            map.insert(id, g.input(&v.name, v.info.clone())?);
+        }
+        for &i in order {
+            let node = self.nodes.get(i).ok_or_else(|| {
+                IrError::Plan(format!("a reordering names node {i}, which does not exist"))
+            })?;
+            let inputs = node
+                .inputs
+                .iter()
+                .map(|v| {
+                    map.get(v).copied().ok_or_else(|| {
+                        IrError::node(
+                            &node.name,
+                            "is placed before the producer of one of its inputs",
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            map.insert(
+                node.output,
+                g.push_arc(&node.name, node.op.clone(), &inputs)?,
+            );
+        }
+        g.outputs = self.outputs.iter().map(|v| map[v]).collect();
+        Ok(g)
+    }
+
     /// Parameter bytes held by all nodes' ops.
     pub fn param_bytes(&self) -> usize {
         self.nodes.iter().map(|n| n.op.param_bytes()).sum()

@@ -5,12 +5,32 @@
 pub struct Ledger {
     live: usize,
     peak: usize,
+    /// The group running now, and the one that was running at the peak.
+    group: Option<usize>,
+    peak_group: Option<usize>,
 }
 
 impl Ledger {
     pub fn alloc(&mut self, bytes: usize) {
         self.live += bytes;
-        self.peak = self.peak.max(self.live);
+        self.see(self.live);
+    }
+
+    fn see(&mut self, bytes: usize) {
+        if bytes > self.peak {
+            self.peak = bytes;
+            self.peak_group = self.group;
+        }
+    }
+
+    /// Attribute what follows to plan group `group`.
+    pub fn enter_group(&mut self, group: usize) {
+        self.group = Some(group);
+    }
+
+    /// The group during which the peak was reached (`None`: before any group ran).
+    pub fn peak_group(&self) -> Option<usize> {
+        self.peak_group
     }
 
     pub fn free(&mut self, bytes: usize) {
@@ -19,7 +39,7 @@ impl Ledger {
 
     /// A buffer that lives only while one op runs (its workspace).
     pub fn transient(&mut self, bytes: usize) {
-        self.peak = self.peak.max(self.live + bytes);
+        self.see(self.live + bytes);
     }
 
     pub fn live(&self) -> usize {
@@ -40,4 +60,6 @@ pub struct RunStats {
     pub flops: u64,
     /// Nodes that ran (substituted and pruned nodes do not).
     pub nodes_run: usize,
+    /// The plan group during which the peak was reached.
+    pub peak_group: Option<usize>,
 }

@@ -24,6 +24,7 @@ mod exec;
 mod graph;
 mod ledger;
 mod op;
+mod pass;
 mod plan;
 mod value;
 
@@ -32,5 +33,6 @@ pub use exec::{Executor, Request, RunOutput};
 pub use graph::{Graph, Node, Producer, Value, ValueId};
 pub use ledger::{Ledger, RunStats};
 pub use op::{Independence, Op, SliceCtx};
+pub use pass::Pass;
 pub use plan::{check_group, chunk_ranges, Group, Plan, PlanDump};
 pub use value::{Axis, AxisTag, Layout, ValueInfo};

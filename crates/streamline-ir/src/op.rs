@@ -45,6 +45,8 @@ pub struct SliceCtx {
     pub range: Range<usize>,
     /// Length of the whole axis.
     pub len: usize,
+    /// Bytes of transient workspace the call may use (see [`Op::tiled_workspace_bytes`]).
+    pub workspace_limit: Option<usize>,
 }
 
 impl SliceCtx {
@@ -54,6 +56,7 @@ impl SliceCtx {
             axis: None,
             range: 0..0,
             len: 0,
+            workspace_limit: None,
         }
     }
 
@@ -113,6 +116,19 @@ pub trait Op: Debug + Send + Sync {
     fn workspace_bytes(&self, inputs: &[&ValueInfo], output: &ValueInfo) -> usize {
         let _ = (inputs, output);
         0
+    }
+
+    /// Workspace of one call that must stay within `limit` bytes where it can: ops that tile
+    /// (query chunks, im2col row tiles) return what their tiling uses, which is above `limit`
+    /// only when no tiling fits. Ops that cannot tile keep the untiled figure.
+    fn tiled_workspace_bytes(
+        &self,
+        inputs: &[&ValueInfo],
+        output: &ValueInfo,
+        limit: usize,
+    ) -> usize {
+        let _ = limit;
+        self.workspace_bytes(inputs, output)
     }
 
     /// Floating-point operations of one call.

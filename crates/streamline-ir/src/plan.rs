@@ -19,6 +19,9 @@ pub struct Group {
     pub axis: Option<Axis>,
     /// Number of slices; 1 unless `axis` is set. Need not divide the axis length.
     pub chunks: usize,
+    /// Bytes of transient workspace one op call may use; ops that can tile (attention query
+    /// chunks, im2col row tiles) obey it. `None`: ops run untiled.
+    pub workspace_limit: Option<usize>,
 }
 
 impl Group {
@@ -27,6 +30,7 @@ impl Group {
             nodes,
             axis: None,
             chunks: 1,
+            workspace_limit: None,
         }
     }
 
@@ -35,6 +39,7 @@ impl Group {
             nodes,
             axis: Some(axis),
             chunks,
+            workspace_limit: None,
         }
     }
 }
@@ -229,10 +234,13 @@ impl fmt::Display for PlanDump<'_> {
             } else {
                 format!("{first} .. {}", self.graph.node(g.nodes.end - 1).name)
             };
-            let slicing = match g.axis {
+            let mut slicing = match g.axis {
                 Some(axis) => format!("{axis} x{}", g.chunks),
                 None => "whole".to_string(),
             };
+            if let Some(limit) = g.workspace_limit {
+                slicing.push_str(&format!(" ws<={limit}"));
+            }
             writeln!(
                 f,
                 "g{gi} nodes {}..{} [{names}] {slicing}",

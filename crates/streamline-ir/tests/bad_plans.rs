@@ -96,6 +96,7 @@ fn unsliced_group_with_chunks() {
         nodes: 3..4,
         axis: None,
         chunks: 3,
+        workspace_limit: None,
     };
     let err = rejected(&g, groups);
     assert!(err.contains("`temporal.stats`"), "{err}");

@@ -74,6 +74,7 @@ fn random_plan(g: &Graph, choices: &[u32]) -> Plan {
                     nodes,
                     axis,
                     chunks: 1,
+                    workspace_limit: None,
                 },
             )
             .is_ok()
@@ -95,6 +96,7 @@ fn random_plan(g: &Graph, choices: &[u32]) -> Plan {
                 nodes: i..end,
                 axis,
                 chunks: 1,
+                workspace_limit: None,
             },
         )
         .unwrap();
@@ -103,6 +105,7 @@ fn random_plan(g: &Graph, choices: &[u32]) -> Plan {
             nodes: i..end,
             axis,
             chunks,
+            workspace_limit: None,
         });
         i = end;
     }
