@@ -135,6 +135,11 @@ impl<'a> Executor<'a> {
             .map(|(_, stats)| stats)
     }
 
+    /// The planned cost of `plan` from shapes alone, without a device (planners and passes).
+    pub fn plan_stats(graph: &Graph, plan: &Plan) -> Result<RunStats> {
+        Executor::new(graph, plan, &Device::Cpu)?.dry_run(&[], &[])
+    }
+
     fn ids(&self, names: &[String]) -> Result<Vec<ValueId>> {
         names.iter().map(|n| self.graph.find(n)).collect()
     }
@@ -369,6 +374,7 @@ impl<'e, B: Backend> Engine<'e, B> {
         }
         self.stats.peak_bytes = self.ledger.peak();
         self.stats.peak_group = self.ledger.peak_group();
+        self.stats.group_peaks = self.ledger.group_peaks().to_vec();
         Ok((live, self.stats))
     }
 

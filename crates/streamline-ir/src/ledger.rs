@@ -8,6 +8,8 @@ pub struct Ledger {
     /// The group running now, and the one that was running at the peak.
     group: Option<usize>,
     peak_group: Option<usize>,
+    /// Peak of live bytes while each group ran.
+    group_peaks: Vec<usize>,
 }
 
 impl Ledger {
@@ -21,11 +23,23 @@ impl Ledger {
             self.peak = bytes;
             self.peak_group = self.group;
         }
+        if let Some(g) = self.group {
+            self.group_peaks[g] = self.group_peaks[g].max(bytes);
+        }
     }
 
     /// Attribute what follows to plan group `group`.
     pub fn enter_group(&mut self, group: usize) {
+        if self.group_peaks.len() <= group {
+            self.group_peaks.resize(group + 1, 0);
+        }
         self.group = Some(group);
+        self.see(self.live);
+    }
+
+    /// Peak live bytes while each group ran (0 for groups that did not run).
+    pub fn group_peaks(&self) -> &[usize] {
+        &self.group_peaks
     }
 
     /// The group during which the peak was reached (`None`: before any group ran).
@@ -62,4 +76,6 @@ pub struct RunStats {
     pub nodes_run: usize,
     /// The plan group during which the peak was reached.
     pub peak_group: Option<usize>,
+    /// Peak live bytes while each plan group ran (0 for groups that did not run).
+    pub group_peaks: Vec<usize>,
 }

@@ -1,11 +1,17 @@
 //! # streamline-pipeline
 //!
-//! **Will own** the end-to-end jobs (design.md): SVD / SVD-XT image-to-video and AnimateDiff
-//! text-to-video, their schedulers (Euler discrete, DDIM), classifier-free guidance, VAE decode
-//! in chunks and video IO (GIF, PNG frames, safetensors), each UNet call running through the IR
-//! with the chosen optimization.
+//! **Owns** the end-to-end jobs (design.md) and the choice of optimization each model call
+//! runs with. Today: [`optimize`], which turns a lowered graph and an [`Optimization`]
+//! (original, slicer only, slicer + grouping at the paper's chunk counts, a memory budget) into
+//! the graph and plan to execute. The SVD / SVD-XT image-to-video and AnimateDiff text-to-video
+//! jobs, their schedulers and video IO arrive with their issues.
 //!
-//! **Promises:** the same math as diffusers' pipelines, so frames match diffusers' on the same
-//! latents.
+//! **Promises:** every optimization except the naive baseline computes what original
+//! inference computes, to float rounding.
 //!
-//! **Tests:** `cargo test -p streamline-pipeline`. Arrives with the pipeline issue.
+//! **Tests:** `cargo test -p streamline-pipeline` checks every optimization against original
+//! inference on the SVD fixtures, and the naive baseline for being measurably different.
+
+pub mod optimize;
+
+pub use optimize::{optimize, parse_bytes, Optimization};

@@ -1,13 +1,27 @@
 //! # streamline-slicer
 //!
-//! **Will own** the Feature Slicer pass (design.md): a pass over a `streamline_ir::Graph` that
-//! gives every node a slice axis and a chunk count, in paper mode (`temporal_chunks` over the
-//! B*T frames for frame-wise layers, `spatial_chunks` over the B*H*W positions for
-//! position-wise layers), in budget mode (the least slicing whose planned peak fits a byte
-//! budget) and in the deliberately inexact naive mode kept for comparisons.
+//! **Owns** the Feature Slicer (design.md): passes that give every node of a
+//! `streamline_ir::Graph` a slice axis and a chunk count.
 //!
-//! **Promises:** every plan it emits passes `Plan::validate` and matches the trivial plan to
-//! relative L2 <= 1e-5 in f32.
+//! - [`PaperSlicer`]: the paper's setting (the official code's `num_temporal_chunk` /
+//!   `num_spatial_chunk`): frame-wise nodes in `temporal_chunks` slices of the B*T frames,
+//!   position-wise nodes (temporal layers, their GroupNorm statistics) in `spatial_chunks`
+//!   slices of the B*H*W positions.
+//! - [`fit_budget`]: the least slicing (and op tiling) whose planned peak of activations fits a
+//!   byte budget; an impossible budget is an error stating the smallest feasible one.
+//! - [`naive`]: the paper's Sec. 3 baseline, temporal layers cut along frames too. It is
+//!   **wrong on purpose** (motion across chunk borders is lost) and exists only for comparisons.
 //!
-//! **Tests:** `cargo test -p streamline-slicer`. The pass arrives with the slicer issue; until
-//! then this crate only reserves its place in the workspace.
+//! **Promises:** every plan [`PaperSlicer`] and [`fit_budget`] emit passes `Plan::validate` and
+//! computes what the trivial plan computes, to float rounding, for any chunk count including
+//! counts that do not divide the axis.
+//!
+//! **Tests:** `cargo test -p streamline-slicer`; exactness on the SVD fixtures is tested in
+//! `streamline-pipeline` (which sees models, slicer and grouping together).
+
+mod budget;
+pub mod naive;
+mod paper;
+
+pub use budget::{fit_budget, human, BudgetError};
+pub use paper::PaperSlicer;

@@ -1,0 +1,187 @@
+//! Every optimization computes what original inference computes, on the SVD fixtures (UNet
+//! and temporal VAE decoder), for frame chunk counts 1, 2, 3, 7 and B*T and position chunk
+//! counts that do not divide H*W. The naive baseline is measurably not exact.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use streamline_ir::{Executor, Graph, Plan, Request};
+use streamline_models::svd::{
+    AutoencoderKLTemporalDecoder, UNetShape, UNetSpatioTemporalConditionModel,
+};
+use streamline_pipeline::optimize::OptimizeError;
+use streamline_pipeline::{optimize, Optimization};
+use streamline_slicer::naive::frame_chunks;
+use streamline_slicer::BudgetError;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/data")
+        .join(name)
+}
+
+fn io(name: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture(name).join("io.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_dtype(DType::F64).unwrap();
+    let b = b.to_dtype(DType::F64).unwrap();
+    let d = (&a - &b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    let n = b
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    (d / n).sqrt()
+}
+
+fn run(graph: &Graph, plan: &Plan, inputs: &[Tensor]) -> (Tensor, usize) {
+    let exec = Executor::new(graph, plan, &Device::Cpu).unwrap();
+    let mut out = exec.run(inputs.to_vec(), &Request::default()).unwrap();
+    (out.outputs.remove(0), out.stats.peak_bytes)
+}
+
+/// Original, slicer-only, slicer + grouping at several chunk counts, and a budget halfway
+/// between the smallest feasible peak and the original one: all within 1e-5 of original.
+fn check_all(graph: &Graph, inputs: &[Tensor], frames_len: usize) {
+    let (g0, p0) = optimize(graph, Optimization::Original).unwrap();
+    let (reference, _) = run(&g0, &p0, inputs);
+    for t in [1, 2, 3, 7, frames_len] {
+        for s in [7, 11, 13] {
+            for opt in [
+                Optimization::SlicerOnly {
+                    temporal_chunks: t,
+                    spatial_chunks: s,
+                },
+                Optimization::Paper {
+                    temporal_chunks: t,
+                    spatial_chunks: s,
+                },
+            ] {
+                let (g, p) = optimize(graph, opt).unwrap();
+                let (out, _) = run(&g, &p, inputs);
+                let err = rel_l2(&out, &reference);
+                assert!(err <= 1e-5, "{opt:?}: relative L2 {err}");
+            }
+        }
+    }
+    // The tightest budget budget mode can meet forces the most slicing; it must stay exact.
+    let smallest = match optimize(graph, Optimization::Budget { bytes: 1 }) {
+        Err(OptimizeError::Budget(BudgetError::Infeasible { smallest, .. })) => smallest,
+        other => panic!("a 1-byte budget cannot be met, got {other:?}"),
+    };
+    let budget = smallest;
+    let (g, p) = optimize(graph, Optimization::Budget { bytes: budget }).unwrap();
+    assert!(
+        p.groups.iter().any(|g| g.chunks > 1),
+        "the budget forced no slicing"
+    );
+    let (out, measured) = run(&g, &p, inputs);
+    assert!(rel_l2(&out, &reference) <= 1e-5);
+    let planned = Executor::plan_stats(&g, &p).unwrap().peak_bytes;
+    assert!(
+        planned <= budget && measured <= planned,
+        "budget {budget}, planned {planned}, measured {measured}"
+    );
+}
+
+fn unet_inputs(io: &HashMap<String, Tensor>, frames: std::ops::Range<usize>) -> Vec<Tensor> {
+    let s = io["sample"].narrow(1, frames.start, frames.len()).unwrap();
+    let (b, f, c, h, w) = s.dims5().unwrap();
+    vec![
+        s.reshape((b * f, c, h, w)).unwrap(),
+        io["timestep"].clone(),
+        io["encoder_hidden_states"].clone(),
+        io["added_time_ids"].clone(),
+    ]
+}
+
+fn unet(name: &str) -> (UNetSpatioTemporalConditionModel, HashMap<String, Tensor>) {
+    let unet = UNetSpatioTemporalConditionModel::load(
+        &fixture(name).join("unet"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    (unet, io(name))
+}
+
+fn unet_graph(
+    unet: &UNetSpatioTemporalConditionModel,
+    io: &HashMap<String, Tensor>,
+    frames: usize,
+) -> Graph {
+    let (b, _, _, h, w) = io["sample"].dims5().unwrap();
+    unet.lower(UNetShape {
+        batch: b,
+        frames,
+        height: h,
+        width: w,
+        context_len: 1,
+    })
+    .unwrap()
+}
+
+#[test]
+fn unet_plans_are_exact() {
+    for name in ["svd_unet_a", "svd_unet_b"] {
+        let (unet, io) = unet(name);
+        let (b, f, ..) = io["sample"].dims5().unwrap();
+        check_all(&unet_graph(&unet, &io, f), &unet_inputs(&io, 0..f), b * f);
+    }
+}
+
+#[test]
+fn temporal_decoder_plans_are_exact() {
+    let io = io("svd_vae");
+    let vae = AutoencoderKLTemporalDecoder::load(
+        &fixture("svd_vae").join("vae"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let (n, _, h, w) = io["latents"].dims4().unwrap();
+    let frames = 3;
+    let g = vae.lower_decoder(n / frames, frames, h, w).unwrap();
+    check_all(&g, &[io["latents"].clone()], n);
+}
+
+/// The paper's naive baseline denoises each chunk of frames as a video of its own; temporal
+/// layers then miss the other chunks' frames, and the output changes.
+#[test]
+fn naive_slicing_is_not_exact() {
+    let (unet, io) = unet("svd_unet_b");
+    let (b, f, ..) = io["sample"].dims5().unwrap();
+    let g = unet_graph(&unet, &io, f);
+    let (g0, p0) = optimize(&g, Optimization::Original).unwrap();
+    let (reference, _) = run(&g0, &p0, &unet_inputs(&io, 0..f));
+    let reference = reference.reshape(io["out"].dims()).unwrap();
+    let chunks: Vec<Tensor> = frame_chunks(f, 2)
+        .into_iter()
+        .map(|frames| {
+            let g = unet_graph(&unet, &io, frames.len());
+            let (g, p) = optimize(&g, Optimization::Original).unwrap();
+            let (out, _) = run(&g, &p, &unet_inputs(&io, frames.clone()));
+            let (_, c, h, w) = out.dims4().unwrap();
+            out.reshape((b, frames.len(), c, h, w)).unwrap()
+        })
+        .collect();
+    let naive = Tensor::cat(&chunks, 1).unwrap();
+    let err = rel_l2(&naive, &reference);
+    assert!(
+        err > 1e-2,
+        "naive slicing should break temporal layers, relative L2 only {err}"
+    );
+    eprintln!("naive slicing (2 frame chunks) vs original: relative L2 {err:.3}");
+}
