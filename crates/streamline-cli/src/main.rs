@@ -1,24 +1,161 @@
 //! # streamline-cli
 //!
 //! **Owns** the `streamline` binary: argument parsing, progress display and error reporting
-//! for the jobs the other crates implement (`streamline svd`, `streamline animatediff`,
-//! `streamline plan`, `streamline rehash search` as their issues land).
+//! for the jobs the other crates implement. Today: `streamline plan`.
 //!
 //! **Promises:** bad input exits non-zero with a message naming the file, tensor or flag, and
 //! leaves no half-written output.
 //!
-//! **Tests:** `cargo test -p streamline-cli`.
+//! **Tests:** `cargo test -p streamline-cli` runs the binary and snapshots its output.
 
-use clap::{CommandFactory, Parser};
+use anyhow::Result;
+use candle_core::DType;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use streamline_pipeline::planner::{group_listing, plan_report, ModelSpec, PlanRequest};
+use streamline_pipeline::{parse_bytes, Optimization};
 
 /// Run video diffusion models (SVD, SVD-XT, AnimateDiff) in far less memory and time, with no
 /// retraining: Feature Slicer, Operator Grouping and Step Rehash over one IR.
 #[derive(Parser, Debug)]
 #[command(name = "streamline", version, about, long_about = None)]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Plan memory without weights: groups, slicing and planned peaks of a UNet step and a VAE
+    /// decode call, from the model's config alone.
+    Plan(PlanArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Dtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl From<Dtype> for DType {
+    fn from(d: Dtype) -> DType {
+        match d {
+            Dtype::F32 => DType::F32,
+            Dtype::F16 => DType::F16,
+            Dtype::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// The optimization flags every job shares.
+#[derive(Args, Debug)]
+struct OptimizationArgs {
+    /// Slices of the B*T frames for frame-wise layers (Feature Slicer + Operator Grouping).
+    #[arg(long, requires = "spatial_chunks")]
+    temporal_chunks: Option<usize>,
+    /// Slices of the B*H*W positions for temporal layers.
+    #[arg(long, requires = "temporal_chunks")]
+    spatial_chunks: Option<usize>,
+    /// Least slicing whose planned activation peak fits this size, e.g. 8GiB.
+    #[arg(long, value_parser = parse_bytes, conflicts_with = "temporal_chunks")]
+    memory_budget: Option<usize>,
+    /// Feature Slicer without Operator Grouping (every node's output materialized).
+    #[arg(long, requires = "temporal_chunks")]
+    no_grouping: bool,
+}
+
+impl OptimizationArgs {
+    fn optimization(&self) -> Result<Optimization> {
+        Ok(
+            match (
+                self.temporal_chunks,
+                self.spatial_chunks,
+                self.memory_budget,
+            ) {
+                (_, _, Some(bytes)) => Optimization::Budget { bytes },
+                (Some(t), Some(s), None) => {
+                    anyhow::ensure!(
+                        t > 0 && s > 0,
+                        "--temporal-chunks and --spatial-chunks must be at least 1"
+                    );
+                    if self.no_grouping {
+                        Optimization::SlicerOnly {
+                            temporal_chunks: t,
+                            spatial_chunks: s,
+                        }
+                    } else {
+                        Optimization::Paper {
+                            temporal_chunks: t,
+                            spatial_chunks: s,
+                        }
+                    }
+                }
+                _ => Optimization::Original,
+            },
+        )
+    }
+}
+
+#[derive(Args, Debug)]
+struct PlanArgs {
+    /// `svd`, `svd-xt`, a UNet config.json, or a diffusers model folder.
+    #[arg(long, default_value = "svd")]
+    model: String,
+    #[arg(long, default_value_t = 576)]
+    height: usize,
+    #[arg(long, default_value_t = 1024)]
+    width: usize,
+    /// Defaults to the UNet config's `num_frames` (14 for svd, 25 for svd-xt).
+    #[arg(long)]
+    num_frames: Option<usize>,
+    /// Videos generated at once.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Plan without classifier-free guidance (UNet batch not doubled).
+    #[arg(long)]
+    no_cfg: bool,
+    #[arg(long, value_enum, default_value = "f16")]
+    dtype: Dtype,
+    /// Frames per VAE decoder call.
+    #[arg(long, default_value_t = 14)]
+    decode_chunk_size: usize,
+    /// Also list every group of both plans.
+    #[arg(long)]
+    groups: bool,
+    #[command(flatten)]
+    optimization: OptimizationArgs,
+}
+
+fn plan(args: PlanArgs) -> Result<()> {
+    let report = plan_report(PlanRequest {
+        model: ModelSpec::parse(&args.model),
+        height: args.height,
+        width: args.width,
+        num_frames: args.num_frames,
+        batch: args.batch,
+        cfg: !args.no_cfg,
+        dtype: args.dtype.into(),
+        optimization: args.optimization.optimization()?,
+        decode_chunk_size: args.decode_chunk_size,
+    })?;
+    print!("{report}");
+    if args.groups {
+        println!("\nUNet step groups:\n{}", group_listing(&report.unet));
+        println!("VAE decode groups:\n{}", group_listing(&report.decoder));
+    }
+    Ok(())
+}
 
 fn main() {
-    let _cli = Cli::parse();
-    // No job has landed yet: show what the tool is and how to ask for help.
-    Cli::command().print_help().expect("stdout is writable");
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match Cli::parse().command {
+        Command::Plan(args) => plan(args),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
 }

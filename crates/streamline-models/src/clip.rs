@@ -55,6 +55,23 @@ struct Unsupported {
 }
 
 impl ClipVisionConfig {
+    /// SVD's image encoder: CLIP ViT-H/14 (`stabilityai/stable-video-diffusion-img2vid`'s
+    /// image_encoder/).
+    pub fn vit_h14() -> Self {
+        ClipVisionConfig {
+            hidden_size: 1280,
+            intermediate_size: 5120,
+            projection_dim: 1024,
+            num_hidden_layers: 32,
+            num_attention_heads: 16,
+            num_channels: 3,
+            image_size: 224,
+            patch_size: 14,
+            hidden_act: "gelu".to_string(),
+            layer_norm_eps: 1e-5,
+        }
+    }
+
     /// Read a config.json, rejecting up front (naming the file and field) what `new` could
     /// not build.
     pub fn load(path: &Path) -> std::result::Result<Self, ModelError> {

@@ -9,7 +9,8 @@ use common::*;
 use serde_json::Value;
 use streamline_models::load::{Manifest, WeightSource};
 use streamline_models::svd::{
-    AutoencoderKLTemporalDecoder, UNetShape, UNetSpatioTemporalConditionModel,
+    AutoencoderKLTemporalDecoder, UNetConfig, UNetShape, UNetSpatioTemporalConditionModel,
+    VaeConfig,
 };
 
 fn manifest(name: &str) -> (Value, WeightSource) {
@@ -43,7 +44,12 @@ fn full_size_unet_uses_the_checkpoint_exactly() {
     let (config, source) = manifest("svd_unet");
     let tensors = source.tensors().unwrap();
     let usage = source.usage();
-    let config = serde_json::from_value(config).unwrap();
+    let config: UNetConfig = serde_json::from_value(config).unwrap();
+    // The built-in SVD config is the checkpoint's, up to the frame count.
+    assert_eq!(
+        format!("{config:?}"),
+        format!("{:?}", UNetConfig::svd(config.num_frames))
+    );
     let unet = UNetSpatioTemporalConditionModel::new(
         &config,
         source.var_builder(DType::F16, &Device::Cpu),
@@ -68,7 +74,8 @@ fn full_size_vae_uses_the_checkpoint_exactly() {
     let (config, source) = manifest("svd_vae");
     let tensors = source.tensors().unwrap();
     let usage = source.usage();
-    let config = serde_json::from_value(config).unwrap();
+    let config: VaeConfig = serde_json::from_value(config).unwrap();
+    assert_eq!(format!("{config:?}"), format!("{:?}", VaeConfig::svd()));
     let vae =
         AutoencoderKLTemporalDecoder::new(&config, source.var_builder(DType::F16, &Device::Cpu))
             .unwrap();

@@ -13,5 +13,6 @@
 //! inference on the SVD fixtures, and the naive baseline for being measurably different.
 
 pub mod optimize;
+pub mod planner;
 
 pub use optimize::{optimize, parse_bytes, Optimization};

@@ -48,6 +48,16 @@ impl Usage {
             .insert(name.to_string(), shape.dims().to_vec());
     }
 
+    /// Bytes of every requested tensor in `dtype`: the weights a model built this way holds.
+    pub fn bytes(&self, dtype: DType) -> usize {
+        self.requested
+            .lock()
+            .expect("usage lock")
+            .values()
+            .map(|s| s.iter().product::<usize>() * dtype.size_in_bytes())
+            .sum()
+    }
+
     /// Every tensor requested so far, with the shape the model expected.
     pub fn requested(&self) -> BTreeMap<String, Vec<usize>> {
         self.requested.lock().expect("usage lock").clone()
@@ -56,6 +66,12 @@ impl Usage {
 
 enum Store {
     Safetensors(MmapedSafetensors),
+    /// No data and no list: every request is answered with zeros broadcast to the shape the
+    /// model expects, so any config can be built and planned without its weights.
+    Shapes,
+    /// Deterministic random weights from a seed, for models made in Rust (benchmarks and
+    /// memory tests on configs no checkpoint exists for).
+    Random(u64),
     /// No data: requests are checked against the manifest and answered with zeros
     /// broadcast to the shape (a few bytes each), so full-size models can be built anywhere.
     Manifest(Manifest),
@@ -88,6 +104,27 @@ impl WeightSource {
         })
     }
 
+    /// Random weights for any requested tensor, the same for the same `seed`, name and shape:
+    /// matrices and kernels uniform with standard deviation `1/sqrt(fan_in)`, norm weights
+    /// near 1, biases and blend factors small.
+    pub fn random(seed: u64) -> Self {
+        WeightSource {
+            path: PathBuf::from(format!("<random weights, seed {seed}>")),
+            store: Store::Random(seed),
+            usage: Usage::default(),
+        }
+    }
+
+    /// A shape-only source that accepts whatever the model asks for (planning from a config
+    /// alone; [`Usage::requested`] then lists the checkpoint the model would need).
+    pub fn shapes_only() -> Self {
+        WeightSource {
+            path: PathBuf::from("<shapes only>"),
+            store: Store::Shapes,
+            usage: Usage::default(),
+        }
+    }
+
     /// A shape-only source standing for a checkpoint described by `manifest`.
     pub fn manifest(path: &Path, manifest: Manifest) -> Self {
         WeightSource {
@@ -110,6 +147,7 @@ impl WeightSource {
     pub fn tensors(&self) -> Result<Manifest> {
         match &self.store {
             Store::Manifest(m) => Ok(m.clone()),
+            Store::Random(_) | Store::Shapes => Ok(self.usage.requested()),
             Store::Safetensors(st) => Ok(st
                 .tensors()
                 .into_iter()
@@ -152,7 +190,47 @@ impl WeightSource {
                 let shape = m.get(name).ok_or_else(|| self.missing(name))?;
                 Tensor::zeros((), dtype, dev)?.broadcast_as(shape.as_slice())
             }
+            Store::Random(_) | Store::Shapes => Err(candle_core::Error::Msg(format!(
+                "tensor `{name}`: generated weights need the shape the model expects"
+            ))),
         }
+    }
+
+    /// Uniform values in [-1, 1) from a splitmix64 stream seeded by the source seed and `name`.
+    fn random_tensor(
+        seed: u64,
+        name: &str,
+        shape: &Shape,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let mut state = name.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        let mut next = move || {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        };
+        let dims = shape.dims();
+        let fan_in: usize = dims.iter().skip(1).product();
+        let values: Vec<f32> = (0..shape.elem_count()).map(|_| next()).collect();
+        let (scale, offset) = if dims.len() >= 2 {
+            ((3.0 / fan_in.max(1) as f32).sqrt(), 0.0)
+        } else if name.ends_with("mix_factor") {
+            (1.0, 0.0)
+        } else if name.ends_with("weight") {
+            (0.1, 1.0)
+        } else {
+            (0.1, 0.0)
+        };
+        let values = values
+            .into_iter()
+            .map(|v| v * scale + offset)
+            .collect::<Vec<_>>();
+        Tensor::from_vec(values, shape.clone(), dev)?.to_dtype(dtype)
     }
 }
 
@@ -166,6 +244,11 @@ impl SimpleBackend for WeightSource {
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
         self.usage.record(name, &s);
+        match self.store {
+            Store::Random(seed) => return Self::random_tensor(seed, name, &s, dtype, dev),
+            Store::Shapes => return Tensor::zeros((), dtype, dev)?.broadcast_as(s),
+            _ => {}
+        }
         let t = self.load(name, dtype, dev)?;
         if t.shape() != &s {
             return Err(candle_core::Error::Msg(format!(
@@ -187,6 +270,7 @@ impl SimpleBackend for WeightSource {
         match &self.store {
             Store::Safetensors(st) => st.get(name).is_ok(),
             Store::Manifest(m) => m.contains_key(name),
+            Store::Random(_) | Store::Shapes => true,
         }
     }
 }

@@ -4,7 +4,7 @@ use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use streamline_ir::{Independence, IrError, Op, Result, SliceCtx, ValueInfo};
 
-use super::layout::{batch_pieces, cat0};
+use super::layout::{batch_ids, by_row_chunks, info_of, row_chunk};
 
 fn elems(v: &ValueInfo) -> u64 {
     v.shape.elem_count() as u64
@@ -63,6 +63,14 @@ impl Blend {
             },
         })
     }
+
+    /// Computed as `alpha * (a - b) + b`: the difference, its scaled copy, then the result,
+    /// so one buffer besides the result (the two scaled inputs would be two).
+    fn tiling(&self, x: &ValueInfo, output: &ValueInfo, limit: Option<usize>) -> (usize, usize) {
+        let rows = x.shape.dims()[0];
+        let per = x.bytes() / rows.max(1);
+        row_chunk(rows, output.bytes(), limit, |r| 2 * r * per)
+    }
 }
 
 impl Op for Blend {
@@ -78,14 +86,31 @@ impl Op for Blend {
     fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
         Add.infer(inputs)
     }
-    fn workspace_bytes(&self, inputs: &[&ValueInfo], _: &ValueInfo) -> usize {
-        2 * inputs[0].bytes()
+    fn workspace_bytes(&self, inputs: &[&ValueInfo], output: &ValueInfo) -> usize {
+        self.tiling(inputs[0], output, None).1
+    }
+    fn tiled_workspace_bytes(
+        &self,
+        inputs: &[&ValueInfo],
+        output: &ValueInfo,
+        limit: usize,
+    ) -> usize {
+        self.tiling(inputs[0], output, Some(limit)).1
     }
     fn flops(&self, inputs: &[&ValueInfo], _: &ValueInfo) -> u64 {
         3 * elems(inputs[0])
     }
-    fn forward(&self, x: &[&Tensor], _: &SliceCtx) -> Result<Tensor> {
-        Ok(((x[0] * self.alpha)? + (x[1] * (1.0 - self.alpha))?)?)
+    fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
+        let (a, b) = (x[0], x[1]);
+        let (chunk, _) = self.tiling(&info_of(a), &info_of(a), ctx.workspace_limit);
+        by_row_chunks(a.dims(), a.dtype(), a.device(), chunk, |r| {
+            let (a, b) = (
+                a.narrow(0, r.start, r.len())?,
+                b.narrow(0, r.start, r.len())?,
+            );
+            let scaled = ((&a - &b)? * self.alpha)?;
+            Ok((scaled + b)?)
+        })
     }
 }
 
@@ -128,11 +153,28 @@ impl Op for ConcatChannels {
 
 /// Adds a per-batch-item vector `e: (B, C)` along the channel dim of every row of batch item
 /// `row / rows_per_batch` (resnet time embeddings). `e` is read whole; the slice context tells
-/// which batch item each row belongs to.
+/// which batch item each row belongs to. One gather makes the `(rows, C)` per-row vectors, the
+/// only buffer besides the result, wherever the slice meets batch boundaries.
 #[derive(Debug, Clone)]
 pub struct AddBatchEmb {
     pub rows_per_batch: usize,
     pub channel_dim: usize,
+}
+
+impl AddBatchEmb {
+    /// Per chunk of rows: their batch ids and per-row vectors, then the result.
+    fn tiling(
+        &self,
+        inputs: &[&ValueInfo],
+        output: &ValueInfo,
+        limit: Option<usize>,
+    ) -> (usize, usize) {
+        let (x, e) = (inputs[0], inputs[1]);
+        let rows = x.shape.dims()[0];
+        let per_row = std::mem::size_of::<u32>() + e.bytes() / e.shape.dims()[0].max(1);
+        let out_row = x.bytes() / rows.max(1);
+        row_chunk(rows, output.bytes(), limit, |r| r * (per_row + out_row))
+    }
 }
 
 impl Op for AddBatchEmb {
@@ -158,8 +200,16 @@ impl Op for AddBatchEmb {
         }
         Ok(x.clone())
     }
-    fn workspace_bytes(&self, _: &[&ValueInfo], output: &ValueInfo) -> usize {
-        output.bytes()
+    fn workspace_bytes(&self, inputs: &[&ValueInfo], output: &ValueInfo) -> usize {
+        self.tiling(inputs, output, None).1
+    }
+    fn tiled_workspace_bytes(
+        &self,
+        inputs: &[&ValueInfo],
+        output: &ValueInfo,
+        limit: usize,
+    ) -> usize {
+        self.tiling(inputs, output, Some(limit)).1
     }
     fn flops(&self, inputs: &[&ValueInfo], _: &ValueInfo) -> u64 {
         elems(inputs[0])
@@ -167,17 +217,20 @@ impl Op for AddBatchEmb {
     fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
         let (h, e) = (x[0], x[1]);
         let rows = ctx.rows(h.dim(0)?);
-        let mut shape = vec![1; h.rank()];
-        shape[self.channel_dim] = e.dim(1)?;
-        let parts = batch_pieces(rows.clone(), self.rows_per_batch)
-            .into_iter()
-            .map(|(b, within)| {
-                let offset = b * self.rows_per_batch + within.start - rows.start;
-                let eb = e.narrow(0, b, 1)?.reshape(shape.as_slice())?;
-                Ok(h.narrow(0, offset, within.len())?.broadcast_add(&eb)?)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        cat0(parts)
+        let (chunk, _) = self.tiling(
+            &[&info_of(h), &info_of(e)],
+            &info_of(h),
+            ctx.workspace_limit,
+        );
+        by_row_chunks(h.dims(), h.dtype(), h.device(), chunk, |r| {
+            let abs = rows.start + r.start..rows.start + r.end;
+            let ids = batch_ids(abs, self.rows_per_batch, h.device())?;
+            let mut shape = vec![1; h.rank()];
+            shape[0] = r.len();
+            shape[self.channel_dim] = e.dim(1)?;
+            let per_row = e.index_select(&ids, 0)?.reshape(shape)?;
+            Ok(h.narrow(0, r.start, r.len())?.broadcast_add(&per_row)?)
+        })
     }
 }
 

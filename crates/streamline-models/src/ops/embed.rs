@@ -81,6 +81,22 @@ impl Op for Sinusoid {
             Layout::WHOLE,
         ))
     }
+    fn workspace_bytes(&self, inputs: &[&ValueInfo], output: &ValueInfo) -> usize {
+        // All f32: the flat input (a copy unless f32), the exponents and frequencies, the
+        // arguments with their sines and cosines, the embedding (the result unless cast; a
+        // padded copy for odd dims).
+        let n = inputs[0].shape.elem_count();
+        let half = self.dim / 2;
+        let copy = if inputs[0].dtype == DType::F32 {
+            0
+        } else {
+            4 * n
+        };
+        let emb = 4 * n * self.dim;
+        let cast = if output.dtype == DType::F32 { 0 } else { emb };
+        let pad = if self.dim % 2 == 1 { emb + 4 * n } else { 0 };
+        copy + 2 * 4 * half + 3 * 4 * n * half + cast + pad
+    }
     fn flops(&self, _: &[&ValueInfo], output: &ValueInfo) -> u64 {
         4 * output.shape.elem_count() as u64
     }

@@ -1,9 +1,12 @@
-//! Layout changes between frame-major and position-major video features.
+//! Layout changes between frame-major and position-major video features, spatial resampling
+//! of frames, and the row chunking the tiling ops share.
 
 use std::ops::Range;
 
-use candle_core::Tensor;
-use streamline_ir::{Axis, Independence, IrError, Layout, Op, Result, SliceCtx, ValueInfo};
+use candle_core::{DType, Device, Tensor};
+use streamline_ir::{
+    chunk_ranges, Axis, Independence, IrError, Layout, Op, Result, SliceCtx, ValueInfo,
+};
 
 /// The video extent a layout change needs to know: batch, frames and the spatial size.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -44,12 +47,127 @@ pub(crate) fn batch_pieces(range: Range<usize>, per_batch: usize) -> Vec<(usize,
     pieces
 }
 
-/// Concatenate per-batch pieces along dim 0 (no copy when there is one piece).
-pub(crate) fn cat0(parts: Vec<Tensor>) -> Result<Tensor> {
+/// Concatenate per-batch views along dim 0 into one new tensor.
+///
+/// The views may be strided (permuted gathers): `Tensor::cat` copies each straight into the
+/// result, so no per-piece copy exists and the result is the only allocation, whichever way
+/// the rows fall across batch items.
+pub(crate) fn cat_views(parts: Vec<Tensor>) -> Result<Tensor> {
     Ok(match parts.len() {
-        1 => parts.into_iter().next().expect("one part"),
+        1 => parts.into_iter().next().expect("one part").contiguous()?,
         _ => Tensor::cat(&parts, 0)?,
     })
+}
+
+/// The batch item of each row in `rows` (a batch-major index space, `per_batch` rows per
+/// item), as a `u32` tensor for `index_select`: per-batch values become per-row values with
+/// one small gather, the same whatever batch boundaries the rows cross.
+pub(crate) fn batch_ids(rows: Range<usize>, per_batch: usize, device: &Device) -> Result<Tensor> {
+    let ids: Vec<u32> = rows.map(|r| (r / per_batch) as u32).collect();
+    let n = ids.len();
+    Ok(Tensor::from_vec(ids, n, device)?)
+}
+
+/// How one call is cut: `outer` dim-0 rows per chunk and, when one row is too much, `inner`
+/// sub-rows (queries, output rows) per chunk of one row.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Tiles {
+    pub outer: usize,
+    pub inner: usize,
+}
+
+/// The tiles one call runs in, and the workspace that costs.
+///
+/// `peak(o, i)`: the most transient bytes live while computing a chunk of `o` rows of `i`
+/// sub-rows, that chunk's result included. Run whole, the result is the output, so the
+/// workspace is `peak(outer, inner)` minus `out_bytes`; run in chunks, each chunk's result is
+/// an extra buffer copied into the output made up front, so it is the chunk's peak. Under a
+/// limit: the largest chunks of whole rows that fit, else one row in the largest chunks of
+/// sub-rows that fit, else single sub-rows if that is smaller than running whole. Chunk sizes
+/// are balanced (`chunk_ranges`) and the workspace is that of the largest. `peak` must grow
+/// with both arguments.
+pub(crate) fn tiles(
+    outer: usize,
+    inner: usize,
+    out_bytes: usize,
+    limit: Option<usize>,
+    peak: impl Fn(usize, usize) -> usize,
+) -> (Tiles, usize) {
+    let whole = Tiles { outer, inner };
+    let whole_ws = peak(outer, inner).saturating_sub(out_bytes);
+    let Some(limit) = limit else {
+        return (whole, whole_ws);
+    };
+    if whole_ws <= limit {
+        return (whole, whole_ws);
+    }
+    // Largest n in 1..=max with fits(n), balanced over `len`.
+    let largest = |len: usize, max: usize, fits: &dyn Fn(usize) -> bool| -> Option<usize> {
+        if max == 0 || !fits(1) {
+            return None;
+        }
+        let (mut lo, mut hi) = (1, max);
+        while lo < hi {
+            let mid = (lo + hi).div_ceil(2);
+            if fits(mid) {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        Some(len.div_ceil(len.div_ceil(lo)))
+    };
+    let tiles = if let Some(o) = largest(outer, outer - 1, &|o| peak(o, inner) <= limit) {
+        Tiles { outer: o, inner }
+    } else if let Some(i) = largest(inner, inner - 1, &|i| peak(1, i) <= limit) {
+        Tiles { outer: 1, inner: i }
+    } else {
+        Tiles { outer: 1, inner: 1 }
+    };
+    let ws = peak(tiles.outer, tiles.inner);
+    if ws < whole_ws {
+        (tiles, ws)
+    } else {
+        (whole, whole_ws)
+    }
+}
+
+/// [`tiles`] over dim-0 rows alone: the rows per chunk, and the workspace.
+pub(crate) fn row_chunk(
+    rows: usize,
+    out_bytes: usize,
+    limit: Option<usize>,
+    peak: impl Fn(usize) -> usize,
+) -> (usize, usize) {
+    let (t, ws) = tiles(rows, 1, out_bytes, limit, |o, _| peak(o));
+    (t.outer, ws)
+}
+
+/// Run `f` on dim-0 row ranges of at most `chunk` rows and write each result into an output
+/// of `out_dims` made first; a chunk covering every row returns `f`'s result as it is.
+pub(crate) fn by_row_chunks(
+    out_dims: &[usize],
+    dtype: DType,
+    device: &Device,
+    chunk: usize,
+    mut f: impl FnMut(Range<usize>) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let rows = out_dims[0];
+    if chunk >= rows {
+        return f(0..rows);
+    }
+    let out = Tensor::zeros(out_dims, dtype, device)?;
+    for range in chunk_ranges(rows, rows.div_ceil(chunk.max(1))) {
+        let start = range.start;
+        out.slice_set(&f(range)?.contiguous()?, 0, start)?;
+    }
+    Ok(out)
+}
+
+/// The info of a tensor, for ops that size their tiles in `forward` with the same shape
+/// functions the planner calls.
+pub(crate) fn info_of(t: &Tensor) -> ValueInfo {
+    ValueInfo::new(t.shape().clone(), t.dtype(), Layout::WHOLE)
 }
 
 fn expect_rank(info: &ValueInfo, dims: &[usize], what: &str) -> Result<()> {
@@ -82,7 +200,8 @@ impl FrameLayout {
 /// Frame-major features -> position-major `(B*H*W, T, C)`, the layout temporal layers work in.
 ///
 /// Sliced along positions, it reads the frame-major input whole and gathers only the
-/// positions of its slice, so the full transposed copy never exists.
+/// positions of its slice, so the full transposed copy never exists. The gathered views are
+/// copied straight into the output: no workspace.
 #[derive(Debug, Clone)]
 pub struct FramesToPositions {
     pub dims: VideoDims,
@@ -114,11 +233,6 @@ impl Op for FramesToPositions {
         ))
     }
 
-    fn workspace_bytes(&self, _: &[&ValueInfo], output: &ValueInfo) -> usize {
-        // Per-batch pieces are gathered, then concatenated into the output.
-        output.bytes()
-    }
-
     fn flops(&self, _: &[&ValueInfo], _: &ValueInfo) -> u64 {
         0
     }
@@ -131,7 +245,7 @@ impl Op for FramesToPositions {
             .into_iter()
             .map(|(b, hw)| {
                 let frames = x.narrow(0, b * d.frames, d.frames)?;
-                let piece = match self.from {
+                Ok(match self.from {
                     FrameLayout::ChannelsFirst => frames
                         .reshape((d.frames, self.channels, d.hw()))?
                         .narrow(2, hw.start, hw.len())?
@@ -139,11 +253,10 @@ impl Op for FramesToPositions {
                     FrameLayout::Tokens => {
                         frames.narrow(1, hw.start, hw.len())?.permute((1, 0, 2))?
                     }
-                };
-                Ok(piece.contiguous()?)
+                })
             })
             .collect::<Result<Vec<_>>>()?;
-        cat0(parts)
+        cat_views(parts)
     }
 }
 
@@ -182,10 +295,6 @@ impl Op for PositionsToFrames {
         ))
     }
 
-    fn workspace_bytes(&self, _: &[&ValueInfo], output: &ValueInfo) -> usize {
-        output.bytes()
-    }
-
     fn flops(&self, _: &[&ValueInfo], _: &ValueInfo) -> u64 {
         0
     }
@@ -194,6 +303,7 @@ impl Op for PositionsToFrames {
         let d = self.dims;
         let x = inputs[0];
         let rows = ctx.rows(d.frames_len());
+        let rows_len = rows.len();
         let parts = batch_pieces(rows, d.frames)
             .into_iter()
             .map(|(b, t)| {
@@ -201,15 +311,18 @@ impl Op for PositionsToFrames {
                     .narrow(0, b * d.hw(), d.hw())?
                     .narrow(1, t.start, t.len())?;
                 Ok(match self.to {
-                    FrameLayout::ChannelsFirst => frames
-                        .permute((1, 2, 0))?
-                        .contiguous()?
-                        .reshape((t.len(), self.channels, d.height, d.width))?,
-                    FrameLayout::Tokens => frames.permute((1, 0, 2))?.contiguous()?,
+                    FrameLayout::ChannelsFirst => frames.permute((1, 2, 0))?,
+                    FrameLayout::Tokens => frames.permute((1, 0, 2))?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        cat0(parts)
+        let out = cat_views(parts)?;
+        Ok(match self.to {
+            FrameLayout::ChannelsFirst => {
+                out.reshape((rows_len, self.channels, d.height, d.width))?
+            }
+            FrameLayout::Tokens => out,
+        })
     }
 }
 
@@ -267,6 +380,103 @@ impl Op for Tokens {
             x.transpose(1, 2)?
                 .contiguous()?
                 .reshape((n, c, self.height, self.width))?
+        })
+    }
+}
+
+/// Nearest-neighbour 2x upsampling of each frame: one candle kernel, no workspace.
+#[derive(Debug, Clone, Copy)]
+pub struct Upsample2x;
+
+impl Op for Upsample2x {
+    fn kind(&self) -> &'static str {
+        "upsample2x"
+    }
+    fn independence(&self) -> Independence {
+        Independence::Frames
+    }
+    fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
+        match inputs[0].shape.dims() {
+            &[n, c, h, w] => Ok(ValueInfo::new(
+                (n, c, 2 * h, 2 * w),
+                inputs[0].dtype,
+                inputs[0].layout,
+            )),
+            d => Err(IrError::Plan(format!(
+                "upsample2x expects (N, C, H, W), got {d:?}"
+            ))),
+        }
+    }
+    fn flops(&self, _: &[&ValueInfo], _: &ValueInfo) -> u64 {
+        0
+    }
+    fn forward(&self, x: &[&Tensor], _: &SliceCtx) -> Result<Tensor> {
+        let (_, _, h, w) = x[0].dims4()?;
+        Ok(x[0].upsample_nearest2d(2 * h, 2 * w)?)
+    }
+}
+
+/// Zero padding of one pixel on the right and bottom of each frame, before a stride-2 conv
+/// with no padding (diffusers' `Downsample2D` with `padding=0`).
+///
+/// Two candle pads: a zero column and the width-padded copy, then a zero row and the result.
+#[derive(Debug, Clone, Copy)]
+pub struct PadEnd;
+
+impl PadEnd {
+    fn tiling(&self, x: &ValueInfo, output: &ValueInfo, limit: Option<usize>) -> (usize, usize) {
+        let d = x.shape.dims();
+        let (c, h, w, size) = (d[1], d[2], d[3], x.dtype.size_in_bytes());
+        row_chunk(d[0], output.bytes(), limit, |r| {
+            let wide = r * c * h * (w + 1) * size;
+            let col = r * c * h * size;
+            let row = r * c * (w + 1) * size;
+            let out = r * c * (h + 1) * (w + 1) * size;
+            (col + wide).max(wide + row + out)
+        })
+    }
+}
+
+impl Op for PadEnd {
+    fn kind(&self) -> &'static str {
+        "pad_end"
+    }
+    fn independence(&self) -> Independence {
+        Independence::Frames
+    }
+    fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
+        match inputs[0].shape.dims() {
+            &[n, c, h, w] => Ok(ValueInfo::new(
+                (n, c, h + 1, w + 1),
+                inputs[0].dtype,
+                inputs[0].layout,
+            )),
+            d => Err(IrError::Plan(format!(
+                "pad_end expects (N, C, H, W), got {d:?}"
+            ))),
+        }
+    }
+    fn workspace_bytes(&self, inputs: &[&ValueInfo], output: &ValueInfo) -> usize {
+        self.tiling(inputs[0], output, None).1
+    }
+    fn tiled_workspace_bytes(
+        &self,
+        inputs: &[&ValueInfo],
+        output: &ValueInfo,
+        limit: usize,
+    ) -> usize {
+        self.tiling(inputs[0], output, Some(limit)).1
+    }
+    fn flops(&self, _: &[&ValueInfo], _: &ValueInfo) -> u64 {
+        0
+    }
+    fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
+        let x = x[0];
+        let out = self.infer(&[&info_of(x)])?;
+        let (chunk, _) = self.tiling(&info_of(x), &out, ctx.workspace_limit);
+        by_row_chunks(out.shape.dims(), x.dtype(), x.device(), chunk, |r| {
+            let frames = x.narrow(0, r.start, r.len())?;
+            Ok(frames.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?)
         })
     }
 }

@@ -1,12 +1,24 @@
-//! Row-wise and frame-wise layers wrapping candle-nn modules.
+//! Row-wise and frame-wise layers with weights: linear, layer norm, GEGLU, 2D convolution.
 //!
 //! "Row-wise" ops (linear, layer norm, activations) act on the last dim of every row; they
 //! declare independence along both axes, and the values' layout tags decide which axis a
 //! plan may slice (rows are frames in frame-major values, positions in position-major ones).
+//!
+//! Each op declares the heap its forward really allocates on the CPU (candle's temporaries,
+//! gemm's packing), and the ones whose workspace grows with the rows run in chunks under a
+//! [`SliceCtx::workspace_limit`], writing each chunk into the output.
 
-use candle_core::{Module, Tensor};
+use std::ops::Range;
+
+use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
-use streamline_ir::{Independence, IrError, Op, Result, SliceCtx, ValueInfo};
+use streamline_ir::{chunk_ranges, Independence, IrError, Op, Result, SliceCtx, ValueInfo};
+
+use super::layout::{by_row_chunks, info_of, row_chunk, tiles, Tiles};
+
+// Per-frame GroupNorm and the resampling ops live beside their kin; `ops` exports them here.
+pub use super::group_norm::GroupNormFrames;
+pub use super::layout::{PadEnd, Upsample2x};
 
 fn elems(v: &ValueInfo) -> u64 {
     v.shape.elem_count() as u64
@@ -38,10 +50,53 @@ fn expect_last_dim(v: &ValueInfo, d: usize, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Heap gemm allocates inside one CPU product of a row-major `(m, k)` matrix with a
+/// `(k, n)` one: the left side packed into panels of depth `kc` (the depth split into blocks
+/// of at most 512). Half-precision products always pack it, widened to f32. f32 products
+/// pack it only for wide products, `n` above 128 times the x86 FMA kernel's 16 rows; other
+/// packing goes to gemm's per-thread buffers, made once per thread. Packing is capped near
+/// the L3 cache size in gemm, which is not modelled.
+pub(crate) fn gemm_scratch(m: usize, n: usize, k: usize, size: usize) -> usize {
+    let kc = k.div_ceil(k.div_ceil(512).max(1));
+    match size {
+        2 => 4 * kc * m,
+        _ if n > 128 * 16 => size * kc * m,
+        _ => 0,
+    }
+}
+
+/// Half types are normalized (candle-nn) and softmaxed (attention) in f32, others in their own.
+pub(crate) fn internal_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        d => d,
+    }
+}
+
+/// `x @ w^T + b` on the last dim, as candle-nn computes it (rows folded into one 2-D product
+/// when `x` is contiguous), for a weight that may be a row slice of a bigger one.
+fn linear_fwd(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let (out_dim, in_dim) = w.dims2()?;
+    let mut dims = x.dims().to_vec();
+    let y = if x.is_contiguous() {
+        let product = x.reshape(((), in_dim))?.matmul(&w.t()?)?;
+        *dims.last_mut().expect("rank >= 1") = out_dim;
+        product.reshape(dims)?
+    } else {
+        let lead = x.dims()[..x.rank() - 2].to_vec();
+        x.matmul(&w.broadcast_left(lead)?.t()?)?
+    };
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
 /// `x @ W^T + b` on the last dim.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    inner: candle_nn::Linear,
+    weight: Tensor,
+    bias: Option<Tensor>,
     in_dim: usize,
     out_dim: usize,
 }
@@ -59,22 +114,69 @@ impl Linear {
             candle_nn::linear_no_bias(in_dim, out_dim, vb)?
         };
         Ok(Linear {
-            inner,
+            weight: inner.weight().clone(),
+            bias: inner.bias().cloned(),
             in_dim,
             out_dim,
         })
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.inner.forward(x)
+        linear_fwd(x, &self.weight, self.bias.as_ref())
+    }
+
+    /// [`Linear::forward`] that frees `x` once the product exists, so `x`, the product and
+    /// the biased result are never all alive at once.
+    pub(crate) fn forward_owned(&self, x: Tensor) -> candle_core::Result<Tensor> {
+        let mut dims = x.dims().to_vec();
+        let product = {
+            let rows = x.reshape(((), self.in_dim))?;
+            drop(x);
+            rows.matmul(&self.weight.t()?)?
+        };
+        *dims.last_mut().expect("rank >= 1") = self.out_dim;
+        let y = product.reshape(dims)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    /// Peak transient bytes of [`Linear::forward`] on `rows` rows of `size`-byte elements,
+    /// the result included: the product (with gemm's packing), then the biased copy of it.
+    fn peak(&self, rows: usize, size: usize) -> usize {
+        let out = rows * self.out_dim * size;
+        let product = out + gemm_scratch(rows, self.out_dim, self.in_dim, size);
+        match self.bias {
+            Some(_) => product.max(2 * out),
+            None => product,
+        }
+    }
+
+    pub(crate) fn has_bias(&self) -> bool {
+        self.bias.is_some()
     }
 
     pub(crate) fn param_bytes(&self) -> usize {
-        bytes_of(self.inner.weight()) + self.inner.bias().map_or(0, bytes_of)
+        bytes_of(&self.weight) + self.bias.as_ref().map_or(0, bytes_of)
     }
 
     pub(crate) fn flops(&self, rows: u64) -> u64 {
         2 * rows * (self.in_dim * self.out_dim) as u64
+    }
+
+    /// Rows of the last dim per dim-0 row of `x`.
+    fn rows_per_dim0(&self, x: &ValueInfo) -> usize {
+        let d0 = x.shape.dims().first().copied().unwrap_or(1).max(1);
+        x.shape.elem_count() / d0 / self.in_dim.max(1)
+    }
+
+    fn tiling(&self, x: &ValueInfo, output: &ValueInfo, limit: Option<usize>) -> (usize, usize) {
+        let per = self.rows_per_dim0(x);
+        let size = x.dtype.size_in_bytes();
+        row_chunk(x.shape.dims()[0], output.bytes(), limit, |r| {
+            self.peak(r * per, size)
+        })
     }
 }
 
@@ -92,18 +194,37 @@ impl Op for Linear {
         expect_last_dim(inputs[0], self.in_dim, "linear")?;
         Ok(with_last_dim(inputs[0], self.out_dim))
     }
+    fn workspace_bytes(&self, inputs: &[&ValueInfo], output: &ValueInfo) -> usize {
+        self.tiling(inputs[0], output, None).1
+    }
+    fn tiled_workspace_bytes(
+        &self,
+        inputs: &[&ValueInfo],
+        output: &ValueInfo,
+        limit: usize,
+    ) -> usize {
+        self.tiling(inputs[0], output, Some(limit)).1
+    }
     fn flops(&self, inputs: &[&ValueInfo], _: &ValueInfo) -> u64 {
         self.flops(elems(inputs[0]) / self.in_dim.max(1) as u64)
     }
     fn param_bytes(&self) -> usize {
         Linear::param_bytes(self)
     }
-    fn forward(&self, x: &[&Tensor], _: &SliceCtx) -> Result<Tensor> {
-        Ok(Linear::forward(self, x[0])?)
+    fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
+        let x = x[0];
+        let out = self.infer(&[&info_of(x)])?;
+        let (chunk, _) = self.tiling(&info_of(x), &out, ctx.workspace_limit);
+        by_row_chunks(out.shape.dims(), x.dtype(), x.device(), chunk, |r| {
+            Ok(Linear::forward(self, &x.narrow(0, r.start, r.len())?)?)
+        })
     }
 }
 
 /// LayerNorm over the last dim.
+///
+/// candle-nn runs a contiguous input with a bias through one fused kernel that allocates only
+/// its result, so the op has no workspace and nothing to tile.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     inner: candle_nn::LayerNorm,
@@ -137,11 +258,11 @@ impl Op for LayerNorm {
         2 * self.dim * self.inner.weight().dtype().size_in_bytes()
     }
     fn forward(&self, x: &[&Tensor], _: &SliceCtx) -> Result<Tensor> {
-        Ok(self.inner.forward(x[0])?)
+        Ok(self.inner.forward(&x[0].contiguous()?)?)
     }
 }
 
-/// SiLU, pointwise.
+/// SiLU, pointwise: one unary kernel, no workspace.
 #[derive(Debug, Clone, Copy)]
 pub struct Silu;
 
@@ -164,6 +285,9 @@ impl Op for Silu {
 }
 
 /// diffusers' GEGLU: `proj` to twice the inner dim, then `h * gelu(gate)` (exact erf GELU).
+///
+/// The two halves of `proj` are separate products (row slices of one weight), so the doubled
+/// projection never exists: the gate half and its GELU, then the other half, then the result.
 #[derive(Debug, Clone)]
 pub struct Geglu {
     proj: Linear,
@@ -175,6 +299,38 @@ impl Geglu {
         Ok(Geglu {
             proj: Linear::new(dim, 2 * inner, true, vb.pp("proj"))?,
             inner,
+        })
+    }
+
+    /// `x @ W_half^T + b_half` for half 0 (the hidden states) or 1 (the gate).
+    fn half(&self, x: &Tensor, half: usize) -> candle_core::Result<Tensor> {
+        let w = self.proj.weight.narrow(0, half * self.inner, self.inner)?;
+        let b = match &self.proj.bias {
+            Some(b) => Some(b.narrow(0, half * self.inner, self.inner)?),
+            None => None,
+        };
+        linear_fwd(x, &w, b.as_ref())
+    }
+
+    fn run(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let gate = self.half(x, 1)?.gelu_erf()?;
+        let h = self.half(x, 0)?;
+        h * gate
+    }
+
+    /// Peak transient bytes on `rows` rows, result included: with the GELU alive, the hidden
+    /// half's product and biased copy, then the hidden half, GELU and result.
+    fn peak(&self, rows: usize, size: usize) -> usize {
+        let o = rows * self.inner * size;
+        let product = o + gemm_scratch(rows, self.inner, self.proj.in_dim, size);
+        (o + product).max(3 * o)
+    }
+
+    fn tiling(&self, x: &ValueInfo, output: &ValueInfo, limit: Option<usize>) -> (usize, usize) {
+        let per = self.proj.rows_per_dim0(x);
+        let size = x.dtype.size_in_bytes();
+        row_chunk(x.shape.dims()[0], output.bytes(), limit, |r| {
+            self.peak(r * per, size)
         })
     }
 }
@@ -193,9 +349,16 @@ impl Op for Geglu {
         expect_last_dim(inputs[0], self.proj.in_dim, "geglu")?;
         Ok(with_last_dim(inputs[0], self.inner))
     }
-    fn workspace_bytes(&self, _: &[&ValueInfo], output: &ValueInfo) -> usize {
-        // The doubled projection, and the GELU of its gate half.
-        3 * output.bytes()
+    fn workspace_bytes(&self, inputs: &[&ValueInfo], output: &ValueInfo) -> usize {
+        self.tiling(inputs[0], output, None).1
+    }
+    fn tiled_workspace_bytes(
+        &self,
+        inputs: &[&ValueInfo],
+        output: &ValueInfo,
+        limit: usize,
+    ) -> usize {
+        self.tiling(inputs[0], output, Some(limit)).1
     }
     fn flops(&self, inputs: &[&ValueInfo], _: &ValueInfo) -> u64 {
         let rows = elems(inputs[0]) / self.proj.in_dim.max(1) as u64;
@@ -204,75 +367,23 @@ impl Op for Geglu {
     fn param_bytes(&self) -> usize {
         self.proj.param_bytes()
     }
-    fn forward(&self, x: &[&Tensor], _: &SliceCtx) -> Result<Tensor> {
-        let h = self.proj.forward(x[0])?;
-        let last = h.rank() - 1;
-        let (a, gate) = (
-            h.narrow(last, 0, self.inner)?,
-            h.narrow(last, self.inner, self.inner)?,
-        );
-        Ok((a * gate.gelu_erf()?)?)
-    }
-}
-
-/// GroupNorm of each frame `(N, C, H, W)` alone: statistics over (C/G, H, W).
-#[derive(Debug, Clone)]
-pub struct GroupNormFrames {
-    inner: candle_nn::GroupNorm,
-    channels: usize,
-    groups: usize,
-}
-
-impl GroupNormFrames {
-    pub fn new(
-        groups: usize,
-        channels: usize,
-        eps: f64,
-        vb: VarBuilder,
-    ) -> candle_core::Result<Self> {
-        Ok(GroupNormFrames {
-            inner: candle_nn::group_norm(groups, channels, eps, vb)?,
-            channels,
-            groups,
+    fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
+        let x = x[0];
+        let out = self.infer(&[&info_of(x)])?;
+        let (chunk, _) = self.tiling(&info_of(x), &out, ctx.workspace_limit);
+        by_row_chunks(out.shape.dims(), x.dtype(), x.device(), chunk, |r| {
+            Ok(self.run(&x.narrow(0, r.start, r.len())?)?)
         })
     }
 }
 
-impl Op for GroupNormFrames {
-    fn kind(&self) -> &'static str {
-        "group_norm"
-    }
-    fn describe(&self) -> String {
-        format!("g{}", self.groups)
-    }
-    fn independence(&self) -> Independence {
-        Independence::Frames
-    }
-    fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
-        match inputs[0].shape.dims() {
-            [_, c, _, _] if *c == self.channels => Ok(inputs[0].clone()),
-            d => Err(IrError::Plan(format!(
-                "group_norm expects (N, {}, H, W), got {d:?}",
-                self.channels
-            ))),
-        }
-    }
-    fn workspace_bytes(&self, inputs: &[&ValueInfo], _: &ValueInfo) -> usize {
-        // candle-nn computes in f32 and keeps the centered input and its square alive.
-        3 * inputs[0].shape.elem_count() * 4
-    }
-    fn flops(&self, inputs: &[&ValueInfo], _: &ValueInfo) -> u64 {
-        8 * elems(inputs[0])
-    }
-    fn param_bytes(&self) -> usize {
-        2 * self.channels * 4
-    }
-    fn forward(&self, x: &[&Tensor], _: &SliceCtx) -> Result<Tensor> {
-        Ok(self.inner.forward(x[0])?)
-    }
-}
-
 /// 2D convolution of each frame `(N, C, H, W)`, with bias.
+///
+/// candle's CPU kernel copies the input to NHWC and flattens the weight, then runs im2col
+/// tiles of 512 output pixels (one per thread at a time, each with a gemm); 1x1 stride-1
+/// convs instead run one matmul per frame. The bias is added to the finished result. Under a
+/// workspace limit, frames run in chunks, or bands of output rows of one frame when a frame
+/// is too much, each written into the output.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     weight: Tensor,
@@ -283,6 +394,9 @@ pub struct Conv2d {
     stride: usize,
     padding: usize,
 }
+
+/// Output pixels per im2col tile in candle's CPU conv2d.
+const CONV_TILE: usize = 512;
 
 impl Conv2d {
     pub fn new(
@@ -308,6 +422,103 @@ impl Conv2d {
 
     fn out_size(&self, x: usize) -> usize {
         (x + 2 * self.padding - self.kernel) / self.stride + 1
+    }
+
+    fn run(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        y.broadcast_add(&self.bias.reshape((1, self.out_channels, 1, 1))?)
+    }
+
+    /// Output rows `rows` of one frame `(1, C, H, W)`: the input rows they read, copied and
+    /// zero-padded explicitly (the frame's edges only), then convolved with no padding. The
+    /// same products as the whole frame's, so the same numbers.
+    fn run_band(&self, frame: &Tensor, rows: Range<usize>) -> candle_core::Result<Tensor> {
+        let (k, s, p) = (
+            self.kernel as isize,
+            self.stride as isize,
+            self.padding as isize,
+        );
+        let h = frame.dim(2)? as isize;
+        let start = rows.start as isize * s - p;
+        let end = (rows.end as isize - 1) * s + k - p;
+        let (lo, hi) = (start.max(0), end.min(h).max(start.max(0)));
+        let band = frame
+            .narrow(2, lo as usize, (hi - lo) as usize)?
+            .contiguous()?;
+        let wide = band.pad_with_zeros(3, self.padding, self.padding)?;
+        drop(band);
+        let padded = wide.pad_with_zeros(2, (lo - start) as usize, (end - hi) as usize)?;
+        drop(wide);
+        let y = padded.conv2d(&self.weight, 0, self.stride, 1, 1)?;
+        drop(padded);
+        y.broadcast_add(&self.bias.reshape((1, self.out_channels, 1, 1))?)
+    }
+
+    /// One candle conv2d on `frames` frames of `h x w` padded by `pad`: the peak transient
+    /// bytes of the convolution (its result included), and the result's bytes.
+    fn call_peak(
+        &self,
+        frames: usize,
+        h: usize,
+        w: usize,
+        pad: usize,
+        size: usize,
+    ) -> (usize, usize) {
+        let (k, s) = (self.kernel, self.stride);
+        let (oh, ow) = ((h + 2 * pad - k) / s + 1, (w + 2 * pad - k) / s + 1);
+        let (cin, cout) = (self.in_channels, self.out_channels);
+        let out = frames * cout * oh * ow * size;
+        let threads = candle_core::utils::get_num_threads().max(1);
+        let k_size = cin * k * k;
+        let conv = if k == 1 && s == 1 && pad == 0 {
+            // Per frame: the input as (C_in, H*W), the product, gemm's packing.
+            let task = (cin + cout) * h * w * size + gemm_scratch(cout, h * w, cin, size);
+            out + threads.min(frames) * task
+        } else if k == 1 {
+            // Full im2col columns, the product, and its NCHW copy.
+            frames * oh * ow * k_size * size + 2 * out
+        } else {
+            let tile = CONV_TILE.min(oh * ow);
+            let tasks = threads.min(frames * (oh * ow).div_ceil(CONV_TILE));
+            // Columns, product and output coordinates of one tile, and gemm's packing.
+            let task = (k_size + cout) * tile * size
+                + tile * 2 * std::mem::size_of::<usize>()
+                + gemm_scratch(cout, tile, k_size, size);
+            // The NHWC input copy and the flattened weight, made once per call.
+            out + frames * cin * h * w * size + bytes_of(&self.weight) + tasks * task
+        };
+        (conv, out)
+    }
+
+    /// Peak transient bytes of a chunk, its result included: `frames` whole frames of
+    /// `h x w`, or (`rows` below the output height) a band of `rows` output rows of one
+    /// frame, with its copied input rows, their width-padded copy, then the fully padded one
+    /// alive through the convolution. The bias is added once the convolution's buffers are
+    /// gone: unbiased and biased result.
+    fn peak(&self, h: usize, w: usize, size: usize, frames: usize, rows: usize) -> usize {
+        if rows >= self.out_size(h) {
+            let (conv, out) = self.call_peak(frames, h, w, self.padding, size);
+            return conv.max(2 * out);
+        }
+        let (padded_h, padded_w) = ((rows - 1) * self.stride + self.kernel, w + 2 * self.padding);
+        let plane = self.in_channels * size;
+        let copy = plane * padded_h.min(h) * w;
+        let wide = plane * padded_h.min(h) * padded_w;
+        let padded = plane * padded_h * padded_w;
+        let (conv, out) = self.call_peak(1, padded_h, padded_w, 0, size);
+        (2 * copy + wide)
+            .max(2 * padded)
+            .max(padded + conv)
+            .max(2 * out)
+    }
+
+    fn tiling(&self, x: &ValueInfo, output: &ValueInfo, limit: Option<usize>) -> (Tiles, usize) {
+        let d = x.shape.dims();
+        let size = x.dtype.size_in_bytes();
+        let oh = output.shape.dims()[2];
+        tiles(d[0], oh, output.bytes(), limit, |f, r| {
+            self.peak(d[2], d[3], size, f, r)
+        })
     }
 }
 
@@ -345,16 +556,15 @@ impl Op for Conv2d {
         }
     }
     fn workspace_bytes(&self, inputs: &[&ValueInfo], output: &ValueInfo) -> usize {
-        // candle lowers to im2col: one column per output pixel, then a matmul result that is
-        // transposed into the output layout.
-        let dims = output.shape.dims();
-        let cols = dims[0] * dims[2] * dims[3] * self.in_channels * self.kernel * self.kernel;
-        let padded = if self.padding > 0 {
-            inputs[0].bytes()
-        } else {
-            0
-        };
-        cols * output.dtype.size_in_bytes() + output.bytes() + padded
+        self.tiling(inputs[0], output, None).1
+    }
+    fn tiled_workspace_bytes(
+        &self,
+        inputs: &[&ValueInfo],
+        output: &ValueInfo,
+        limit: usize,
+    ) -> usize {
+        self.tiling(inputs[0], output, Some(limit)).1
     }
     fn flops(&self, _: &[&ValueInfo], output: &ValueInfo) -> u64 {
         2 * elems(output) * (self.in_channels * self.kernel * self.kernel) as u64
@@ -362,75 +572,24 @@ impl Op for Conv2d {
     fn param_bytes(&self) -> usize {
         bytes_of(&self.weight) + bytes_of(&self.bias)
     }
-    fn forward(&self, x: &[&Tensor], _: &SliceCtx) -> Result<Tensor> {
-        let y = x[0].conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
-        Ok(y.broadcast_add(&self.bias.reshape((1, self.out_channels, 1, 1))?)?)
-    }
-}
-
-/// Nearest-neighbour 2x upsampling of each frame.
-#[derive(Debug, Clone, Copy)]
-pub struct Upsample2x;
-
-impl Op for Upsample2x {
-    fn kind(&self) -> &'static str {
-        "upsample2x"
-    }
-    fn independence(&self) -> Independence {
-        Independence::Frames
-    }
-    fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
-        match inputs[0].shape.dims() {
-            &[n, c, h, w] => Ok(ValueInfo::new(
-                (n, c, 2 * h, 2 * w),
-                inputs[0].dtype,
-                inputs[0].layout,
-            )),
-            d => Err(IrError::Plan(format!(
-                "upsample2x expects (N, C, H, W), got {d:?}"
-            ))),
+    fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
+        let x = x[0];
+        let out = self.infer(&[&info_of(x)])?;
+        let (t, _) = self.tiling(&info_of(x), &out, ctx.workspace_limit);
+        let dims = out.shape.dims();
+        if t.inner >= dims[2] {
+            return by_row_chunks(dims, x.dtype(), x.device(), t.outer, |r| {
+                Ok(self.run(&x.narrow(0, r.start, r.len())?)?)
+            });
         }
-    }
-    fn flops(&self, _: &[&ValueInfo], _: &ValueInfo) -> u64 {
-        0
-    }
-    fn forward(&self, x: &[&Tensor], _: &SliceCtx) -> Result<Tensor> {
-        let (_, _, h, w) = x[0].dims4()?;
-        Ok(x[0].upsample_nearest2d(2 * h, 2 * w)?)
-    }
-}
-
-/// Zero padding of one pixel on the right and bottom of each frame, before a stride-2 conv
-/// with no padding (diffusers' `Downsample2D` with `padding=0`).
-#[derive(Debug, Clone, Copy)]
-pub struct PadEnd;
-
-impl Op for PadEnd {
-    fn kind(&self) -> &'static str {
-        "pad_end"
-    }
-    fn independence(&self) -> Independence {
-        Independence::Frames
-    }
-    fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
-        match inputs[0].shape.dims() {
-            &[n, c, h, w] => Ok(ValueInfo::new(
-                (n, c, h + 1, w + 1),
-                inputs[0].dtype,
-                inputs[0].layout,
-            )),
-            d => Err(IrError::Plan(format!(
-                "pad_end expects (N, C, H, W), got {d:?}"
-            ))),
+        let y = Tensor::zeros(dims, x.dtype(), x.device())?;
+        for f in 0..dims[0] {
+            let (frame, target) = (x.narrow(0, f, 1)?, y.narrow(0, f, 1)?);
+            for rows in chunk_ranges(dims[2], dims[2].div_ceil(t.inner)) {
+                let start = rows.start;
+                target.slice_set(&self.run_band(&frame, rows)?, 2, start)?;
+            }
         }
-    }
-    fn workspace_bytes(&self, inputs: &[&ValueInfo], _: &ValueInfo) -> usize {
-        inputs[0].bytes()
-    }
-    fn flops(&self, _: &[&ValueInfo], _: &ValueInfo) -> u64 {
-        0
-    }
-    fn forward(&self, x: &[&Tensor], _: &SliceCtx) -> Result<Tensor> {
-        Ok(x[0].pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?)
+        Ok(y)
     }
 }

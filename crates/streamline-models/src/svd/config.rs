@@ -67,6 +67,47 @@ pub(crate) struct BlockSpec {
 }
 
 impl UNetConfig {
+    /// Stable Video Diffusion's UNet (diffusers' defaults; SVD ships `num_frames` 14, SVD-XT
+    /// 25, the only difference between the two).
+    pub fn svd(num_frames: usize) -> Self {
+        let s = |v: &[&str]| v.iter().map(|t| t.to_string()).collect();
+        UNetConfig {
+            in_channels: 8,
+            out_channels: 4,
+            down_block_types: s(&[
+                "CrossAttnDownBlockSpatioTemporal",
+                "CrossAttnDownBlockSpatioTemporal",
+                "CrossAttnDownBlockSpatioTemporal",
+                "DownBlockSpatioTemporal",
+            ]),
+            up_block_types: s(&[
+                "UpBlockSpatioTemporal",
+                "CrossAttnUpBlockSpatioTemporal",
+                "CrossAttnUpBlockSpatioTemporal",
+                "CrossAttnUpBlockSpatioTemporal",
+            ]),
+            block_out_channels: vec![320, 640, 1280, 1280],
+            addition_time_embed_dim: 256,
+            projection_class_embeddings_input_dim: 768,
+            layers_per_block: PerBlock::One(2),
+            cross_attention_dim: PerBlock::One(1024),
+            transformer_layers_per_block: PerBlock::One(1),
+            num_attention_heads: PerBlock::Each(vec![5, 10, 20, 20]),
+            num_frames,
+        }
+    }
+
+    /// "svd-small": SVD's architecture at a fifth of the width (channels 64/128/256/256,
+    /// heads 1/2/4/4, cross-attention 256), for memory tests and benchmarks on a CPU.
+    pub fn svd_small(num_frames: usize) -> Self {
+        UNetConfig {
+            block_out_channels: vec![64, 128, 256, 256],
+            cross_attention_dim: PerBlock::One(256),
+            num_attention_heads: PerBlock::Each(vec![1, 2, 4, 4]),
+            ..Self::svd(num_frames)
+        }
+    }
+
     /// Check the config and expand per-block settings, down path order. Errors name the
     /// file and the field.
     pub(crate) fn blocks(&self, path: &Path) -> Result<(Vec<BlockSpec>, Vec<BlockSpec>)> {

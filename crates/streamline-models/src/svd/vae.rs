@@ -34,6 +34,19 @@ fn default_scaling() -> f64 {
 }
 
 impl VaeConfig {
+    /// Stable Video Diffusion's VAE (`stabilityai/stable-video-diffusion-img2vid`'s vae/).
+    pub fn svd() -> Self {
+        VaeConfig {
+            in_channels: 3,
+            out_channels: 3,
+            down_block_types: vec!["DownEncoderBlock2D".to_string(); 4],
+            block_out_channels: vec![128, 256, 512, 512],
+            layers_per_block: 2,
+            latent_channels: 4,
+            scaling_factor: 0.18215,
+        }
+    }
+
     fn check(&self, path: &Path) -> Result<()> {
         if self.block_out_channels.is_empty()
             || self.down_block_types.len() != self.block_out_channels.len()

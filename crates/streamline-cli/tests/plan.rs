@@ -1,0 +1,80 @@
+//! `streamline plan` for the settings recorded in docs/memory.md, snapshotted.
+
+use std::process::Command;
+
+fn plan(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_streamline"))
+        .arg("plan")
+        .args(args)
+        // Conv workspaces count one im2col tile per thread: pin the count so the snapshots
+        // do not depend on the machine's cores.
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .expect("the streamline binary runs");
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+fn snapshot(name: &str, args: &[&str]) {
+    let (ok, stdout, stderr) = plan(args);
+    assert!(ok, "streamline plan {args:?} failed: {stderr}");
+    insta::assert_snapshot!(name, stdout);
+}
+
+#[test]
+fn svd_576x1024x14_fp16_cfg() {
+    let base = [
+        "--model", "svd", "--height", "576", "--width", "1024", "--dtype", "f16",
+    ];
+    snapshot("svd_original", &base);
+    snapshot(
+        "svd_paper_7_7",
+        &[
+            &base[..],
+            &["--temporal-chunks", "7", "--spatial-chunks", "7"],
+        ]
+        .concat(),
+    );
+    snapshot(
+        "svd_budget_8gib",
+        &[&base[..], &["--memory-budget", "8GiB"]].concat(),
+    );
+}
+
+#[test]
+fn svd_xt_576x1024x25_fp16_cfg() {
+    let base = [
+        "--model", "svd-xt", "--height", "576", "--width", "1024", "--dtype", "f16",
+    ];
+    snapshot("svd_xt_original", &base);
+    snapshot(
+        "svd_xt_paper_7_7",
+        &[
+            &base[..],
+            &["--temporal-chunks", "7", "--spatial-chunks", "7"],
+        ]
+        .concat(),
+    );
+    snapshot(
+        "svd_xt_budget_8gib",
+        &[&base[..], &["--memory-budget", "8GiB"]].concat(),
+    );
+}
+
+#[test]
+fn bad_sizes_and_budgets_are_clear_errors() {
+    let (ok, _, stderr) = plan(&["--height", "100"]);
+    assert!(
+        !ok && stderr.contains("--height 100") && stderr.contains("multiple of 64"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = plan(&["--memory-budget", "1MiB"]);
+    assert!(!ok && stderr.contains("smallest feasible"), "{stderr}");
+    let (ok, _, stderr) = plan(&["--memory-budget", "lots"]);
+    assert!(!ok && stderr.contains("lots"), "{stderr}");
+    let (ok, _, stderr) = plan(&["--model", "/no/such/config.json"]);
+    assert!(!ok && stderr.contains("/no/such/config.json"), "{stderr}");
+}

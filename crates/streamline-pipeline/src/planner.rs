@@ -1,0 +1,308 @@
+//! `streamline plan`: groups, slicing and planned peaks of a model from its config alone.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device};
+use streamline_ir::{Executor, Graph, Plan};
+use streamline_models::clip::{ClipVisionConfig, ClipVisionModelWithProjection};
+use streamline_models::load::{load_config, ModelError, WeightSource};
+use streamline_models::svd::{
+    AutoencoderKLTemporalDecoder, UNetConfig, UNetShape, UNetSpatioTemporalConditionModel,
+    VaeConfig,
+};
+use streamline_slicer::human;
+use thiserror::Error;
+
+use crate::optimize::{optimize, Optimization, OptimizeError};
+
+/// Which model to plan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModelSpec {
+    /// Stable Video Diffusion (14 frames).
+    Svd,
+    /// SVD-XT: the same network, 25 frames.
+    SvdXt,
+    /// A UNet `config.json`, or a diffusers model folder with `unet/config.json` (and
+    /// `vae/config.json`, else SVD's VAE).
+    Path(PathBuf),
+}
+
+impl ModelSpec {
+    pub fn parse(text: &str) -> Self {
+        match text {
+            "svd" => ModelSpec::Svd,
+            "svd-xt" => ModelSpec::SvdXt,
+            other => ModelSpec::Path(PathBuf::from(other)),
+        }
+    }
+
+    fn configs(&self) -> Result<(String, UNetConfig, VaeConfig), PlanError> {
+        Ok(match self {
+            ModelSpec::Svd => ("svd".into(), UNetConfig::svd(14), VaeConfig::svd()),
+            ModelSpec::SvdXt => ("svd-xt".into(), UNetConfig::svd(25), VaeConfig::svd()),
+            ModelSpec::Path(p) if p.is_dir() => {
+                let vae = p.join("vae/config.json");
+                let vae = if vae.is_file() {
+                    load_config(&vae)?
+                } else {
+                    VaeConfig::svd()
+                };
+                (
+                    p.display().to_string(),
+                    load_config(&p.join("unet/config.json"))?,
+                    vae,
+                )
+            }
+            ModelSpec::Path(p) => (p.display().to_string(), load_config(p)?, VaeConfig::svd()),
+        })
+    }
+}
+
+/// What to plan for.
+#[derive(Clone, Debug)]
+pub struct PlanRequest {
+    pub model: ModelSpec,
+    pub height: usize,
+    pub width: usize,
+    /// Defaults to the UNet config's `num_frames`.
+    pub num_frames: Option<usize>,
+    /// Videos per call; classifier-free guidance doubles the UNet's batch.
+    pub batch: usize,
+    pub cfg: bool,
+    pub dtype: DType,
+    pub optimization: Optimization,
+    /// Frames per VAE decoder call.
+    pub decode_chunk_size: usize,
+}
+
+#[derive(Debug, Error)]
+pub enum PlanError {
+    #[error("--{flag} {value}: {reason}")]
+    Flag {
+        flag: &'static str,
+        value: usize,
+        reason: String,
+    },
+    #[error(transparent)]
+    Model(Box<ModelError>),
+    #[error(transparent)]
+    Optimize(Box<OptimizeError>),
+    #[error(transparent)]
+    Ir(#[from] streamline_ir::IrError),
+    #[error("building the model from its config: {0}")]
+    Build(#[from] candle_core::Error),
+}
+
+impl From<ModelError> for PlanError {
+    fn from(e: ModelError) -> Self {
+        PlanError::Model(Box::new(e))
+    }
+}
+
+impl From<OptimizeError> for PlanError {
+    fn from(e: OptimizeError) -> Self {
+        PlanError::Optimize(Box::new(e))
+    }
+}
+
+/// One model call's graph, plan and planned activation peak.
+pub struct CallPlan {
+    pub graph: Graph,
+    pub plan: Plan,
+    pub activations: usize,
+}
+
+impl CallPlan {
+    fn new(graph: &Graph, optimization: Optimization) -> Result<Self, PlanError> {
+        let (graph, plan) = optimize(graph, optimization)?;
+        let activations = Executor::plan_stats(&graph, &plan)?.peak_bytes;
+        Ok(CallPlan {
+            graph,
+            plan,
+            activations,
+        })
+    }
+
+    fn sliced_groups(&self) -> usize {
+        self.plan.groups.iter().filter(|g| g.chunks > 1).count()
+    }
+}
+
+/// The planned memory of one denoising step and one decode call, from shapes alone.
+pub struct PlanReport {
+    pub request: PlanRequest,
+    pub model_name: String,
+    pub frames: usize,
+    pub latent: (usize, usize),
+    pub unet: CallPlan,
+    pub decoder: CallPlan,
+    pub unet_weights: usize,
+    pub vae_weights: usize,
+    pub image_encoder_weights: usize,
+}
+
+impl PlanReport {
+    /// Weights of every model the pipeline keeps loaded, plus the larger activation peak.
+    pub fn total(&self) -> usize {
+        self.unet_weights
+            + self.vae_weights
+            + self.image_encoder_weights
+            + self.unet.activations.max(self.decoder.activations)
+    }
+}
+
+fn multiple(flag: &'static str, value: usize, of: usize, why: &str) -> Result<(), PlanError> {
+    if value == 0 || value % of != 0 {
+        return Err(PlanError::Flag {
+            flag,
+            value,
+            reason: format!("must be a positive multiple of {of} ({why})"),
+        });
+    }
+    Ok(())
+}
+
+/// Build the models on a shape-only weight source and plan both calls.
+pub fn plan_report(request: PlanRequest) -> Result<PlanReport, PlanError> {
+    let (model_name, unet_config, vae_config) = request.model.configs()?;
+    let dev = Device::Cpu;
+    let dtype = request.dtype;
+    let scale: usize = 1 << (vae_config.block_out_channels.len() - 1);
+    let down: usize = 1 << (unet_config.block_out_channels.len() - 1);
+    let why = format!(
+        "the VAE scales by {scale} and the UNet halves latents {} times",
+        down.trailing_zeros()
+    );
+    multiple("height", request.height, scale * down, &why)?;
+    multiple("width", request.width, scale * down, &why)?;
+    let frames = request.num_frames.unwrap_or(unet_config.num_frames);
+    multiple("num-frames", frames, 1, "at least one frame")?;
+    multiple(
+        "decode-chunk-size",
+        request.decode_chunk_size,
+        1,
+        "at least one frame",
+    )?;
+    let (h, w) = (request.height / scale, request.width / scale);
+
+    let source = WeightSource::shapes_only();
+    let unet_usage = source.usage();
+    let unet =
+        UNetSpatioTemporalConditionModel::new(&unet_config, source.var_builder(dtype, &dev))?;
+    let shape = UNetShape {
+        batch: request.batch * if request.cfg { 2 } else { 1 },
+        frames,
+        height: h,
+        width: w,
+        context_len: 1,
+    };
+    let unet_call = CallPlan::new(&unet.lower(shape)?, request.optimization)?;
+
+    let source = WeightSource::shapes_only();
+    let vae_usage = source.usage();
+    let vae = AutoencoderKLTemporalDecoder::new(&vae_config, source.var_builder(dtype, &dev))?;
+    let chunk = request.decode_chunk_size.min(frames);
+    let decoder = CallPlan::new(
+        &vae.lower_decoder(request.batch, chunk, h, w)?,
+        request.optimization,
+    )?;
+
+    let source = WeightSource::shapes_only();
+    let clip_usage = source.usage();
+    ClipVisionModelWithProjection::new(
+        &ClipVisionConfig::vit_h14(),
+        source.var_builder(dtype, &dev),
+    )?;
+
+    Ok(PlanReport {
+        model_name,
+        frames,
+        latent: (h, w),
+        unet: unet_call,
+        decoder,
+        unet_weights: unet_usage.bytes(dtype),
+        vae_weights: vae_usage.bytes(dtype),
+        image_encoder_weights: clip_usage.bytes(dtype),
+        request,
+    })
+}
+
+fn optimization_name(o: Optimization) -> String {
+    match o {
+        Optimization::Original => "original".into(),
+        Optimization::SlicerOnly {
+            temporal_chunks,
+            spatial_chunks,
+        } => {
+            format!("slicer only, {temporal_chunks} temporal / {spatial_chunks} spatial chunks")
+        }
+        Optimization::Paper {
+            temporal_chunks,
+            spatial_chunks,
+        } => {
+            format!(
+                "slicer + grouping, {temporal_chunks} temporal / {spatial_chunks} spatial chunks"
+            )
+        }
+        Optimization::Budget { bytes } => format!("memory budget {}", human(bytes)),
+    }
+}
+
+impl fmt::Display for PlanReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let r = &self.request;
+        let batch = r.batch * if r.cfg { 2 } else { 1 };
+        writeln!(f, "model         {}", self.model_name)?;
+        writeln!(
+            f,
+            "video         {}x{}, {} frames, {} video(s){}, {:?}",
+            r.height,
+            r.width,
+            self.frames,
+            r.batch,
+            if r.cfg { ", CFG (UNet batch x2)" } else { "" },
+            r.dtype
+        )?;
+        writeln!(
+            f,
+            "latents       {}x{}, UNet batch {batch}",
+            self.latent.0, self.latent.1
+        )?;
+        writeln!(f, "optimization  {}", optimization_name(r.optimization))?;
+        writeln!(f)?;
+        for (name, call) in [("UNet step", &self.unet), ("VAE decode", &self.decoder)] {
+            writeln!(
+                f,
+                "{name:<13} {} nodes in {} groups ({} sliced), activations {}",
+                call.graph.nodes().len(),
+                call.plan.groups.len(),
+                call.sliced_groups(),
+                human(call.activations)
+            )?;
+        }
+        writeln!(
+            f,
+            "              (VAE decode in chunks of {} frames)",
+            r.decode_chunk_size.min(self.frames)
+        )?;
+        writeln!(f)?;
+        writeln!(
+            f,
+            "weights       UNet {}, VAE {}, image encoder {}",
+            human(self.unet_weights),
+            human(self.vae_weights),
+            human(self.image_encoder_weights)
+        )?;
+        writeln!(
+            f,
+            "planned peak  {} (all weights + the larger activation peak)",
+            human(self.total())
+        )
+    }
+}
+
+/// One line per group of a call's plan, for `streamline plan --groups`.
+pub fn group_listing(call: &CallPlan) -> String {
+    call.plan.dump(&call.graph).to_string()
+}
