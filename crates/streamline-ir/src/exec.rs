@@ -566,10 +566,9 @@ impl<'e, B: Backend> Engine<'e, B> {
         let out = self.backend.forward(node, &expected, &inputs, ctx)?;
         self.ledger.alloc(B::bytes(&out));
         if B::COUNTS_WORKSPACE {
-            let workspace = match ctx.workspace_limit {
-                Some(limit) => node.op.tiled_workspace_bytes(&in_refs, &expected, limit),
-                None => node.op.workspace_bytes(&in_refs, &expected),
-            };
+            let workspace = node
+                .op
+                .workspace_bytes(&in_refs, &expected, ctx.workspace_limit);
             self.ledger.transient(workspace);
         }
         state.local.insert(node.output, out);

@@ -45,7 +45,7 @@ pub struct SliceCtx {
     pub range: Range<usize>,
     /// Length of the whole axis.
     pub len: usize,
-    /// Bytes of transient workspace the call may use (see [`Op::tiled_workspace_bytes`]).
+    /// Bytes of transient workspace the call may use (see [`Op::workspace_bytes`]).
     pub workspace_limit: Option<usize>,
 }
 
@@ -112,23 +112,18 @@ pub trait Op: Debug + Send + Sync {
     fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo>;
 
     /// Bytes of transient buffers one call allocates besides its output (attention scores,
-    /// im2col columns), for per-slice inputs and output.
-    fn workspace_bytes(&self, inputs: &[&ValueInfo], output: &ValueInfo) -> usize {
-        let _ = (inputs, output);
-        0
-    }
-
-    /// Workspace of one call that must stay within `limit` bytes where it can: ops that tile
-    /// (query chunks, im2col row tiles) return what their tiling uses, which is above `limit`
-    /// only when no tiling fits. Ops that cannot tile keep the untiled figure.
-    fn tiled_workspace_bytes(
+    /// im2col columns), for per-slice inputs and output. Under a `limit` (the group's
+    /// workspace limit, also in [`SliceCtx::workspace_limit`]) ops that tile (query chunks,
+    /// im2col row tiles) return what their tiling uses, which is above `limit` only when no
+    /// tiling fits; ops that cannot tile return their untiled figure either way.
+    fn workspace_bytes(
         &self,
         inputs: &[&ValueInfo],
         output: &ValueInfo,
-        limit: usize,
+        limit: Option<usize>,
     ) -> usize {
-        let _ = limit;
-        self.workspace_bytes(inputs, output)
+        let _ = (inputs, output, limit);
+        0
     }
 
     /// Floating-point operations of one call.

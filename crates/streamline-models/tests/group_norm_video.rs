@@ -1,7 +1,9 @@
 //! The temporal GroupNorm (statistics over C/G, T, H, W) lowered as a mergeable statistics
 //! reduction plus a pointwise apply matches torch, and stays exact under any slicing.
 
-use std::path::PathBuf;
+mod common;
+
+use common::{fixture_dir, rel_l2};
 
 use candle_core::{Device, Tensor};
 use serde::Deserialize;
@@ -22,8 +24,7 @@ struct Config {
 }
 
 fn fixture() -> (Config, std::collections::HashMap<String, Tensor>) {
-    let dir =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/data/group_norm_video");
+    let dir = fixture_dir("group_norm_video");
     let config =
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let tensors =
@@ -38,27 +39,6 @@ fn frame_major(x: &Tensor) -> Tensor {
         .unwrap()
         .reshape((b * t, c, h, w))
         .unwrap()
-}
-
-fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_dtype(candle_core::DType::F64).unwrap();
-    let b = b.to_dtype(candle_core::DType::F64).unwrap();
-    let diff = (&a - &b)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    let norm = b
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    (diff / norm).sqrt()
 }
 
 fn graph(c: &Config, t: &std::collections::HashMap<String, Tensor>) -> (VideoDims, Graph) {

@@ -135,10 +135,8 @@ fn measure(c: &Case) -> Measured {
     let measured = (peak_bytes() - base).saturating_sub(bytes(&out));
     let infos: Vec<ValueInfo> = c.inputs.iter().map(info).collect();
     let in_refs: Vec<&ValueInfo> = infos.iter().collect();
-    let declared = match c.ctx.workspace_limit {
-        Some(limit) => c.op.tiled_workspace_bytes(&in_refs, &info(&out), limit),
-        None => c.op.workspace_bytes(&in_refs, &info(&out)),
-    };
+    let declared =
+        c.op.workspace_bytes(&in_refs, &info(&out), c.ctx.workspace_limit);
     Measured {
         declared,
         measured,

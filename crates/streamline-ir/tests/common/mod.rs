@@ -73,7 +73,7 @@ impl Op for FrameNorm {
     fn infer(&self, i: &[&ValueInfo]) -> Result<ValueInfo> {
         same(i)
     }
-    fn workspace_bytes(&self, i: &[&ValueInfo], _: &ValueInfo) -> usize {
+    fn workspace_bytes(&self, i: &[&ValueInfo], _: &ValueInfo, _: Option<usize>) -> usize {
         i[0].bytes()
     }
     fn flops(&self, i: &[&ValueInfo], _: &ValueInfo) -> u64 {
@@ -98,7 +98,7 @@ impl Op for TimeMix {
     fn infer(&self, i: &[&ValueInfo]) -> Result<ValueInfo> {
         same(i)
     }
-    fn workspace_bytes(&self, i: &[&ValueInfo], _: &ValueInfo) -> usize {
+    fn workspace_bytes(&self, i: &[&ValueInfo], _: &ValueInfo, _: Option<usize>) -> usize {
         3 * i[0].bytes()
     }
     fn flops(&self, i: &[&ValueInfo], _: &ValueInfo) -> u64 {
@@ -128,7 +128,7 @@ impl Op for Squash {
     fn infer(&self, i: &[&ValueInfo]) -> Result<ValueInfo> {
         same(i)
     }
-    fn workspace_bytes(&self, i: &[&ValueInfo], _: &ValueInfo) -> usize {
+    fn workspace_bytes(&self, i: &[&ValueInfo], _: &ValueInfo, _: Option<usize>) -> usize {
         3 * i[0].bytes()
     }
     fn flops(&self, i: &[&ValueInfo], _: &ValueInfo) -> u64 {
@@ -179,7 +179,7 @@ impl Op for ToPositions {
     fn infer(&self, _: &[&ValueInfo]) -> Result<ValueInfo> {
         Ok(self.0.position_info())
     }
-    fn workspace_bytes(&self, _: &[&ValueInfo], o: &ValueInfo) -> usize {
+    fn workspace_bytes(&self, _: &[&ValueInfo], o: &ValueInfo, _: Option<usize>) -> usize {
         o.bytes()
     }
     fn flops(&self, _: &[&ValueInfo], _: &ValueInfo) -> u64 {
@@ -217,7 +217,7 @@ impl Op for ToFrames {
     fn infer(&self, _: &[&ValueInfo]) -> Result<ValueInfo> {
         Ok(self.0.frame_info())
     }
-    fn workspace_bytes(&self, _: &[&ValueInfo], o: &ValueInfo) -> usize {
+    fn workspace_bytes(&self, _: &[&ValueInfo], o: &ValueInfo, _: Option<usize>) -> usize {
         o.bytes()
     }
     fn flops(&self, _: &[&ValueInfo], _: &ValueInfo) -> u64 {
@@ -258,7 +258,7 @@ impl Op for SumSq {
     fn infer(&self, _: &[&ValueInfo]) -> Result<ValueInfo> {
         Ok(ValueInfo::new((self.0.b, 1), DType::F32, Layout::WHOLE))
     }
-    fn workspace_bytes(&self, i: &[&ValueInfo], _: &ValueInfo) -> usize {
+    fn workspace_bytes(&self, i: &[&ValueInfo], _: &ValueInfo, _: Option<usize>) -> usize {
         i[0].bytes()
     }
     fn flops(&self, i: &[&ValueInfo], _: &ValueInfo) -> u64 {
@@ -290,7 +290,7 @@ impl Op for Normalize {
     fn infer(&self, i: &[&ValueInfo]) -> Result<ValueInfo> {
         same(i)
     }
-    fn workspace_bytes(&self, _: &[&ValueInfo], o: &ValueInfo) -> usize {
+    fn workspace_bytes(&self, _: &[&ValueInfo], o: &ValueInfo, _: Option<usize>) -> usize {
         o.bytes()
     }
     fn flops(&self, i: &[&ValueInfo], _: &ValueInfo) -> u64 {
@@ -347,7 +347,7 @@ impl Op for AddCond {
     fn infer(&self, i: &[&ValueInfo]) -> Result<ValueInfo> {
         same(i)
     }
-    fn workspace_bytes(&self, _: &[&ValueInfo], o: &ValueInfo) -> usize {
+    fn workspace_bytes(&self, _: &[&ValueInfo], o: &ValueInfo, _: Option<usize>) -> usize {
         o.bytes()
     }
     fn flops(&self, i: &[&ValueInfo], _: &ValueInfo) -> u64 {

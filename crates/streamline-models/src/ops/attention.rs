@@ -295,17 +295,13 @@ impl Op for Attention {
         }
         Ok(x.clone())
     }
-    fn workspace_bytes(&self, inputs: &[&ValueInfo], output: &ValueInfo) -> usize {
-        self.tiling(&self.shapes(inputs), output.bytes(), None).1
-    }
-    fn tiled_workspace_bytes(
+    fn workspace_bytes(
         &self,
         inputs: &[&ValueInfo],
         output: &ValueInfo,
-        limit: usize,
+        limit: Option<usize>,
     ) -> usize {
-        self.tiling(&self.shapes(inputs), output.bytes(), Some(limit))
-            .1
+        self.tiling(&self.shapes(inputs), output.bytes(), limit).1
     }
     fn flops(&self, inputs: &[&ValueInfo], _: &ValueInfo) -> u64 {
         let d = inputs[0].shape.dims();

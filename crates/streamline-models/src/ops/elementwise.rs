@@ -86,16 +86,13 @@ impl Op for Blend {
     fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
         Add.infer(inputs)
     }
-    fn workspace_bytes(&self, inputs: &[&ValueInfo], output: &ValueInfo) -> usize {
-        self.tiling(inputs[0], output, None).1
-    }
-    fn tiled_workspace_bytes(
+    fn workspace_bytes(
         &self,
         inputs: &[&ValueInfo],
         output: &ValueInfo,
-        limit: usize,
+        limit: Option<usize>,
     ) -> usize {
-        self.tiling(inputs[0], output, Some(limit)).1
+        self.tiling(inputs[0], output, limit).1
     }
     fn flops(&self, inputs: &[&ValueInfo], _: &ValueInfo) -> u64 {
         3 * elems(inputs[0])
@@ -200,16 +197,13 @@ impl Op for AddBatchEmb {
         }
         Ok(x.clone())
     }
-    fn workspace_bytes(&self, inputs: &[&ValueInfo], output: &ValueInfo) -> usize {
-        self.tiling(inputs, output, None).1
-    }
-    fn tiled_workspace_bytes(
+    fn workspace_bytes(
         &self,
         inputs: &[&ValueInfo],
         output: &ValueInfo,
-        limit: usize,
+        limit: Option<usize>,
     ) -> usize {
-        self.tiling(inputs, output, Some(limit)).1
+        self.tiling(inputs, output, limit).1
     }
     fn flops(&self, inputs: &[&ValueInfo], _: &ValueInfo) -> u64 {
         elems(inputs[0])

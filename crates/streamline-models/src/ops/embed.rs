@@ -81,7 +81,12 @@ impl Op for Sinusoid {
             Layout::WHOLE,
         ))
     }
-    fn workspace_bytes(&self, inputs: &[&ValueInfo], output: &ValueInfo) -> usize {
+    fn workspace_bytes(
+        &self,
+        inputs: &[&ValueInfo],
+        output: &ValueInfo,
+        _: Option<usize>,
+    ) -> usize {
         // All f32: the flat input (a copy unless f32), the exponents and frequencies, the
         // arguments with their sines and cosines, the embedding (the result unless cast; a
         // padded copy for odd dims).

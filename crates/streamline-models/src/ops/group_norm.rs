@@ -231,12 +231,8 @@ impl Op for GroupNormStats {
         ))
     }
 
-    fn workspace_bytes(&self, inputs: &[&ValueInfo], _: &ValueInfo) -> usize {
-        self.tiling(inputs[0], None).1
-    }
-
-    fn tiled_workspace_bytes(&self, inputs: &[&ValueInfo], _: &ValueInfo, limit: usize) -> usize {
-        self.tiling(inputs[0], Some(limit)).1
+    fn workspace_bytes(&self, inputs: &[&ValueInfo], _: &ValueInfo, limit: Option<usize>) -> usize {
+        self.tiling(inputs[0], limit).1
     }
 
     fn flops(&self, inputs: &[&ValueInfo], _: &ValueInfo) -> u64 {
@@ -373,17 +369,13 @@ impl Op for GroupNormApply {
         Ok(x.clone())
     }
 
-    fn workspace_bytes(&self, inputs: &[&ValueInfo], output: &ValueInfo) -> usize {
-        self.tiling(inputs[0], output, None).1
-    }
-
-    fn tiled_workspace_bytes(
+    fn workspace_bytes(
         &self,
         inputs: &[&ValueInfo],
         output: &ValueInfo,
-        limit: usize,
+        limit: Option<usize>,
     ) -> usize {
-        self.tiling(inputs[0], output, Some(limit)).1
+        self.tiling(inputs[0], output, limit).1
     }
 
     fn flops(&self, inputs: &[&ValueInfo], _: &ValueInfo) -> u64 {
@@ -504,11 +496,8 @@ impl Op for GroupNormFrames {
             ))),
         }
     }
-    fn workspace_bytes(&self, inputs: &[&ValueInfo], _: &ValueInfo) -> usize {
-        self.tiling(inputs[0], None).1
-    }
-    fn tiled_workspace_bytes(&self, inputs: &[&ValueInfo], _: &ValueInfo, limit: usize) -> usize {
-        self.tiling(inputs[0], Some(limit)).1
+    fn workspace_bytes(&self, inputs: &[&ValueInfo], _: &ValueInfo, limit: Option<usize>) -> usize {
+        self.tiling(inputs[0], limit).1
     }
     fn flops(&self, inputs: &[&ValueInfo], _: &ValueInfo) -> u64 {
         8 * inputs[0].shape.elem_count() as u64

@@ -456,16 +456,13 @@ impl Op for PadEnd {
             ))),
         }
     }
-    fn workspace_bytes(&self, inputs: &[&ValueInfo], output: &ValueInfo) -> usize {
-        self.tiling(inputs[0], output, None).1
-    }
-    fn tiled_workspace_bytes(
+    fn workspace_bytes(
         &self,
         inputs: &[&ValueInfo],
         output: &ValueInfo,
-        limit: usize,
+        limit: Option<usize>,
     ) -> usize {
-        self.tiling(inputs[0], output, Some(limit)).1
+        self.tiling(inputs[0], output, limit).1
     }
     fn flops(&self, _: &[&ValueInfo], _: &ValueInfo) -> u64 {
         0

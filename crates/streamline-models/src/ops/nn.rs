@@ -194,16 +194,13 @@ impl Op for Linear {
         expect_last_dim(inputs[0], self.in_dim, "linear")?;
         Ok(with_last_dim(inputs[0], self.out_dim))
     }
-    fn workspace_bytes(&self, inputs: &[&ValueInfo], output: &ValueInfo) -> usize {
-        self.tiling(inputs[0], output, None).1
-    }
-    fn tiled_workspace_bytes(
+    fn workspace_bytes(
         &self,
         inputs: &[&ValueInfo],
         output: &ValueInfo,
-        limit: usize,
+        limit: Option<usize>,
     ) -> usize {
-        self.tiling(inputs[0], output, Some(limit)).1
+        self.tiling(inputs[0], output, limit).1
     }
     fn flops(&self, inputs: &[&ValueInfo], _: &ValueInfo) -> u64 {
         self.flops(elems(inputs[0]) / self.in_dim.max(1) as u64)
@@ -349,16 +346,13 @@ impl Op for Geglu {
         expect_last_dim(inputs[0], self.proj.in_dim, "geglu")?;
         Ok(with_last_dim(inputs[0], self.inner))
     }
-    fn workspace_bytes(&self, inputs: &[&ValueInfo], output: &ValueInfo) -> usize {
-        self.tiling(inputs[0], output, None).1
-    }
-    fn tiled_workspace_bytes(
+    fn workspace_bytes(
         &self,
         inputs: &[&ValueInfo],
         output: &ValueInfo,
-        limit: usize,
+        limit: Option<usize>,
     ) -> usize {
-        self.tiling(inputs[0], output, Some(limit)).1
+        self.tiling(inputs[0], output, limit).1
     }
     fn flops(&self, inputs: &[&ValueInfo], _: &ValueInfo) -> u64 {
         let rows = elems(inputs[0]) / self.proj.in_dim.max(1) as u64;
@@ -555,16 +549,13 @@ impl Op for Conv2d {
             ))),
         }
     }
-    fn workspace_bytes(&self, inputs: &[&ValueInfo], output: &ValueInfo) -> usize {
-        self.tiling(inputs[0], output, None).1
-    }
-    fn tiled_workspace_bytes(
+    fn workspace_bytes(
         &self,
         inputs: &[&ValueInfo],
         output: &ValueInfo,
-        limit: usize,
+        limit: Option<usize>,
     ) -> usize {
-        self.tiling(inputs[0], output, Some(limit)).1
+        self.tiling(inputs[0], output, limit).1
     }
     fn flops(&self, _: &[&ValueInfo], output: &ValueInfo) -> u64 {
         2 * elems(output) * (self.in_channels * self.kernel * self.kernel) as u64

@@ -118,16 +118,13 @@ impl Op for TemporalConv {
             ))),
         }
     }
-    fn workspace_bytes(&self, inputs: &[&ValueInfo], output: &ValueInfo) -> usize {
-        self.tiling(inputs[0], output, None).1
-    }
-    fn tiled_workspace_bytes(
+    fn workspace_bytes(
         &self,
         inputs: &[&ValueInfo],
         output: &ValueInfo,
-        limit: usize,
+        limit: Option<usize>,
     ) -> usize {
-        self.tiling(inputs[0], output, Some(limit)).1
+        self.tiling(inputs[0], output, limit).1
     }
     fn flops(&self, inputs: &[&ValueInfo], output: &ValueInfo) -> u64 {
         let d = inputs[0].shape.dims();

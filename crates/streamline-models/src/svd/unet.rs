@@ -9,11 +9,11 @@ use streamline_ir::{Graph, Layout, Result as IrResult, ValueId, ValueInfo};
 
 use super::config::{BlockKind, BlockSpec, PerBlock, UNetConfig};
 use super::embedding::{sinusoid, TimestepEmbedding};
-use super::node;
 use super::resnet::{At, ResBlockSettings, SpatioTemporalResBlock};
 use super::transformer::TransformerSpatioTemporalModel;
+use super::{node, output_head, upsampler};
 use crate::load::{load_config, weights_file, ModelError, Result, WeightSource};
-use crate::ops::{Add, ConcatChannels, Conv2d, GroupNormFrames, Silu, Upsample2x, VideoDims};
+use crate::ops::{Add, ConcatChannels, Conv2d, GroupNormFrames, Silu, VideoDims};
 
 fn settings(temb: usize, eps: f64) -> ResBlockSettings {
     ResBlockSettings {
@@ -343,32 +343,11 @@ impl UNetSpatioTemporalConditionModel {
                 }
             }
             if let Some(conv) = &block.resample {
-                let up = node(
-                    &mut g,
-                    &format!("{p}.upsamplers.0.upsample"),
-                    "",
-                    Arc::new(Upsample2x),
-                    &[x],
-                )?;
-                x = node(
-                    &mut g,
-                    &format!("{p}.upsamplers.0.conv"),
-                    "",
-                    conv.clone(),
-                    &[up],
-                )?;
+                x = upsampler(&mut g, &p, conv, x)?;
                 at = at.with_size(2 * at.dims.height, 2 * at.dims.width);
             }
         }
-        let h = node(
-            &mut g,
-            "conv_norm_out",
-            "",
-            self.conv_norm_out.clone(),
-            &[x],
-        )?;
-        let h = node(&mut g, "conv_act", "", Arc::new(Silu), &[h])?;
-        let out = node(&mut g, "conv_out", "", self.conv_out.clone(), &[h])?;
+        let out = output_head(&mut g, "", &self.conv_norm_out, &self.conv_out, x)?;
         g.set_outputs(&[out]);
         Ok(g)
     }

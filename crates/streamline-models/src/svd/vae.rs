@@ -8,12 +8,12 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 use streamline_ir::{Graph, Layout, Result as IrResult, ValueId, ValueInfo};
 
-use super::node;
 use super::resnet::{At, ResBlockSettings, ResnetBlock2D, SpatioTemporalResBlock};
+use super::{node, output_head, upsampler};
 use crate::load::{load_config, weights_file, ModelError, Result, WeightSource};
 use crate::ops::{
     Add, Attention, Context, Conv2d, FrameLayout, FramesToPositions, GroupNormFrames, PadEnd,
-    PositionsToFrames, Silu, TemporalConv, Tokens, Upsample2x, VideoDims,
+    PositionsToFrames, TemporalConv, Tokens, VideoDims,
 };
 
 /// Fields of the VAE's config.json; unknown fields are ignored.
@@ -419,15 +419,7 @@ impl AutoencoderKLTemporalDecoder {
             .mid_attention
             .lower(&mut g, "encoder.mid_block.attentions.0", x, at.dims)?;
         x = e.mid_resnets[1].lower(&mut g, "encoder.mid_block.resnets.1", x, at)?;
-        let h = node(
-            &mut g,
-            "encoder.conv_norm_out",
-            "",
-            e.conv_norm_out.clone(),
-            &[x],
-        )?;
-        let h = node(&mut g, "encoder.conv_act", "", Arc::new(Silu), &[h])?;
-        let h = node(&mut g, "encoder.conv_out", "", e.conv_out.clone(), &[h])?;
+        let h = output_head(&mut g, "encoder", &e.conv_norm_out, &e.conv_out, x)?;
         let moments = node(&mut g, "quant_conv", "", self.quant_conv.clone(), &[h])?;
         g.set_outputs(&[moments]);
         Ok(g)
@@ -477,32 +469,11 @@ impl AutoencoderKLTemporalDecoder {
                 x = r.lower(&mut g, &format!("{p}.resnets.{l}"), x, at)?;
             }
             if let Some(conv) = &block.upsample {
-                let up = node(
-                    &mut g,
-                    &format!("{p}.upsamplers.0.upsample"),
-                    "",
-                    Arc::new(Upsample2x),
-                    &[x],
-                )?;
-                x = node(
-                    &mut g,
-                    &format!("{p}.upsamplers.0.conv"),
-                    "",
-                    conv.clone(),
-                    &[up],
-                )?;
+                x = upsampler(&mut g, &p, conv, x)?;
                 at = at.with_size(2 * at.dims.height, 2 * at.dims.width);
             }
         }
-        let h = node(
-            &mut g,
-            "decoder.conv_norm_out",
-            "",
-            d.conv_norm_out.clone(),
-            &[x],
-        )?;
-        let h = node(&mut g, "decoder.conv_act", "", Arc::new(Silu), &[h])?;
-        let h = node(&mut g, "decoder.conv_out", "", d.conv_out.clone(), &[h])?;
+        let h = output_head(&mut g, "decoder", &d.conv_norm_out, &d.conv_out, x)?;
         let c = self.config.out_channels;
         let to_positions = FramesToPositions {
             dims: at.dims,
