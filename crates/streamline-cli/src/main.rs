@@ -1,15 +1,17 @@
 //! # streamline-cli
 //!
 //! **Owns** the `streamline` binary: argument parsing, progress display and error reporting
-//! for the jobs the other crates implement. Today: `streamline plan`.
+//! for the jobs the other crates implement: `streamline svd` and `streamline plan`.
 //!
 //! **Promises:** bad input exits non-zero with a message naming the file, tensor or flag, and
 //! leaves no half-written output.
 //!
 //! **Tests:** `cargo test -p streamline-cli` runs the binary and snapshots its output.
 
+mod svd;
+
 use anyhow::Result;
-use candle_core::DType;
+use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use streamline_pipeline::planner::{group_listing, plan_report, ModelSpec, PlanRequest};
 use streamline_pipeline::{parse_bytes, Optimization};
@@ -25,9 +27,32 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Image-to-video with Stable Video Diffusion (SVD, SVD-XT).
+    Svd(svd::SvdArgs),
     /// Plan memory without weights: groups, slicing and planned peaks of a UNet step and a VAE
     /// decode call, from the model's config alone.
     Plan(PlanArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DeviceArg {
+    Cpu,
+    Cuda,
+    Metal,
+}
+
+impl DeviceArg {
+    fn device(self) -> Result<Device> {
+        Ok(match self {
+            DeviceArg::Cpu => Device::Cpu,
+            DeviceArg::Cuda => Device::new_cuda(0).map_err(|e| {
+                anyhow::anyhow!("--device cuda: {e} (this build may lack CUDA support)")
+            })?,
+            DeviceArg::Metal => Device::new_metal(0).map_err(|e| {
+                anyhow::anyhow!("--device metal: {e} (this build may lack Metal support)")
+            })?,
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -152,6 +177,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let result = match Cli::parse().command {
+        Command::Svd(args) => svd::run(args),
         Command::Plan(args) => plan(args),
     };
     if let Err(e) = result {

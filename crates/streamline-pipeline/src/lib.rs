@@ -1,18 +1,31 @@
 //! # streamline-pipeline
 //!
 //! **Owns** the end-to-end jobs (design.md) and the choice of optimization each model call
-//! runs with. Today: [`optimize`], which turns a lowered graph and an [`Optimization`]
-//! (original, slicer only, slicer + grouping at the paper's chunk counts, a memory budget) into
-//! the graph and plan to execute. The SVD / SVD-XT image-to-video and AnimateDiff text-to-video
-//! jobs, their schedulers and video IO arrive with their issues.
+//! runs with:
+//! - [`optimize()`](optimize::optimize) turns a lowered graph and an [`Optimization`]
+//!   (original, slicer only, slicer + grouping at the paper's chunk counts, a memory budget,
+//!   the naive baseline) into the graph and plan to execute; [`planner`] reports plans from
+//!   configs alone.
+//! - [`svd`]: Stable Video Diffusion / SVD-XT image-to-video with diffusers' math
+//!   (preprocessing, CLIP and VAE conditioning, classifier-free guidance, per-frame guidance,
+//!   chunked temporal decoding).
+//! - [`scheduler`]: diffusers' Euler scheduler as SVD uses it, reproducing its schedules.
+//! - [`video`] reads the conditioning image and writes frames as a GIF, PNG files or
+//!   safetensors, atomically.
+//!
+//! AnimateDiff text-to-video arrives with its issue.
 //!
 //! **Promises:** every optimization except the naive baseline computes what original
 //! inference computes, to float rounding.
 //!
 //! **Tests:** `cargo test -p streamline-pipeline` checks every optimization against original
-//! inference on the SVD fixtures, and the naive baseline for being measurably different.
+//! inference on the SVD fixtures, the naive baseline for being measurably different, and
+//! the whole SVD pipeline against diffusers' frames.
 
 pub mod optimize;
 pub mod planner;
+pub mod scheduler;
+pub mod svd;
+pub mod video;
 
 pub use optimize::{optimize, parse_bytes, Optimization};

@@ -23,6 +23,11 @@ pub enum Optimization {
     },
     /// Slicer + grouping with the least slicing whose planned activation peak fits `bytes`.
     Budget { bytes: usize },
+    /// The paper's naive baseline (Sec. 3): frames cut into `temporal_chunks` runs, each
+    /// denoised as a video of its own, temporal layers included. **Not exact** (motion breaks
+    /// at chunk borders); kept for comparisons. Each call runs unsliced; the pipeline splits
+    /// the frames (`streamline_slicer::naive`).
+    Naive { temporal_chunks: usize },
 }
 
 #[derive(Debug, Error)]
@@ -46,7 +51,7 @@ pub fn optimize(graph: &Graph, optimization: Optimization) -> Result<(Graph, Pla
         .run(&graph, trivial.clone())
     };
     let plan = match optimization {
-        Optimization::Original => trivial.clone(),
+        Optimization::Original | Optimization::Naive { .. } => trivial.clone(),
         Optimization::SlicerOnly {
             temporal_chunks,
             spatial_chunks,

@@ -246,6 +246,9 @@ fn optimization_name(o: Optimization) -> String {
             )
         }
         Optimization::Budget { bytes } => format!("memory budget {}", human(bytes)),
+        Optimization::Naive { temporal_chunks } => {
+            format!("naive slicing into {temporal_chunks} frame chunks (inexact baseline; one chunk's call shown at full length)")
+        }
     }
 }
 

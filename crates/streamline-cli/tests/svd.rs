@@ -1,0 +1,209 @@
+//! `streamline svd` on the tiny pipeline fixture: every output form, determinism, and bad
+//! input that fails clearly and writes nothing.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{DType, Device, Tensor};
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/data/svd_pipeline")
+}
+
+fn temp(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("streamline-cli-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Run `streamline svd` on the fixture; flags in `extra` replace the defaults' values.
+fn svd(output: &Path, extra: &[&str]) -> (bool, String) {
+    let model = fixture().join("model").display().to_string();
+    let image = fixture().join("image.png").display().to_string();
+    let defaults = [
+        ("--model", model.as_str()),
+        ("--image", image.as_str()),
+        ("--height", "16"),
+        ("--width", "24"),
+        ("--num-frames", "3"),
+        ("--num-inference-steps", "2"),
+        ("--decode-chunk-size", "2"),
+        ("--seed", "7"),
+    ];
+    let mut args = vec!["svd".to_string()];
+    for (flag, value) in defaults {
+        if !extra.contains(&flag) {
+            args.extend([flag.to_string(), value.to_string()]);
+        }
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend(["--output".to_string(), output.display().to_string()]);
+    let out = Command::new(env!("CARGO_BIN_EXE_streamline"))
+        .args(&args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn frames(path: &Path) -> Tensor {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()["frames"].clone()
+}
+
+#[test]
+fn writes_gif_png_frames_and_safetensors() {
+    let dir = temp("forms");
+    let (ok, err) = svd(&dir.join("out.safetensors"), &[]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("wrote") && err.contains("peak"),
+        "closing summary: {err}"
+    );
+    let raw = frames(&dir.join("out.safetensors"));
+    assert_eq!(raw.dims(), &[3, 3, 16, 24]);
+    let (lo, hi) = (
+        raw.flatten_all()
+            .unwrap()
+            .min(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        raw.flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+    );
+    assert!((0.0..=1.0).contains(&lo) && (0.0..=1.0).contains(&hi) && hi > lo);
+
+    let (ok, err) = svd(&dir.join("out.gif"), &[]);
+    assert!(ok, "{err}");
+    let gif = image::codecs::gif::GifDecoder::new(std::io::BufReader::new(
+        std::fs::File::open(dir.join("out.gif")).unwrap(),
+    ))
+    .unwrap();
+    let decoded = image::AnimationDecoder::into_frames(gif)
+        .collect_frames()
+        .unwrap();
+    assert_eq!(decoded.len(), 3);
+    assert_eq!(decoded[0].buffer().dimensions(), (24, 16));
+
+    let (ok, err) = svd(&dir.join("frames"), &[]);
+    assert!(ok, "{err}");
+    for i in 0..3 {
+        let png = image::open(dir.join("frames").join(format!("frame_{i:03}.png")))
+            .unwrap()
+            .to_rgb8();
+        assert_eq!(png.dimensions(), (24, 16));
+        // The PNG holds the same frame as the raw output, rounded to 8 bits.
+        let expected = (raw.get(i).unwrap().permute((1, 2, 0)).unwrap() * 255.0)
+            .unwrap()
+            .round()
+            .unwrap();
+        let got = Tensor::from_vec(png.into_raw(), (16, 24, 3), &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let diff = (got - expected)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            diff <= 1.0,
+            "frame {i}: PNG differs from the raw frame by {diff}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn same_seed_same_frames_and_latents_file_is_used() {
+    let dir = temp("seed");
+    let (a, b, c) = (
+        dir.join("a.safetensors"),
+        dir.join("b.safetensors"),
+        dir.join("c.safetensors"),
+    );
+    assert!(svd(&a, &[]).0 && svd(&b, &[]).0);
+    let diff = (frames(&a) - frames(&b))
+        .unwrap()
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(diff, 0.0, "the same seed gave different frames");
+    let io =
+        candle_core::safetensors::load(fixture().join("io.safetensors"), &Device::Cpu).unwrap();
+    let latents_file = dir.join("latents.safetensors");
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("latents".to_string(), io["latents"].clone())]),
+        &latents_file,
+    )
+    .unwrap();
+    let (ok, err) = svd(
+        &c,
+        &[
+            "--latents",
+            latents_file.to_str().unwrap(),
+            "--num-inference-steps",
+            "3",
+        ],
+    );
+    assert!(ok, "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_input_fails_clearly_and_writes_nothing() {
+    let dir = temp("bad");
+    let out = dir.join("out.gif");
+    let garbage = dir.join("not-an-image.png");
+    std::fs::write(&garbage, b"no pixels here").unwrap();
+    let wrong_latents = dir.join("wrong.safetensors");
+    let t = Tensor::zeros((1, 2, 4, 8, 12), DType::F32, &Device::Cpu).unwrap();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("latents".to_string(), t)]),
+        &wrong_latents,
+    )
+    .unwrap();
+    let broken_model = dir.join("model");
+    std::fs::create_dir_all(broken_model.join("unet")).unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["--image", garbage.to_str().unwrap()],
+            "not-an-image.png",
+        ),
+        (vec!["--height", "12"], "--height 12"),
+        (
+            vec!["--latents", wrong_latents.to_str().unwrap()],
+            "expected [1, 3, 4, 8, 12]",
+        ),
+        (
+            vec!["--model", broken_model.to_str().unwrap()],
+            "missing `vae/`",
+        ),
+        (vec!["--memory-budget", "1KiB"], "smallest feasible"),
+    ];
+    for (flags, needle) in cases {
+        let (ok, err) = svd(&out, &flags);
+        assert!(!ok, "{flags:?} should fail");
+        assert!(
+            err.contains(needle),
+            "{flags:?}: message should mention `{needle}`: {err}"
+        );
+        assert!(!out.exists(), "{flags:?} left an output behind");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,394 @@
+//! The denoising loop and the decode, as `StableVideoDiffusionPipeline.__call__` runs them.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Module, Tensor};
+use serde::Deserialize;
+use streamline_ir::{Executor, Graph, Plan, Request};
+use streamline_models::clip::ClipVisionModelWithProjection;
+use streamline_models::load::{load_config, ModelError};
+use streamline_models::svd::{
+    AutoencoderKLTemporalDecoder, LatentDist, UNetShape, UNetSpatioTemporalConditionModel,
+};
+use thiserror::Error;
+
+use super::preprocess::{clip_input, Planes};
+use crate::optimize::{optimize, Optimization, OptimizeError};
+use crate::scheduler::{EulerDiscreteScheduler, SchedulerError};
+use streamline_slicer::naive::frame_chunks;
+
+#[derive(Debug, Error)]
+pub enum SvdError {
+    #[error("{path}: missing `{folder}/` (a diffusers SVD folder has unet/, vae/, image_encoder/, scheduler/ and feature_extractor/)")]
+    MissingFolder { path: PathBuf, folder: &'static str },
+    #[error("{0}")]
+    Input(String),
+    #[error(transparent)]
+    Model(Box<ModelError>),
+    #[error(transparent)]
+    Optimize(Box<OptimizeError>),
+    #[error(transparent)]
+    Scheduler(Box<SchedulerError>),
+    #[error(transparent)]
+    Ir(#[from] streamline_ir::IrError),
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+}
+
+impl From<ModelError> for SvdError {
+    fn from(e: ModelError) -> Self {
+        SvdError::Model(Box::new(e))
+    }
+}
+
+impl From<SchedulerError> for SvdError {
+    fn from(e: SchedulerError) -> Self {
+        SvdError::Scheduler(Box::new(e))
+    }
+}
+
+impl From<OptimizeError> for SvdError {
+    fn from(e: OptimizeError) -> Self {
+        SvdError::Optimize(Box::new(e))
+    }
+}
+
+/// The arguments of diffusers' call, with its defaults.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SvdSettings {
+    pub height: usize,
+    pub width: usize,
+    /// Defaults to the UNet config's `num_frames`.
+    pub num_frames: Option<usize>,
+    pub num_inference_steps: usize,
+    pub min_guidance_scale: f64,
+    pub max_guidance_scale: f64,
+    pub fps: usize,
+    pub motion_bucket_id: usize,
+    pub noise_aug_strength: f64,
+    /// Frames per VAE decoder call; defaults to all frames.
+    pub decode_chunk_size: Option<usize>,
+}
+
+impl Default for SvdSettings {
+    fn default() -> Self {
+        SvdSettings {
+            height: 576,
+            width: 1024,
+            num_frames: None,
+            num_inference_steps: 25,
+            min_guidance_scale: 1.0,
+            max_guidance_scale: 3.0,
+            fps: 7,
+            motion_bucket_id: 127,
+            noise_aug_strength: 0.02,
+            decode_chunk_size: None,
+        }
+    }
+}
+
+/// Where a run is, for progress displays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    Denoise { step: usize, of: usize },
+    Decode { chunk: usize, of: usize },
+}
+
+#[derive(Deserialize)]
+struct FeatureExtractor {
+    image_mean: [f32; 3],
+    image_std: [f32; 3],
+    #[serde(default = "clip_size")]
+    crop_size: CropSize,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum CropSize {
+    Square(usize),
+    Sized { height: usize },
+}
+
+fn clip_size() -> CropSize {
+    CropSize::Square(224)
+}
+
+/// One model call, planned once and run at every step.
+struct Call {
+    graph: Graph,
+    plan: Plan,
+}
+
+impl Call {
+    fn new(graph: &Graph, optimization: Optimization) -> Result<Self, SvdError> {
+        let (graph, plan) = optimize(graph, optimization)?;
+        Ok(Call { graph, plan })
+    }
+
+    fn run(&self, inputs: Vec<Tensor>, device: &Device) -> Result<(Tensor, usize), SvdError> {
+        let exec = Executor::new(&self.graph, &self.plan, device)?;
+        let mut out = exec.run(inputs, &Request::default())?;
+        Ok((out.outputs.remove(0), out.stats.peak_bytes))
+    }
+}
+
+/// SVD / SVD-XT with its models loaded once.
+pub struct StableVideoDiffusion {
+    pub unet: UNetSpatioTemporalConditionModel,
+    pub vae: AutoencoderKLTemporalDecoder,
+    pub image_encoder: ClipVisionModelWithProjection,
+    scheduler_config: PathBuf,
+    clip_mean: [f32; 3],
+    clip_std: [f32; 3],
+    clip_size: usize,
+    dtype: DType,
+    device: Device,
+}
+
+/// What a run produced besides the frames.
+#[derive(Clone, Debug, Default)]
+pub struct RunReport {
+    /// Largest live-tensor peak of one UNet step and of one decode call (executor-measured).
+    pub unet_peak_bytes: usize,
+    pub decode_peak_bytes: usize,
+}
+
+impl StableVideoDiffusion {
+    /// Load a diffusers SVD folder (unet/, vae/, image_encoder/, scheduler/, feature_extractor/).
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self, SvdError> {
+        for folder in [
+            "unet",
+            "vae",
+            "image_encoder",
+            "scheduler",
+            "feature_extractor",
+        ] {
+            if !dir.join(folder).is_dir() {
+                return Err(SvdError::MissingFolder {
+                    path: dir.to_path_buf(),
+                    folder,
+                });
+            }
+        }
+        let fe: FeatureExtractor =
+            load_config(&dir.join("feature_extractor/preprocessor_config.json"))?;
+        let scheduler_config = dir.join("scheduler/scheduler_config.json");
+        EulerDiscreteScheduler::load(&scheduler_config)?;
+        Ok(StableVideoDiffusion {
+            unet: UNetSpatioTemporalConditionModel::load(&dir.join("unet"), dtype, device)?,
+            vae: AutoencoderKLTemporalDecoder::load(&dir.join("vae"), dtype, device)?,
+            image_encoder: ClipVisionModelWithProjection::load(
+                &dir.join("image_encoder"),
+                dtype,
+                device,
+            )?,
+            scheduler_config,
+            clip_mean: fe.image_mean,
+            clip_std: fe.image_std,
+            clip_size: match fe.crop_size {
+                CropSize::Square(s) | CropSize::Sized { height: s } => s,
+            },
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn num_frames(&self, settings: &SvdSettings) -> usize {
+        settings.num_frames.unwrap_or(self.unet.config().num_frames)
+    }
+
+    /// `image_embeds` of the conditioning image (`_encode_image`), `(1, 1, D)`.
+    pub fn image_embeddings(&self, image: &Planes) -> Result<Tensor, SvdError> {
+        let pixels = clip_input(image, self.clip_size, self.clip_mean, self.clip_std)
+            .to_tensor(&self.device)?
+            .unsqueeze(0)?
+            .to_dtype(self.dtype)?;
+        Ok(self.image_encoder.forward(&pixels)?.unsqueeze(1)?)
+    }
+
+    /// The VAE latent of the noise-augmented image (`_encode_vae_image`, `mode()`), `(1, 4, h, w)`.
+    pub fn image_latents(
+        &self,
+        image: &Planes,
+        noise: &Tensor,
+        strength: f64,
+        optimization: Optimization,
+    ) -> Result<Tensor, SvdError> {
+        let x = ((image.to_tensor(&self.device)? * 2.0)? - 1.0)?.unsqueeze(0)?;
+        let x = (x + (noise * strength)?)?.to_dtype(self.dtype)?;
+        let (_, _, h, w) = x.dims4()?;
+        let call = Call::new(&self.vae.lower_encoder(1, h, w)?, optimization)?;
+        let (moments, _) = call.run(vec![x], &self.device)?;
+        Ok(LatentDist::from_moments(&moments)?.mode().clone())
+    }
+
+    /// Generate frames `(F, 3, H, W)` in `[0, 1]` from `image` (`3 x H x W` in `[0, 1]`, already
+    /// at the requested size), unit-noise `latents` `(1, F, 4, H/s, W/s)` and the
+    /// noise-augmentation noise `image_noise` `(1, 3, H, W)`.
+    pub fn generate(
+        &self,
+        image: &Planes,
+        settings: &SvdSettings,
+        latents: &Tensor,
+        image_noise: &Tensor,
+        optimization: Optimization,
+        progress: &mut dyn FnMut(Stage),
+    ) -> Result<(Tensor, RunReport), SvdError> {
+        let dev = &self.device;
+        let frames = self.num_frames(settings);
+        let (h, w) = (
+            settings.height / self.vae.scale_factor(),
+            settings.width / self.vae.scale_factor(),
+        );
+        let expected = [1, frames, self.vae.config().latent_channels, h, w];
+        if latents.dims() != expected {
+            return Err(SvdError::Input(format!(
+                "latents have shape {:?}, expected {expected:?} (1, frames, channels, height/{s}, width/{s})",
+                latents.dims(),
+                s = self.vae.scale_factor()
+            )));
+        }
+        if (image.height, image.width) != (settings.height, settings.width) {
+            return Err(SvdError::Input(format!(
+                "the image is {}x{}, the pipeline expects it resized to {}x{}",
+                image.height, image.width, settings.height, settings.width
+            )));
+        }
+        // Classifier-free guidance: the unconditional half gets zeros, as diffusers does.
+        let embeds = self.image_embeddings(image)?;
+        let embeds = Tensor::cat(&[&embeds.zeros_like()?, &embeds], 0)?;
+        let lat = self.image_latents(
+            image,
+            image_noise,
+            settings.noise_aug_strength,
+            Optimization::Original,
+        )?;
+        let lat = Tensor::cat(&[&lat.zeros_like()?, &lat], 0)?
+            .unsqueeze(1)?
+            .repeat((1, frames, 1, 1, 1))?;
+        let ids = Tensor::new(
+            &[
+                (settings.fps as f32 - 1.0),
+                settings.motion_bucket_id as f32,
+                settings.noise_aug_strength as f32,
+            ],
+            dev,
+        )?
+        .unsqueeze(0)?
+        .repeat((2, 1))?;
+
+        let mut scheduler = EulerDiscreteScheduler::load(&self.scheduler_config)?;
+        scheduler.set_timesteps(settings.num_inference_steps)?;
+        let mut latents = (latents.to_dtype(DType::F32)?
+            * f64::from(scheduler.init_noise_sigma()))?
+        .to_dtype(self.dtype)?;
+        let guidance: Vec<f32> = (0..frames)
+            .map(|i| {
+                let t = if frames > 1 {
+                    i as f64 / (frames - 1) as f64
+                } else {
+                    0.0
+                };
+                (settings.min_guidance_scale
+                    + t * (settings.max_guidance_scale - settings.min_guidance_scale))
+                    as f32
+            })
+            .collect();
+        let guidance =
+            Tensor::from_vec(guidance, (1, frames, 1, 1, 1), dev)?.to_dtype(self.dtype)?;
+
+        let c = latents.dim(2)?;
+        // The naive baseline denoises each run of frames as a video of its own.
+        let chunks = match optimization {
+            Optimization::Naive { temporal_chunks } => frame_chunks(frames, temporal_chunks),
+            _ => frame_chunks(frames, 1),
+        };
+        let calls = chunks
+            .iter()
+            .map(|r| {
+                let shape = UNetShape {
+                    batch: 2,
+                    frames: r.len(),
+                    height: h,
+                    width: w,
+                    context_len: 1,
+                };
+                Call::new(&self.unet.lower(shape)?, optimization)
+            })
+            .collect::<Result<Vec<_>, SvdError>>()?;
+        let mut report = RunReport::default();
+        let steps = scheduler.timesteps().len();
+        for i in 0..steps {
+            progress(Stage::Denoise { step: i, of: steps });
+            let input = scheduler.scale_model_input(&Tensor::cat(&[&latents, &latents], 0)?, i)?;
+            let input = Tensor::cat(&[&input, &lat], 2)?;
+            let t = scheduler.timesteps()[i];
+            let mut preds = Vec::with_capacity(chunks.len());
+            for (range, call) in chunks.iter().zip(&calls) {
+                let part = input.narrow(1, range.start, range.len())?.reshape((
+                    2 * range.len(),
+                    2 * c,
+                    h,
+                    w,
+                ))?;
+                let inputs = vec![
+                    part,
+                    Tensor::new(&[t, t], dev)?,
+                    embeds.clone(),
+                    ids.clone(),
+                ];
+                let (pred, peak) = call.run(inputs, dev)?;
+                report.unet_peak_bytes = report.unet_peak_bytes.max(peak);
+                preds.push(pred.reshape((2, range.len(), c, h, w))?);
+            }
+            let pred = Tensor::cat(&preds, 1)?;
+            let (uncond, cond) = (pred.narrow(0, 0, 1)?, pred.narrow(0, 1, 1)?);
+            let guided = (&uncond + guidance.broadcast_mul(&(&cond - &uncond)?)?)?;
+            latents = scheduler.step(&guided, i, &latents)?;
+        }
+        let (frames_out, peak) = self.decode(&latents, settings, optimization, progress)?;
+        report.decode_peak_bytes = peak;
+        Ok((frames_out, report))
+    }
+
+    /// `decode_latents` + `postprocess_video`: chunks of `decode_chunk_size` frames through the
+    /// temporal decoder, then `[-1, 1]` -> `[0, 1]`.
+    pub fn decode(
+        &self,
+        latents: &Tensor,
+        settings: &SvdSettings,
+        optimization: Optimization,
+        progress: &mut dyn FnMut(Stage),
+    ) -> Result<(Tensor, usize), SvdError> {
+        let (_, frames, c, h, w) = latents.dims5()?;
+        let latents = (latents.reshape((frames, c, h, w))? / self.vae.config().scaling_factor)?;
+        let chunk = settings
+            .decode_chunk_size
+            .unwrap_or(frames)
+            .clamp(1, frames);
+        let starts: Vec<usize> = (0..frames).step_by(chunk).collect();
+        let mut calls: HashMap<usize, Call> = HashMap::new();
+        let mut parts = Vec::new();
+        let mut peak = 0;
+        for (k, &start) in starts.iter().enumerate() {
+            progress(Stage::Decode {
+                chunk: k,
+                of: starts.len(),
+            });
+            let len = chunk.min(frames - start);
+            let call = match calls.entry(len) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(Call::new(
+                    &self.vae.lower_decoder(1, len, h, w)?,
+                    optimization,
+                )?),
+            };
+            let (out, p) = call.run(vec![latents.narrow(0, start, len)?], &self.device)?;
+            peak = peak.max(p);
+            parts.push(out);
+        }
+        let frames = Tensor::cat(&parts, 0)?.to_dtype(DType::F32)?;
+        Ok((((frames / 2.0)? + 0.5)?.clamp(0f32, 1f32)?, peak))
+    }
+}

@@ -1,0 +1,294 @@
+//! The Euler scheduler against diffusers 0.30.1 (fixtures/scripts/svd_scheduler.py): schedules
+//! for every fixture config and step count, whole denoising loops in f32 (and f16 for SVD's
+//! config), and config errors that name the file and the field.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use streamline_pipeline::scheduler::{
+    EulerDiscreteScheduler, SchedulerConfig, SchedulerError, TimestepSpacing,
+};
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/data/svd_scheduler")
+}
+
+fn io() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture().join("io.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn config_path(case: &str) -> PathBuf {
+    match case {
+        "svd" => fixture().join("scheduler_config.json"),
+        other => fixture().join(other).join("scheduler_config.json"),
+    }
+}
+
+/// The scheduler for fixture key prefix `<case>.init` or `<case>.n<N>[.<dtype>]`.
+fn scheduler_for(prefix: &str) -> EulerDiscreteScheduler {
+    let mut parts = prefix.split('.');
+    let case = parts.next().unwrap();
+    let mut scheduler = EulerDiscreteScheduler::load(&config_path(case)).unwrap();
+    let state = parts.next().unwrap();
+    if let Some(n) = state.strip_prefix('n') {
+        scheduler.set_timesteps(n.parse().unwrap()).unwrap();
+    }
+    scheduler
+}
+
+fn prefixes(io: &HashMap<String, Tensor>, suffix: &str) -> Vec<String> {
+    let mut found: Vec<String> = io
+        .keys()
+        .filter_map(|k| k.strip_suffix(suffix).map(str::to_string))
+        .collect();
+    found.sort();
+    found
+}
+
+fn values(t: &Tensor) -> Vec<f32> {
+    t.to_vec1::<f32>().unwrap()
+}
+
+/// Largest `|a - b| / |b|` over matching entries.
+fn max_rel(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| match (x as f64 - y as f64).abs() {
+            0.0 => 0.0,
+            d => d / (y as f64).abs(),
+        })
+        .fold(0.0, f64::max)
+}
+
+/// Largest `|a - b|` relative to the largest `|b|`: continuous timesteps `0.25 ln(sigma)` cross
+/// zero, where an ulp of torch's f32 log is a large elementwise relative error, and the model
+/// sees a timestep through a sinusoidal embedding, where only its absolute error matters.
+fn max_rel_to_range(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    let range = b.iter().map(|y| y.abs() as f64).fold(0.0, f64::max);
+    let diff = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).abs());
+    diff.fold(0.0, f64::max) / range
+}
+
+fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_dtype(DType::F64).unwrap();
+    let b = b.to_dtype(DType::F64).unwrap();
+    let sum_sq = |t: &Tensor| {
+        t.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    (sum_sq(&(&a - &b).unwrap()) / sum_sq(&b)).sqrt()
+}
+
+/// Every schedule in the fixture; all mismatches are reported together.
+#[test]
+fn schedules_match_diffusers() {
+    let io = io();
+    let schedules = prefixes(&io, ".timesteps");
+    assert!(
+        schedules.len() >= 30,
+        "fixture has {} schedules",
+        schedules.len()
+    );
+    let mut failures = Vec::new();
+    let (mut worst_t, mut worst_s) = (0.0f64, 0.0f64);
+    for prefix in &schedules {
+        let scheduler = scheduler_for(prefix);
+        let expected = |name: &str| values(&io[&format!("{prefix}.{name}")]);
+        let timesteps = expected("timesteps");
+        if scheduler.num_steps() != timesteps.len() {
+            failures.push(format!(
+                "{prefix}: {} steps, diffusers has {}",
+                scheduler.num_steps(),
+                timesteps.len()
+            ));
+            continue;
+        }
+        let t = max_rel_to_range(scheduler.timesteps(), &timesteps);
+        let s = max_rel(scheduler.sigmas(), &expected("sigmas")).max(max_rel(
+            &[scheduler.init_noise_sigma()],
+            &expected("init_noise_sigma"),
+        ));
+        if t > 1e-6 || s > 1e-6 {
+            failures.push(format!("{prefix}: timesteps off by {t:e}, sigmas by {s:e}"));
+        }
+        worst_t = worst_t.max(t);
+        worst_s = worst_s.max(s);
+    }
+    println!(
+        "{} schedules: timesteps within {worst_t:e} of their range, sigmas and \
+         init_noise_sigma within {worst_s:e} relative",
+        schedules.len()
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The pipeline's loop: scale, (fake) model, step; each output compared with diffusers', the
+/// next step fed with our own previous output.
+#[test]
+fn loops_match_diffusers() {
+    let io = io();
+    let loops = prefixes(&io, ".latents");
+    assert!(loops.len() >= 8, "fixture has {} loops", loops.len());
+    let mut failures = Vec::new();
+    for prefix in &loops {
+        let scheduler = scheduler_for(prefix);
+        let get = |name: &str| &io[&format!("{prefix}.{name}")];
+        let (scaled, outputs, prevs) = (get("scaled"), get("model_output"), get("prev"));
+        assert_eq!(scaled.dim(0).unwrap(), scheduler.num_steps(), "{prefix}");
+        let mut x = get("latents").clone();
+        let (mut worst_scaled, mut worst_prev) = (0.0f64, 0.0f64);
+        for i in 0..scheduler.num_steps() {
+            let input = scheduler.scale_model_input(&x, i).unwrap();
+            assert_eq!(input.dtype(), x.dtype());
+            worst_scaled = worst_scaled.max(rel_l2(&input, &scaled.get(i).unwrap()));
+            let output = outputs.get(i).unwrap();
+            x = scheduler.step(&output, i, &x).unwrap();
+            assert_eq!(x.dtype(), output.dtype());
+            worst_prev = worst_prev.max(rel_l2(&x, &prevs.get(i).unwrap()));
+        }
+        let line = format!(
+            "{prefix}: scaled inputs within {worst_scaled:e}, prev samples within {worst_prev:e}"
+        );
+        println!("{line}");
+        if worst_scaled > 1e-5 || worst_prev > 1e-5 {
+            failures.push(line);
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn svd_checkpoint_config_is_svd() {
+    // The file also carries other schedulers' fields (clip_sample, skip_prk_steps, ...),
+    // which must be ignored.
+    let loaded = SchedulerConfig::load(&fixture().join("scheduler_config.json")).unwrap();
+    assert_eq!(loaded, SchedulerConfig::svd());
+    assert_eq!(loaded.timestep_spacing, TimestepSpacing::Leading);
+}
+
+fn write_config(name: &str, json: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("euler_scheduler")
+        .join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("scheduler_config.json");
+    std::fs::write(&path, json).unwrap();
+    path
+}
+
+#[test]
+fn unsupported_values_name_file_and_field() {
+    let cases = [
+        (
+            "prediction",
+            r#"{"prediction_type": "foo"}"#,
+            "prediction_type",
+            "foo",
+        ),
+        (
+            "beta",
+            r#"{"beta_schedule": "cosine"}"#,
+            "beta_schedule",
+            "cosine",
+        ),
+        (
+            "spacing",
+            r#"{"timestep_spacing": "middle"}"#,
+            "timestep_spacing",
+            "middle",
+        ),
+        (
+            "type",
+            r#"{"timestep_type": "edm"}"#,
+            "timestep_type",
+            "edm",
+        ),
+        (
+            "interp",
+            r#"{"interpolation_type": "cubic"}"#,
+            "interpolation_type",
+            "cubic",
+        ),
+        (
+            "final",
+            r#"{"final_sigmas_type": "one"}"#,
+            "final_sigmas_type",
+            "one",
+        ),
+        (
+            "train",
+            r#"{"num_train_timesteps": 1}"#,
+            "num_train_timesteps",
+            "1",
+        ),
+        (
+            "trained",
+            r#"{"trained_betas": [0.1, 0.2]}"#,
+            "trained_betas",
+            "2 values",
+        ),
+        ("sigma", r#"{"sigma_min": -1.0}"#, "sigma_min", "-1"),
+        (
+            "snr",
+            r#"{"rescale_betas_zero_snr": true}"#,
+            "rescale_betas_zero_snr",
+            "true",
+        ),
+    ];
+    for (name, json, field, value) in cases {
+        let path = write_config(name, json);
+        let message = EulerDiscreteScheduler::load(&path).unwrap_err().to_string();
+        for part in [path.to_str().unwrap(), field, value] {
+            assert!(
+                message.contains(part),
+                "{name}: {message:?} does not name {part:?}"
+            );
+        }
+    }
+    // A value of the wrong type still names the file (serde adds line and column).
+    let path = write_config("type_error", r#"{"use_karras_sigmas": "yes"}"#);
+    let message = SchedulerConfig::load(&path).unwrap_err().to_string();
+    assert!(
+        message.contains(path.to_str().unwrap()) && message.contains("line 1"),
+        "{message}"
+    );
+}
+
+#[test]
+fn misuse_is_an_error() {
+    let config = SchedulerConfig {
+        num_train_timesteps: 0,
+        ..SchedulerConfig::svd()
+    };
+    let err = EulerDiscreteScheduler::from_config(&config).unwrap_err();
+    assert!(matches!(
+        err,
+        SchedulerError::Unsupported {
+            field: "num_train_timesteps",
+            ..
+        }
+    ));
+
+    let mut scheduler = EulerDiscreteScheduler::from_config(&SchedulerConfig::svd()).unwrap();
+    assert!(matches!(
+        scheduler.set_timesteps(0),
+        Err(SchedulerError::NoSteps)
+    ));
+    scheduler.set_timesteps(4).unwrap();
+    let x = Tensor::zeros((1, 4), DType::F32, &Device::Cpu).unwrap();
+    let err = scheduler.step(&x, 4, &x).unwrap_err();
+    assert!(
+        matches!(err, SchedulerError::StepIndex { index: 4, steps: 4 }),
+        "{err}"
+    );
+    let ints = Tensor::zeros((1, 4), DType::U32, &Device::Cpu).unwrap();
+    let err = scheduler.scale_model_input(&ints, 0).unwrap_err();
+    assert!(matches!(err, SchedulerError::DType(DType::U32)), "{err}");
+}
