@@ -121,18 +121,25 @@ impl OptimizationArgs {
     }
 }
 
+/// The video size flags every job shares (diffusers' SVD defaults).
+#[derive(Args, Debug)]
+struct VideoSize {
+    #[arg(long, default_value_t = 576)]
+    height: usize,
+    #[arg(long, default_value_t = 1024)]
+    width: usize,
+    /// Defaults to the UNet config's `num_frames` (14 for SVD, 25 for SVD-XT).
+    #[arg(long)]
+    num_frames: Option<usize>,
+}
+
 #[derive(Args, Debug)]
 struct PlanArgs {
     /// `svd`, `svd-xt`, a UNet config.json, or a diffusers model folder.
     #[arg(long, default_value = "svd")]
     model: String,
-    #[arg(long, default_value_t = 576)]
-    height: usize,
-    #[arg(long, default_value_t = 1024)]
-    width: usize,
-    /// Defaults to the UNet config's `num_frames` (14 for svd, 25 for svd-xt).
-    #[arg(long)]
-    num_frames: Option<usize>,
+    #[command(flatten)]
+    video: VideoSize,
     /// Videos generated at once.
     #[arg(long, default_value_t = 1)]
     batch: usize,
@@ -154,9 +161,9 @@ struct PlanArgs {
 fn plan(args: PlanArgs) -> Result<()> {
     let report = plan_report(PlanRequest {
         model: ModelSpec::parse(&args.model),
-        height: args.height,
-        width: args.width,
-        num_frames: args.num_frames,
+        height: args.video.height,
+        width: args.video.width,
+        num_frames: args.video.num_frames,
         batch: args.batch,
         cfg: !args.no_cfg,
         dtype: args.dtype.into(),

@@ -11,7 +11,7 @@ use streamline_pipeline::svd::{unit_noise, Planes, StableVideoDiffusion, Stage, 
 use streamline_pipeline::video::{load_image, write_video};
 use streamline_pipeline::Optimization;
 
-use crate::{DeviceArg, Dtype, OptimizationArgs};
+use crate::{DeviceArg, Dtype, OptimizationArgs, VideoSize};
 
 /// Flags named after diffusers' `StableVideoDiffusionPipeline.__call__`.
 #[derive(Args, Debug)]
@@ -22,13 +22,8 @@ pub struct SvdArgs {
     /// The conditioning image (PNG, JPEG, ...); resized to --height x --width.
     #[arg(long)]
     image: PathBuf,
-    #[arg(long, default_value_t = 576)]
-    height: usize,
-    #[arg(long, default_value_t = 1024)]
-    width: usize,
-    /// Defaults to the UNet config's `num_frames` (14 for SVD, 25 for SVD-XT).
-    #[arg(long)]
-    num_frames: Option<usize>,
+    #[command(flatten)]
+    video: VideoSize,
     #[arg(long, default_value_t = 25)]
     num_inference_steps: usize,
     #[arg(long, default_value_t = 1.0)]
@@ -110,7 +105,12 @@ fn peak_rss() -> Option<u64> {
 }
 
 pub fn run(args: SvdArgs) -> Result<()> {
-    for (flag, value) in [("height", args.height), ("width", args.width)] {
+    let VideoSize {
+        height,
+        width,
+        num_frames,
+    } = args.video;
+    for (flag, value) in [("height", height), ("width", width)] {
         if value == 0 || value % 8 != 0 {
             bail!(
                 "--{flag} {value}: must be a positive multiple of 8 (the VAE works in 8x8 blocks)"
@@ -124,13 +124,13 @@ pub fn run(args: SvdArgs) -> Result<()> {
     }
     let start = Instant::now();
     let device = args.device.device()?;
-    let image = load_image(&args.image, Some((args.height, args.width)))?;
+    let image = load_image(&args.image, Some((height, width)))?;
     let image = Planes::from_tensor(&image)?;
     let pipe = StableVideoDiffusion::load(&args.model, args.dtype.into(), &device)?;
     let settings = SvdSettings {
-        height: args.height,
-        width: args.width,
-        num_frames: args.num_frames,
+        height,
+        width,
+        num_frames,
         num_inference_steps: args.num_inference_steps,
         min_guidance_scale: args.min_guidance_scale,
         max_guidance_scale: args.max_guidance_scale,
@@ -145,19 +145,15 @@ pub fn run(args: SvdArgs) -> Result<()> {
         1,
         frames,
         pipe.vae.config().latent_channels,
-        args.height / s,
-        args.width / s,
+        height / s,
+        width / s,
     ];
     let latents = match &args.latents {
         Some(path) => read_latents(path, &shape)?,
         None => unit_noise(shape.as_slice(), args.seed, &Device::Cpu)?,
     }
     .to_device(&device)?;
-    let image_noise = unit_noise(
-        (1, 3, args.height, args.width),
-        args.seed.wrapping_add(1),
-        &device,
-    )?;
+    let image_noise = unit_noise((1, 3, height, width), args.seed.wrapping_add(1), &device)?;
 
     let mut current: Option<ProgressBar> = None;
     let mut progress = |stage: Stage| {
@@ -191,8 +187,8 @@ pub fn run(args: SvdArgs) -> Result<()> {
     eprintln!(
         "wrote {} ({frames} frames {}x{}) in {:.1} s; peak live tensors: UNet step {:.1} MiB, decode {:.1} MiB{}",
         args.output.display(),
-        args.height,
-        args.width,
+        height,
+        width,
         start.elapsed().as_secs_f64(),
         mib(report.unet_peak_bytes),
         mib(report.decode_peak_bytes),

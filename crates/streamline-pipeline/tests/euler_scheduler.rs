@@ -2,6 +2,9 @@
 //! for every fixture config and step count, whole denoising loops in f32 (and f16 for SVD's
 //! config), and config errors that name the file and the field.
 
+mod common;
+
+use common::{fixture, io, rel_l2};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -10,18 +13,12 @@ use streamline_pipeline::scheduler::{
     EulerDiscreteScheduler, SchedulerConfig, SchedulerError, TimestepSpacing,
 };
 
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/data/svd_scheduler")
-}
-
-fn io() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture().join("io.safetensors"), &Device::Cpu).unwrap()
-}
-
 fn config_path(case: &str) -> PathBuf {
     match case {
-        "svd" => fixture().join("scheduler_config.json"),
-        other => fixture().join(other).join("scheduler_config.json"),
+        "svd" => fixture("svd_scheduler").join("scheduler_config.json"),
+        other => fixture("svd_scheduler")
+            .join(other)
+            .join("scheduler_config.json"),
     }
 }
 
@@ -72,24 +69,10 @@ fn max_rel_to_range(a: &[f32], b: &[f32]) -> f64 {
     diff.fold(0.0, f64::max) / range
 }
 
-fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_dtype(DType::F64).unwrap();
-    let b = b.to_dtype(DType::F64).unwrap();
-    let sum_sq = |t: &Tensor| {
-        t.sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    };
-    (sum_sq(&(&a - &b).unwrap()) / sum_sq(&b)).sqrt()
-}
-
 /// Every schedule in the fixture; all mismatches are reported together.
 #[test]
 fn schedules_match_diffusers() {
-    let io = io();
+    let io = io("svd_scheduler");
     let schedules = prefixes(&io, ".timesteps");
     assert!(
         schedules.len() >= 30,
@@ -133,7 +116,7 @@ fn schedules_match_diffusers() {
 /// next step fed with our own previous output.
 #[test]
 fn loops_match_diffusers() {
-    let io = io();
+    let io = io("svd_scheduler");
     let loops = prefixes(&io, ".latents");
     assert!(loops.len() >= 8, "fixture has {} loops", loops.len());
     let mut failures = Vec::new();
@@ -168,7 +151,8 @@ fn loops_match_diffusers() {
 fn svd_checkpoint_config_is_svd() {
     // The file also carries other schedulers' fields (clip_sample, skip_prk_steps, ...),
     // which must be ignored.
-    let loaded = SchedulerConfig::load(&fixture().join("scheduler_config.json")).unwrap();
+    let loaded =
+        SchedulerConfig::load(&fixture("svd_scheduler").join("scheduler_config.json")).unwrap();
     assert_eq!(loaded, SchedulerConfig::svd());
     assert_eq!(loaded.timestep_spacing, TimestepSpacing::Leading);
 }

@@ -2,8 +2,11 @@
 //! and temporal VAE decoder), for frame chunk counts 1, 2, 3, 7 and B*T and position chunk
 //! counts that do not divide H*W. The naive baseline is measurably not exact.
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::PathBuf;
+
+use common::{fixture, io, rel_l2};
 
 use candle_core::{DType, Device, Tensor};
 use streamline_ir::{Executor, Graph, Plan, Request};
@@ -14,37 +17,6 @@ use streamline_pipeline::optimize::OptimizeError;
 use streamline_pipeline::{optimize, Optimization};
 use streamline_slicer::naive::frame_chunks;
 use streamline_slicer::BudgetError;
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/data")
-        .join(name)
-}
-
-fn io(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture(name).join("io.safetensors"), &Device::Cpu).unwrap()
-}
-
-fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_dtype(DType::F64).unwrap();
-    let b = b.to_dtype(DType::F64).unwrap();
-    let d = (&a - &b)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    let n = b
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    (d / n).sqrt()
-}
 
 fn run(graph: &Graph, plan: &Plan, inputs: &[Tensor]) -> (Tensor, usize) {
     let exec = Executor::new(graph, plan, &Device::Cpu).unwrap();

@@ -1,17 +1,15 @@
 //! SVD end to end vs diffusers' StableVideoDiffusionPipeline on the tiny pipeline fixture,
 //! with the same latents and noise-augmentation noise.
 
+mod common;
+
+use common::{fixture, max_abs, rel_l2};
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 use streamline_pipeline::svd::{Planes, StableVideoDiffusion, SvdSettings};
 use streamline_pipeline::Optimization;
-
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/data/svd_pipeline")
-}
 
 #[derive(Deserialize)]
 struct Settings {
@@ -34,10 +32,12 @@ fn setup() -> (
     Planes,
 ) {
     let dev = Device::Cpu;
-    let io = candle_core::safetensors::load(fixture().join("io.safetensors"), &dev).unwrap();
-    let s: Settings =
-        serde_json::from_str(&std::fs::read_to_string(fixture().join("config.json")).unwrap())
-            .unwrap();
+    let io = candle_core::safetensors::load(fixture("svd_pipeline").join("io.safetensors"), &dev)
+        .unwrap();
+    let s: Settings = serde_json::from_str(
+        &std::fs::read_to_string(fixture("svd_pipeline").join("config.json")).unwrap(),
+    )
+    .unwrap();
     let settings = SvdSettings {
         height: s.height,
         width: s.width,
@@ -50,7 +50,9 @@ fn setup() -> (
         noise_aug_strength: s.noise_aug_strength,
         decode_chunk_size: Some(s.decode_chunk_size),
     };
-    let rgb = image::open(fixture().join("image.png")).unwrap().to_rgb8();
+    let rgb = image::open(fixture("svd_pipeline").join("image.png"))
+        .unwrap()
+        .to_rgb8();
     let (w, h) = rgb.dimensions();
     let chw: Vec<f32> = (0..3)
         .flat_map(|c| rgb.pixels().map(move |p| p.0[c] as f32 / 255.0))
@@ -61,40 +63,9 @@ fn setup() -> (
         width: w as usize,
         data: chw,
     };
-    let pipe = StableVideoDiffusion::load(&fixture().join("model"), DType::F32, &dev).unwrap();
+    let pipe = StableVideoDiffusion::load(&fixture("svd_pipeline").join("model"), DType::F32, &dev)
+        .unwrap();
     (pipe, io, settings, image)
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
-    let d = (a - b)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap() as f64;
-    let n = b
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap() as f64;
-    (d / n).sqrt()
 }
 
 #[test]

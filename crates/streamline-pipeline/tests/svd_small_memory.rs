@@ -6,7 +6,10 @@
 //!
 //! One test in its own binary, so nothing else allocates while it measures.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::rel_l2;
 use streamline_ir::alloc::{peak_bytes, reset_peak, TrackingAllocator};
 use streamline_ir::{Executor, Request};
 use streamline_models::load::WeightSource;
@@ -36,25 +39,6 @@ fn inputs(shape: UNetShape, dev: &Device) -> Vec<Tensor> {
             .narrow(0, 0, shape.batch)
             .unwrap(),
     ]
-}
-
-fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
-    let d = (a - b)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap() as f64;
-    let n = b
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap() as f64;
-    (d / n).sqrt()
 }
 
 #[test]
