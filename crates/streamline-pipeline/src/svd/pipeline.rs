@@ -138,7 +138,8 @@ pub struct StableVideoDiffusion {
     pub unet: UNetSpatioTemporalConditionModel,
     pub vae: AutoencoderKLTemporalDecoder,
     pub image_encoder: ClipVisionModelWithProjection,
-    scheduler_config: PathBuf,
+    /// Read once at load; each run clones it and sets its own step count.
+    scheduler: EulerDiscreteScheduler,
     clip_mean: [f32; 3],
     clip_std: [f32; 3],
     clip_size: usize,
@@ -173,8 +174,7 @@ impl StableVideoDiffusion {
         }
         let fe: FeatureExtractor =
             load_config(&dir.join("feature_extractor/preprocessor_config.json"))?;
-        let scheduler_config = dir.join("scheduler/scheduler_config.json");
-        EulerDiscreteScheduler::load(&scheduler_config)?;
+        let scheduler = EulerDiscreteScheduler::load(&dir.join("scheduler/scheduler_config.json"))?;
         Ok(StableVideoDiffusion {
             unet: UNetSpatioTemporalConditionModel::load(&dir.join("unet"), dtype, device)?,
             vae: AutoencoderKLTemporalDecoder::load(&dir.join("vae"), dtype, device)?,
@@ -183,7 +183,7 @@ impl StableVideoDiffusion {
                 dtype,
                 device,
             )?,
-            scheduler_config,
+            scheduler,
             clip_mean: fe.image_mean,
             clip_std: fe.image_std,
             clip_size: match fe.crop_size {
@@ -278,7 +278,7 @@ impl StableVideoDiffusion {
         .unsqueeze(0)?
         .repeat((2, 1))?;
 
-        let mut scheduler = EulerDiscreteScheduler::load(&self.scheduler_config)?;
+        let mut scheduler = self.scheduler.clone();
         scheduler.set_timesteps(settings.num_inference_steps)?;
         let mut latents = (latents.to_dtype(DType::F32)?
             * f64::from(scheduler.init_noise_sigma()))?
