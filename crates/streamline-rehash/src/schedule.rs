@@ -1,0 +1,242 @@
+//! Rehash schedules: which steps are key steps, as the `--rehash` flag and TOML files give them.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::search::{uniform, Method, SearchError};
+
+/// A Step Rehash schedule for one number of inference steps.
+///
+/// ```toml
+/// num_inference_steps = 25
+/// key_steps = [0, 1, 2, 3, 5, 7, 9, 11, 13, 15, 18, 21, 24]
+/// method = "dp"
+/// # optional: where the cached features are taken (default: the model's default cache point)
+/// cache_point = "up_blocks.1"
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Schedule {
+    pub num_inference_steps: usize,
+    pub key_steps: Vec<usize>,
+    pub method: Method,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_point: Option<String>,
+    /// Score of the search (total similarity of non-key steps to the features they reuse).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<f64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScheduleError {
+    #[error("--rehash {0:?}: expected `off`, `uniform:K` or a .toml schedule file")]
+    Flag(String),
+    #[error("cannot read rehash schedule {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("rehash schedule {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("rehash schedule{}: {reason}", origin.as_ref().map(|p| format!(" {}", p.display())).unwrap_or_default())]
+    Invalid {
+        origin: Option<PathBuf>,
+        reason: String,
+    },
+    #[error(transparent)]
+    Search(#[from] SearchError),
+}
+
+impl Schedule {
+    /// Every step a key step: original inference.
+    pub fn every_step(steps: usize) -> Self {
+        Schedule {
+            num_inference_steps: steps,
+            key_steps: (0..steps).collect(),
+            method: Method::Uniform,
+            cache_point: None,
+            score: None,
+        }
+    }
+
+    pub fn uniform(steps: usize, keys: usize) -> Result<Self, ScheduleError> {
+        Ok(Schedule {
+            key_steps: uniform(steps, keys)?,
+            ..Self::every_step(steps)
+        })
+    }
+
+    pub fn is_key(&self, step: usize) -> bool {
+        self.key_steps.binary_search(&step).is_ok()
+    }
+
+    /// Full UNet evaluations per image.
+    pub fn full_steps(&self) -> usize {
+        self.key_steps.len()
+    }
+
+    /// Key steps sorted, unique, starting at 0, inside the schedule.
+    pub fn validate(&self, origin: Option<&Path>) -> Result<(), ScheduleError> {
+        let invalid = |reason: String| ScheduleError::Invalid {
+            origin: origin.map(Path::to_path_buf),
+            reason,
+        };
+        let n = self.num_inference_steps;
+        if self.key_steps.first() != Some(&0) {
+            return Err(invalid(
+                "`key_steps` must start with step 0 (the first step has nothing to reuse)".into(),
+            ));
+        }
+        if !self.key_steps.windows(2).all(|w| w[0] < w[1]) {
+            return Err(invalid("`key_steps` must be strictly increasing".into()));
+        }
+        if let Some(s) = self.key_steps.iter().find(|s| **s >= n) {
+            return Err(invalid(format!(
+                "key step {s} is outside a {n}-step schedule (steps are 0..{n})"
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a schedule always serializes")
+    }
+
+    pub fn read(path: &Path) -> Result<Self, ScheduleError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ScheduleError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let schedule: Schedule = toml::from_str(&text).map_err(|source| ScheduleError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        schedule.validate(Some(path))?;
+        Ok(schedule)
+    }
+}
+
+/// The `--rehash` flag: `off`, `uniform:K` or a schedule file.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RehashArg {
+    Off,
+    Uniform(usize),
+    File(PathBuf),
+}
+
+impl std::str::FromStr for RehashArg {
+    type Err = ScheduleError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "off" {
+            return Ok(RehashArg::Off);
+        }
+        if let Some(k) = s.strip_prefix("uniform:") {
+            return k
+                .parse()
+                .map(RehashArg::Uniform)
+                .map_err(|_| ScheduleError::Flag(s.into()));
+        }
+        if s.ends_with(".toml") {
+            return Ok(RehashArg::File(s.into()));
+        }
+        Err(ScheduleError::Flag(s.into()))
+    }
+}
+
+impl RehashArg {
+    /// The schedule for a run of `steps` inference steps; `None` for `off`.
+    pub fn schedule(&self, steps: usize) -> Result<Option<Schedule>, ScheduleError> {
+        let schedule = match self {
+            RehashArg::Off => return Ok(None),
+            RehashArg::Uniform(k) => Schedule::uniform(steps, *k)?,
+            RehashArg::File(path) => {
+                let s = Schedule::read(path)?;
+                if s.num_inference_steps != steps {
+                    return Err(ScheduleError::Invalid {
+                        origin: Some(path.clone()),
+                        reason: format!(
+                            "made for {} inference steps, this run has {steps} (pass --num-inference-steps {} or search a new schedule)",
+                            s.num_inference_steps, s.num_inference_steps
+                        ),
+                    });
+                }
+                s
+            }
+        };
+        Ok(Some(schedule))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_forms() {
+        assert_eq!("off".parse::<RehashArg>().unwrap(), RehashArg::Off);
+        assert_eq!(
+            "uniform:13".parse::<RehashArg>().unwrap(),
+            RehashArg::Uniform(13)
+        );
+        assert_eq!(
+            "s.toml".parse::<RehashArg>().unwrap(),
+            RehashArg::File("s.toml".into())
+        );
+        for bad in ["uniform:", "uniform:x", "on", "13"] {
+            assert!(bad.parse::<RehashArg>().is_err(), "{bad}");
+        }
+        let every = RehashArg::Uniform(25).schedule(25).unwrap().unwrap();
+        assert_eq!(every, Schedule::every_step(25));
+        assert!(RehashArg::Uniform(26).schedule(25).is_err());
+        assert_eq!(RehashArg::Off.schedule(25).unwrap(), None);
+    }
+
+    #[test]
+    fn toml_round_trip_and_validation() {
+        let dir = std::env::temp_dir().join(format!("rehash-schedule-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.toml");
+        let s = Schedule {
+            method: Method::Dp,
+            score: Some(11.5),
+            cache_point: Some("up_blocks.1".into()),
+            ..Schedule::uniform(25, 13).unwrap()
+        };
+        std::fs::write(&path, s.to_toml()).unwrap();
+        assert_eq!(Schedule::read(&path).unwrap(), s);
+        let err = RehashArg::File(path.clone())
+            .schedule(20)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("s.toml") && err.contains("25"), "{err}");
+
+        for (text, needle) in [
+            (
+                "num_inference_steps = 5\nkey_steps = [1, 2]\nmethod = \"dp\"\n",
+                "start with step 0",
+            ),
+            (
+                "num_inference_steps = 5\nkey_steps = [0, 2, 2]\nmethod = \"dp\"\n",
+                "increasing",
+            ),
+            (
+                "num_inference_steps = 5\nkey_steps = [0, 5]\nmethod = \"dp\"\n",
+                "outside",
+            ),
+            (
+                "num_inference_steps = 5\nkey_steps = [0]\nmethod = \"best\"\n",
+                "method",
+            ),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let err = Schedule::read(&path).unwrap_err().to_string();
+            assert!(err.contains(needle) && err.contains("s.toml"), "{err}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
