@@ -1,9 +1,11 @@
-//! Project tasks that are not part of the library: `cargo xtask fixtures`.
+//! Project tasks that are not part of the library: `cargo xtask fixtures` and
+//! `cargo xtask train-default`.
 //!
 //! Fixtures are made by diffusers itself (design.md, "Reference implementation"): a venv under
 //! `target/` gets the pinned packages of `fixtures/requirements.txt`, then every script in
 //! `fixtures/scripts/` writes tiny random-weight models and their inputs and outputs. Tests read
-//! the committed results and never need Python.
+//! the committed results and never need Python. The same venv trains the built-in default
+//! model (`training/`, docs/default-model.md).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -27,13 +29,36 @@ enum Task {
         #[arg(long)]
         check: bool,
     },
+    /// Retrain the built-in default model into target/default-model (about an hour on 2 cores),
+    /// run its motion test on the result and compare it with models/default.
+    TrainDefault {
+        /// A seconds-long smoke run of the whole program (the model is not trained enough to
+        /// pass the test, which is skipped).
+        #[arg(long)]
+        quick: bool,
+        /// Then copy the model into models/default and its example images into examples/.
+        #[arg(long, conflicts_with = "quick")]
+        install: bool,
+    },
 }
+
+mod train;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives in the workspace")
         .to_path_buf()
+}
+
+/// `python script args...` with the environment every reproducible run uses.
+fn python_cmd(python: &Path, script: &Path) -> Command {
+    let mut cmd = Command::new(python);
+    cmd.arg(script)
+        .env("CUDA_VISIBLE_DEVICES", "")
+        .env("PYTHONHASHSEED", "0")
+        .env("HF_HUB_OFFLINE", "1");
+    cmd
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
@@ -113,19 +138,28 @@ fn fixtures(check: bool) -> Result<()> {
     fs::create_dir_all(&out)?;
     for script in scripts(&root)? {
         eprintln!("xtask: {}", script.display());
-        run(Command::new(&python)
-            .arg(&script)
+        run(python_cmd(&python, &script)
             .arg(&out)
-            .env("CUDA_VISIBLE_DEVICES", "")
-            .env("OMP_NUM_THREADS", "1")
-            .env("PYTHONHASHSEED", "0")
-            .env("HF_HUB_OFFLINE", "1"))?;
+            .env("OMP_NUM_THREADS", "1"))?;
     }
     if !check {
         eprintln!("xtask: fixtures written to {}", out.display());
         return Ok(());
     }
-    let (made, kept) = (files(&out)?, files(&committed)?);
+    let differ = compare_trees(&out, &committed)?;
+    if !differ.is_empty() {
+        bail!("regenerated fixtures differ:\n  {}", differ.join("\n  "));
+    }
+    eprintln!(
+        "xtask: {} fixture files regenerate byte for byte",
+        files(&out)?.len()
+    );
+    Ok(())
+}
+
+/// How the files below `made` differ from those below `committed` (empty: byte for byte equal).
+fn compare_trees(made_dir: &Path, committed_dir: &Path) -> Result<Vec<String>> {
+    let (made, kept) = (files(made_dir)?, files(committed_dir)?);
     let mut differ: Vec<String> = Vec::new();
     for f in made.iter().filter(|f| !kept.contains(f)) {
         differ.push(format!("new, not committed: {}", f.display()));
@@ -134,22 +168,16 @@ fn fixtures(check: bool) -> Result<()> {
         differ.push(format!("committed, no longer made: {}", f.display()));
     }
     for f in made.iter().filter(|f| kept.contains(f)) {
-        if fs::read(out.join(f))? != fs::read(committed.join(f))? {
+        if fs::read(made_dir.join(f))? != fs::read(committed_dir.join(f))? {
             differ.push(format!("bytes differ: {}", f.display()));
         }
     }
-    if !differ.is_empty() {
-        bail!("regenerated fixtures differ:\n  {}", differ.join("\n  "));
-    }
-    eprintln!(
-        "xtask: {} fixture files regenerate byte for byte",
-        made.len()
-    );
-    Ok(())
+    Ok(differ)
 }
 
 fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Fixtures { check } => fixtures(check),
+        Task::TrainDefault { quick, install } => train::train_default(quick, install),
     }
 }

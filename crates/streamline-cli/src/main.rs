@@ -121,13 +121,19 @@ impl OptimizationArgs {
     }
 }
 
-/// The video size flags every job shares (diffusers' SVD defaults).
+/// diffusers' default SVD frame size.
+const DIFFUSERS_HEIGHT: usize = 576;
+const DIFFUSERS_WIDTH: usize = 1024;
+
+/// The video size flags every job shares.
 #[derive(Args, Debug)]
 struct VideoSize {
-    #[arg(long, default_value_t = 576)]
-    height: usize,
-    #[arg(long, default_value_t = 1024)]
-    width: usize,
+    /// Defaults to 576 (diffusers' SVD default), or the built-in model's training size.
+    #[arg(long)]
+    height: Option<usize>,
+    /// Defaults to 1024 (diffusers' SVD default), or the built-in model's training size.
+    #[arg(long)]
+    width: Option<usize>,
     /// Defaults to the UNet config's `num_frames` (14 for SVD, 25 for SVD-XT).
     #[arg(long)]
     num_frames: Option<usize>,
@@ -161,8 +167,8 @@ struct PlanArgs {
 fn plan(args: PlanArgs) -> Result<()> {
     let report = plan_report(PlanRequest {
         model: ModelSpec::parse(&args.model),
-        height: args.video.height,
-        width: args.video.width,
+        height: args.video.height.unwrap_or(DIFFUSERS_HEIGHT),
+        width: args.video.width.unwrap_or(DIFFUSERS_WIDTH),
         num_frames: args.video.num_frames,
         batch: args.batch,
         cfg: !args.no_cfg,

@@ -7,18 +7,22 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use streamline_pipeline::svd::{unit_noise, Planes, StableVideoDiffusion, Stage, SvdSettings};
+use streamline_pipeline::svd::{
+    default_model_dir, unit_noise, Planes, StableVideoDiffusion, Stage, SvdSettings,
+    DEFAULT_MODEL_ENV,
+};
 use streamline_pipeline::video::{load_image, write_video};
 use streamline_pipeline::Optimization;
 
-use crate::{DeviceArg, Dtype, OptimizationArgs, VideoSize};
+use crate::{DeviceArg, Dtype, OptimizationArgs, VideoSize, DIFFUSERS_HEIGHT, DIFFUSERS_WIDTH};
 
 /// Flags named after diffusers' `StableVideoDiffusionPipeline.__call__`.
 #[derive(Args, Debug)]
 pub struct SvdArgs {
     /// A diffusers SVD folder: unet/, vae/, image_encoder/, scheduler/, feature_extractor/.
+    /// Defaults to the built-in tiny model (64x64, 8 frames; docs/default-model.md).
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// The conditioning image (PNG, JPEG, ...); resized to --height x --width.
     #[arg(long)]
     image: PathBuf,
@@ -111,7 +115,7 @@ pub fn run(args: SvdArgs) -> Result<()> {
         num_frames,
     } = args.video;
     for (flag, value) in [("height", height), ("width", width)] {
-        if value == 0 || value % 8 != 0 {
+        if let Some(value) = value.filter(|v| *v == 0 || v % 8 != 0) {
             bail!(
                 "--{flag} {value}: must be a positive multiple of 8 (the VAE works in 8x8 blocks)"
             );
@@ -124,9 +128,26 @@ pub fn run(args: SvdArgs) -> Result<()> {
     }
     let start = Instant::now();
     let device = args.device.device()?;
+    let model = match &args.model {
+        Some(dir) => dir.clone(),
+        None => {
+            let dir = default_model_dir();
+            if !dir.is_dir() {
+                bail!(
+                    "no --model given and the built-in default model is not at {} (it ships in the source tree; pass --model or set {DEFAULT_MODEL_ENV})",
+                    dir.display()
+                );
+            }
+            dir
+        }
+    };
+    let pipe = StableVideoDiffusion::load(&model, args.dtype.into(), &device)?;
+    // The built-in model only knows its training size; real checkpoints get diffusers' defaults.
+    let native = args.model.is_none().then(|| pipe.native_size()).flatten();
+    let height = height.or(native).unwrap_or(DIFFUSERS_HEIGHT);
+    let width = width.or(native).unwrap_or(DIFFUSERS_WIDTH);
     let image = load_image(&args.image, Some((height, width)))?;
     let image = Planes::from_tensor(&image)?;
-    let pipe = StableVideoDiffusion::load(&args.model, args.dtype.into(), &device)?;
     let settings = SvdSettings {
         height,
         width,

@@ -207,3 +207,46 @@ fn bad_input_fails_clearly_and_writes_nothing() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn without_model_uses_the_built_in_model_at_its_size() {
+    let dir = temp("default");
+    let out = dir.join("out.gif");
+    let image = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/red.png");
+    let run = |env: Option<&Path>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_streamline"));
+        cmd.args(["svd", "--num-inference-steps", "4", "--image"])
+            .arg(&image)
+            .arg("--output")
+            .arg(&out)
+            .env_remove("STREAMLINE_DEFAULT_MODEL");
+        if let Some(model) = env {
+            cmd.env("STREAMLINE_DEFAULT_MODEL", model);
+        }
+        let o = cmd.output().unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let missing = dir.join("no-such-model");
+    let (ok, err) = run(Some(&missing));
+    assert!(
+        !ok && err.contains("no-such-model") && err.contains("--model"),
+        "{err}"
+    );
+    assert!(!out.exists());
+
+    let (ok, err) = run(None);
+    assert!(ok, "{err}");
+    let gif = image::codecs::gif::GifDecoder::new(std::io::BufReader::new(
+        std::fs::File::open(&out).unwrap(),
+    ))
+    .unwrap();
+    let decoded = image::AnimationDecoder::into_frames(gif)
+        .collect_frames()
+        .unwrap();
+    assert_eq!(decoded.len(), 8, "the default model makes 8 frames");
+    assert_eq!(decoded[0].buffer().dimensions(), (64, 64));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,7 +1,7 @@
 //! From a lowered graph and the user's choice to the graph and plan that run.
 
 use streamline_grouping::{hoist_whole, OperatorGrouping};
-use streamline_ir::{Graph, IrError, Pass, Plan};
+use streamline_ir::{Executor, Graph, IrError, Pass, Plan};
 use streamline_slicer::{fit_budget, BudgetError, PaperSlicer};
 use thiserror::Error;
 
@@ -60,6 +60,13 @@ pub fn optimize(graph: &Graph, optimization: Optimization) -> Result<(Graph, Pla
             temporal_chunks,
             spatial_chunks,
         } => OperatorGrouping.run(&graph, sliced(temporal_chunks, spatial_chunks)?)?,
+        // Unsliced groups can plan a higher peak than original inference (a group's inputs
+        // live until the group ends), so a budget the original already meets keeps it.
+        Optimization::Budget { bytes }
+            if Executor::plan_stats(&graph, &trivial)?.peak_bytes <= bytes =>
+        {
+            trivial.clone()
+        }
         Optimization::Budget { bytes } => {
             let grouped = OperatorGrouping.run(&graph, sliced(1, 1)?)?;
             fit_budget(&graph, grouped, bytes)?

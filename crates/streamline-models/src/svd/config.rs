@@ -43,6 +43,9 @@ pub struct UNetConfig {
     pub num_attention_heads: PerBlock,
     #[serde(default = "default_frames")]
     pub num_frames: usize,
+    /// Latent size the model was trained at (diffusers' `sample_size`); absent in some configs.
+    #[serde(default)]
+    pub sample_size: Option<usize>,
 }
 
 fn default_frames() -> usize {
@@ -94,6 +97,7 @@ impl UNetConfig {
             transformer_layers_per_block: PerBlock::One(1),
             num_attention_heads: PerBlock::Each(vec![5, 10, 20, 20]),
             num_frames,
+            sample_size: None,
         }
     }
 

@@ -194,6 +194,15 @@ impl StableVideoDiffusion {
         })
     }
 
+    /// The square frame size the model was trained at (UNet `sample_size` times the VAE's
+    /// scale factor), when its config records one.
+    pub fn native_size(&self) -> Option<usize> {
+        self.unet
+            .config()
+            .sample_size
+            .map(|s| s * self.vae.scale_factor())
+    }
+
     pub fn num_frames(&self, settings: &SvdSettings) -> usize {
         settings.num_frames.unwrap_or(self.unet.config().num_frames)
     }
