@@ -144,8 +144,8 @@ pub fn run(args: SvdArgs) -> Result<()> {
     let pipe = StableVideoDiffusion::load(&model, args.dtype.into(), &device)?;
     // The built-in model only knows its training size; real checkpoints get diffusers' defaults.
     let native = args.model.is_none().then(|| pipe.native_size()).flatten();
-    let height = height.or(native).unwrap_or(DIFFUSERS_HEIGHT);
-    let width = width.or(native).unwrap_or(DIFFUSERS_WIDTH);
+    let height = height.or(native.map(|n| n.0)).unwrap_or(DIFFUSERS_HEIGHT);
+    let width = width.or(native.map(|n| n.1)).unwrap_or(DIFFUSERS_WIDTH);
     let image = load_image(&args.image, Some((height, width)))?;
     let image = Planes::from_tensor(&image)?;
     let settings = SvdSettings {

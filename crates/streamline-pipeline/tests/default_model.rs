@@ -156,7 +156,7 @@ fn default_model_makes_the_taught_motion_under_every_plan() {
                 default_model_dir().display()
             )
         });
-    let size = pipe.native_size().unwrap();
+    let (size, _) = pipe.native_size().unwrap();
     for case in &CASES {
         let image = load_image(&example(case.name), Some((size, size))).unwrap();
         let planes = Planes::from_tensor(&image).unwrap();

@@ -45,7 +45,25 @@ pub struct UNetConfig {
     pub num_frames: usize,
     /// Latent size the model was trained at (diffusers' `sample_size`); absent in some configs.
     #[serde(default)]
-    pub sample_size: Option<usize>,
+    pub sample_size: Option<SampleSize>,
+}
+
+/// diffusers' `sample_size`: one side, or `[height, width]`.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum SampleSize {
+    Square(usize),
+    Sized([usize; 2]),
+}
+
+impl SampleSize {
+    /// `(height, width)` in latent pixels.
+    pub fn dims(self) -> (usize, usize) {
+        match self {
+            SampleSize::Square(s) => (s, s),
+            SampleSize::Sized([h, w]) => (h, w),
+        }
+    }
 }
 
 fn default_frames() -> usize {

@@ -194,13 +194,14 @@ impl StableVideoDiffusion {
         })
     }
 
-    /// The square frame size the model was trained at (UNet `sample_size` times the VAE's
+    /// The `(height, width)` the model was trained at (UNet `sample_size` times the VAE's
     /// scale factor), when its config records one.
-    pub fn native_size(&self) -> Option<usize> {
+    pub fn native_size(&self) -> Option<(usize, usize)> {
+        let s = self.vae.scale_factor();
         self.unet
             .config()
             .sample_size
-            .map(|s| s * self.vae.scale_factor())
+            .map(|size| (size.dims().0 * s, size.dims().1 * s))
     }
 
     pub fn num_frames(&self, settings: &SvdSettings) -> usize {
