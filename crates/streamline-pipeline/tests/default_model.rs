@@ -62,7 +62,7 @@ fn generate(
     image: &Planes,
     optimization: Optimization,
 ) -> (Tensor, RunReport) {
-    let size = pipe
+    let (size, _) = pipe
         .native_size()
         .expect("the default model records its size");
     let settings = SvdSettings {
