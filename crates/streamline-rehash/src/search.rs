@@ -135,16 +135,8 @@ pub fn optimal(sim: &Similarity, keys: usize) -> Result<Vec<usize>, SearchError>
             }
         }
     }
-    let last = (keys - 1..n)
-        .map(|i| (i, best[keys - 1][i] + segment(i, n)))
-        .fold((keys - 1, f64::NEG_INFINITY), |acc, (i, v)| {
-            if v > acc.1 {
-                (i, v)
-            } else {
-                acc
-            }
-        })
-        .0;
+    let last = first_max((keys - 1..n).map(|i| (i, best[keys - 1][i] + segment(i, n))))
+        .expect("keys <= steps leaves a last key step");
     let mut chosen = vec![last];
     for c in (1..keys).rev() {
         chosen.push(from[c][*chosen.last().expect("non-empty")]);
@@ -193,29 +185,27 @@ pub fn greedy(sim: &Similarity, keys: usize) -> Result<Vec<usize>, SearchError> 
 /// Add key steps one by one, each the step whose promotion raises the score most.
 fn top_up(sim: &Similarity, mut chosen: Vec<usize>, keys: usize) -> Vec<usize> {
     while chosen.len() < keys {
-        let best = (1..sim.steps())
-            .filter(|s| !chosen.contains(s))
-            .map(|s| {
-                let mut with = chosen.clone();
-                with.push(s);
-                with.sort_unstable();
-                (s, sim.score(&with))
-            })
-            .fold(
-                (0, f64::NEG_INFINITY),
-                |acc, (s, v)| {
-                    if v > acc.1 {
-                        (s, v)
-                    } else {
-                        acc
-                    }
-                },
-            )
-            .0;
+        let best = first_max((1..sim.steps()).filter(|s| !chosen.contains(s)).map(|s| {
+            let mut with = chosen.clone();
+            with.push(s);
+            with.sort_unstable();
+            (s, sim.score(&with))
+        }))
+        .expect("fewer key steps than steps leaves a candidate");
         chosen.push(best);
         chosen.sort_unstable();
     }
     chosen
+}
+
+/// The item with the largest value, the first one on ties (deterministic choices).
+fn first_max(items: impl Iterator<Item = (usize, f64)>) -> Option<usize> {
+    items
+        .fold(None, |acc: Option<(usize, f64)>, (i, v)| match acc {
+            Some((_, best)) if v <= best => acc,
+            _ => Some((i, v)),
+        })
+        .map(|(i, _)| i)
 }
 
 /// `keys` key steps spread evenly over `steps`, the first included: step `floor(m * steps /
