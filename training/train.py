@@ -4,11 +4,13 @@
 
 (run through `cargo xtask train-default`, which provides the pinned venv). Writes OUT_DIR/model
 (a diffusers StableVideoDiffusionPipeline: unet, vae, image_encoder, scheduler, feature_extractor
-and model_index.json, fp32 safetensors) and OUT_DIR/log.json (losses, timings).
+and model_index.json, fp16 safetensors) and OUT_DIR/log.json (losses, timings).
 
 Stages, all on CPU with fixed seeds and two torch threads:
 1. VAE (AutoencoderKLTemporalDecoder): frames of synthetic clips, L1 + L2 + a light KL term;
-   the temporal decoder sees whole 8-frame clips. Afterwards `scaling_factor` = 1 / latent std.
+   the temporal decoder sees whole 8-frame clips. The clip's first and last frames weigh 4x: the
+   decoder's (3, 1, 1) time convolutions see zero padding there, and without the weight a moving
+   shape's later path smeared into the first frame. Afterwards `scaling_factor` = 1 / latent std.
 2. Encode a fixed set of clips once: clip latents (posterior mean) and the conditioning latents of
    their first frames with the pipeline's noise augmentation (strength 0.02, `mode()`).
 3. UNet (UNetSpatioTemporalConditionModel) and the CLIP image encoder together, with SVD's
@@ -18,12 +20,9 @@ Stages, all on CPU with fixed seeds and two torch threads:
    conditioning on the first frame's latent (concatenated) and image embedding (cross-attention),
    added time ids (fps - 1, motion bucket, noise augmentation) = (6, 127, 0.02) as the pipeline's
    defaults; 10% of samples drop both conditions (zeros, as the pipeline's unconditional half) so
-   classifier-free guidance works.
-4. The whole pipeline is saved in fp16 (OUT_DIR/base) and reloaded, and the VAE decoder alone is
-   fine-tuned against the fp16 encoder it ships with (L1 + L2 on posterior means, first and
-   last frames weighted 4x, 600 steps): after stage 1 the temporal decoder still smeared a
-   moving shape's path into the first frame. The encoder, hence the latent space the UNet learned, does not change.
-   `--resume OUT_DIR/base` runs only this stage, from the saved base.
+   classifier-free guidance works. The first frame's loss weighs 4x: it is the frame that must
+   reproduce the conditioning image, and an unweighted run blurred the shape's path into it.
+The pipeline is saved in fp16 (checkpoints during stage 3 too).
 """
 
 import argparse
@@ -35,7 +34,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from diffusers import (AutoencoderKLTemporalDecoder, EulerDiscreteScheduler,
                        StableVideoDiffusionPipeline, UNetSpatioTemporalConditionModel)
 from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import \
@@ -47,19 +45,18 @@ import clips  # noqa: E402
 
 SCALES = {
     # steps and sizes of the committed model (about an hour on 2 cores)
-    "full": {"vae_steps": 1600, "vae_batch": 2, "clips": 2000, "unet_steps": 2600,
-             "unet_batch": 4, "checkpoints": 4, "decoder_steps": 600},
+    "full": {"vae_steps": 1300, "vae_batch": 2, "clips": 2000, "unet_steps": 3000,
+             "unet_batch": 4, "checkpoints": 3},
     # a smoke run of the whole program
     "quick": {"vae_steps": 4, "vae_batch": 1, "clips": 8, "unet_steps": 4, "unet_batch": 2,
-              "checkpoints": 2, "decoder_steps": 2},
+              "checkpoints": 2},
 }
 SEED = 20261126
 FPS, MOTION_BUCKET, NOISE_AUG = 7, 127, 0.02
 P_MEAN, P_STD, SIGMA_MIN, SIGMA_MAX = 0.7, 1.6, 0.002, 700.0
-# Stage 4 weighs the clip's first and last frames 4x: the temporal decoder's (3, 1, 1)
-# convolutions see zero padding there, and the first frame is the one compared with the
-# conditioning image.
-EDGE_WEIGHTS = torch.tensor([4.0] + [1.0] * (clips.FRAMES - 2) + [4.0])
+# Per-frame loss weights (see the stages above), normalised to mean 1.
+VAE_FRAME_WEIGHTS = torch.tensor([4.0] + [1.0] * (clips.FRAMES - 2) + [4.0])
+UNET_FRAME_WEIGHTS = torch.tensor([4.0] + [1.0] * (clips.FRAMES - 1))
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
 CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 
@@ -106,6 +103,12 @@ class Log:
                   flush=True)
 
 
+def per_frame(loss: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The mean of an elementwise loss shaped (batch, frames, ...) with frames weighted."""
+    by_frame = loss.flatten(2).mean(dim=2).mean(dim=0)
+    return (by_frame * weights).sum() / weights.sum()
+
+
 def train_vae(vae, scale, log):
     g = torch.Generator().manual_seed(SEED + 1)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
@@ -119,10 +122,10 @@ def train_vae(vae, scale, log):
         post = vae.encode(frames).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
         rec = vae.decode(z, num_frames=clips.FRAMES).sample
-        l1 = (rec - frames).abs().mean()
-        l2 = ((rec - frames) ** 2).mean()
+        err = (rec - frames).unflatten(0, (-1, clips.FRAMES))
+        l2 = (err ** 2).mean()
         kl = post.kl().mean() / post.mean[0].numel()
-        loss = l1 + l2 + 1e-4 * kl
+        loss = per_frame(err.abs() + err ** 2, VAE_FRAME_WEIGHTS) + 1e-4 * kl
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -186,7 +189,7 @@ def train_unet(unet, image_encoder, data, scaling_factor, scale, log, checkpoint
         # the plain MSE to this v target.
         c_skip, c_out = 1 / (sigma ** 2 + 1), -sigma * c_in
         target = (x0 - c_skip * noisy) / c_out
-        loss = F.mse_loss(out, target)
+        loss = per_frame((out - target) ** 2, UNET_FRAME_WEIGHTS)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -199,42 +202,10 @@ def train_unet(unet, image_encoder, data, scaling_factor, scale, log, checkpoint
     image_encoder.eval()
 
 
-def finetune_decoder(vae, scale, log):
-    g = torch.Generator().manual_seed(SEED + 4)
-    for p in vae.parameters():
-        p.requires_grad_(False)
-    params = list(vae.decoder.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
-    steps = scale["decoder_steps"]
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=5e-4, total_steps=steps,
-                                                pct_start=0.05)
-    vae.decoder.train()
-    for step in range(steps):
-        frames = batch_of_clips(g, scale["vae_batch"]).flatten(0, 1)
-        with torch.no_grad():
-            z = vae.encode(frames).latent_dist.mode()
-        rec = vae.decode(z, num_frames=clips.FRAMES).sample
-        err = (rec - frames).unflatten(0, (-1, clips.FRAMES))
-        l2 = (err ** 2).mean()
-        loss = ((err.abs() + err ** 2).mean(dim=(0, 2, 3, 4)) * EDGE_WEIGHTS).sum() \
-            / EDGE_WEIGHTS.sum()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        log("decoder", step, steps, loss=loss.item(),
-            psnr=10 * math.log10(4.0 / max(l2.item(), 1e-12)))
-    vae.eval()
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--scale", choices=sorted(SCALES), default="full")
-    parser.add_argument("--resume", help="a saved base (OUT_DIR/base): run only stage 4")
     args = parser.parse_args()
     scale = SCALES[args.scale]
     torch.set_num_threads(2)
@@ -242,36 +213,27 @@ def main():
     torch.use_deterministic_algorithms(True)
     log = Log()
 
-    base = args.resume or os.path.join(args.out, "base")
-    if not args.resume:
-        vae, unet, image_encoder, scheduler = build()
-        for name, m in (("vae", vae), ("unet", unet), ("image_encoder", image_encoder)):
-            print(f"{name}: {sum(p.numel() for p in m.parameters()) / 1e6:.2f} M parameters")
-        train_vae(vae, scale, log)
-        data = encode_dataset(vae, scale, log)
-        scaling_factor = float(1.0 / data[0].std())
-        vae.register_to_config(scaling_factor=scaling_factor)
-        print(f"scaling_factor = {scaling_factor:.5f}")
-        pipe = StableVideoDiffusionPipeline(
-            vae=vae, image_encoder=image_encoder, unet=unet, scheduler=scheduler,
-            feature_extractor=CLIPImageProcessor(crop_size=224, size={"shortest_edge": 224}))
+    vae, unet, image_encoder, scheduler = build()
+    for name, m in (("vae", vae), ("unet", unet), ("image_encoder", image_encoder)):
+        print(f"{name}: {sum(p.numel() for p in m.parameters()) / 1e6:.2f} M parameters")
+    train_vae(vae, scale, log)
+    data = encode_dataset(vae, scale, log)
+    scaling_factor = float(1.0 / data[0].std())
+    vae.register_to_config(scaling_factor=scaling_factor)
+    print(f"scaling_factor = {scaling_factor:.5f}")
+    pipe = StableVideoDiffusionPipeline(
+        vae=vae, image_encoder=image_encoder, unet=unet, scheduler=scheduler,
+        feature_extractor=CLIPImageProcessor(crop_size=224, size={"shortest_edge": 224}))
 
-        def save(path):
-            # fp16 files keep the model under 25 MB; training itself stays in fp32 (on a copy,
-            # so a checkpoint does not round the weights being trained).
-            copy.deepcopy(pipe).to(dtype=torch.float16).save_pretrained(
-                path, safe_serialization=True)
-            print(f"saved {path}", flush=True)
+    def save(path):
+        # fp16 files keep the model under 25 MB; training itself stays in fp32 (on a copy, so
+        # a checkpoint does not round the weights being trained).
+        copy.deepcopy(pipe).to(dtype=torch.float16).save_pretrained(path, safe_serialization=True)
+        print(f"saved {path}", flush=True)
 
-        train_unet(unet, image_encoder, data, scaling_factor, scale, log,
-                   lambda step: save(os.path.join(args.out, f"checkpoint-{step}")))
-        save(base)
-    # Stage 4 always starts from the saved files, so --resume gives what a full run gives.
-    pipe = StableVideoDiffusionPipeline.from_pretrained(base, torch_dtype=torch.float32)
-    scaling_factor = pipe.vae.config.scaling_factor
-    finetune_decoder(pipe.vae, scale, log)
-    pipe.to(dtype=torch.float16).save_pretrained(os.path.join(args.out, "model"),
-                                                 safe_serialization=True)
+    train_unet(unet, image_encoder, data, scaling_factor, scale, log,
+               lambda step: save(os.path.join(args.out, f"checkpoint-{step}")))
+    save(os.path.join(args.out, "model"))
     with open(os.path.join(args.out, "log.json"), "w") as f:
         json.dump({"scale": args.scale, "seconds": time.time() - log.start,
                    "scaling_factor": scaling_factor, "records": log.records}, f)

@@ -1,22 +1,32 @@
 //! # streamline-rehash
 //!
-//! **Owns** Step Rehash (design.md): which denoising steps run the whole UNet. Today:
-//! - [`search`]: the key-step search over a step-to-step similarity matrix — the optimal
-//!   dynamic program, the paper's greedy threshold walk (Algorithm 1) and uniform spacing;
+//! **Owns** Step Rehash (design.md): which denoising steps run the whole UNet, and what the
+//! others reuse.
+//! - [`cache`]: cache points, named by up-block boundary and resolved on the lowered graph;
+//! - [`step`]: the per-step choice — a key step runs the whole plan and keeps the cached value,
+//!   any other step substitutes it (`streamline_ir::Request`) and the executor prunes what it
+//!   no longer needs; calibration records the value at every step;
+//! - [`calibrate`]: step-to-step similarity matrices (cosine, relative L2) of recorded features;
+//! - [`search`]: the key-step search over such a matrix — the optimal dynamic program, the
+//!   paper's greedy threshold walk (Algorithm 1) and uniform spacing;
 //! - [`schedule`]: schedules as TOML files and the `--rehash off | uniform:K | FILE.toml` flag.
-//!
-//! Cache points in the IR, calibration and the per-step choice between the full plan and the
-//! partial plan that substitutes cached features (`streamline_ir::Request::substitute`) are
-//! the rest of the Step Rehash issue.
 //!
 //! **Promises:** the dynamic program's key steps score as high as any choice of the same
 //! number of key steps; a schedule where every step is a key step is original inference.
 //!
 //! **Tests:** `cargo test -p streamline-rehash` (proptest: DP = exhaustive search on random
-//! matrices; greedy valid and never better than the DP; schedule parsing and validation).
+//! matrices; greedy valid and never better than the DP; schedule parsing and validation; cache
+//! points and partial-step FLOPs on a fixture UNet). End-to-end rehash runs are tested in
+//! streamline-pipeline (`tests/rehash.rs`).
 
+pub mod cache;
+pub mod calibrate;
 pub mod schedule;
 pub mod search;
+pub mod step;
 
+pub use cache::{CacheError, CachePoint};
+pub use calibrate::{mean, similarity, CalibrationError, Metric};
 pub use schedule::{RehashArg, Schedule, ScheduleError};
 pub use search::{greedy, optimal, uniform, Method, SearchError, Similarity};
+pub use step::{Rehash, StepError, StepRehash};

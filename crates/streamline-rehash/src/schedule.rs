@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::cache::CachePoint;
+use crate::calibrate::Metric;
 use crate::search::{uniform, Method, SearchError};
 
 /// A Step Rehash schedule for one number of inference steps.
@@ -12,6 +14,9 @@ use crate::search::{uniform, Method, SearchError};
 /// num_inference_steps = 25
 /// key_steps = [0, 1, 2, 3, 5, 7, 9, 11, 13, 15, 18, 21, 24]
 /// method = "dp"
+/// # optional: the calibration's similarity measure and the search's score
+/// metric = "cosine"
+/// score = 11.93
 /// # optional: where the cached features are taken (default: the model's default cache point)
 /// cache_point = "up_blocks.1"
 /// ```
@@ -23,6 +28,9 @@ pub struct Schedule {
     pub method: Method,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_point: Option<String>,
+    /// The similarity the search maximized (searched schedules only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric: Option<Metric>,
     /// Score of the search (total similarity of non-key steps to the features they reuse).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub score: Option<f64>,
@@ -59,6 +67,7 @@ impl Schedule {
             key_steps: (0..steps).collect(),
             method: Method::Uniform,
             cache_point: None,
+            metric: None,
             score: None,
         }
     }
@@ -98,6 +107,11 @@ impl Schedule {
             return Err(invalid(format!(
                 "key step {s} is outside a {n}-step schedule (steps are 0..{n})"
             )));
+        }
+        if let Some(point) = &self.cache_point {
+            point
+                .parse::<CachePoint>()
+                .map_err(|e| invalid(e.to_string()))?;
         }
         Ok(())
     }
@@ -204,6 +218,7 @@ mod tests {
         let s = Schedule {
             method: Method::Dp,
             score: Some(11.5),
+            metric: Some(Metric::RelL2),
             cache_point: Some("up_blocks.1".into()),
             ..Schedule::uniform(25, 13).unwrap()
         };
@@ -231,6 +246,10 @@ mod tests {
             (
                 "num_inference_steps = 5\nkey_steps = [0]\nmethod = \"best\"\n",
                 "method",
+            ),
+            (
+                "num_inference_steps = 5\nkey_steps = [0]\nmethod = \"dp\"\ncache_point = \"mid\"\n",
+                "up_blocks.N",
             ),
         ] {
             std::fs::write(&path, text).unwrap();

@@ -1,0 +1,148 @@
+//! The per-step choice: a key step runs the whole plan and keeps the cached features, any
+//! other step substitutes them, and the executor prunes every node they make unnecessary.
+
+use std::collections::HashMap;
+
+use candle_core::Tensor;
+use streamline_ir::{Graph, Request};
+
+use crate::cache::{CacheError, CachePoint};
+use crate::schedule::Schedule;
+
+/// What the denoising loop does with one UNet call across steps.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum Rehash {
+    /// Every step runs the whole UNet and nothing is cached.
+    #[default]
+    Off,
+    /// Key steps of the schedule run the whole UNet; the others reuse their cache.
+    Schedule(Schedule),
+    /// Calibration: every step runs the whole UNet and its features at the cache point are
+    /// recorded (steps x the cached value's bytes are held).
+    Record(CachePoint),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error("rehash schedule {key_steps:?} is for {planned} steps, the run has {steps}")]
+    Steps {
+        key_steps: Vec<usize>,
+        planned: usize,
+        steps: usize,
+    },
+    #[error("step {0} is not a key step but no key step ran before it")]
+    NoCache(usize),
+    #[error("the run did not return the cached value `{0}`")]
+    NotKept(String),
+}
+
+/// Step Rehash state of one UNet call (one graph and plan) over a denoising loop.
+#[derive(Debug)]
+pub struct StepRehash {
+    mode: Rehash,
+    /// The cached value's name in the graph (`None` when off).
+    value: Option<String>,
+    cache: Option<Tensor>,
+    recorded: Vec<Tensor>,
+    full_steps: usize,
+    partial_steps: usize,
+}
+
+impl StepRehash {
+    /// Resolve `mode`'s cache point on `graph` (the graph the executor runs) for a loop of
+    /// `steps` steps.
+    pub fn new(mode: Rehash, graph: &Graph, steps: usize) -> Result<Self, StepError> {
+        let point = match &mode {
+            Rehash::Off => None,
+            Rehash::Schedule(s) => {
+                if s.num_inference_steps != steps {
+                    return Err(StepError::Steps {
+                        key_steps: s.key_steps.clone(),
+                        planned: s.num_inference_steps,
+                        steps,
+                    });
+                }
+                Some(match &s.cache_point {
+                    Some(p) => p.parse()?,
+                    None => CachePoint::default(),
+                })
+            }
+            Rehash::Record(p) => Some(*p),
+        };
+        let value = point.map(|p| p.value_name(graph)).transpose()?;
+        Ok(StepRehash {
+            mode,
+            value,
+            cache: None,
+            recorded: Vec::new(),
+            full_steps: 0,
+            partial_steps: 0,
+        })
+    }
+
+    /// Whether `step` runs the whole UNet.
+    pub fn is_full(&self, step: usize) -> bool {
+        match &self.mode {
+            Rehash::Schedule(s) => s.is_key(step),
+            Rehash::Off | Rehash::Record(_) => true,
+        }
+    }
+
+    /// The executor request for `step`. A full step drops the previous cache first, so at
+    /// most one copy of the cached features is alive.
+    pub fn request(&mut self, step: usize) -> Result<Request, StepError> {
+        let Some(value) = &self.value else {
+            self.full_steps += 1;
+            return Ok(Request::default());
+        };
+        if self.is_full(step) {
+            self.cache = None;
+            self.full_steps += 1;
+            return Ok(Request {
+                keep: vec![value.clone()],
+                substitute: Vec::new(),
+            });
+        }
+        let cache = self.cache.clone().ok_or(StepError::NoCache(step))?;
+        self.partial_steps += 1;
+        Ok(Request {
+            keep: Vec::new(),
+            substitute: vec![(value.clone(), cache)],
+        })
+    }
+
+    /// Take what a full step kept.
+    pub fn absorb(&mut self, mut kept: HashMap<String, Tensor>) -> Result<(), StepError> {
+        let Some(value) = &self.value else {
+            return Ok(());
+        };
+        if kept.is_empty() {
+            return Ok(());
+        }
+        let t = kept
+            .remove(value)
+            .ok_or_else(|| StepError::NotKept(value.clone()))?;
+        if matches!(self.mode, Rehash::Record(_)) {
+            self.recorded.push(t.clone());
+        }
+        self.cache = Some(t);
+        Ok(())
+    }
+
+    /// The name of the cached value, when rehash is on.
+    pub fn cache_value(&self) -> Option<&str> {
+        self.value.as_deref()
+    }
+
+    /// (full, partial) UNet evaluations so far.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.full_steps, self.partial_steps)
+    }
+
+    /// Features recorded at every step (calibration), in step order.
+    pub fn into_recorded(self) -> Vec<Tensor> {
+        self.recorded
+    }
+}
