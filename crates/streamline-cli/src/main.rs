@@ -1,13 +1,16 @@
 //! # streamline-cli
 //!
 //! **Owns** the `streamline` binary: argument parsing, progress display and error reporting
-//! for the jobs the other crates implement: `streamline svd` and `streamline plan`.
+//! for the jobs the other crates implement: `streamline svd`, `streamline plan` and
+//! `streamline rehash search | evaluate`.
 //!
 //! **Promises:** bad input exits non-zero with a message naming the file, tensor or flag, and
 //! leaves no half-written output.
 //!
 //! **Tests:** `cargo test -p streamline-cli` runs the binary and snapshots its output.
 
+mod rehash;
+mod session;
 mod svd;
 
 use anyhow::Result;
@@ -29,6 +32,9 @@ struct Cli {
 enum Command {
     /// Image-to-video with Stable Video Diffusion (SVD, SVD-XT).
     Svd(svd::SvdArgs),
+    /// Step Rehash: search key-step schedules by calibration, and evaluate them.
+    #[command(subcommand)]
+    Rehash(rehash::RehashCommand),
     /// Plan memory without weights: groups, slicing and planned peaks of a UNet step and a VAE
     /// decode call, from the model's config alone.
     Plan(PlanArgs),
@@ -192,6 +198,7 @@ fn main() {
     let result = match Cli::parse().command {
         Command::Svd(args) => svd::run(args),
         Command::Plan(args) => plan(args),
+        Command::Rehash(command) => rehash::run(command),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -1,5 +1,5 @@
-//! `streamline svd` on the tiny pipeline fixture: every output form, determinism, and bad
-//! input that fails clearly and writes nothing.
+//! `streamline svd` and `streamline rehash` on the tiny pipeline fixture: every output form,
+//! determinism, Step Rehash schedules, and bad input that fails clearly and writes nothing.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,8 +17,9 @@ fn temp(test: &str) -> PathBuf {
     dir
 }
 
-/// Run `streamline svd` on the fixture; flags in `extra` replace the defaults' values.
-fn svd(output: &Path, extra: &[&str]) -> (bool, String) {
+/// Run `streamline COMMAND...` on the fixture; flags in `extra` replace the defaults' values.
+/// Returns success, stdout and stderr.
+fn streamline(command: &[&str], extra: &[&str]) -> (bool, String, String) {
     let model = fixture().join("model").display().to_string();
     let image = fixture().join("image.png").display().to_string();
     let defaults = [
@@ -31,22 +32,31 @@ fn svd(output: &Path, extra: &[&str]) -> (bool, String) {
         ("--decode-chunk-size", "2"),
         ("--seed", "7"),
     ];
-    let mut args = vec!["svd".to_string()];
+    let mut args: Vec<String> = command.iter().map(|s| s.to_string()).collect();
     for (flag, value) in defaults {
         if !extra.contains(&flag) {
             args.extend([flag.to_string(), value.to_string()]);
         }
     }
     args.extend(extra.iter().map(|s| s.to_string()));
-    args.extend(["--output".to_string(), output.display().to_string()]);
     let out = Command::new(env!("CARGO_BIN_EXE_streamline"))
         .args(&args)
         .output()
         .unwrap();
     (
         out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Run `streamline svd` on the fixture, writing `output`.
+fn svd(output: &Path, extra: &[&str]) -> (bool, String) {
+    let output = output.display().to_string();
+    let mut extra = extra.to_vec();
+    extra.extend(["--output", output.as_str()]);
+    let (ok, _, err) = streamline(&["svd"], &extra);
+    (ok, err)
 }
 
 fn frames(path: &Path) -> Tensor {
@@ -248,5 +258,85 @@ fn without_model_uses_the_built_in_model_at_its_size() {
         .unwrap();
     assert_eq!(decoded.len(), 8, "the default model makes 8 frames");
     assert_eq!(decoded[0].buffer().dimensions(), (64, 64));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn rehash_flag_search_and_evaluate() {
+    let dir = temp("rehash");
+    let (off, every, some) = (
+        dir.join("off.safetensors"),
+        dir.join("every.safetensors"),
+        dir.join("some.safetensors"),
+    );
+    let steps = ["--num-inference-steps", "3"];
+    assert!(svd(&off, &steps).0);
+    let (ok, err) = svd(&every, &[&steps[..], &["--rehash", "uniform:3"]].concat());
+    assert!(ok && err.contains("3 full evaluations"), "{err}");
+    let diff = (frames(&off) - frames(&every))
+        .unwrap()
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(diff, 0.0, "uniform:N over N steps is original inference");
+
+    let schedule = dir.join("schedule.toml");
+    let search = [
+        "--num-inference-steps",
+        "3",
+        "--key-steps",
+        "2",
+        "--out",
+        schedule.to_str().unwrap(),
+    ];
+    let (ok, _, err) = streamline(&["rehash", "search"], &search);
+    assert!(ok, "{err}");
+    let text = std::fs::read_to_string(&schedule).unwrap();
+    assert!(
+        text.contains("num_inference_steps = 3") && text.contains("method = \"dp\""),
+        "{text}"
+    );
+    let with_file = [&steps[..], &["--rehash", schedule.to_str().unwrap()]].concat();
+    let (ok, err) = svd(&some, &with_file);
+    assert!(ok && err.contains("2 full + 1 partial"), "{err}");
+
+    let (ok, table, err) = streamline(
+        &["rehash", "evaluate"],
+        &[
+            &steps[..],
+            &[
+                "--rehash",
+                "uniform:1",
+                "--rehash",
+                schedule.to_str().unwrap(),
+            ],
+        ]
+        .concat(),
+    );
+    assert!(ok, "{err}");
+    assert_eq!(table.lines().count(), 5, "{table}");
+    assert!(table.contains("| uniform:1 | [0] | 1 + 2 |"), "{table}");
+
+    for (flags, needle) in [
+        (vec!["--rehash", "fast"], "--rehash"),
+        (vec!["--rehash", "uniform:4"], "4 key steps"),
+        (
+            vec![
+                "--num-inference-steps",
+                "4",
+                "--rehash",
+                schedule.to_str().unwrap(),
+            ],
+            "3 inference steps",
+        ),
+    ] {
+        let out = dir.join("bad.gif");
+        let (ok, err) = svd(&out, &flags);
+        assert!(!ok && err.contains(needle), "{flags:?}: {err}");
+        assert!(!out.exists());
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

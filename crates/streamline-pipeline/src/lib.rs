@@ -11,7 +11,9 @@
 //!   chunked temporal decoding).
 //! - [`scheduler`]: diffusers' Euler scheduler as SVD uses it, reproducing its schedules.
 //! - [`video`] reads the conditioning image and writes frames as a GIF, PNG files or
-//!   safetensors, atomically.
+//!   safetensors, atomically; [`quality`] scores frames against a reference (PSNR, SSIM).
+//! - Step Rehash runs inside the denoising loop: `SvdSettings::rehash` picks, per step, the
+//!   whole UNet or the partial plan that reuses cached features (streamline-rehash).
 //!
 //! AnimateDiff text-to-video arrives with its issue.
 //!
@@ -24,6 +26,7 @@
 
 pub mod optimize;
 pub mod planner;
+pub mod quality;
 pub mod scheduler;
 pub mod svd;
 pub mod video;

@@ -136,11 +136,7 @@ pub fn write_video(frames: &Tensor, path: &Path, fps: f64) -> Result<(), VideoEr
                     fps,
                 });
             }
-            let bytes = encode_gif(frames, count, fps, path)?;
-            let (staged, mut file) = stage_file(path)?;
-            file.write_all(&bytes)
-                .map_err(|source| io_error(path, "writing", source))?;
-            staged.commit(path)
+            write_atomically(path, &encode_gif(frames, count, fps, path)?)
         }
         Form::Safetensors => {
             let tensor_error = |source| VideoError::Tensor {
@@ -161,6 +157,15 @@ pub fn write_video(frames: &Tensor, path: &Path, fps: f64) -> Result<(), VideoEr
         }
         Form::PngFrames => write_png_frames(frames, count, path),
     }
+}
+
+/// Write `bytes` to `path` through a temporary sibling and one rename, so a failure leaves
+/// no half-written file (videos, Step Rehash schedules).
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), VideoError> {
+    let (staged, mut file) = stage_file(path)?;
+    file.write_all(bytes)
+        .map_err(|source| io_error(path, "writing", source))?;
+    staged.commit(path)
 }
 
 enum Form {

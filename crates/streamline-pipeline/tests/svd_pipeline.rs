@@ -49,6 +49,7 @@ fn setup() -> (
         motion_bucket_id: s.motion_bucket_id,
         noise_aug_strength: s.noise_aug_strength,
         decode_chunk_size: Some(s.decode_chunk_size),
+        ..SvdSettings::default()
     };
     let rgb = image::open(fixture("svd_pipeline").join("image.png"))
         .unwrap()

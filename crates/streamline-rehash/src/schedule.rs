@@ -162,6 +162,16 @@ impl std::str::FromStr for RehashArg {
     }
 }
 
+impl std::fmt::Display for RehashArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RehashArg::Off => f.write_str("off"),
+            RehashArg::Uniform(k) => write!(f, "uniform:{k}"),
+            RehashArg::File(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
 impl RehashArg {
     /// The schedule for a run of `steps` inference steps; `None` for `off`.
     pub fn schedule(&self, steps: usize) -> Result<Option<Schedule>, ScheduleError> {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Tensor};
 use serde::Deserialize;
-use streamline_ir::{Executor, Graph, Plan, Request};
+use streamline_ir::{Executor, Graph, Plan, Request, RunOutput};
 use streamline_models::clip::ClipVisionModelWithProjection;
 use streamline_models::load::{load_config, ModelError};
 use streamline_models::svd::{
@@ -16,6 +16,7 @@ use thiserror::Error;
 use super::preprocess::{clip_input, Planes};
 use crate::optimize::{optimize, Optimization, OptimizeError};
 use crate::scheduler::{EulerDiscreteScheduler, SchedulerError};
+use streamline_rehash::{Rehash, StepError, StepRehash};
 use streamline_slicer::naive::frame_chunks;
 
 #[derive(Debug, Error)]
@@ -30,6 +31,8 @@ pub enum SvdError {
     Optimize(Box<OptimizeError>),
     #[error(transparent)]
     Scheduler(Box<SchedulerError>),
+    #[error(transparent)]
+    Rehash(#[from] StepError),
     #[error(transparent)]
     Ir(#[from] streamline_ir::IrError),
     #[error(transparent)]
@@ -69,6 +72,8 @@ pub struct SvdSettings {
     pub noise_aug_strength: f64,
     /// Frames per VAE decoder call; defaults to all frames.
     pub decode_chunk_size: Option<usize>,
+    /// Step Rehash (not a diffusers argument): which steps run the whole UNet.
+    pub rehash: Rehash,
 }
 
 impl Default for SvdSettings {
@@ -84,6 +89,7 @@ impl Default for SvdSettings {
             motion_bucket_id: 127,
             noise_aug_strength: 0.02,
             decode_chunk_size: None,
+            rehash: Rehash::Off,
         }
     }
 }
@@ -127,9 +133,18 @@ impl Call {
     }
 
     fn run(&self, inputs: Vec<Tensor>, device: &Device) -> Result<(Tensor, usize), SvdError> {
-        let exec = Executor::new(&self.graph, &self.plan, device)?;
-        let mut out = exec.run(inputs, &Request::default())?;
+        let mut out = self.run_with(inputs, device, &Request::default())?;
         Ok((out.outputs.remove(0), out.stats.peak_bytes))
+    }
+
+    fn run_with(
+        &self,
+        inputs: Vec<Tensor>,
+        device: &Device,
+        request: &Request,
+    ) -> Result<RunOutput, SvdError> {
+        let exec = Executor::new(&self.graph, &self.plan, device)?;
+        Ok(exec.run(inputs, request)?)
     }
 }
 
@@ -153,6 +168,15 @@ pub struct RunReport {
     /// Largest live-tensor peak of one UNet step and of one decode call (executor-measured).
     pub unet_peak_bytes: usize,
     pub decode_peak_bytes: usize,
+    /// UNet evaluations that ran the whole network, and Step Rehash's partial ones.
+    pub full_steps: usize,
+    pub partial_steps: usize,
+    /// Floating-point operations of all UNet evaluations (from the IR).
+    pub unet_flops: u64,
+    /// Seconds spent in the denoising loop.
+    pub denoise_seconds: f64,
+    /// With [`Rehash::Record`]: the cached features of every step, in step order.
+    pub recorded: Vec<Tensor>,
 }
 
 impl StableVideoDiffusion {
@@ -327,15 +351,25 @@ impl StableVideoDiffusion {
                 Call::new(&self.unet.lower(shape)?, optimization)
             })
             .collect::<Result<Vec<_>, SvdError>>()?;
-        let mut report = RunReport::default();
         let steps = scheduler.timesteps().len();
+        if calls.len() > 1 && matches!(settings.rehash, Rehash::Record(_)) {
+            return Err(SvdError::Input(
+                "calibration records one UNet call per step; naive slicing makes several".into(),
+            ));
+        }
+        let mut rehash = calls
+            .iter()
+            .map(|call| StepRehash::new(settings.rehash.clone(), &call.graph, steps))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut report = RunReport::default();
+        let started = std::time::Instant::now();
         for i in 0..steps {
             progress(Stage::Denoise { step: i, of: steps });
             let input = scheduler.scale_model_input(&Tensor::cat(&[&latents, &latents], 0)?, i)?;
             let input = Tensor::cat(&[&input, &lat], 2)?;
             let t = scheduler.timesteps()[i];
             let mut preds = Vec::with_capacity(chunks.len());
-            for (range, call) in chunks.iter().zip(&calls) {
+            for ((range, call), rehash) in chunks.iter().zip(&calls).zip(&mut rehash) {
                 let part = input.narrow(1, range.start, range.len())?.reshape((
                     2 * range.len(),
                     2 * c,
@@ -348,14 +382,24 @@ impl StableVideoDiffusion {
                     embeds.clone(),
                     ids.clone(),
                 ];
-                let (pred, peak) = call.run(inputs, dev)?;
-                report.unet_peak_bytes = report.unet_peak_bytes.max(peak);
-                preds.push(pred.reshape((2, range.len(), c, h, w))?);
+                let request = rehash.request(i)?;
+                let mut out = call.run_with(inputs, dev, &request)?;
+                rehash.absorb(std::mem::take(&mut out.kept))?;
+                report.unet_peak_bytes = report.unet_peak_bytes.max(out.stats.peak_bytes);
+                report.unet_flops += out.stats.flops;
+                preds.push(out.outputs.remove(0).reshape((2, range.len(), c, h, w))?);
             }
             let pred = Tensor::cat(&preds, 1)?;
             let (uncond, cond) = (pred.narrow(0, 0, 1)?, pred.narrow(0, 1, 1)?);
             let guided = (&uncond + guidance.broadcast_mul(&(&cond - &uncond)?)?)?;
             latents = scheduler.step(&guided, i, &latents)?;
+        }
+        report.denoise_seconds = started.elapsed().as_secs_f64();
+        for r in rehash {
+            let (full, partial) = r.counts();
+            report.full_steps += full;
+            report.partial_steps += partial;
+            report.recorded.extend(r.into_recorded());
         }
         let (frames_out, peak) = self.decode(&latents, settings, optimization, progress)?;
         report.decode_peak_bytes = peak;

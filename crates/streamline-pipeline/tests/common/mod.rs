@@ -6,6 +6,12 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
+use streamline_pipeline::svd::{
+    default_model_dir, unit_noise, Planes, RunReport, StableVideoDiffusion, SvdSettings,
+};
+use streamline_pipeline::video::load_image;
+use streamline_pipeline::Optimization;
+use streamline_rehash::Rehash;
 
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -44,4 +50,59 @@ pub fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap()
+}
+
+/// The built-in default model (docs/default-model.md), f32 on the CPU.
+pub fn default_model() -> StableVideoDiffusion {
+    StableVideoDiffusion::load(&default_model_dir(), DType::F32, &Device::Cpu).unwrap_or_else(|e| {
+        panic!(
+            "the default model at {}: {e}",
+            default_model_dir().display()
+        )
+    })
+}
+
+/// An example image (examples/NAME.png) at the default model's size: `(3, H, W)` and planes.
+pub fn example(pipe: &StableVideoDiffusion, name: &str) -> (Tensor, Planes) {
+    let (h, w) = pipe
+        .native_size()
+        .expect("the default model records its size");
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples")
+        .join(format!("{name}.png"));
+    let image = load_image(&path, Some((h, w))).unwrap();
+    let planes = Planes::from_tensor(&image).unwrap();
+    (image, planes)
+}
+
+/// A run of the default model at its size and defaults, noise from `seed` as the CLI makes it.
+pub fn generate(
+    pipe: &StableVideoDiffusion,
+    image: &Planes,
+    seed: u64,
+    optimization: Optimization,
+    rehash: Rehash,
+) -> (Tensor, RunReport) {
+    let (h, w) = pipe
+        .native_size()
+        .expect("the default model records its size");
+    let settings = SvdSettings {
+        height: h,
+        width: w,
+        rehash,
+        ..SvdSettings::default()
+    };
+    let frames = pipe.num_frames(&settings);
+    let s = pipe.vae.scale_factor();
+    let latents = unit_noise((1, frames, 4, h / s, w / s), seed, &Device::Cpu).unwrap();
+    let image_noise = unit_noise((1, 3, h, w), seed + 1, &Device::Cpu).unwrap();
+    pipe.generate(
+        image,
+        &settings,
+        &latents,
+        &image_noise,
+        optimization,
+        &mut |_| {},
+    )
+    .unwrap()
 }

@@ -1,0 +1,198 @@
+//! `streamline rehash search | evaluate`: Step Rehash schedules from calibration, and what
+//! they cost in quality and gain in time against original inference.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use streamline_pipeline::quality::{psnr, ssim};
+use streamline_pipeline::svd::RunReport;
+use streamline_pipeline::video::write_atomically;
+use streamline_rehash::{
+    greedy, mean, optimal, similarity, CachePoint, Method, Metric, Rehash, RehashArg, Schedule,
+};
+
+use crate::session::{Inputs, Session, SvdCommon};
+
+#[derive(Subcommand, Debug)]
+pub enum RehashCommand {
+    /// Calibrate (original inference on each --image, recording the cached features at every
+    /// step) and search the key steps; writes a schedule for `--rehash`.
+    Search(SearchArgs),
+    /// Run original inference and each --rehash schedule on each --image and report speedup,
+    /// PSNR and SSIM against original inference (a Markdown table on stdout).
+    Evaluate(EvaluateArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum SearchMethod {
+    /// The optimal dynamic program.
+    Dp,
+    /// The paper's greedy threshold walk (Algorithm 1).
+    Greedy,
+}
+
+#[derive(Args, Debug)]
+pub struct SearchArgs {
+    #[command(flatten)]
+    common: SvdCommon,
+    /// Calibration image; repeat for several (their similarity matrices are averaged).
+    #[arg(long = "image", required = true)]
+    images: Vec<PathBuf>,
+    /// Full UNet evaluations in the schedule (the first step is always one).
+    #[arg(long)]
+    key_steps: usize,
+    #[arg(long, value_enum, default_value = "dp")]
+    method: SearchMethod,
+    #[arg(long, default_value = "cosine", value_parser = ["cosine", "rel-l2"])]
+    metric: String,
+    /// Where features are cached: `up_blocks.N`, the output of up block N (default: the last
+    /// up-block boundary, which feeds the last up block).
+    #[arg(long)]
+    cache_point: Option<String>,
+    /// The schedule file to write (TOML).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct EvaluateArgs {
+    #[command(flatten)]
+    common: SvdCommon,
+    /// Evaluation image; repeat for several (figures are averaged).
+    #[arg(long = "image", required = true)]
+    images: Vec<PathBuf>,
+    /// A schedule to evaluate: `uniform:K` or a file; repeat for several.
+    #[arg(long = "rehash", required = true)]
+    schedules: Vec<RehashArg>,
+}
+
+pub fn run(command: RehashCommand) -> Result<()> {
+    match command {
+        RehashCommand::Search(args) => search(args),
+        RehashCommand::Evaluate(args) => evaluate(args),
+    }
+}
+
+fn search(args: SearchArgs) -> Result<()> {
+    let session = args.common.load()?;
+    let steps = args.common.num_inference_steps;
+    let metric: Metric = args.metric.parse().map_err(anyhow::Error::msg)?;
+    let point: CachePoint = match &args.cache_point {
+        Some(p) => p.parse()?,
+        None => CachePoint::default(),
+    };
+    let mut runs = Vec::new();
+    for (n, image) in args.images.iter().enumerate() {
+        let inputs = session.inputs(image, args.common.seed, None)?;
+        let label = format!("calib {}/{} ", n + 1, args.images.len());
+        let (_, report) =
+            session.generate(&inputs, session.optimization, Rehash::Record(point), &label)?;
+        runs.push(similarity(&report.recorded, metric)?);
+    }
+    let sim = mean(&runs)?;
+    let (method, keys) = match args.method {
+        SearchMethod::Dp => (Method::Dp, optimal(&sim, args.key_steps)?),
+        SearchMethod::Greedy => (Method::Greedy, greedy(&sim, args.key_steps)?),
+    };
+    let schedule = Schedule {
+        num_inference_steps: steps,
+        score: Some(sim.score(&keys)),
+        key_steps: keys,
+        method,
+        cache_point: args.cache_point.clone(),
+        metric: Some(metric),
+    };
+    schedule.validate(None)?;
+    write_atomically(&args.out, schedule.to_toml().as_bytes())?;
+    let adjacent: Vec<String> = (1..steps)
+        .map(|j| format!("{:.4}", sim.get(j - 1, j)))
+        .collect();
+    eprintln!(
+        "{metric} similarity of adjacent steps: {}\nwrote {}: key steps {:?} ({} of {steps} steps run the whole UNet), score {:.4}",
+        adjacent.join(" "),
+        args.out.display(),
+        schedule.key_steps,
+        schedule.full_steps(),
+        schedule.score.unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// Sums over the evaluation images for one schedule.
+#[derive(Default)]
+struct Tally {
+    seconds: f64,
+    flops: u64,
+    full: usize,
+    partial: usize,
+    psnr: f64,
+    ssim: f64,
+}
+
+fn evaluate(args: EvaluateArgs) -> Result<()> {
+    let session: Session = args.common.load()?;
+    let steps = args.common.num_inference_steps;
+    let schedules = args
+        .schedules
+        .iter()
+        .map(|s| {
+            Ok((
+                s.to_string(),
+                s.schedule(steps)?
+                    .context("`off` is the reference itself")?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut reference = Tally::default();
+    let mut tallies: Vec<Tally> = schedules.iter().map(|_| Tally::default()).collect();
+    for (n, image) in args.images.iter().enumerate() {
+        let inputs: Inputs = session.inputs(image, args.common.seed, None)?;
+        let label = format!("{}/{} ", n + 1, args.images.len());
+        let (original, report) =
+            session.generate(&inputs, session.optimization, Rehash::Off, &label)?;
+        reference.add(&report);
+        for ((_, schedule), tally) in schedules.iter().zip(&mut tallies) {
+            let (frames, report) = session.generate(
+                &inputs,
+                session.optimization,
+                Rehash::Schedule(schedule.clone()),
+                &label,
+            )?;
+            tally.add(&report);
+            tally.psnr += psnr(&frames, &original)?;
+            tally.ssim += ssim(&frames, &original)?;
+        }
+    }
+    let n = args.images.len() as f64;
+    println!(
+        "| schedule | key steps | full + partial UNet evaluations | UNet GFLOP | denoising s | speedup | PSNR dB | SSIM |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let row = |name: &str, keys: &str, t: &Tally, quality: &str| {
+        println!(
+            "| {name} | {keys} | {} + {} | {:.2} | {:.2} | {:.2}x | {quality} |",
+            t.full as f64 / n,
+            t.partial as f64 / n,
+            t.flops as f64 / 1e9 / n,
+            t.seconds / n,
+            reference.seconds / t.seconds,
+        )
+    };
+    row("original", "all", &reference, "reference | 1");
+    for ((name, schedule), t) in schedules.iter().zip(&tallies) {
+        let keys = format!("{:?}", schedule.key_steps);
+        let quality = format!("{:.2} | {:.4}", t.psnr / n, t.ssim / n);
+        row(name, &keys, t, &quality);
+    }
+    Ok(())
+}
+
+impl Tally {
+    fn add(&mut self, report: &RunReport) {
+        self.seconds += report.denoise_seconds;
+        self.flops += report.unet_flops;
+        self.full += report.full_steps;
+        self.partial += report.partial_steps;
+    }
+}

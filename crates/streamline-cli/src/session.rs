@@ -1,0 +1,229 @@
+//! What every SVD job shares: the model and sampling flags, loading, noise, and a generation
+//! with progress bars.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use streamline_pipeline::svd::{
+    default_model_dir, unit_noise, Planes, RunReport, StableVideoDiffusion, Stage, SvdSettings,
+    DEFAULT_MODEL_ENV,
+};
+use streamline_pipeline::video::load_image;
+use streamline_pipeline::Optimization;
+use streamline_rehash::Rehash;
+
+use crate::{DeviceArg, Dtype, OptimizationArgs, VideoSize, DIFFUSERS_HEIGHT, DIFFUSERS_WIDTH};
+
+/// Flags named after diffusers' `StableVideoDiffusionPipeline.__call__`, plus the model,
+/// precision, device and optimization.
+#[derive(Args, Debug)]
+pub struct SvdCommon {
+    /// A diffusers SVD folder: unet/, vae/, image_encoder/, scheduler/, feature_extractor/.
+    /// Defaults to the built-in tiny model (64x64, 8 frames; docs/default-model.md).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[command(flatten)]
+    video: VideoSize,
+    #[arg(long, default_value_t = 25)]
+    pub num_inference_steps: usize,
+    #[arg(long, default_value_t = 1.0)]
+    min_guidance_scale: f64,
+    #[arg(long, default_value_t = 3.0)]
+    max_guidance_scale: f64,
+    /// Frames per second: conditions the model (fps - 1) and times the GIF.
+    #[arg(long, default_value_t = 7)]
+    pub fps: usize,
+    #[arg(long, default_value_t = 127)]
+    motion_bucket_id: usize,
+    #[arg(long, default_value_t = 0.02)]
+    noise_aug_strength: f64,
+    /// Frames per VAE decoder call (defaults to all frames).
+    #[arg(long)]
+    decode_chunk_size: Option<usize>,
+    /// Seed of the initial latents and the noise augmentation.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: Dtype,
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
+    #[command(flatten)]
+    pub optimization: OptimizationArgs,
+}
+
+/// A loaded model and the settings of its runs.
+pub struct Session {
+    pub pipe: StableVideoDiffusion,
+    pub device: Device,
+    pub settings: SvdSettings,
+    pub optimization: Optimization,
+}
+
+impl SvdCommon {
+    pub fn load(&self) -> Result<Session> {
+        let VideoSize {
+            height,
+            width,
+            num_frames,
+        } = self.video;
+        for (flag, value) in [("height", height), ("width", width)] {
+            if let Some(value) = value.filter(|v| *v == 0 || v % 8 != 0) {
+                bail!(
+                    "--{flag} {value}: must be a positive multiple of 8 (the VAE works in 8x8 blocks)"
+                );
+            }
+        }
+        let optimization = self.optimization.optimization()?;
+        let device = self.device.device()?;
+        let model = match &self.model {
+            Some(dir) => dir.clone(),
+            None => {
+                let dir = default_model_dir();
+                if !dir.is_dir() {
+                    bail!(
+                        "no --model given and the built-in default model is not at {} (it ships in the source tree; pass --model or set {DEFAULT_MODEL_ENV})",
+                        dir.display()
+                    );
+                }
+                dir
+            }
+        };
+        let pipe = StableVideoDiffusion::load(&model, self.dtype.into(), &device)?;
+        // The built-in model only knows its training size; real checkpoints get diffusers'
+        // defaults.
+        let native = self.model.is_none().then(|| pipe.native_size()).flatten();
+        let settings = SvdSettings {
+            height: height.or(native.map(|n| n.0)).unwrap_or(DIFFUSERS_HEIGHT),
+            width: width.or(native.map(|n| n.1)).unwrap_or(DIFFUSERS_WIDTH),
+            num_frames,
+            num_inference_steps: self.num_inference_steps,
+            min_guidance_scale: self.min_guidance_scale,
+            max_guidance_scale: self.max_guidance_scale,
+            fps: self.fps,
+            motion_bucket_id: self.motion_bucket_id,
+            noise_aug_strength: self.noise_aug_strength,
+            decode_chunk_size: self.decode_chunk_size,
+            rehash: Rehash::Off,
+        };
+        Ok(Session {
+            pipe,
+            device,
+            settings,
+            optimization,
+        })
+    }
+}
+
+fn read_latents(path: &Path, expected: &[usize]) -> Result<Tensor> {
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu).with_context(|| {
+        format!(
+            "--latents {}: not a readable safetensors file",
+            path.display()
+        )
+    })?;
+    let latents = tensors
+        .get("latents")
+        .with_context(|| format!("--latents {}: no tensor named `latents`", path.display()))?;
+    if latents.dims() != expected {
+        bail!(
+            "--latents {}: tensor `latents` has shape {:?}, expected {expected:?} (1, frames, channels, height/8, width/8)",
+            path.display(),
+            latents.dims()
+        );
+    }
+    Ok(latents.to_dtype(DType::F32)?)
+}
+
+pub fn bar(len: usize, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} {elapsed_precise}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
+
+/// The conditioning image and the noise of one generation.
+pub struct Inputs {
+    pub image: Planes,
+    pub latents: Tensor,
+    pub image_noise: Tensor,
+}
+
+impl Session {
+    pub fn frames(&self) -> usize {
+        self.pipe.num_frames(&self.settings)
+    }
+
+    /// The image at the run's size, and noise from `seed` (or unit-noise `latents` from a file).
+    pub fn inputs(&self, image: &Path, seed: u64, latents: Option<&Path>) -> Result<Inputs> {
+        let SvdSettings { height, width, .. } = self.settings;
+        let planes = Planes::from_tensor(&load_image(image, Some((height, width)))?)?;
+        let s = self.pipe.vae.scale_factor();
+        let shape = [
+            1,
+            self.frames(),
+            self.pipe.vae.config().latent_channels,
+            height / s,
+            width / s,
+        ];
+        let latents = match latents {
+            Some(path) => read_latents(path, &shape)?,
+            None => unit_noise(shape.as_slice(), seed, &Device::Cpu)?,
+        }
+        .to_device(&self.device)?;
+        let image_noise = unit_noise((1, 3, height, width), seed.wrapping_add(1), &self.device)?;
+        Ok(Inputs {
+            image: planes,
+            latents,
+            image_noise,
+        })
+    }
+
+    /// Generate with progress bars (`label` prefixes them when several runs share a screen).
+    pub fn generate(
+        &self,
+        inputs: &Inputs,
+        optimization: Optimization,
+        rehash: Rehash,
+        label: &str,
+    ) -> Result<(Tensor, RunReport)> {
+        let settings = SvdSettings {
+            rehash,
+            ..self.settings.clone()
+        };
+        let mut current: Option<ProgressBar> = None;
+        let mut progress = |stage: Stage| {
+            let (what, pos, len) = match stage {
+                Stage::Denoise { step, of } => ("denoise", step, of),
+                Stage::Decode { chunk, of } => ("decode", chunk, of),
+            };
+            if pos == 0 {
+                if let Some(done) = current.take() {
+                    done.finish();
+                }
+                current = Some(bar(len, &format!("{label}{what}")));
+            }
+            if let Some(b) = &current {
+                b.set_position(pos as u64 + 1);
+            }
+        };
+        let out = self.pipe.generate(
+            &inputs.image,
+            &settings,
+            &inputs.latents,
+            &inputs.image_noise,
+            optimization,
+            &mut progress,
+        )?;
+        if let Some(done) = current.take() {
+            done.finish();
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,205 @@
+//! Step Rehash inside the SVD pipeline: a schedule of only key steps is original inference,
+//! partial steps compute less, rehash composes with slicing and grouping, and on the default
+//! model a 13-of-25 schedule from the dynamic program keeps frames above 30 dB PSNR.
+
+mod common;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use common::{default_model, example, fixture, generate, max_abs};
+use streamline_pipeline::quality::{psnr, ssim};
+use streamline_pipeline::svd::{Planes, RunReport, StableVideoDiffusion, SvdSettings};
+use streamline_pipeline::Optimization;
+use streamline_rehash::{optimal, similarity, CachePoint, Metric, Rehash, Schedule};
+
+const PAPER: Optimization = Optimization::Paper {
+    temporal_chunks: 7,
+    spatial_chunks: 7,
+};
+
+struct Fixture {
+    pipe: StableVideoDiffusion,
+    io: HashMap<String, Tensor>,
+    image: Planes,
+}
+
+/// The tiny pipeline fixture (3 frames 16x24, 2 up blocks: one boundary) at 4 steps.
+fn fixture_pipe() -> Fixture {
+    let dev = Device::Cpu;
+    let dir = fixture("svd_pipeline");
+    let io = candle_core::safetensors::load(dir.join("io.safetensors"), &dev).unwrap();
+    let pipe = StableVideoDiffusion::load(&dir.join("model"), DType::F32, &dev).unwrap();
+    let image = streamline_pipeline::video::load_image(&dir.join("image.png"), None).unwrap();
+    Fixture {
+        pipe,
+        io,
+        image: Planes::from_tensor(&image).unwrap(),
+    }
+}
+
+impl Fixture {
+    fn run(&self, optimization: Optimization, rehash: Rehash) -> (Tensor, RunReport) {
+        let settings = SvdSettings {
+            height: 16,
+            width: 24,
+            num_frames: Some(3),
+            num_inference_steps: 4,
+            rehash,
+            ..SvdSettings::default()
+        };
+        self.pipe
+            .generate(
+                &self.image,
+                &settings,
+                &self.io["latents"],
+                &self.io["image_noise"],
+                optimization,
+                &mut |_| {},
+            )
+            .unwrap()
+    }
+}
+
+#[test]
+fn a_schedule_of_only_key_steps_is_original_inference() {
+    let f = fixture_pipe();
+    for optimization in [Optimization::Original, PAPER] {
+        let (original, plain) = f.run(optimization, Rehash::Off);
+        let (every, report) = f.run(optimization, Rehash::Schedule(Schedule::every_step(4)));
+        assert_eq!(max_abs(&every, &original), 0.0, "{optimization:?}");
+        assert_eq!((report.full_steps, report.partial_steps), (4, 0));
+        assert_eq!(report.unet_flops, plain.unet_flops);
+    }
+}
+
+#[test]
+fn partial_steps_compute_less_and_compose_with_slicing() {
+    let f = fixture_pipe();
+    let (original, full) = f.run(Optimization::Original, Rehash::Off);
+    let schedule = Schedule {
+        key_steps: vec![0, 2],
+        ..Schedule::every_step(4)
+    };
+    let rehash = Rehash::Schedule(schedule);
+    let (frames, report) = f.run(Optimization::Original, rehash.clone());
+    assert_eq!((report.full_steps, report.partial_steps), (2, 2));
+    assert!(
+        report.unet_flops < full.unet_flops,
+        "{} FLOPs with rehash, {} without",
+        report.unet_flops,
+        full.unet_flops
+    );
+    assert!(
+        max_abs(&frames, &original) > 0.0,
+        "partial steps reuse stale features"
+    );
+    for optimization in [PAPER, Optimization::Budget { bytes: 2 << 20 }] {
+        let (sliced, _) = f.run(optimization, rehash.clone());
+        let diff = max_abs(&sliced, &frames);
+        assert!(
+            diff <= 2e-3,
+            "{optimization:?}: rehash frames differ by {diff}"
+        );
+    }
+}
+
+#[test]
+fn calibration_records_every_step_and_needs_one_call_per_step() {
+    let f = fixture_pipe();
+    let (original, _) = f.run(Optimization::Original, Rehash::Off);
+    let (frames, report) = f.run(
+        Optimization::Original,
+        Rehash::Record(CachePoint::default()),
+    );
+    assert_eq!(
+        max_abs(&frames, &original),
+        0.0,
+        "recording is original inference"
+    );
+    assert_eq!(report.recorded.len(), 4);
+    let sim = similarity(&report.recorded, Metric::Cosine).unwrap();
+    assert!((0..4).all(|i| (sim.get(i, i) - 1.0).abs() < 1e-9));
+
+    let settings = SvdSettings {
+        height: 16,
+        width: 24,
+        num_frames: Some(3),
+        num_inference_steps: 4,
+        rehash: Rehash::Record(CachePoint::default()),
+        ..SvdSettings::default()
+    };
+    let naive = Optimization::Naive { temporal_chunks: 2 };
+    let err = f
+        .pipe
+        .generate(
+            &f.image,
+            &settings,
+            &f.io["latents"],
+            &f.io["image_noise"],
+            naive,
+            &mut |_| {},
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("naive"), "{err}");
+    let bad = SvdSettings {
+        rehash: Rehash::Record(CachePoint::UpBlock(3)),
+        ..settings
+    };
+    let err = f
+        .pipe
+        .generate(
+            &f.image,
+            &bad,
+            &f.io["latents"],
+            &f.io["image_noise"],
+            Optimization::Original,
+            &mut |_| {},
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("up_blocks.3") && err.contains("up_blocks.0"),
+        "{err}"
+    );
+}
+
+/// Calibrate on the blue example (seed 1), evaluate on the red one (seed 0): held-out image
+/// and noise.
+#[test]
+fn dp_schedule_13_of_25_keeps_the_default_model_above_30_db() {
+    let pipe = default_model();
+    let (_, blue) = example(&pipe, "blue");
+    let record = Rehash::Record(CachePoint::default());
+    let (_, calibration) = generate(&pipe, &blue, 1, Optimization::Original, record);
+    let sim = similarity(&calibration.recorded, Metric::Cosine).unwrap();
+    let schedule = Schedule {
+        key_steps: optimal(&sim, 13).unwrap(),
+        ..Schedule::every_step(25)
+    };
+    let rehash = Rehash::Schedule(schedule.clone());
+
+    let (_, red) = example(&pipe, "red");
+    let (original, full) = generate(&pipe, &red, 0, Optimization::Original, Rehash::Off);
+    let (frames, report) = generate(&pipe, &red, 0, Optimization::Original, rehash.clone());
+    let quality = psnr(&frames, &original).unwrap();
+    let structure = ssim(&frames, &original).unwrap();
+    eprintln!(
+        "key steps {:?}: PSNR {quality:.2} dB, SSIM {structure:.4}, UNet FLOPs {:.3}x of original, denoising {:.2} s vs {:.2} s",
+        schedule.key_steps,
+        report.unet_flops as f64 / full.unet_flops as f64,
+        report.denoise_seconds,
+        full.denoise_seconds
+    );
+    assert_eq!((report.full_steps, report.partial_steps), (13, 12));
+    assert!(report.unet_flops < full.unet_flops);
+    assert!(quality >= 30.0, "PSNR {quality:.2} dB < 30 dB");
+
+    let (sliced, _) = generate(&pipe, &red, 0, PAPER, rehash);
+    let diff = max_abs(&sliced, &frames);
+    assert!(
+        diff <= 2e-3,
+        "rehash with paper 7/7: frames differ by {diff}"
+    );
+}
