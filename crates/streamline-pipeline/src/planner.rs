@@ -11,6 +11,7 @@ use streamline_models::svd::{
     AutoencoderKLTemporalDecoder, UNetConfig, UNetShape, UNetSpatioTemporalConditionModel,
     VaeConfig,
 };
+use streamline_rehash::CachePoint;
 use streamline_slicer::human;
 use thiserror::Error;
 
@@ -130,6 +131,40 @@ impl CallPlan {
 }
 
 /// The planned memory of one denoising step and one decode call, from shapes alone.
+/// What Step Rehash costs and saves per UNet call at the default cache point.
+pub struct RehashPlan {
+    pub cache_value: String,
+    pub cache_bytes: usize,
+    /// Planned activation peaks of a key step (the cached value kept to the end) and of a
+    /// partial step (the cached value given, everything it makes unnecessary pruned).
+    pub key_step: usize,
+    pub partial_step: usize,
+    pub full_flops: u64,
+    pub partial_flops: u64,
+}
+
+impl RehashPlan {
+    /// `None` for a UNet with no up-block boundary.
+    fn new(call: &CallPlan) -> Result<Option<Self>, PlanError> {
+        let Ok(value) = CachePoint::default().value_name(&call.graph) else {
+            return Ok(None);
+        };
+        let exec = Executor::new(&call.graph, &call.plan, &Device::Cpu)?;
+        let names = std::slice::from_ref(&value);
+        let full = exec.dry_run(&[], &[])?;
+        let key = exec.dry_run(names, &[])?;
+        let partial = exec.dry_run(&[], names)?;
+        Ok(Some(RehashPlan {
+            cache_bytes: call.graph.info(call.graph.find(&value)?).bytes(),
+            cache_value: value,
+            key_step: key.peak_bytes,
+            partial_step: partial.peak_bytes,
+            full_flops: full.flops,
+            partial_flops: partial.flops,
+        }))
+    }
+}
+
 pub struct PlanReport {
     pub request: PlanRequest,
     pub model_name: String,
@@ -137,6 +172,7 @@ pub struct PlanReport {
     pub latent: (usize, usize),
     pub unet: CallPlan,
     pub decoder: CallPlan,
+    pub rehash: Option<RehashPlan>,
     pub unet_weights: usize,
     pub vae_weights: usize,
     pub image_encoder_weights: usize,
@@ -219,6 +255,7 @@ pub fn plan_report(request: PlanRequest) -> Result<PlanReport, PlanError> {
         model_name,
         frames,
         latent: (h, w),
+        rehash: RehashPlan::new(&unet_call)?,
         unet: unet_call,
         decoder,
         unet_weights: unet_usage.bytes(dtype),
@@ -289,6 +326,22 @@ impl fmt::Display for PlanReport {
             "              (VAE decode in chunks of {} frames)",
             r.decode_chunk_size.min(self.frames)
         )?;
+        if let Some(rh) = &self.rehash {
+            writeln!(
+                f,
+                "step rehash   cache `{}` {}: key step activations {}, partial step {},",
+                rh.cache_value,
+                human(rh.cache_bytes),
+                human(rh.key_step),
+                human(rh.partial_step)
+            )?;
+            writeln!(
+                f,
+                "              a partial step runs {:.0}% of a full step's {:.1} TFLOP",
+                100.0 * rh.partial_flops as f64 / rh.full_flops as f64,
+                rh.full_flops as f64 / 1e12
+            )?;
+        }
         writeln!(f)?;
         writeln!(
             f,
