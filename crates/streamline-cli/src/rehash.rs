@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use streamline_pipeline::quality::{psnr, ssim};
-use streamline_pipeline::svd::RunReport;
+use streamline_pipeline::svd::{example_images, RunReport};
 use streamline_pipeline::video::write_atomically;
 use streamline_rehash::{
     greedy, mean, optimal, similarity, CachePoint, Method, Metric, Rehash, RehashArg, Schedule,
@@ -37,7 +37,8 @@ pub struct SearchArgs {
     #[command(flatten)]
     common: SvdCommon,
     /// Calibration image; repeat for several (their similarity matrices are averaged).
-    #[arg(long = "image", required = true)]
+    /// Defaults to the built-in example images (examples/red.png, blue.png, green.png).
+    #[arg(long = "image")]
     images: Vec<PathBuf>,
     /// Full UNet evaluations in the schedule (the first step is always one).
     #[arg(long)]
@@ -82,10 +83,15 @@ fn search(args: SearchArgs) -> Result<()> {
         Some(p) => p.parse()?,
         None => CachePoint::default(),
     };
+    let images = if args.images.is_empty() {
+        example_images()
+    } else {
+        args.images.clone()
+    };
     let mut runs = Vec::new();
-    for (n, image) in args.images.iter().enumerate() {
+    for (n, image) in images.iter().enumerate() {
         let inputs = session.inputs(image, args.common.seed, None)?;
-        let label = format!("calib {}/{} ", n + 1, args.images.len());
+        let label = format!("calib {}/{} ", n + 1, images.len());
         let (_, report) =
             session.generate(&inputs, session.optimization, Rehash::Record(point), &label)?;
         runs.push(similarity(&report.recorded, metric)?);

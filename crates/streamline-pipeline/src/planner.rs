@@ -38,29 +38,54 @@ impl ModelSpec {
         }
     }
 
-    fn configs(&self) -> Result<(String, UNetConfig, VaeConfig), PlanError> {
+    fn configs(&self) -> Result<Configs, PlanError> {
+        let svd = |name: &str, frames| Configs {
+            name: name.into(),
+            unet: UNetConfig::svd(frames),
+            vae: VaeConfig::svd(),
+            clip: ClipVisionConfig::vit_h14(),
+        };
         Ok(match self {
-            ModelSpec::Svd => ("svd".into(), UNetConfig::svd(14), VaeConfig::svd()),
-            ModelSpec::SvdXt => ("svd-xt".into(), UNetConfig::svd(25), VaeConfig::svd()),
+            ModelSpec::Svd => svd("svd", 14),
+            ModelSpec::SvdXt => svd("svd-xt", 25),
             ModelSpec::Path(p) if p.is_dir() => {
-                let vae = p.join("vae/config.json");
-                let vae = if vae.is_file() {
-                    load_config(&vae)?
-                } else {
-                    VaeConfig::svd()
-                };
-                (
-                    p.display().to_string(),
-                    load_config(&p.join("unet/config.json"))?,
-                    vae,
-                )
+                let (vae, clip) = (
+                    p.join("vae/config.json"),
+                    p.join("image_encoder/config.json"),
+                );
+                Configs {
+                    name: p.display().to_string(),
+                    unet: load_config(&p.join("unet/config.json"))?,
+                    vae: if vae.is_file() {
+                        load_config(&vae)?
+                    } else {
+                        VaeConfig::svd()
+                    },
+                    clip: if clip.is_file() {
+                        ClipVisionConfig::load(&clip)?
+                    } else {
+                        ClipVisionConfig::vit_h14()
+                    },
+                }
             }
-            ModelSpec::Path(p) => (p.display().to_string(), load_config(p)?, VaeConfig::svd()),
+            ModelSpec::Path(p) => Configs {
+                name: p.display().to_string(),
+                unet: load_config(p)?,
+                ..svd("", 14)
+            },
         })
     }
 }
 
 /// What to plan for.
+/// The configs a plan needs; SVD's where a folder lacks one.
+struct Configs {
+    name: String,
+    unet: UNetConfig,
+    vae: VaeConfig,
+    clip: ClipVisionConfig,
+}
+
 #[derive(Clone, Debug)]
 pub struct PlanRequest {
     pub model: ModelSpec,
@@ -201,7 +226,12 @@ fn multiple(flag: &'static str, value: usize, of: usize, why: &str) -> Result<()
 
 /// Build the models on a shape-only weight source and plan both calls.
 pub fn plan_report(request: PlanRequest) -> Result<PlanReport, PlanError> {
-    let (model_name, unet_config, vae_config) = request.model.configs()?;
+    let Configs {
+        name: model_name,
+        unet: unet_config,
+        vae: vae_config,
+        clip: clip_config,
+    } = request.model.configs()?;
     let dev = Device::Cpu;
     let dtype = request.dtype;
     let scale: usize = 1 << (vae_config.block_out_channels.len() - 1);
@@ -246,10 +276,7 @@ pub fn plan_report(request: PlanRequest) -> Result<PlanReport, PlanError> {
 
     let source = WeightSource::shapes_only();
     let clip_usage = source.usage();
-    ClipVisionModelWithProjection::new(
-        &ClipVisionConfig::vit_h14(),
-        source.var_builder(dtype, &dev),
-    )?;
+    ClipVisionModelWithProjection::new(&clip_config, source.var_builder(dtype, &dev))?;
 
     Ok(PlanReport {
         model_name,
@@ -335,11 +362,16 @@ impl fmt::Display for PlanReport {
                 human(rh.key_step),
                 human(rh.partial_step)
             )?;
+            let flops = rh.full_flops as f64;
+            let (amount, unit) = if flops >= 1e12 {
+                (flops / 1e12, "TFLOP")
+            } else {
+                (flops / 1e9, "GFLOP")
+            };
             writeln!(
                 f,
-                "              a partial step runs {:.0}% of a full step's {:.1} TFLOP",
-                100.0 * rh.partial_flops as f64 / rh.full_flops as f64,
-                rh.full_flops as f64 / 1e12
+                "              a partial step runs {:.0}% of a full step's {amount:.1} {unit}",
+                100.0 * rh.partial_flops as f64 / flops,
             )?;
         }
         writeln!(f)?;

@@ -19,12 +19,22 @@ pub const DEFAULT_MODEL_ENV: &str = "STREAMLINE_DEFAULT_MODEL";
 pub fn default_model_dir() -> PathBuf {
     std::env::var_os(DEFAULT_MODEL_ENV)
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let crate_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-            crate_dir
-                .ancestors()
-                .nth(2)
-                .expect("the pipeline crate lives at <workspace>/crates/streamline-pipeline")
-                .join("models/default")
-        })
+        .unwrap_or_else(|| source_tree().join("models/default"))
+}
+
+/// The default model's example conditioning images (`examples/*.png` in the source tree), one
+/// per taught motion; Step Rehash calibrates on them when given no image.
+pub fn example_images() -> Vec<PathBuf> {
+    ["red", "blue", "green"]
+        .iter()
+        .map(|name| source_tree().join(format!("examples/{name}.png")))
+        .collect()
+}
+
+fn source_tree() -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .expect("the pipeline crate lives at <workspace>/crates/streamline-pipeline")
+        .to_path_buf()
 }
