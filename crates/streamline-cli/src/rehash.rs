@@ -45,8 +45,9 @@ pub struct SearchArgs {
     key_steps: usize,
     #[arg(long, value_enum, default_value = "dp")]
     method: SearchMethod,
-    #[arg(long, default_value = "cosine", value_parser = ["cosine", "rel-l2"])]
-    metric: String,
+    /// Step-to-step similarity: `cosine` or `rel-l2` (one minus the relative L2 error).
+    #[arg(long, default_value = "cosine")]
+    metric: Metric,
     /// Where features are cached: `up_blocks.N`, the output of up block N (default: the last
     /// up-block boundary, which feeds the last up block).
     #[arg(long)]
@@ -78,7 +79,12 @@ pub fn run(command: RehashCommand) -> Result<()> {
 fn search(args: SearchArgs) -> Result<()> {
     let session = args.common.load()?;
     let steps = args.common.num_inference_steps;
-    let metric: Metric = args.metric.parse().map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(
+        (1..=steps).contains(&args.key_steps),
+        "--key-steps {}: need 1..={steps} (full UNet evaluations out of --num-inference-steps)",
+        args.key_steps
+    );
+    let metric = args.metric;
     let point: CachePoint = match &args.cache_point {
         Some(p) => p.parse()?,
         None => CachePoint::default(),

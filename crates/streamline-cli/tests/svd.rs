@@ -299,6 +299,13 @@ fn rehash_flag_search_and_evaluate() {
         text.contains("num_inference_steps = 3") && text.contains("method = \"dp\""),
         "{text}"
     );
+    let bad = dir.join("bad.toml");
+    let (ok, _, err) = streamline(
+        &["rehash", "search"],
+        &["--key-steps", "9", "--out", bad.to_str().unwrap()],
+    );
+    assert!(!ok && err.contains("--key-steps 9"), "{err}");
+    assert!(!bad.exists());
     let with_file = [&steps[..], &["--rehash", schedule.to_str().unwrap()]].concat();
     let (ok, err) = svd(&some, &with_file);
     assert!(ok && err.contains("2 full + 1 partial"), "{err}");
