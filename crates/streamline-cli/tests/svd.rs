@@ -59,6 +59,20 @@ fn svd(output: &Path, extra: &[&str]) -> (bool, String) {
     (ok, err)
 }
 
+/// Largest absolute difference of two tensors.
+fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 fn frames(path: &Path) -> Tensor {
     candle_core::safetensors::load(path, &Device::Cpu).unwrap()["frames"].clone()
 }
@@ -118,16 +132,7 @@ fn writes_gif_png_frames_and_safetensors() {
             .unwrap()
             .to_dtype(DType::F32)
             .unwrap();
-        let diff = (got - expected)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs(&got, &expected);
         assert!(
             diff <= 1.0,
             "frame {i}: PNG differs from the raw frame by {diff}"
@@ -145,14 +150,7 @@ fn same_seed_same_frames_and_latents_file_is_used() {
         dir.join("c.safetensors"),
     );
     assert!(svd(&a, &[]).0 && svd(&b, &[]).0);
-    let diff = (frames(&a) - frames(&b))
-        .unwrap()
-        .abs()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs(&frames(&a), &frames(&b));
     assert_eq!(diff, 0.0, "the same seed gave different frames");
     let io =
         candle_core::safetensors::load(fixture().join("io.safetensors"), &Device::Cpu).unwrap();
@@ -273,14 +271,7 @@ fn rehash_flag_search_and_evaluate() {
     assert!(svd(&off, &steps).0);
     let (ok, err) = svd(&every, &[&steps[..], &["--rehash", "uniform:3"]].concat());
     assert!(ok && err.contains("3 full evaluations"), "{err}");
-    let diff = (frames(&off) - frames(&every))
-        .unwrap()
-        .abs()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs(&frames(&off), &frames(&every));
     assert_eq!(diff, 0.0, "uniform:N over N steps is original inference");
 
     let schedule = dir.join("schedule.toml");

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use common::{default_model, example, fixture, generate, max_abs};
 use streamline_pipeline::quality::{psnr, ssim};
-use streamline_pipeline::svd::{Planes, RunReport, StableVideoDiffusion, SvdSettings};
+use streamline_pipeline::svd::{Planes, RunReport, StableVideoDiffusion, SvdError, SvdSettings};
 use streamline_pipeline::Optimization;
 use streamline_rehash::{optimal, similarity, CachePoint, Metric, Rehash, Schedule};
 
@@ -40,6 +40,14 @@ fn fixture_pipe() -> Fixture {
 
 impl Fixture {
     fn run(&self, optimization: Optimization, rehash: Rehash) -> (Tensor, RunReport) {
+        self.try_run(optimization, rehash).unwrap()
+    }
+
+    fn try_run(
+        &self,
+        optimization: Optimization,
+        rehash: Rehash,
+    ) -> Result<(Tensor, RunReport), SvdError> {
         let settings = SvdSettings {
             height: 16,
             width: 24,
@@ -48,16 +56,14 @@ impl Fixture {
             rehash,
             ..SvdSettings::default()
         };
-        self.pipe
-            .generate(
-                &self.image,
-                &settings,
-                &self.io["latents"],
-                &self.io["image_noise"],
-                optimization,
-                &mut |_| {},
-            )
-            .unwrap()
+        self.pipe.generate(
+            &self.image,
+            &settings,
+            &self.io["latents"],
+            &self.io["image_noise"],
+            optimization,
+            &mut |_| {},
+        )
     }
 }
 
@@ -121,42 +127,13 @@ fn calibration_records_every_step_and_needs_one_call_per_step() {
     let sim = similarity(&report.recorded, Metric::Cosine).unwrap();
     assert!((0..4).all(|i| (sim.get(i, i) - 1.0).abs() < 1e-9));
 
-    let settings = SvdSettings {
-        height: 16,
-        width: 24,
-        num_frames: Some(3),
-        num_inference_steps: 4,
-        rehash: Rehash::Record(CachePoint::default()),
-        ..SvdSettings::default()
-    };
     let naive = Optimization::Naive { temporal_chunks: 2 };
-    let err = f
-        .pipe
-        .generate(
-            &f.image,
-            &settings,
-            &f.io["latents"],
-            &f.io["image_noise"],
-            naive,
-            &mut |_| {},
-        )
-        .unwrap_err()
-        .to_string();
+    let record = Rehash::Record(CachePoint::default());
+    let err = f.try_run(naive, record).unwrap_err().to_string();
     assert!(err.contains("naive"), "{err}");
-    let bad = SvdSettings {
-        rehash: Rehash::Record(CachePoint::UpBlock(3)),
-        ..settings
-    };
+    let bad = Rehash::Record(CachePoint::UpBlock(3));
     let err = f
-        .pipe
-        .generate(
-            &f.image,
-            &bad,
-            &f.io["latents"],
-            &f.io["image_noise"],
-            Optimization::Original,
-            &mut |_| {},
-        )
+        .try_run(Optimization::Original, bad)
         .unwrap_err()
         .to_string();
     assert!(
