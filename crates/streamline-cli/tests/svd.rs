@@ -59,18 +59,8 @@ fn svd(output: &Path, extra: &[&str]) -> (bool, String) {
     (ok, err)
 }
 
-/// Largest absolute difference of two tensors.
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    streamline_pipeline::quality::max_abs(a, b).unwrap()
 }
 
 fn frames(path: &Path) -> Tensor {

@@ -1,4 +1,5 @@
-//! Frame quality against a reference video: PSNR and SSIM, for Step Rehash reports.
+//! Frame quality against a reference video: max abs difference, PSNR and SSIM, for tests and
+//! Step Rehash reports.
 //!
 //! SSIM is the standard one of Wang et al. (2004): 11-tap Gaussian window, sigma 1.5, K1 0.01,
 //! K2 0.03, data range 1, population covariances — scikit-image's `structural_similarity` with
@@ -6,6 +7,15 @@
 //! gives for matching the paper. Computed per frame and channel and averaged.
 
 use candle_core::{DType, Result, Tensor};
+
+/// The largest absolute difference between two tensors of one shape (plan exactness checks).
+pub fn max_abs(a: &Tensor, b: &Tensor) -> Result<f32> {
+    (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()
+}
 
 /// PSNR in dB of frames in `[0, 1]` against `reference` (same shape), over all frames.
 pub fn psnr(frames: &Tensor, reference: &Tensor) -> Result<f64> {

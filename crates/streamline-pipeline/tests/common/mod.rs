@@ -40,16 +40,7 @@ pub fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
 }
 
 pub fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    streamline_pipeline::quality::max_abs(a, b).unwrap()
 }
 
 /// The built-in default model (docs/default-model.md), f32 on the CPU.
