@@ -97,7 +97,6 @@ fn check_motion(case: &Case, frames: &Tensor, label: &str) {
 }
 
 #[test]
-#[ignore = "issue 6 open: the committed model smears the green example's first frame (6 saturated px); run with --ignored"]
 fn default_model_makes_the_taught_motion_under_every_plan() {
     let pipe = default_model();
     for case in &CASES {
