@@ -1,7 +1,8 @@
 //! `cargo xtask train-default`: retrain the built-in default model and check it.
 //!
-//! The committed model in models/default was made by exactly this task (`--install`). A retrain
-//! on the same CPU and torch build reproduces it byte for byte; elsewhere float rounding may
+//! The committed model in models/default is the output of training/train.py as committed.
+//! Training is deterministic (two quick-scale runs gave identical files), so a retrain on the
+//! same CPU and torch build should reproduce it byte for byte; elsewhere float rounding may
 //! differ, which is why the verdict that matters is the motion test run on the result.
 
 use std::fs;
