@@ -29,7 +29,7 @@ enum Task {
         #[arg(long)]
         check: bool,
     },
-    /// Retrain the built-in default model into target/default-model (about an hour on 2 cores),
+    /// Retrain the built-in default model into target/default-model (70-90 minutes on 2 cores),
     /// run its motion test on the result and compare it with models/default.
     TrainDefault {
         /// A seconds-long smoke run of the whole program (the model is not trained enough to

@@ -132,21 +132,23 @@ impl From<OptimizeError> for PlanError {
     }
 }
 
-/// One model call's graph, plan and planned activation peak.
+/// One model call's graph, plan, planned activation peak and FLOPs.
 pub struct CallPlan {
     pub graph: Graph,
     pub plan: Plan,
     pub activations: usize,
+    pub flops: u64,
 }
 
 impl CallPlan {
     fn new(graph: &Graph, optimization: Optimization) -> Result<Self, PlanError> {
         let (graph, plan) = optimize(graph, optimization)?;
-        let activations = Executor::plan_stats(&graph, &plan)?.peak_bytes;
+        let stats = Executor::plan_stats(&graph, &plan)?;
         Ok(CallPlan {
             graph,
             plan,
-            activations,
+            activations: stats.peak_bytes,
+            flops: stats.flops,
         })
     }
 
@@ -155,7 +157,6 @@ impl CallPlan {
     }
 }
 
-/// The planned memory of one denoising step and one decode call, from shapes alone.
 /// What Step Rehash costs and saves per UNet call at the default cache point.
 pub struct RehashPlan {
     pub cache_value: String,
@@ -164,7 +165,6 @@ pub struct RehashPlan {
     /// partial step (the cached value given, everything it makes unnecessary pruned).
     pub key_step: usize,
     pub partial_step: usize,
-    pub full_flops: u64,
     pub partial_flops: u64,
 }
 
@@ -176,7 +176,6 @@ impl RehashPlan {
         };
         let exec = Executor::new(&call.graph, &call.plan, &Device::Cpu)?;
         let names = std::slice::from_ref(&value);
-        let full = exec.dry_run(&[], &[])?;
         let key = exec.dry_run(names, &[])?;
         let partial = exec.dry_run(&[], names)?;
         Ok(Some(RehashPlan {
@@ -184,12 +183,12 @@ impl RehashPlan {
             cache_value: value,
             key_step: key.peak_bytes,
             partial_step: partial.peak_bytes,
-            full_flops: full.flops,
             partial_flops: partial.flops,
         }))
     }
 }
 
+/// The planned memory of one denoising step and one decode call, from shapes alone.
 pub struct PlanReport {
     pub request: PlanRequest,
     pub model_name: String,
@@ -362,7 +361,7 @@ impl fmt::Display for PlanReport {
                 human(rh.key_step),
                 human(rh.partial_step)
             )?;
-            let flops = rh.full_flops as f64;
+            let flops = self.unet.flops as f64;
             let (amount, unit) = if flops >= 1e12 {
                 (flops / 1e12, "TFLOP")
             } else {

@@ -71,14 +71,6 @@ impl Similarity {
         self.values[i * self.steps + j]
     }
 
-    /// Rows of the matrix, for reports and schedules.
-    pub fn rows(&self) -> Vec<Vec<f64>> {
-        self.values
-            .chunks(self.steps)
-            .map(<[f64]>::to_vec)
-            .collect()
-    }
-
     /// Total similarity of a key-step set: each non-key step scores its similarity to the
     /// latest key step before it. `keys` must be sorted and start at 0.
     pub fn score(&self, keys: &[usize]) -> f64 {
@@ -91,14 +83,16 @@ impl Similarity {
     }
 
     fn check(&self, keys: usize) -> Result<(), SearchError> {
-        if keys == 0 || keys > self.steps {
-            return Err(SearchError::KeyCount {
-                keys,
-                steps: self.steps,
-            });
-        }
-        Ok(())
+        check_keys(self.steps, keys)
     }
+}
+
+/// A schedule of `steps` steps has 1..=steps key steps.
+fn check_keys(steps: usize, keys: usize) -> Result<(), SearchError> {
+    if keys == 0 || keys > steps {
+        return Err(SearchError::KeyCount { keys, steps });
+    }
+    Ok(())
 }
 
 /// The `keys` key steps (step 0 always one of them) with the highest [`Similarity::score`].
@@ -211,9 +205,7 @@ fn first_max(items: impl Iterator<Item = (usize, f64)>) -> Option<usize> {
 /// `keys` key steps spread evenly over `steps`, the first included: step `floor(m * steps /
 /// keys)` for `m` in `0..keys`. `uniform(n, n)` is every step.
 pub fn uniform(steps: usize, keys: usize) -> Result<Vec<usize>, SearchError> {
-    if keys == 0 || keys > steps {
-        return Err(SearchError::KeyCount { keys, steps });
-    }
+    check_keys(steps, keys)?;
     Ok((0..keys).map(|m| m * steps / keys).collect())
 }
 

@@ -131,11 +131,6 @@ impl StepRehash {
         Ok(())
     }
 
-    /// The name of the cached value, when rehash is on.
-    pub fn cache_value(&self) -> Option<&str> {
-        self.value.as_deref()
-    }
-
     /// (full, partial) UNet evaluations so far.
     pub fn counts(&self) -> (usize, usize) {
         (self.full_steps, self.partial_steps)
