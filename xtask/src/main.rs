@@ -1,5 +1,5 @@
-//! Project tasks that are not part of the library: `cargo xtask fixtures` and
-//! `cargo xtask train-default`.
+//! Project tasks that are not part of the library: `cargo xtask fixtures`,
+//! `cargo xtask train-default` and `cargo xtask bench`.
 //!
 //! Fixtures are made by diffusers itself (design.md, "Reference implementation"): a venv under
 //! `target/` gets the pinned packages of `fixtures/requirements.txt`, then every script in
@@ -23,6 +23,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
+    /// Measure memory, speed and error of every scenario x mode in bench/scenarios.toml,
+    /// beside diffusers on the same weights (when target/fixtures-venv exists); writes
+    /// target/bench/latest.json, docs/benchmarks.md and docs/benchmarks.png (about 25 minutes).
+    Bench {
+        /// A smoke run of a few scenarios and modes in under 5 minutes; its report goes to
+        /// target/bench/ instead of docs/.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Regenerate fixtures/data from diffusers (creates target/fixtures-venv on first use).
     Fixtures {
         /// Regenerate into target/fixtures-check and compare byte for byte with fixtures/data.
@@ -42,6 +51,7 @@ enum Task {
     },
 }
 
+mod bench;
 mod train;
 
 fn root() -> PathBuf {
@@ -177,6 +187,7 @@ fn compare_trees(made_dir: &Path, committed_dir: &Path) -> Result<Vec<String>> {
 
 fn main() -> Result<()> {
     match Cli::parse().task {
+        Task::Bench { quick } => bench::bench(quick),
         Task::Fixtures { check } => fixtures(check),
         Task::TrainDefault { quick, install } => train::train_default(quick, install),
     }

@@ -2,12 +2,12 @@
 
 use std::path::Path;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::load::{ModelError, Result};
 
 /// An `int` or one value per block, as diffusers accepts for per-block settings.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(untagged)]
 pub enum PerBlock {
     One(usize),
@@ -28,7 +28,7 @@ impl PerBlock {
 }
 
 /// Fields of diffusers' `UNetSpatioTemporalConditionModel` config; unknown fields are ignored.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct UNetConfig {
     pub in_channels: usize,
     pub out_channels: usize,
@@ -49,7 +49,7 @@ pub struct UNetConfig {
 }
 
 /// diffusers' `sample_size`: one side, or `[height, width]`.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(untagged)]
 pub enum SampleSize {
     Square(usize),

@@ -7,7 +7,7 @@ mod transformer;
 mod unet;
 mod vae;
 
-pub use config::{SampleSize, UNetConfig};
+pub use config::{PerBlock, SampleSize, UNetConfig};
 pub use unet::{UNetShape, UNetSpatioTemporalConditionModel};
 pub use vae::{AutoencoderKLTemporalDecoder, LatentDist, VaeConfig};
 

@@ -1,0 +1,298 @@
+//! `cargo xtask bench`: every scenario x mode of bench/scenarios.toml in its own process
+//! (streamline-bench), beside the diffusers peers on the same weights and inputs, then
+//! target/bench/latest.json, the report's tables and its chart.
+
+mod chart;
+mod report;
+mod scenario;
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use report::{Error, Measurement, Record};
+use scenario::{Paths, Scenario, Scenarios, PEER_MODES};
+
+/// The release build of streamline-bench.
+fn build(root: &Path) -> Result<PathBuf> {
+    eprintln!("xtask: building streamline-bench (release)");
+    crate::run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "--release", "--quiet", "-p", "streamline-bench"])
+            .current_dir(root),
+    )?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    Ok(root.join(target).join("release/streamline-bench"))
+}
+
+/// The fixtures venv's python, if it is installed with the pinned packages.
+fn peers_python(root: &Path) -> Option<PathBuf> {
+    let dir = root.join("target/fixtures-venv");
+    let python = dir.join("bin/python");
+    let wanted = fs::read_to_string(root.join("fixtures/requirements.txt")).ok()?;
+    let installed = fs::read_to_string(dir.join("installed-requirements.txt")).ok()?;
+    (python.exists() && installed == wanted).then_some(python)
+}
+
+/// Run `cmd` with its output in `log`; on failure, show the log's end.
+fn run_logged(cmd: &mut Command, log: &Path) -> Result<()> {
+    let file = File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    let status = cmd
+        .stdout(Stdio::from(file.try_clone()?))
+        .stderr(Stdio::from(file))
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        let text = fs::read_to_string(log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(15).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        bail!(
+            "{cmd:?} failed with {status}; end of {}:\n{}",
+            log.display(),
+            tail.join("\n")
+        );
+    }
+    Ok(())
+}
+
+/// One measurement to take.
+struct Job {
+    implementation: &'static str,
+    mode: String,
+    cmd: Command,
+}
+
+/// The measurements of one scenario, in order: our original first (the reference of every
+/// error), then the peers (the reference of every ratio), then our other modes.
+fn jobs(
+    bin: &Path,
+    python: Option<&Path>,
+    root: &Path,
+    sc: &Scenario,
+    paths: &Paths,
+    quick: bool,
+    runs: usize,
+) -> Vec<Job> {
+    let modes = sc.modes(quick);
+    let ours = |mode: &String| Job {
+        implementation: "streamline",
+        mode: mode.clone(),
+        cmd: scenario::ours(bin, root, sc, paths, mode, runs),
+    };
+    let mut jobs: Vec<Job> = modes.iter().take(1).map(ours).collect();
+    if let Some(python) = python {
+        let peer_modes = if quick {
+            &PEER_MODES[..1]
+        } else {
+            &PEER_MODES[..]
+        };
+        jobs.extend(peer_modes.iter().map(|mode| Job {
+            implementation: "diffusers",
+            mode: mode.to_string(),
+            cmd: scenario::peer(python, root, sc, paths, mode, runs),
+        }));
+    }
+    jobs.extend(modes.iter().skip(1).map(ours));
+    jobs
+}
+
+fn measure(bin: &Path, sc: &Scenario, paths: &Paths, job: &mut Job) -> Result<Record> {
+    let log = paths
+        .out
+        .join(format!("{}-{}.log", job.implementation, job.mode));
+    run_logged(&mut job.cmd, &log)?;
+    let file = paths.measurement(job.implementation, &job.mode);
+    let m: Measurement = serde_json::from_str(
+        &fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?,
+    )
+    .with_context(|| format!("{}: not a measurement", file.display()))?;
+    let mut compare = Command::new(bin);
+    compare
+        .arg("compare")
+        .arg("--output")
+        .arg(paths.output(job.implementation, &job.mode))
+        .arg("--reference")
+        .arg(paths.output("streamline", "original"));
+    if sc.is_end_to_end() {
+        compare.arg("--frames");
+    }
+    let out = compare
+        .output()
+        .context("cannot run streamline-bench compare")?;
+    if !out.status.success() {
+        bail!("{compare:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let error: Error = serde_json::from_slice(&out.stdout)?;
+    Ok(Record::new(
+        &sc.name,
+        &job.mode,
+        job.implementation,
+        m,
+        error,
+    ))
+}
+
+/// A one-line summary, with ratios to diffusers' original when it ran.
+fn summary(r: &Record, peer: Option<&Record>) -> String {
+    let ratio = |a: f64, b: f64| format!(" ({:.2}x diffusers)", a / b);
+    format!(
+        "{} {} {}: step {:.3} s{}, peak RSS {:.1} MiB{}, rel. L2 vs original {:.1e}{}",
+        r.scenario,
+        r.implementation,
+        r.mode,
+        r.step_seconds_median,
+        peer.map_or(String::new(), |p| ratio(
+            r.step_seconds_median,
+            p.step_seconds_median
+        )),
+        r.peak_rss_above_baseline_bytes as f64 / (1u64 << 20) as f64,
+        peer.map_or(String::new(), |p| ratio(
+            r.peak_rss_above_baseline_bytes as f64,
+            p.peak_rss_above_baseline_bytes as f64
+        )),
+        r.rel_l2_vs_original,
+        r.psnr_vs_original
+            .map_or(String::new(), |p| format!(", PSNR {p:.1} dB")),
+    )
+}
+
+pub fn bench(quick: bool) -> Result<()> {
+    let root = crate::root();
+    let scenarios = Scenarios::read(&root.join("bench/scenarios.toml"))?;
+    let bin = build(&root)?;
+    let python = peers_python(&root);
+    if python.is_none() {
+        eprintln!(
+            "xtask: diffusers peers skipped: target/fixtures-venv is missing or out of date (`cargo xtask fixtures` creates it)"
+        );
+    }
+    let selected: Vec<&Scenario> = scenarios
+        .scenarios
+        .iter()
+        .filter(|s| !s.modes(quick).is_empty())
+        .collect();
+    let mut plans = Vec::new();
+    for sc in &selected {
+        let paths = Paths::new(&root, sc);
+        let runs = if quick { scenarios.quick_runs } else { sc.runs };
+        let jobs = jobs(&bin, python.as_deref(), &root, sc, &paths, quick, runs);
+        plans.push((*sc, paths, jobs));
+    }
+    let total: usize = plans.iter().map(|p| p.2.len()).sum();
+    let bar = ProgressBar::new(total as u64).with_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")?
+            .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(500));
+    let mut records: Vec<Record> = Vec::new();
+    for (sc, paths, jobs) in &mut plans {
+        if paths.out.exists() {
+            fs::remove_dir_all(&paths.out)?;
+        }
+        fs::create_dir_all(&paths.out)?;
+        if let Some(unet) = &sc.unet {
+            bar.set_message(format!("{}: writing weights and inputs", sc.name));
+            run_logged(
+                &mut scenario::prepare(&bin, unet, paths),
+                &paths.out.join("prepare.log"),
+            )?;
+        }
+        for job in jobs.iter_mut() {
+            bar.set_message(format!("{} {} {}", sc.name, job.implementation, job.mode));
+            let record = measure(&bin, sc, paths, job)?;
+            let peer = records.iter().find(|p| {
+                p.scenario == sc.name && p.implementation == "diffusers" && p.mode == "original"
+            });
+            bar.suspend(|| eprintln!("{}", summary(&record, peer)));
+            records.push(record);
+            bar.inc(1);
+        }
+    }
+    bar.finish_with_message("done");
+    write_reports(&root, &selected, &records, quick)
+}
+
+fn write_reports(
+    root: &Path,
+    selected: &[&Scenario],
+    records: &[Record],
+    quick: bool,
+) -> Result<()> {
+    let dir = root.join("target/bench");
+    let json = dir.join("latest.json");
+    fs::write(&json, serde_json::to_string_pretty(records)?)?;
+    // A quick run is a smoke test: its report stays under target/.
+    let (md, png) = if quick {
+        (dir.join("benchmarks.md"), dir.join("benchmarks.png"))
+    } else {
+        (
+            root.join("docs/benchmarks.md"),
+            root.join("docs/benchmarks.png"),
+        )
+    };
+    let per_scenario: Vec<(String, Vec<&Record>)> = selected
+        .iter()
+        .map(|sc| {
+            let rs = records.iter().filter(|r| r.scenario == sc.name).collect();
+            (sc.name.clone(), rs)
+        })
+        .collect();
+    chart::draw(&png, &per_scenario)?;
+    let tables: String = selected
+        .iter()
+        .map(|sc| {
+            format!(
+                "### {}\n\n{}.\n\n{}\n",
+                sc.name,
+                sc.about,
+                report::table(records, &sc.name, sc.is_end_to_end())
+            )
+        })
+        .collect();
+    let template = root.join("bench/report.md");
+    let text = fs::read_to_string(&template)
+        .with_context(|| format!("cannot read {}", template.display()))?
+        .replace("{hardware}", &hardware())
+        .replace("{run}", if quick { "quick" } else { "full" })
+        .replace("{tables}", tables.trim_end());
+    fs::write(&md, text)?;
+    eprintln!(
+        "xtask: wrote {}, {} and {}",
+        json.display(),
+        md.display(),
+        png.display()
+    );
+    Ok(())
+}
+
+/// CPU model, core count and memory of this machine.
+fn hardware() -> String {
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("MemTotal"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or("unknown".into(), |kb| {
+            format!("{:.0} GiB", kb / (1u64 << 20) as f64)
+        });
+    format!("{cpu}, {cores} cores available, {mem} RAM, no GPU (CPU only)")
+}

@@ -1,0 +1,187 @@
+//! Records (target/bench/latest.json) and the tables of docs/benchmarks.md.
+
+use std::fmt::Write;
+
+use serde::{Deserialize, Serialize};
+
+/// What one process wrote (streamline-bench and the diffusers peer write the same fields).
+#[derive(Debug, Deserialize)]
+pub struct Measurement {
+    pub step_seconds: Vec<f64>,
+    #[serde(default)]
+    pub denoise_seconds: Vec<f64>,
+    pub peak_rss_above_baseline_bytes: u64,
+    #[serde(default)]
+    pub live_peak_bytes: Option<u64>,
+    #[serde(default)]
+    pub planned_peak_bytes: Option<u64>,
+    #[serde(default)]
+    pub full_steps: Option<usize>,
+    #[serde(default)]
+    pub partial_steps: Option<usize>,
+}
+
+/// Error of an output against our original inference's.
+#[derive(Debug, Deserialize)]
+pub struct Error {
+    pub rel_l2: f64,
+    pub psnr: Option<f64>,
+}
+
+/// One scenario x mode x implementation.
+#[derive(Debug, Serialize)]
+pub struct Record {
+    pub scenario: String,
+    pub mode: String,
+    pub implementation: String,
+    pub runs: usize,
+    pub step_seconds_median: f64,
+    pub step_seconds_min: f64,
+    pub step_seconds_max: f64,
+    /// End to end: the whole denoising loop.
+    pub denoise_seconds_median: Option<f64>,
+    pub peak_rss_above_baseline_bytes: u64,
+    /// Ours only: heap bytes live at the peak (tracking allocator) and the plan's dry run.
+    pub live_peak_bytes: Option<u64>,
+    pub planned_peak_bytes: Option<u64>,
+    pub rel_l2_vs_original: f64,
+    /// End to end: PSNR (dB) of the frames against original inference's.
+    pub psnr_vs_original: Option<f64>,
+    /// UNet evaluations that ran the whole network, and partial ones (Step Rehash).
+    pub full_steps: Option<usize>,
+    pub partial_steps: Option<usize>,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+impl Record {
+    pub fn new(
+        scenario: &str,
+        mode: &str,
+        implementation: &str,
+        m: Measurement,
+        error: Error,
+    ) -> Self {
+        let fold = |init: f64, f: fn(f64, f64) -> f64| m.step_seconds.iter().copied().fold(init, f);
+        Record {
+            scenario: scenario.into(),
+            mode: mode.into(),
+            implementation: implementation.into(),
+            runs: m.step_seconds.len(),
+            step_seconds_median: median(&m.step_seconds),
+            step_seconds_min: fold(f64::INFINITY, f64::min),
+            step_seconds_max: fold(0.0, f64::max),
+            denoise_seconds_median: (!m.denoise_seconds.is_empty())
+                .then(|| median(&m.denoise_seconds)),
+            peak_rss_above_baseline_bytes: m.peak_rss_above_baseline_bytes,
+            live_peak_bytes: m.live_peak_bytes,
+            planned_peak_bytes: m.planned_peak_bytes,
+            rel_l2_vs_original: error.rel_l2,
+            psnr_vs_original: error.psnr,
+            full_steps: m.full_steps,
+            partial_steps: m.partial_steps,
+        }
+    }
+
+    pub fn label(&self) -> String {
+        format!("{} {}", self.implementation, self.mode)
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1}", bytes as f64 / (1u64 << 20) as f64)
+}
+
+fn seconds(s: f64) -> String {
+    if s < 1.0 {
+        format!("{:.3}", s)
+    } else {
+        format!("{:.2}", s)
+    }
+}
+
+/// The record diffusers' original inference gives for `scenario`, when the peers ran.
+fn peer<'a>(records: &'a [Record], scenario: &str) -> Option<&'a Record> {
+    records
+        .iter()
+        .find(|r| r.scenario == scenario && r.implementation == "diffusers" && r.mode == "original")
+}
+
+/// One scenario's table: every record with its time, memory and error side by side, and the
+/// ratios to diffusers' original inference.
+pub fn table(records: &[Record], scenario: &str, end_to_end: bool) -> String {
+    let base = peer(records, scenario);
+    let mut t = String::new();
+    let time = if end_to_end {
+        "denoise s (median)"
+    } else {
+        "step s"
+    };
+    writeln!(
+        t,
+        "| implementation | mode | {time} | min-max | time / diffusers | peak RSS MiB | RSS / diffusers | live peak MiB | planned MiB | UNet evals full+partial | rel. L2 vs original |{}",
+        if end_to_end { " PSNR dB |" } else { "" }
+    )
+    .unwrap();
+    writeln!(
+        t,
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|{}",
+        if end_to_end { "---:|" } else { "" }
+    )
+    .unwrap();
+    for r in records.iter().filter(|r| r.scenario == scenario) {
+        let scale = r
+            .denoise_seconds_median
+            .map_or(1.0, |d| d / r.step_seconds_median);
+        let ratio = |ours: f64, theirs: f64| format!("{:.2}x", ours / theirs);
+        let evals = match (r.full_steps, r.partial_steps) {
+            (Some(f), Some(p)) => format!("{f}+{p}"),
+            _ if end_to_end => "25+0".into(),
+            _ => "1+0".into(),
+        };
+        write!(
+            t,
+            "| {} | {} | {} | {}-{} | {} | {} | {} | {} | {} | {} | {:.1e} |",
+            r.implementation,
+            r.mode,
+            seconds(r.denoise_seconds_median.unwrap_or(r.step_seconds_median)),
+            seconds(r.step_seconds_min * scale),
+            seconds(r.step_seconds_max * scale),
+            base.map_or("-".into(), |b| ratio(
+                r.step_seconds_median,
+                b.step_seconds_median
+            )),
+            mib(r.peak_rss_above_baseline_bytes),
+            base.map_or("-".into(), |b| ratio(
+                r.peak_rss_above_baseline_bytes as f64,
+                b.peak_rss_above_baseline_bytes as f64
+            )),
+            r.live_peak_bytes.map_or("-".into(), mib),
+            r.planned_peak_bytes.map_or("-".into(), mib),
+            evals,
+            r.rel_l2_vs_original,
+        )
+        .unwrap();
+        if end_to_end {
+            let psnr = r.psnr_vs_original.map_or("-".into(), |p| {
+                if p >= 200.0 {
+                    "identical".into()
+                } else {
+                    format!("{p:.1}")
+                }
+            });
+            write!(t, " {psnr} |").unwrap();
+        }
+        t.push('\n');
+    }
+    t
+}
