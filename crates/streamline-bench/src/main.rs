@@ -13,8 +13,9 @@
 //! **Promises:** the first run after loading is the memory run, measured from a fresh
 //! baseline (`measure`); the timed runs follow it, so the first also warms up.
 //!
-//! **Tests:** the harness is exercised by `cargo xtask bench --quick`; the optimizations it
-//! measures are tested in their own crates.
+//! **Tests:** `cargo test -p streamline-bench` checks the memory method (a touched allocation
+//! shows in both peaks, a fresh baseline forgets it); `cargo xtask bench --quick` runs the whole
+//! harness. The optimizations it measures are tested in their own crates.
 
 mod measure;
 mod svd;

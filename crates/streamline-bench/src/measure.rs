@@ -19,9 +19,17 @@ use streamline_pipeline::quality::psnr;
 fn status_bytes(field: &str) -> Result<u64> {
     let status = fs::read_to_string("/proc/self/status")
         .context("peak RSS is read from /proc/self/status, which this system lacks (Linux only)")?;
+    field_bytes(&status, field)
+}
+
+/// `field` of a `/proc/<pid>/status` text (`VmHWM:     1234 kB`), in bytes.
+fn field_bytes(status: &str, field: &str) -> Result<u64> {
     let line = status
         .lines()
-        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))
+        .find(|l| {
+            l.strip_prefix(field)
+                .is_some_and(|rest| rest.starts_with(':'))
+        })
         .with_context(|| format!("/proc/self/status has no {field}"))?;
     let kib: u64 = line[field.len() + 1..]
         .trim()
@@ -109,4 +117,32 @@ pub fn compare(output: &Path, reference: &Path, frames: bool) -> Result<()> {
     let psnr = if frames { Some(psnr(&a, &b)?) } else { None };
     println!("{}", serde_json::json!({ "rel_l2": rel_l2, "psnr": psnr }));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_fields_are_read_in_bytes() {
+        let text = "VmPeak:\t  10 kB\nVmHWM:\t    2048 kB\nVmRSS:\t    1024 kB\n";
+        assert_eq!(field_bytes(text, "VmHWM").unwrap(), 2 << 20);
+        assert_eq!(field_bytes(text, "VmRSS").unwrap(), 1 << 20);
+        let err = field_bytes(text, "VmSwap").unwrap_err().to_string();
+        assert!(err.contains("VmSwap"), "{err}");
+    }
+
+    #[test]
+    fn a_touched_allocation_shows_in_both_peaks() {
+        const MIB: usize = 1 << 20;
+        let baseline = Baseline::take().unwrap();
+        let buffer = vec![1u8; 64 * MIB];
+        let (rss, live) = baseline.peaks().unwrap();
+        drop(buffer);
+        assert!(live >= 64 * MIB as u64, "live peak {live}");
+        assert!(rss >= 60 * MIB as u64, "peak RSS above baseline {rss}");
+        // A fresh baseline no longer counts the freed buffer.
+        let (rss, _) = Baseline::take().unwrap().peaks().unwrap();
+        assert!(rss < 8 * MIB as u64, "peak RSS after reset {rss}");
+    }
 }

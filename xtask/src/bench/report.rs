@@ -185,3 +185,53 @@ pub fn table(records: &[Record], scenario: &str, end_to_end: bool) -> String {
     }
     t
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(mode: &str, implementation: &str, steps: Vec<f64>, rss: u64) -> Record {
+        let m = Measurement {
+            step_seconds: steps,
+            denoise_seconds: Vec::new(),
+            peak_rss_above_baseline_bytes: rss,
+            live_peak_bytes: None,
+            planned_peak_bytes: None,
+            full_steps: None,
+            partial_steps: None,
+        };
+        let error = Error {
+            rel_l2: 0.0,
+            psnr: None,
+        };
+        Record::new("s", mode, implementation, m, error)
+    }
+
+    #[test]
+    fn median_and_spread_of_runs() {
+        let r = record("original", "streamline", vec![3.0, 1.0, 2.0, 10.0], 0);
+        assert_eq!(r.step_seconds_median, 2.5);
+        assert_eq!((r.step_seconds_min, r.step_seconds_max), (1.0, 10.0));
+        assert_eq!(r.runs, 4);
+        assert_eq!(
+            record("x", "y", vec![5.0, 1.0, 2.0], 0).step_seconds_median,
+            2.0
+        );
+    }
+
+    #[test]
+    fn tables_give_ratios_to_diffusers_original() {
+        let records = [
+            record("original", "streamline", vec![3.0], 100 << 20),
+            record("original", "diffusers", vec![2.0], 400 << 20),
+        ];
+        let t = table(&records, "s", false);
+        let ours = t.lines().find(|l| l.starts_with("| streamline")).unwrap();
+        assert!(
+            ours.contains("| 1.50x |") && ours.contains("| 0.25x |"),
+            "{t}"
+        );
+        let without_peer = table(&records[..1], "s", false);
+        assert!(without_peer.lines().last().unwrap().contains("| - |"));
+    }
+}

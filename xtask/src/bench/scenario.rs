@@ -160,6 +160,33 @@ pub fn prepare(bin: &Path, unet: &UnetSpec, paths: &Paths) -> Command {
     cmd
 }
 
+/// The subcommand and model arguments every measurement of `sc` starts with (both programs
+/// take the same ones).
+fn model_args(cmd: &mut Command, root: &Path, sc: &Scenario, paths: &Paths) {
+    match (&sc.unet, &sc.svd) {
+        (Some(_), _) => {
+            cmd.arg("unet").arg("--dir").arg(&paths.model);
+        }
+        (None, Some(svd)) => {
+            cmd.arg("svd")
+                .arg("--model")
+                .arg(root.join(&svd.model))
+                .arg("--image")
+                .arg(root.join(&svd.image));
+        }
+        (None, None) => unreachable!("scenarios are checked on reading"),
+    }
+}
+
+/// Runs and where the measurement and the output go.
+fn report_args(cmd: &mut Command, paths: &Paths, implementation: &str, mode: &str, runs: usize) {
+    cmd.args(["--runs", &runs.to_string()])
+        .arg("--out")
+        .arg(paths.measurement(implementation, mode))
+        .arg("--output")
+        .arg(paths.output(implementation, mode));
+}
+
 /// The streamline-bench command measuring `mode`.
 pub fn ours(
     bin: &Path,
@@ -175,47 +202,23 @@ pub fn ours(
         .map(|m| m.1)
         .expect("modes are checked on reading");
     let mut cmd = Command::new(bin);
-    match (&sc.unet, &sc.svd) {
-        (Some(_), _) => {
-            cmd.arg("unet").arg("--dir").arg(&paths.model);
-        }
-        (None, Some(svd)) => {
-            cmd.arg("svd")
-                .arg("--model")
-                .arg(root.join(&svd.model))
-                .arg("--image")
-                .arg(root.join(&svd.image));
-            if mode == "original" {
-                cmd.arg("--save-inputs").arg(&paths.inputs);
-            }
-        }
-        (None, None) => unreachable!("scenarios are checked on reading"),
+    model_args(&mut cmd, root, sc, paths);
+    if sc.is_end_to_end() && mode == "original" {
+        cmd.arg("--save-inputs").arg(&paths.inputs);
     }
-    let rehash = if mode == "rehash" {
-        rehash_arg(root, &sc.rehash)
-    } else {
-        "off".into()
+    let rehash = match mode {
+        // A schedule file is relative to the repository root.
+        "rehash" if sc.rehash.ends_with(".toml") => root.join(&sc.rehash).display().to_string(),
+        "rehash" => sc.rehash.clone(),
+        _ => "off".into(),
     };
     cmd.args(["--optimization", optimization])
         .args(["--temporal-chunks", &sc.temporal_chunks.to_string()])
         .args(["--spatial-chunks", &sc.spatial_chunks.to_string()])
         .args(["--memory-budget", &sc.memory_budget])
-        .args(["--rehash", &rehash])
-        .args(["--runs", &runs.to_string()])
-        .arg("--out")
-        .arg(paths.measurement("streamline", mode))
-        .arg("--output")
-        .arg(paths.output("streamline", mode));
+        .args(["--rehash", &rehash]);
+    report_args(&mut cmd, paths, "streamline", mode, runs);
     cmd
-}
-
-/// A schedule file is relative to the repository root.
-fn rehash_arg(root: &Path, rehash: &str) -> String {
-    if rehash.ends_with(".toml") {
-        root.join(rehash).display().to_string()
-    } else {
-        rehash.to_string()
-    }
 }
 
 /// The diffusers peer command measuring `mode`.
@@ -228,28 +231,50 @@ pub fn peer(
     runs: usize,
 ) -> Command {
     let mut cmd = crate::python_cmd(python, &root.join("bench/diffusers_peer.py"));
-    match (&sc.unet, &sc.svd) {
-        (Some(_), _) => {
-            cmd.arg("unet").arg("--dir").arg(&paths.model);
-        }
-        (None, Some(svd)) => {
-            cmd.arg("svd")
-                .arg("--model")
-                .arg(root.join(&svd.model))
-                .arg("--image")
-                .arg(root.join(&svd.image))
-                .arg("--inputs")
-                .arg(&paths.inputs);
-        }
-        (None, None) => unreachable!("scenarios are checked on reading"),
+    model_args(&mut cmd, root, sc, paths);
+    if sc.is_end_to_end() {
+        cmd.arg("--inputs").arg(&paths.inputs);
     }
     if mode == "forward-chunking" {
         cmd.arg("--chunking");
     }
-    cmd.args(["--runs", &runs.to_string()])
-        .arg("--out")
-        .arg(paths.measurement("diffusers", mode))
-        .arg("--output")
-        .arg(paths.output("diffusers", mode));
+    report_args(&mut cmd, paths, "diffusers", mode, runs);
     cmd
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn committed_scenarios_are_valid_and_quick_runs_some() {
+        let s = Scenarios::read(&crate::root().join("bench/scenarios.toml")).unwrap();
+        assert!(s.scenarios.iter().any(|sc| !sc.modes(true).is_empty()));
+        assert!(s.scenarios.iter().any(Scenario::is_end_to_end));
+    }
+
+    #[test]
+    fn bad_scenarios_are_named() {
+        let dir = std::env::temp_dir().join(format!("xtask-bench-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("scenarios.toml");
+        let write = |modes: &str| {
+            let text = format!(
+                "quick_runs = 1\n[[scenario]]\nname = \"s\"\nabout = \"a\"\nsvd = {{ model = \"m\", image = \"i\" }}\ntemporal_chunks = 7\nspatial_chunks = 7\nmemory_budget = \"1MiB\"\nrehash = \"uniform:13\"\nmodes = {modes}\nruns = 1\n"
+            );
+            fs::write(&path, text).unwrap();
+            Scenarios::read(&path)
+                .map(|_| ())
+                .map_err(|e| format!("{e:#}"))
+        };
+        assert!(write("[\"original\", \"paper\"]").is_ok());
+        let err = write("[\"original\", \"fast\"]").unwrap_err();
+        assert!(
+            err.contains("scenario `s`") && err.contains("unknown mode `fast`"),
+            "{err}"
+        );
+        let err = write("[\"paper\"]").unwrap_err();
+        assert!(err.contains("`original` must be the first mode"), "{err}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }
