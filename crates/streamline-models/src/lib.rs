@@ -9,6 +9,9 @@
 //!
 //! - [`clip`]: SVD's image encoder, transformers' `CLIPVisionModelWithProjection`, run eagerly
 //!   (once per video, so not lowered to the IR).
+//! - [`svd`]: SVD's UNet and temporal VAE; [`sd`]: Stable Diffusion 1.5's VAE (`AutoencoderKL`)
+//!   for AnimateDiff. Both are built from shared blocks (the 2D resnet, the VAE encoder and
+//!   mid block) and lowered to the IR.
 //!
 //! **Promises:** every lowered model matches diffusers 0.30.1 on the committed fixtures to
 //! relative L2 <= 1e-4 in f32, and declares on every node the axes it is independent of, so
@@ -17,7 +20,9 @@
 //! **Tests:** `cargo test -p streamline-models` compares against the fixtures under
 //! `fixtures/data/` (made by `cargo xtask fixtures`; no Python needed to test).
 
+mod blocks;
 pub mod clip;
 pub mod load;
 pub mod ops;
+pub mod sd;
 pub mod svd;

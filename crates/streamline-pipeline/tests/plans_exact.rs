@@ -1,5 +1,5 @@
 //! Every optimization computes what original inference computes, on the SVD fixtures (UNet
-//! and temporal VAE decoder), for frame chunk counts 1, 2, 3, 7 and B*T and position chunk
+//! and temporal VAE decoder) and SD's VAE decoder (AnimateDiff's), for frame chunk counts 1, 2, 3, 7 and B*T and position chunk
 //! counts that do not divide H*W. The naive baseline is measurably not exact.
 
 mod common;
@@ -10,6 +10,7 @@ use common::{fixture, io, rel_l2};
 
 use candle_core::{DType, Device, Tensor};
 use streamline_ir::{Executor, Graph, Plan, Request};
+use streamline_models::sd::AutoencoderKL;
 use streamline_models::svd::{
     AutoencoderKLTemporalDecoder, UNetShape, UNetSpatioTemporalConditionModel,
 };
@@ -126,6 +127,16 @@ fn temporal_decoder_plans_are_exact() {
     let (n, _, h, w) = io["latents"].dims4().unwrap();
     let frames = 3;
     let g = vae.lower_decoder(n / frames, frames, h, w).unwrap();
+    check_all(&g, &[io["latents"].clone()], n);
+}
+
+#[test]
+fn sd_decoder_plans_are_exact() {
+    let io = io("sd_vae");
+    let vae =
+        AutoencoderKL::load(&fixture("sd_vae").join("vae"), DType::F32, &Device::Cpu).unwrap();
+    let (n, _, h, w) = io["latents"].dims4().unwrap();
+    let g = vae.lower_decoder(2, n / 2, h, w).unwrap();
     check_all(&g, &[io["latents"].clone()], n);
 }
 

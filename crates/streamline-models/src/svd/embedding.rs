@@ -6,7 +6,7 @@ use candle_core::DType;
 use candle_nn::VarBuilder;
 use streamline_ir::{Graph, Result, ValueId};
 
-use super::node;
+use crate::blocks::node;
 use crate::ops::{Linear, Silu, Sinusoid};
 
 /// `linear_2(silu(linear_1(x)))`.

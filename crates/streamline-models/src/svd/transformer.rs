@@ -8,8 +8,8 @@ use candle_nn::VarBuilder;
 use streamline_ir::{Graph, Result, ValueId};
 
 use super::embedding::{sinusoid, TimestepEmbedding};
-use super::node;
-use super::resnet::At;
+use crate::blocks::node;
+use crate::blocks::At;
 use crate::ops::{
     Add, AddBroadcast, Attention, Blend, Const, Context, FrameLayout, FramesToPositions, Geglu,
     GroupNormFrames, LayerNorm, Linear, PositionsToFrames, Tokens,

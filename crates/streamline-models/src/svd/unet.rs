@@ -9,9 +9,10 @@ use streamline_ir::{Graph, Layout, Result as IrResult, ValueId, ValueInfo};
 
 use super::config::{BlockKind, BlockSpec, PerBlock, UNetConfig};
 use super::embedding::{sinusoid, TimestepEmbedding};
-use super::resnet::{At, ResBlockSettings, SpatioTemporalResBlock};
+use super::resnet::{ResBlockSettings, SpatioTemporalResBlock};
 use super::transformer::TransformerSpatioTemporalModel;
-use super::{node, output_head, upsampler};
+use crate::blocks::At;
+use crate::blocks::{node, output_head, upsampler};
 use crate::load::{load_config, weights_file, ModelError, Result, WeightSource};
 use crate::ops::{Add, ConcatChannels, Conv2d, GroupNormFrames, Silu, VideoDims};
 

@@ -1,0 +1,55 @@
+//! Building blocks shared by the SVD and Stable Diffusion (AnimateDiff) models: graph helpers,
+//! the 2D residual block, and what SD's VAE and SVD's temporal VAE have in common.
+
+pub(crate) mod autoencoder;
+mod resnet;
+
+pub(crate) use resnet::{At, ResnetBlock2D};
+
+use std::sync::Arc;
+
+use streamline_ir::{Graph, Op, ValueId};
+
+use crate::ops::{Conv2d, GroupNormFrames, Silu, Upsample2x};
+
+/// Push a node named `prefix.name` (or `prefix` alone when `name` is empty).
+pub(crate) fn node(
+    g: &mut Graph,
+    prefix: &str,
+    name: &str,
+    op: Arc<dyn Op>,
+    inputs: &[ValueId],
+) -> streamline_ir::Result<ValueId> {
+    let full = match (prefix.is_empty(), name.is_empty()) {
+        (_, true) => prefix.to_string(),
+        (true, false) => name.to_string(),
+        (false, false) => format!("{prefix}.{name}"),
+    };
+    g.push_arc(&full, op, inputs)
+}
+
+/// The output head of the UNet, the encoder and the decoder: GroupNorm, SiLU, 3x3 conv, named
+/// `prefix.conv_norm_out`, `prefix.conv_act`, `prefix.conv_out`.
+pub(crate) fn output_head(
+    g: &mut Graph,
+    prefix: &str,
+    norm: &Arc<GroupNormFrames>,
+    conv: &Arc<Conv2d>,
+    x: ValueId,
+) -> streamline_ir::Result<ValueId> {
+    let h = node(g, prefix, "conv_norm_out", norm.clone(), &[x])?;
+    let h = node(g, prefix, "conv_act", Arc::new(Silu), &[h])?;
+    node(g, prefix, "conv_out", conv.clone(), &[h])
+}
+
+/// diffusers' `Upsample2D` with a conv: nearest 2x, then the 3x3 `prefix.upsamplers.0.conv`.
+pub(crate) fn upsampler(
+    g: &mut Graph,
+    prefix: &str,
+    conv: &Arc<Conv2d>,
+    x: ValueId,
+) -> streamline_ir::Result<ValueId> {
+    let p = format!("{prefix}.upsamplers.0");
+    let up = node(g, &p, "upsample", Arc::new(Upsample2x), &[x])?;
+    node(g, &p, "conv", conv.clone(), &[up])
+}
