@@ -3,6 +3,7 @@
 
 pub(crate) mod autoencoder;
 mod resnet;
+pub(crate) mod transformer;
 
 pub(crate) use resnet::{At, ResnetBlock2D};
 

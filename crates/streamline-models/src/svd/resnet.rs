@@ -1,43 +1,16 @@
-//! diffusers' `ResnetBlock2D`, `TemporalResnetBlock` and `SpatioTemporalResBlock`.
+//! diffusers' `TemporalResnetBlock` and `SpatioTemporalResBlock`.
 
 use std::sync::Arc;
 
-use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use streamline_ir::{Graph, Result, ValueId};
 
+use crate::blocks::transformer::TemporalGroupNorm;
 use crate::blocks::{node, At, ResnetBlock2D};
 use crate::ops::{
-    Add, AddBatchEmb, Blend, FrameLayout, FramesToPositions, GroupNormApply, GroupNormStats,
-    Linear, PositionsToFrames, Silu, TemporalConv, VideoDims,
+    Add, AddBatchEmb, Blend, FrameLayout, FramesToPositions, Linear, PositionsToFrames, Silu,
+    TemporalConv,
 };
-
-/// A GroupNorm over (C/G, T, H, W): lowered as a statistics reduction plus a pointwise apply.
-#[derive(Debug)]
-pub(crate) struct TemporalGroupNorm {
-    weight: Tensor,
-    bias: Tensor,
-    channels: usize,
-    eps: f64,
-}
-
-impl TemporalGroupNorm {
-    pub fn new(channels: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<Self> {
-        Ok(TemporalGroupNorm {
-            weight: vb.get(channels, "weight")?,
-            bias: vb.get(channels, "bias")?,
-            channels,
-            eps,
-        })
-    }
-
-    pub fn lower(&self, g: &mut Graph, p: &str, x: ValueId, dims: VideoDims) -> Result<ValueId> {
-        let stats = GroupNormStats::new(dims, self.channels, 32)?;
-        let s = node(g, p, "stats", Arc::new(stats), &[x])?;
-        let apply = GroupNormApply::new(dims, 32, self.eps, &self.weight, &self.bias)?;
-        node(g, p, "", Arc::new(apply), &[x, s])
-    }
-}
 
 /// Position-wise residual block on `(B*H*W, T, C)`: temporal GroupNorm, SiLU, (3,1,1) conv,
 /// + time embedding, twice.
@@ -167,6 +140,8 @@ mod tests {
 
     use super::*;
     use crate::load::WeightSource;
+    use crate::ops::VideoDims;
+    use candle_core::Tensor;
 
     /// The 64-channel block fixture: with two channels per GroupNorm group, the time
     /// embedding survives the norms (the 32-channel UNet fixtures cannot show it).

@@ -8,113 +8,12 @@ use candle_nn::VarBuilder;
 use streamline_ir::{Graph, Result, ValueId};
 
 use super::embedding::{sinusoid, TimestepEmbedding};
-use crate::blocks::node;
-use crate::blocks::At;
+use crate::blocks::transformer::{residual_branch, BasicTransformerBlock, FeedForward};
+use crate::blocks::{node, At};
 use crate::ops::{
-    Add, AddBroadcast, Attention, Blend, Const, Context, FrameLayout, FramesToPositions, Geglu,
-    GroupNormFrames, LayerNorm, Linear, PositionsToFrames, Tokens,
+    Add, AddBroadcast, Blend, Const, Context, FrameLayout, FramesToPositions, GroupNormFrames,
+    LayerNorm, Linear, PositionsToFrames, Tokens,
 };
-
-/// `net.2(net.0(x))` with a GEGLU `net.0` of inner width `4 * dim`.
-#[derive(Debug)]
-struct FeedForward {
-    geglu: Arc<Geglu>,
-    out: Arc<Linear>,
-}
-
-impl FeedForward {
-    fn new(dim: usize, dim_out: usize, vb: VarBuilder) -> candle_core::Result<Self> {
-        let net = vb.pp("net");
-        Ok(FeedForward {
-            geglu: Arc::new(Geglu::new(dim, 4 * dim, net.pp("0"))?),
-            out: Arc::new(Linear::new(4 * dim, dim_out, true, net.pp("2"))?),
-        })
-    }
-
-    fn lower(&self, g: &mut Graph, p: &str, x: ValueId) -> Result<ValueId> {
-        let h = node(g, p, "net.0", self.geglu.clone(), &[x])?;
-        node(g, p, "net.2", self.out.clone(), &[h])
-    }
-}
-
-/// Pre-norm attention or feed-forward with a residual: `x + f(norm(x))`.
-fn residual_branch(
-    g: &mut Graph,
-    p: &str,
-    norm: (&str, &Arc<LayerNorm>),
-    x: ValueId,
-    f: impl FnOnce(&mut Graph, ValueId) -> Result<ValueId>,
-) -> Result<ValueId> {
-    let n = node(g, p, norm.0, norm.1.clone(), &[x])?;
-    let h = f(g, n)?;
-    node(
-        g,
-        p,
-        &format!("{}.residual", norm.0),
-        Arc::new(Add),
-        &[h, x],
-    )
-}
-
-/// Spatial block over the tokens of each frame `(B*T, H*W, C)`.
-#[derive(Debug)]
-struct BasicTransformerBlock {
-    norm1: Arc<LayerNorm>,
-    attn1: Arc<Attention>,
-    norm2: Arc<LayerNorm>,
-    attn2: Arc<Attention>,
-    norm3: Arc<LayerNorm>,
-    ff: FeedForward,
-}
-
-impl BasicTransformerBlock {
-    fn new(dim: usize, heads: usize, cross: Context, vb: VarBuilder) -> candle_core::Result<Self> {
-        let head_dim = dim / heads;
-        Ok(BasicTransformerBlock {
-            norm1: Arc::new(LayerNorm::new(dim, 1e-5, vb.pp("norm1"))?),
-            attn1: Arc::new(Attention::new(
-                dim,
-                heads,
-                head_dim,
-                Context::SelfAttention,
-                false,
-                vb.pp("attn1"),
-            )?),
-            norm2: Arc::new(LayerNorm::new(dim, 1e-5, vb.pp("norm2"))?),
-            attn2: Arc::new(Attention::new(
-                dim,
-                heads,
-                head_dim,
-                cross,
-                false,
-                vb.pp("attn2"),
-            )?),
-            norm3: Arc::new(LayerNorm::new(dim, 1e-5, vb.pp("norm3"))?),
-            ff: FeedForward::new(dim, dim, vb.pp("ff"))?,
-        })
-    }
-
-    /// `rows_per_batch`: rows of `x` per batch item of `context`.
-    fn lower(
-        &self,
-        g: &mut Graph,
-        p: &str,
-        x: ValueId,
-        context: ValueId,
-        rows_per_batch: usize,
-    ) -> Result<ValueId> {
-        let h = residual_branch(g, p, ("norm1", &self.norm1), x, |g, n| {
-            node(g, p, "attn1", self.attn1.clone(), &[n])
-        })?;
-        let attn2 = Arc::new(self.attn2.for_rows(rows_per_batch));
-        let h = residual_branch(g, p, ("norm2", &self.norm2), h, |g, n| {
-            node(g, p, "attn2", attn2, &[n, context])
-        })?;
-        residual_branch(g, p, ("norm3", &self.norm3), h, |g, n| {
-            self.ff.lower(g, &format!("{p}.ff"), n)
-        })
-    }
-}
 
 /// Temporal block over the frames of each position `(B*H*W, T, C)`.
 #[derive(Debug)]
@@ -146,7 +45,8 @@ impl TemporalBasicTransformerBlock {
         let h = residual_branch(g, p, ("norm_in", &self.norm_in), x, |g, n| {
             self.ff_in.lower(g, &format!("{p}.ff_in"), n)
         })?;
-        self.block.lower(g, p, h, context, rows_per_batch)
+        self.block
+            .lower(g, p, h, Some((context, rows_per_batch)), None)
     }
 }
 
@@ -253,7 +153,7 @@ impl TransformerSpatioTemporalModel {
         for (i, (spatial, temporal)) in blocks.enumerate() {
             let sp = format!("{p}.transformer_blocks.{i}");
             let tp = format!("{p}.temporal_transformer_blocks.{i}");
-            h = spatial.lower(g, &sp, h, context, d.frames)?;
+            h = spatial.lower(g, &sp, h, Some((context, d.frames)), None)?;
             let to_positions = FramesToPositions {
                 dims: d,
                 channels: self.channels,
