@@ -1,5 +1,5 @@
 //! Every optimization computes what original inference computes, on the SVD fixtures (UNet
-//! and temporal VAE decoder) and SD's VAE decoder (AnimateDiff's), for frame chunk counts 1, 2, 3, 7 and B*T and position chunk
+//! and temporal VAE decoder), SD's VAE decoder and AnimateDiff's motion module, for frame chunk counts 1, 2, 3, 7 and B*T and position chunk
 //! counts that do not divide H*W. The naive baseline is measurably not exact.
 
 mod common;
@@ -10,7 +10,8 @@ use common::{fixture, io, rel_l2};
 
 use candle_core::{DType, Device, Tensor};
 use streamline_ir::{Executor, Graph, Plan, Request};
-use streamline_models::sd::AutoencoderKL;
+use streamline_models::load::WeightSource;
+use streamline_models::sd::{AutoencoderKL, MotionModule};
 use streamline_models::svd::{
     AutoencoderKLTemporalDecoder, UNetShape, UNetSpatioTemporalConditionModel,
 };
@@ -138,6 +139,20 @@ fn sd_decoder_plans_are_exact() {
     let (n, _, h, w) = io["latents"].dims4().unwrap();
     let g = vae.lower_decoder(2, n / 2, h, w).unwrap();
     check_all(&g, &[io["latents"].clone()], n);
+}
+
+/// Position slices must merge the motion module's GroupNorm statistics across chunks.
+#[test]
+fn motion_module_plans_are_exact() {
+    let io = io("animatediff_motion");
+    let file = fixture("animatediff_motion").join("module.safetensors");
+    let vb = WeightSource::open(&file)
+        .unwrap()
+        .var_builder(DType::F32, &Device::Cpu);
+    let module = MotionModule::new(64, 2, 2, 8, vb).unwrap();
+    let (n, _, h, w) = io["hidden_states"].dims4().unwrap();
+    let g = module.lower_alone(2, n / 2, h, w).unwrap();
+    check_all(&g, &[io["hidden_states"].clone()], n);
 }
 
 /// The paper's naive baseline denoises each chunk of frames as a video of its own; temporal
