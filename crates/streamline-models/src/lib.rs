@@ -9,8 +9,8 @@
 //!
 //! - [`clip`]: SVD's image encoder, transformers' `CLIPVisionModelWithProjection`, run eagerly
 //!   (once per video, so not lowered to the IR).
-//! - [`svd`]: SVD's UNet and temporal VAE; [`sd`]: Stable Diffusion 1.5's VAE (`AutoencoderKL`)
-//!   for AnimateDiff. Both are built from shared blocks (the 2D resnet, the VAE encoder and
+//! - [`svd`]: SVD's UNet and temporal VAE; [`sd`]: AnimateDiff's motion UNet (SD 1.5's UNet
+//!   plus a motion adapter's motion modules) and SD's VAE (`AutoencoderKL`). Both are built from shared blocks (the 2D resnet, the VAE encoder and
 //!   mid block) and lowered to the IR.
 //!
 //! **Promises:** every lowered model matches diffusers 0.30.1 on the committed fixtures to

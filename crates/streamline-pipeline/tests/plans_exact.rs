@@ -1,5 +1,5 @@
 //! Every optimization computes what original inference computes, on the SVD fixtures (UNet
-//! and temporal VAE decoder), SD's VAE decoder and AnimateDiff's motion module, for frame chunk counts 1, 2, 3, 7 and B*T and position chunk
+//! and temporal VAE decoder), AnimateDiff's motion UNet, motion module and SD VAE decoder, for frame chunk counts 1, 2, 3, 7 and B*T and position chunk
 //! counts that do not divide H*W. The naive baseline is measurably not exact.
 
 mod common;
@@ -11,7 +11,7 @@ use common::{fixture, io, rel_l2};
 use candle_core::{DType, Device, Tensor};
 use streamline_ir::{Executor, Graph, Plan, Request};
 use streamline_models::load::WeightSource;
-use streamline_models::sd::{AutoencoderKL, MotionModule};
+use streamline_models::sd::{AutoencoderKL, MotionModule, UNetMotionModel};
 use streamline_models::svd::{
     AutoencoderKLTemporalDecoder, UNetShape, UNetSpatioTemporalConditionModel,
 };
@@ -139,6 +139,38 @@ fn sd_decoder_plans_are_exact() {
     let (n, _, h, w) = io["latents"].dims4().unwrap();
     let g = vae.lower_decoder(2, n / 2, h, w).unwrap();
     check_all(&g, &[io["latents"].clone()], n);
+}
+
+#[test]
+fn motion_unet_plans_are_exact() {
+    let dir = fixture("animatediff_unet");
+    let io = io("animatediff_unet");
+    let model = UNetMotionModel::load(
+        &dir.join("unet"),
+        &dir.join("motion_adapter"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let (b, c, f, h, w) = io["sample"].dims5().unwrap();
+    let shape = UNetShape {
+        batch: b,
+        frames: f,
+        height: h,
+        width: w,
+        context_len: io["encoder_hidden_states"].dim(1).unwrap(),
+    };
+    let sample = io["sample"]
+        .permute((0, 2, 1, 3, 4))
+        .unwrap()
+        .reshape((b * f, c, h, w))
+        .unwrap();
+    let inputs = [
+        sample,
+        io["timestep"].clone(),
+        io["encoder_hidden_states"].clone(),
+    ];
+    check_all(&model.lower(shape).unwrap(), &inputs, b * f);
 }
 
 /// Position slices must merge the motion module's GroupNorm statistics across chunks.

@@ -2,6 +2,7 @@
 //! the 2D residual block, and what SD's VAE and SVD's temporal VAE have in common.
 
 pub(crate) mod autoencoder;
+pub(crate) mod embedding;
 mod resnet;
 pub(crate) mod transformer;
 

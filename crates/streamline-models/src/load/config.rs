@@ -1,6 +1,7 @@
 use std::path::Path;
 
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 use super::error::{ModelError, Result};
 
@@ -15,4 +16,26 @@ pub fn load_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })
+}
+
+/// An `int` or one value per block, as diffusers accepts for per-block settings.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum PerBlock {
+    One(usize),
+    Each(Vec<usize>),
+}
+
+impl PerBlock {
+    /// One value per block; a list of the wrong length is an error naming the file and field.
+    pub fn expand(&self, blocks: usize, field: &str, path: &Path) -> Result<Vec<usize>> {
+        match self {
+            PerBlock::One(v) => Ok(vec![*v; blocks]),
+            PerBlock::Each(v) if v.len() == blocks => Ok(v.clone()),
+            PerBlock::Each(v) => Err(ModelError::Config {
+                path: path.to_path_buf(),
+                reason: format!("`{field}` has {} entries for {blocks} blocks", v.len()),
+            }),
+        }
+    }
 }

@@ -5,6 +5,6 @@ mod config;
 mod error;
 mod weights;
 
-pub use config::load_config;
+pub use config::{load_config, PerBlock};
 pub use error::{ModelError, Result};
 pub use weights::{weights_file, Manifest, Usage, WeightSource};

@@ -4,28 +4,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::load::{ModelError, Result};
-
-/// An `int` or one value per block, as diffusers accepts for per-block settings.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(untagged)]
-pub enum PerBlock {
-    One(usize),
-    Each(Vec<usize>),
-}
-
-impl PerBlock {
-    fn expand(&self, blocks: usize, field: &str, path: &Path) -> Result<Vec<usize>> {
-        match self {
-            PerBlock::One(v) => Ok(vec![*v; blocks]),
-            PerBlock::Each(v) if v.len() == blocks => Ok(v.clone()),
-            PerBlock::Each(v) => Err(ModelError::Config {
-                path: path.to_path_buf(),
-                reason: format!("`{field}` has {} entries for {blocks} blocks", v.len()),
-            }),
-        }
-    }
-}
+use crate::load::{ModelError, PerBlock, Result};
 
 /// Fields of diffusers' `UNetSpatioTemporalConditionModel` config; unknown fields are ignored.
 #[derive(Clone, Debug, Deserialize, Serialize)]

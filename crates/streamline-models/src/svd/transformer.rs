@@ -7,7 +7,7 @@ use candle_core::DType;
 use candle_nn::VarBuilder;
 use streamline_ir::{Graph, Result, ValueId};
 
-use super::embedding::{sinusoid, TimestepEmbedding};
+use crate::blocks::embedding::{sinusoid, TimestepEmbedding};
 use crate::blocks::transformer::{residual_branch, BasicTransformerBlock, FeedForward};
 use crate::blocks::{node, At};
 use crate::ops::{

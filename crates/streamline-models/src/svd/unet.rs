@@ -7,12 +7,13 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use streamline_ir::{Graph, Layout, Result as IrResult, ValueId, ValueInfo};
 
-use super::config::{BlockKind, BlockSpec, PerBlock, UNetConfig};
-use super::embedding::{sinusoid, TimestepEmbedding};
+use super::config::{BlockKind, BlockSpec, UNetConfig};
 use super::resnet::{ResBlockSettings, SpatioTemporalResBlock};
 use super::transformer::TransformerSpatioTemporalModel;
+use crate::blocks::embedding::{sinusoid, TimestepEmbedding};
 use crate::blocks::At;
 use crate::blocks::{node, output_head, upsampler};
+use crate::load::PerBlock;
 use crate::load::{load_config, weights_file, ModelError, Result, WeightSource};
 use crate::ops::{Add, ConcatChannels, Conv2d, GroupNormFrames, Silu, VideoDims};
 

@@ -36,7 +36,8 @@ impl TimestepEmbedding {
     }
 }
 
-/// `Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)`, as every SVD module uses it.
+/// `Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)`, as every SVD module and SD
+/// 1.5's UNet use it.
 pub(crate) fn sinusoid(dim: usize, dtype: DType) -> Arc<Sinusoid> {
     Arc::new(Sinusoid {
         dim,

@@ -1,0 +1,471 @@
+//! The two config.json files a motion UNet is assembled from: SD 1.5's `UNet2DConditionModel`
+//! and AnimateDiff's `MotionAdapter`, combined as diffusers' `UNetMotionModel.from_unet2d` does.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::load::{ModelError, PerBlock, Result};
+
+fn one() -> PerBlock {
+    PerBlock::One(1)
+}
+
+fn groups() -> usize {
+    32
+}
+
+fn eps() -> f64 {
+    1e-5
+}
+
+fn padding() -> usize {
+    1
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn silu() -> String {
+    "silu".into()
+}
+
+fn mid_block() -> Option<String> {
+    Some("UNetMidBlock2DCrossAttn".into())
+}
+
+fn default_shift() -> String {
+    "default".into()
+}
+
+fn max_frames() -> usize {
+    32
+}
+
+fn motion_heads() -> PerBlock {
+    PerBlock::One(8)
+}
+
+fn two() -> PerBlock {
+    PerBlock::One(2)
+}
+
+/// Fields of SD 1.5's `unet/config.json` (`UNet2DConditionModel`); unknown fields are ignored,
+/// fields that would change the network and are not supported are rejected by
+/// [`MotionUNetConfig::new`].
+#[derive(Clone, Debug, Deserialize)]
+pub struct UNet2DConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub down_block_types: Vec<String>,
+    pub up_block_types: Vec<String>,
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: PerBlock,
+    pub cross_attention_dim: PerBlock,
+    /// SD 1.5 names the number of heads `attention_head_dim` (diffusers keeps the name for
+    /// compatibility); `num_attention_heads`, when present, wins.
+    #[serde(default)]
+    pub attention_head_dim: Option<PerBlock>,
+    #[serde(default)]
+    pub num_attention_heads: Option<PerBlock>,
+    #[serde(default = "one")]
+    pub transformer_layers_per_block: PerBlock,
+    #[serde(default = "groups")]
+    pub norm_num_groups: usize,
+    #[serde(default = "eps")]
+    pub norm_eps: f64,
+    #[serde(default = "padding")]
+    pub downsample_padding: usize,
+    #[serde(default)]
+    pub use_linear_projection: bool,
+    #[serde(default = "yes")]
+    pub flip_sin_to_cos: bool,
+    #[serde(default)]
+    pub freq_shift: f64,
+    #[serde(default = "silu")]
+    pub act_fn: String,
+    #[serde(default = "mid_block")]
+    pub mid_block_type: Option<String>,
+    #[serde(default)]
+    pub mid_block_scale_factor: Option<f64>,
+    #[serde(default = "default_shift")]
+    pub resnet_time_scale_shift: String,
+    #[serde(default)]
+    pub class_embed_type: Option<String>,
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+    #[serde(default)]
+    pub encoder_hid_dim_type: Option<String>,
+    #[serde(default)]
+    pub time_cond_proj_dim: Option<usize>,
+    #[serde(default)]
+    pub only_cross_attention: bool,
+    #[serde(default)]
+    pub dual_cross_attention: bool,
+    #[serde(default)]
+    pub center_input_sample: bool,
+    #[serde(default)]
+    pub sample_size: Option<usize>,
+}
+
+/// Fields of a motion adapter's `config.json` (`MotionAdapter`).
+#[derive(Clone, Debug, Deserialize)]
+pub struct MotionAdapterConfig {
+    pub block_out_channels: Vec<usize>,
+    #[serde(default = "two")]
+    pub motion_layers_per_block: PerBlock,
+    #[serde(default = "one")]
+    pub motion_transformer_layers_per_block: PerBlock,
+    #[serde(default = "one_usize")]
+    pub motion_mid_block_layers_per_block: usize,
+    #[serde(default = "one")]
+    pub motion_transformer_layers_per_mid_block: PerBlock,
+    #[serde(default = "motion_heads")]
+    pub motion_num_attention_heads: PerBlock,
+    #[serde(default = "groups")]
+    pub motion_norm_num_groups: usize,
+    #[serde(default = "max_frames")]
+    pub motion_max_seq_length: usize,
+    #[serde(default = "yes")]
+    pub use_motion_mid_block: bool,
+    #[serde(default)]
+    pub conv_in_channels: Option<usize>,
+}
+
+fn one_usize() -> usize {
+    1
+}
+
+/// Whether a block has spatial cross-attention transformers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Plain,
+    CrossAttn,
+}
+
+/// One block of the motion UNet, expanded from both configs.
+#[derive(Clone, Debug)]
+pub(crate) struct Block {
+    pub kind: Kind,
+    pub channels: usize,
+    /// Resnets (and transformers, motion modules): `layers_per_block`, plus one going up.
+    pub layers: usize,
+    pub heads: usize,
+    pub transformer_layers: usize,
+    pub cross_attention_dim: usize,
+    pub motion_heads: usize,
+    pub motion_layers: usize,
+}
+
+/// The motion UNet's settings: both configs checked against each other.
+#[derive(Clone, Debug)]
+pub struct MotionUNetConfig {
+    pub unet: UNet2DConfig,
+    pub adapter: MotionAdapterConfig,
+    pub(crate) down: Vec<Block>,
+    pub(crate) up: Vec<Block>,
+    /// The mid block's (attention, motion module, resnet) triples' motion layers; `None`
+    /// without a motion mid block.
+    pub(crate) mid_motion_layers: Option<Vec<usize>>,
+}
+
+impl MotionUNetConfig {
+    /// Check both configs (`unet_path`, `adapter_path` name them in errors) and expand them.
+    pub fn new(
+        unet: UNet2DConfig,
+        unet_path: &Path,
+        adapter: MotionAdapterConfig,
+        adapter_path: &Path,
+    ) -> Result<Self> {
+        let n = unet.block_out_channels.len();
+        let config_err = |path: &Path, reason: String| ModelError::Config {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let unsupported =
+            |path: &Path, field: &str, value: String, reason: &str| ModelError::Unsupported {
+                path: path.to_path_buf(),
+                field: field.into(),
+                value,
+                reason: reason.into(),
+            };
+        if n == 0 || unet.down_block_types.len() != n || unet.up_block_types.len() != n {
+            return Err(config_err(
+                unet_path,
+                format!(
+                    "`down_block_types` ({}), `up_block_types` ({}) and `block_out_channels` ({n}) must have one entry per block",
+                    unet.down_block_types.len(),
+                    unet.up_block_types.len()
+                ),
+            ));
+        }
+        let checks: [(&str, bool, String, &str); 14] = [
+            (
+                "norm_num_groups",
+                unet.norm_num_groups != 32,
+                unet.norm_num_groups.to_string(),
+                "only 32 GroupNorm groups are supported",
+            ),
+            (
+                "downsample_padding",
+                unet.downsample_padding != 1,
+                unet.downsample_padding.to_string(),
+                "only 1 is supported",
+            ),
+            (
+                "flip_sin_to_cos",
+                !unet.flip_sin_to_cos,
+                unet.flip_sin_to_cos.to_string(),
+                "only true is supported",
+            ),
+            (
+                "freq_shift",
+                unet.freq_shift != 0.0,
+                unet.freq_shift.to_string(),
+                "only 0 is supported",
+            ),
+            (
+                "act_fn",
+                unet.act_fn != "silu",
+                unet.act_fn.clone(),
+                "only silu is supported",
+            ),
+            (
+                "mid_block_type",
+                unet.mid_block_type.as_deref() != Some("UNetMidBlock2DCrossAttn"),
+                format!("{:?}", unet.mid_block_type),
+                "only UNetMidBlock2DCrossAttn is supported",
+            ),
+            (
+                "mid_block_scale_factor",
+                unet.mid_block_scale_factor.is_some_and(|s| s != 1.0),
+                format!("{:?}", unet.mid_block_scale_factor),
+                "only 1 is supported",
+            ),
+            (
+                "resnet_time_scale_shift",
+                unet.resnet_time_scale_shift != "default",
+                unet.resnet_time_scale_shift.clone(),
+                "only \"default\" is supported",
+            ),
+            (
+                "class_embed_type",
+                unet.class_embed_type.is_some(),
+                format!("{:?}", unet.class_embed_type),
+                "class embeddings are not supported",
+            ),
+            (
+                "addition_embed_type",
+                unet.addition_embed_type.is_some(),
+                format!("{:?}", unet.addition_embed_type),
+                "added embeddings (SDXL) are not supported",
+            ),
+            (
+                "encoder_hid_dim_type",
+                unet.encoder_hid_dim_type.is_some(),
+                format!("{:?}", unet.encoder_hid_dim_type),
+                "encoder projections are not supported",
+            ),
+            (
+                "time_cond_proj_dim",
+                unet.time_cond_proj_dim.is_some(),
+                format!("{:?}", unet.time_cond_proj_dim),
+                "time conditioning projections are not supported",
+            ),
+            (
+                "only_cross_attention",
+                unet.only_cross_attention || unet.dual_cross_attention,
+                unet.only_cross_attention.to_string(),
+                "only_cross_attention / dual_cross_attention are not supported",
+            ),
+            (
+                "center_input_sample",
+                unet.center_input_sample,
+                unet.center_input_sample.to_string(),
+                "only false is supported",
+            ),
+        ];
+        if let Some((field, _, value, reason)) = checks.into_iter().find(|c| c.1) {
+            return Err(unsupported(unet_path, field, value, reason));
+        }
+        if let Some(c) = unet.block_out_channels.iter().find(|c| *c % 32 != 0) {
+            return Err(config_err(
+                unet_path,
+                format!(
+                    "`block_out_channels` entry {c} is not a multiple of the 32 GroupNorm groups"
+                ),
+            ));
+        }
+        if adapter.block_out_channels.len() != n {
+            return Err(config_err(
+                adapter_path,
+                format!(
+                    "the motion adapter has {} blocks (`block_out_channels` {:?}) but the UNet {} has {n} ({:?})",
+                    adapter.block_out_channels.len(),
+                    adapter.block_out_channels,
+                    unet_path.display(),
+                    unet.block_out_channels
+                ),
+            ));
+        }
+        if adapter.block_out_channels != unet.block_out_channels {
+            return Err(config_err(
+                adapter_path,
+                format!(
+                    "the motion adapter's `block_out_channels` {:?} differ from the UNet's {:?} ({})",
+                    adapter.block_out_channels,
+                    unet.block_out_channels,
+                    unet_path.display()
+                ),
+            ));
+        }
+        let layers = unet
+            .layers_per_block
+            .expand(n, "layers_per_block", unet_path)?;
+        let motion_layers =
+            adapter
+                .motion_layers_per_block
+                .expand(n, "motion_layers_per_block", adapter_path)?;
+        if layers != motion_layers {
+            return Err(config_err(
+                adapter_path,
+                format!(
+                    "`motion_layers_per_block` {motion_layers:?} differ from the UNet's `layers_per_block` {layers:?} ({})",
+                    unet_path.display()
+                ),
+            ));
+        }
+        if let Some(c) = adapter.conv_in_channels {
+            return Err(unsupported(
+                adapter_path,
+                "conv_in_channels",
+                c.to_string(),
+                "PIA adapters are not supported",
+            ));
+        }
+        if adapter.motion_norm_num_groups != 32 {
+            return Err(unsupported(
+                adapter_path,
+                "motion_norm_num_groups",
+                adapter.motion_norm_num_groups.to_string(),
+                "only 32 GroupNorm groups are supported",
+            ));
+        }
+        let heads = match (&unet.num_attention_heads, &unet.attention_head_dim) {
+            (Some(h), _) => h.expand(n, "num_attention_heads", unet_path)?,
+            (None, Some(h)) => h.expand(n, "attention_head_dim", unet_path)?,
+            (None, None) => vec![8; n],
+        };
+        let cross = unet
+            .cross_attention_dim
+            .expand(n, "cross_attention_dim", unet_path)?;
+        let tlayers = unet.transformer_layers_per_block.expand(
+            n,
+            "transformer_layers_per_block",
+            unet_path,
+        )?;
+        let mheads = adapter.motion_num_attention_heads.expand(
+            n,
+            "motion_num_attention_heads",
+            adapter_path,
+        )?;
+        let mlayers = adapter.motion_transformer_layers_per_block.expand(
+            n,
+            "motion_transformer_layers_per_block",
+            adapter_path,
+        )?;
+        for (i, &c) in unet.block_out_channels.iter().enumerate() {
+            if heads[i] == 0 || c % heads[i] != 0 {
+                return Err(config_err(
+                    unet_path,
+                    format!(
+                        "{} heads do not divide the {c} channels of block {i}",
+                        heads[i]
+                    ),
+                ));
+            }
+            if mheads[i] == 0 || c % mheads[i] != 0 {
+                return Err(config_err(adapter_path, format!("`motion_num_attention_heads` {} does not divide the {c} channels of block {i}", mheads[i])));
+            }
+        }
+        let kind = |path: &Path, field: &str, i: usize, ty: &str, plain: &str, attn: &str| match ty
+        {
+            t if t == plain => Ok(Kind::Plain),
+            t if t == attn => Ok(Kind::CrossAttn),
+            other => Err(unsupported(
+                path,
+                &format!("{field}[{i}]"),
+                other.to_string(),
+                &format!("SD's UNet blocks are {plain} and {attn}"),
+            )),
+        };
+        let block = |i: usize, kind: Kind, layers: usize| Block {
+            kind,
+            channels: unet.block_out_channels[i],
+            layers,
+            heads: heads[i],
+            transformer_layers: tlayers[i],
+            cross_attention_dim: cross[i],
+            motion_heads: mheads[i],
+            motion_layers: mlayers[i],
+        };
+        let down = (0..n)
+            .map(|i| {
+                let k = kind(
+                    unet_path,
+                    "down_block_types",
+                    i,
+                    &unet.down_block_types[i],
+                    "DownBlock2D",
+                    "CrossAttnDownBlock2D",
+                )?;
+                Ok(block(i, k, layers[i]))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let up = (0..n)
+            .map(|i| {
+                let r = n - 1 - i;
+                let k = kind(
+                    unet_path,
+                    "up_block_types",
+                    i,
+                    &unet.up_block_types[i],
+                    "UpBlock2D",
+                    "CrossAttnUpBlock2D",
+                )?;
+                Ok(block(r, k, layers[r] + 1))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mid_motion_layers = adapter
+            .use_motion_mid_block
+            .then(|| {
+                adapter.motion_transformer_layers_per_mid_block.expand(
+                    adapter.motion_mid_block_layers_per_block,
+                    "motion_transformer_layers_per_mid_block",
+                    adapter_path,
+                )
+            })
+            .transpose()?;
+        if mid_motion_layers.as_ref().is_some_and(|m| m.len() != 1) {
+            return Err(unsupported(
+                adapter_path,
+                "motion_mid_block_layers_per_block",
+                adapter.motion_mid_block_layers_per_block.to_string(),
+                "the UNet's mid block has one attention, so one motion module",
+            ));
+        }
+        Ok(MotionUNetConfig {
+            unet,
+            adapter,
+            down,
+            up,
+            mid_motion_layers,
+        })
+    }
+
+    /// The time embedding width, `4 * block_out_channels[0]`.
+    pub fn time_embed_dim(&self) -> usize {
+        4 * self.unet.block_out_channels[0]
+    }
+}
