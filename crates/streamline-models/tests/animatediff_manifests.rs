@@ -52,6 +52,12 @@ fn full_size_motion_unet_uses_both_checkpoints_exactly() {
     let (unet_usage, adapter_usage) = (unet_source.usage(), adapter_source.usage());
     let unet: UNet2DConfig = serde_json::from_value(unet_config).unwrap();
     let adapter: MotionAdapterConfig = serde_json::from_value(adapter_config).unwrap();
+    // The built-in configs are the checkpoints'.
+    assert_eq!(format!("{unet:?}"), format!("{:?}", UNet2DConfig::sd15()));
+    assert_eq!(
+        format!("{adapter:?}"),
+        format!("{:?}", MotionAdapterConfig::v1_5_2())
+    );
     let config = MotionUNetConfig::new(unet, &unet_path, adapter, &adapter_path).unwrap();
     let model = UNetMotionModel::new(
         &config,

@@ -109,6 +109,53 @@ pub struct UNet2DConfig {
     pub sample_size: Option<usize>,
 }
 
+impl UNet2DConfig {
+    /// Stable Diffusion 1.5's `unet/config.json`.
+    pub fn sd15() -> Self {
+        let s = |v: &[&str]| v.iter().map(|t| t.to_string()).collect();
+        UNet2DConfig {
+            in_channels: 4,
+            out_channels: 4,
+            down_block_types: s(&[
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "DownBlock2D",
+            ]),
+            up_block_types: s(&[
+                "UpBlock2D",
+                "CrossAttnUpBlock2D",
+                "CrossAttnUpBlock2D",
+                "CrossAttnUpBlock2D",
+            ]),
+            block_out_channels: vec![320, 640, 1280, 1280],
+            layers_per_block: PerBlock::One(2),
+            cross_attention_dim: PerBlock::One(768),
+            attention_head_dim: Some(PerBlock::One(8)),
+            num_attention_heads: None,
+            transformer_layers_per_block: one(),
+            norm_num_groups: 32,
+            norm_eps: 1e-5,
+            downsample_padding: 1,
+            use_linear_projection: false,
+            flip_sin_to_cos: true,
+            freq_shift: 0.0,
+            act_fn: silu(),
+            mid_block_type: mid_block(),
+            mid_block_scale_factor: Some(1.0),
+            resnet_time_scale_shift: default_shift(),
+            class_embed_type: None,
+            addition_embed_type: None,
+            encoder_hid_dim_type: None,
+            time_cond_proj_dim: None,
+            only_cross_attention: false,
+            dual_cross_attention: false,
+            center_input_sample: false,
+            sample_size: Some(64),
+        }
+    }
+}
+
 /// Fields of a motion adapter's `config.json` (`MotionAdapter`).
 #[derive(Clone, Debug, Deserialize)]
 pub struct MotionAdapterConfig {
@@ -135,6 +182,24 @@ pub struct MotionAdapterConfig {
 
 fn one_usize() -> usize {
     1
+}
+
+impl MotionAdapterConfig {
+    /// `guoyww/animatediff-motion-adapter-v1-5-2`: diffusers' `MotionAdapter` defaults.
+    pub fn v1_5_2() -> Self {
+        MotionAdapterConfig {
+            block_out_channels: vec![320, 640, 1280, 1280],
+            motion_layers_per_block: two(),
+            motion_transformer_layers_per_block: one(),
+            motion_mid_block_layers_per_block: 1,
+            motion_transformer_layers_per_mid_block: one(),
+            motion_num_attention_heads: motion_heads(),
+            motion_norm_num_groups: 32,
+            motion_max_seq_length: max_frames(),
+            use_motion_mid_block: true,
+            conv_in_channels: None,
+        }
+    }
 }
 
 /// Whether a block has spatial cross-attention transformers.
