@@ -9,7 +9,8 @@
 //! - [`svd`]: Stable Video Diffusion / SVD-XT image-to-video with diffusers' math
 //!   (preprocessing, CLIP and VAE conditioning, classifier-free guidance, per-frame guidance,
 //!   chunked temporal decoding).
-//! - [`scheduler`]: diffusers' Euler scheduler as SVD uses it, reproducing its schedules.
+//! - [`scheduler`]: diffusers' Euler (SVD, SD 1.5) and DDIM (AnimateDiff) schedulers,
+//!   reproducing their schedules and steps; `Scheduler::load` picks one by `_class_name`.
 //! - [`video`] reads the conditioning image and writes frames as a GIF, PNG files or
 //!   safetensors, atomically; [`quality`] scores frames against a reference (PSNR, SSIM).
 //! - Step Rehash runs inside the denoising loop: `SvdSettings::rehash` picks, per step, the

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use streamline_pipeline::scheduler::{
-    EulerDiscreteScheduler, SchedulerConfig, SchedulerError, TimestepSpacing,
+    EulerDiscreteScheduler, SchedulerClass, SchedulerConfig, SchedulerError, TimestepSpacing,
 };
 
 fn config_path(case: &str) -> PathBuf {
@@ -151,8 +151,11 @@ fn loops_match_diffusers() {
 fn svd_checkpoint_config_is_svd() {
     // The file also carries other schedulers' fields (clip_sample, skip_prk_steps, ...),
     // which must be ignored.
-    let loaded =
-        SchedulerConfig::load(&fixture("svd_scheduler").join("scheduler_config.json")).unwrap();
+    let loaded = SchedulerConfig::load(
+        &fixture("svd_scheduler").join("scheduler_config.json"),
+        SchedulerClass::EulerDiscrete,
+    )
+    .unwrap();
     assert_eq!(loaded, SchedulerConfig::svd());
     assert_eq!(loaded.timestep_spacing, TimestepSpacing::Leading);
 }
@@ -238,7 +241,9 @@ fn unsupported_values_name_file_and_field() {
     }
     // A value of the wrong type still names the file (serde adds line and column).
     let path = write_config("type_error", r#"{"use_karras_sigmas": "yes"}"#);
-    let message = SchedulerConfig::load(&path).unwrap_err().to_string();
+    let message = SchedulerConfig::load(&path, SchedulerClass::EulerDiscrete)
+        .unwrap_err()
+        .to_string();
     assert!(
         message.contains(path.to_str().unwrap()) && message.contains("line 1"),
         "{message}"

@@ -2,17 +2,20 @@
 //! `scale_model_input`, and the deterministic Euler `step` (`s_churn = 0`, so no noise).
 //!
 //! The schedule reproduces diffusers' numbers, not just its formulas: torch computes the
-//! training betas, their cumulative product and the sigmas in f32 (the cumulative product
-//! accumulating in f64, as torch's CPU kernel does), numpy interpolates and builds the Karras
-//! schedule in f64, and the result is stored in f32. Each helper below mirrors the torch or
-//! numpy routine it replaces, rounding where that routine rounds, so sigmas and timesteps agree
-//! to the last bit, or to an ulp where torch's f32 square roots and logs (not correctly rounded
-//! on CPU) and numpy's SIMD `log`/`pow` differ from Rust's.
+//! training betas, their cumulative product and the sigmas in f32 (see [`super::schedule`]),
+//! numpy interpolates and builds the Karras schedule in f64, and the result is stored in f32.
+//! Each helper below mirrors the torch or numpy routine it replaces, rounding where that
+//! routine rounds, so sigmas and timesteps agree to the last bit, or to an ulp where torch's
+//! f32 square roots and logs (not correctly rounded on CPU) and numpy's SIMD `log`/`pow`
+//! differ from Rust's.
 
 use candle_core::{DType, Tensor};
 
+use super::schedule::{
+    alphas_cumprod, float_dtype, numpy_linspace, scalar, spaced_timesteps, torch_linspace_f32,
+};
 use super::{
-    BetaSchedule, FinalSigma, Interpolation, PredictionType, SchedulerConfig, SchedulerError,
+    FinalSigma, Interpolation, PredictionType, SchedulerClass, SchedulerConfig, SchedulerError,
     TimestepSpacing,
 };
 
@@ -37,8 +40,11 @@ impl EulerDiscreteScheduler {
     /// Builds the scheduler as diffusers' constructor leaves it: the full training schedule,
     /// until [`Self::set_timesteps`] picks the inference steps.
     pub fn from_config(config: &SchedulerConfig) -> Result<Self, SchedulerError> {
-        config.check()?;
-        let train_sigmas = train_sigmas(config);
+        config.check(SchedulerClass::EulerDiscrete)?;
+        let train_sigmas: Vec<f32> = alphas_cumprod(config)
+            .iter()
+            .map(|&a| ((1.0 - a) / a).sqrt())
+            .collect();
         let mut sigmas: Vec<f32> = train_sigmas.iter().rev().copied().collect();
         let timesteps = if continuous(config) {
             sigmas.iter().map(|&s| continuous_timestep(s)).collect()
@@ -57,9 +63,10 @@ impl EulerDiscreteScheduler {
         })
     }
 
-    /// Reads a diffusers `scheduler_config.json` (see [`SchedulerConfig::load`]).
+    /// Reads a diffusers `scheduler_config.json` with Euler's defaults (see
+    /// [`SchedulerConfig::load`]).
     pub fn load(path: &std::path::Path) -> Result<Self, SchedulerError> {
-        Self::from_config(&SchedulerConfig::load(path)?)
+        Self::from_config(&SchedulerConfig::load(path, SchedulerClass::EulerDiscrete)?)
     }
 
     pub fn config(&self) -> &SchedulerConfig {
@@ -67,9 +74,8 @@ impl EulerDiscreteScheduler {
     }
 
     /// The inference schedule for `num_inference_steps`. With `trailing` spacing some step
-    /// counts (61, 103, ... of 1000) yield one step more, because diffusers builds the
-    /// timesteps with numpy's `arange` on a fractional stride; the schedule keeps it, so
-    /// loop over [`Self::timesteps`], not over the requested count.
+    /// counts yield one step more (see `schedule::spaced_timesteps`); the schedule keeps it,
+    /// so loop over [`Self::timesteps`], not over the requested count.
     pub fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<(), SchedulerError> {
         let n = num_inference_steps;
         if n == 0 {
@@ -77,26 +83,11 @@ impl EulerDiscreteScheduler {
         }
         let c = &self.config;
         let train = c.num_train_timesteps;
-        let mut timesteps: Vec<f64> = match c.timestep_spacing {
-            // np.linspace(0, T - 1, n, dtype=np.float32)[::-1]
-            TimestepSpacing::Linspace => numpy_linspace(0.0, (train - 1) as f64, n)
-                .into_iter()
-                .rev()
-                .map(|t| t as f32 as f64)
-                .collect(),
-            // (np.arange(0, n) * (T // n)).round()[::-1].astype(np.float32) + steps_offset
-            TimestepSpacing::Leading => (0..n)
-                .rev()
-                .map(|i| ((i * (train / n)) as f32 + c.steps_offset as f32) as f64)
-                .collect(),
-            // np.arange(T, 0, -T / n).round().astype(np.float32) - 1
-            TimestepSpacing::Trailing => {
-                numpy_arange(train as f64, 0.0, -(train as f64 / n as f64))
-                    .into_iter()
-                    .map(|t| (t.round_ties_even() as f32 - 1.0) as f64)
-                    .collect()
-            }
-        };
+        // Euler keeps numpy's linspace values as f32 (the others are whole numbers).
+        let mut timesteps: Vec<f64> = spaced_timesteps(c, n)
+            .into_iter()
+            .map(|t| t as f32 as f64)
+            .collect();
         let mut sigmas: Vec<f64> = match c.interpolation_type {
             Interpolation::Linear => timesteps
                 .iter()
@@ -177,11 +168,9 @@ impl EulerDiscreteScheduler {
         } else {
             DType::F32
         };
-        let scale = scalar((sigma * sigma + 1.0).sqrt(), sample)?.to_dtype(work)?;
-        Ok(sample
-            .to_dtype(work)?
-            .broadcast_div(&scale)?
-            .to_dtype(dtype)?)
+        let sample = sample.to_dtype(work)?;
+        let scale = scalar((sigma * sigma + 1.0).sqrt(), &sample)?;
+        Ok(sample.broadcast_div(&scale)?.to_dtype(dtype)?)
     }
 
     /// One Euler step from `sample` at step `step_index` to the next sigma, returned in the
@@ -242,106 +231,6 @@ fn continuous(config: &SchedulerConfig) -> bool {
 /// torch's `0.25 * sigma.log()` on an f32 scalar tensor.
 fn continuous_timestep(sigma: f32) -> f32 {
     0.25 * sigma.ln()
-}
-
-fn float_dtype(t: &Tensor) -> Result<DType, SchedulerError> {
-    match t.dtype() {
-        d @ (DType::F16 | DType::BF16 | DType::F32 | DType::F64) => Ok(d),
-        other => Err(SchedulerError::DType(other)),
-    }
-}
-
-/// A rank-0 f32 tensor on `like`'s device: diffusers' per-step scalars are 0-dim f32 tensors.
-fn scalar(value: f32, like: &Tensor) -> candle_core::Result<Tensor> {
-    Tensor::new(value, like.device())
-}
-
-/// sqrt((1 - alphas_cumprod) / alphas_cumprod) in f32, from diffusers' constructor. The
-/// cumulative product must be bit-exact: near t = 0 the subtraction `1 - a` leaves ~10 bits,
-/// so one ulp of `a` would move the smallest sigmas by 1e-3.
-fn train_sigmas(config: &SchedulerConfig) -> Vec<f32> {
-    let n = config.num_train_timesteps;
-    let betas: Vec<f32> = match &config.betas {
-        BetaSchedule::Linear { start, end } => torch_linspace_f32(*start as f32, *end as f32, n),
-        BetaSchedule::ScaledLinear { start, end } => {
-            torch_linspace_f32(start.sqrt() as f32, end.sqrt() as f32, n)
-                .into_iter()
-                .map(|b| b * b)
-                .collect()
-        }
-        BetaSchedule::SquaredCosCapV2 => {
-            // betas_for_alpha_bar: Python floats, then a float32 tensor.
-            let alpha_bar = |t: f64| {
-                let c = ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos();
-                c * c
-            };
-            (0..n)
-                .map(|i| {
-                    let (t1, t2) = (i as f64 / n as f64, (i + 1) as f64 / n as f64);
-                    (1.0 - alpha_bar(t2) / alpha_bar(t1)).min(0.999) as f32
-                })
-                .collect()
-        }
-        BetaSchedule::Trained(betas) => betas.iter().map(|&b| b as f32).collect(),
-    };
-    cumprod(&betas)
-        .iter()
-        .map(|&a| ((1.0 - a) / a).sqrt())
-        .collect()
-}
-
-/// torch.cumprod(1 - betas) on CPU: f32 factors, f64 running product, f32 results.
-fn cumprod(betas: &[f32]) -> Vec<f32> {
-    let mut acc = 1.0f64;
-    betas
-        .iter()
-        .map(|&b| {
-            acc *= (1.0 - b) as f64;
-            acc as f32
-        })
-        .collect()
-}
-
-/// torch.linspace in f32 on CPU (`steps >= 2`): the first half counts up from `start`, the
-/// second down from `end`, each value one fused multiply-add (torch's kernel is compiled with
-/// FMA contraction on AVX2 and newer CPUs, where the fixtures were made).
-fn torch_linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
-    let step = (end - start) / (steps - 1) as f32;
-    let half = steps / 2;
-    (0..steps)
-        .map(|i| {
-            if i < half {
-                step.mul_add(i as f32, start)
-            } else {
-                (-step).mul_add((steps - 1 - i) as f32, end)
-            }
-        })
-        .collect()
-}
-
-/// np.linspace(start, stop, num) in f64: `i * step + start`, the last value exactly `stop`.
-fn numpy_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
-    if num == 1 {
-        return vec![start];
-    }
-    let step = (stop - start) / (num - 1) as f64;
-    let mut y: Vec<f64> = (0..num).map(|i| i as f64 * step + start).collect();
-    y[num - 1] = stop;
-    y
-}
-
-/// np.arange(start, stop, step) in f64: `ceil((stop - start) / step)` values; after the first
-/// two, numpy adds multiples of their difference (not of `step`) to `start`.
-fn numpy_arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
-    let len = ((stop - start) / step).ceil().max(0.0) as usize;
-    let delta = (start + step) - start;
-    (0..len)
-        .map(|i| match i {
-            0 => start,
-            1 => start + step,
-            _ => start + i as f64 * delta,
-        })
-        .collect()
 }
 
 /// np.interp(x, arange(len(fp)), fp) with f32 `fp`, in f64.

@@ -1,13 +1,18 @@
 //! Noise schedulers, ported number for number from diffusers 0.30.1.
 //!
-//! Stable Video Diffusion samples with [`EulerDiscreteScheduler`]. A scheduler is configured
-//! from the checkpoint's `scheduler/scheduler_config.json`: [`SchedulerConfig::load`] reads it
-//! with diffusers' defaults for absent fields, ignores fields it does not know (configs of
-//! other schedulers share the file format, and diffusers swaps schedulers by reusing them),
-//! and rejects a value it cannot honour with an error naming the file and the field, before
-//! any sampling starts.
+//! Stable Video Diffusion samples with [`EulerDiscreteScheduler`]; AnimateDiff with
+//! [`DdimScheduler`] (the paper's setting) or Euler, as Stable Diffusion 1.5 configures them.
+//! A scheduler is configured from the checkpoint's `scheduler/scheduler_config.json`:
+//! [`SchedulerConfig::load`] reads it with the scheduler class's defaults for absent fields,
+//! ignores fields it does not know (configs of other schedulers share the file format, and
+//! diffusers swaps schedulers by reusing them), and rejects a value it cannot honour with an
+//! error naming the file and the field, before any sampling starts. [`Scheduler::load`] picks
+//! the class from the file's `_class_name`, as diffusers' pipelines do.
 
+mod ddim;
+mod dispatch;
 mod euler;
+mod schedule;
 
 use std::path::Path;
 
@@ -16,7 +21,34 @@ use serde::Deserialize;
 use streamline_models::load::{load_config, ModelError};
 use thiserror::Error;
 
+pub use ddim::DdimScheduler;
+pub use dispatch::Scheduler;
 pub use euler::EulerDiscreteScheduler;
+
+/// The diffusers scheduler classes this port implements; each has its own config defaults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SchedulerClass {
+    /// `EulerDiscreteScheduler`.
+    EulerDiscrete,
+    /// `DDIMScheduler`.
+    Ddim,
+}
+
+impl SchedulerClass {
+    pub const ALL: [SchedulerClass; 2] = [SchedulerClass::EulerDiscrete, SchedulerClass::Ddim];
+
+    /// The `_class_name` diffusers writes into the config.
+    pub fn class_name(self) -> &'static str {
+        match self {
+            SchedulerClass::EulerDiscrete => "EulerDiscreteScheduler",
+            SchedulerClass::Ddim => "DDIMScheduler",
+        }
+    }
+
+    pub fn from_class_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.class_name() == name)
+    }
+}
 
 /// What the model predicts (`prediction_type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,7 +102,9 @@ pub enum FinalSigma {
     SigmaMin,
 }
 
-/// A validated `scheduler_config.json`. `Default` is diffusers' constructor defaults.
+/// A validated `scheduler_config.json`. `Default` is diffusers' `EulerDiscreteScheduler`
+/// constructor defaults, [`SchedulerConfig::defaults`] any class's. Fields that only one class
+/// reads are kept for both, so a config can be moved between classes as in diffusers.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SchedulerConfig {
     pub num_train_timesteps: usize,
@@ -87,13 +121,26 @@ pub struct SchedulerConfig {
     pub continuous_timesteps: bool,
     pub steps_offset: i64,
     pub final_sigmas_type: FinalSigma,
+    /// Zero terminal SNR (Lin et al. 2023): the last training timestep becomes pure noise.
+    /// DDIM only; see [`DdimScheduler`] for how closely it follows diffusers.
+    pub rescale_betas_zero_snr: bool,
+    /// DDIM: clamp the predicted clean sample to `±clip_sample_range` (unless `thresholding`).
+    pub clip_sample: bool,
+    pub clip_sample_range: f64,
+    /// DDIM: the alpha product after the last step is 1 (the clean sample) instead of the
+    /// first training timestep's.
+    pub set_alpha_to_one: bool,
+    /// DDIM: Imagen's dynamic thresholding of the predicted clean sample, per batch item, at
+    /// the `dynamic_thresholding_ratio` quantile of its magnitudes, capped at
+    /// `sample_max_value`.
+    pub thresholding: bool,
+    pub dynamic_thresholding_ratio: f64,
+    pub sample_max_value: f64,
 }
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
-        RawConfig::default()
-            .parse()
-            .expect("diffusers' defaults are supported")
+        Self::defaults(SchedulerClass::EulerDiscrete)
     }
 }
 
@@ -113,25 +160,47 @@ impl SchedulerConfig {
             timestep_spacing: TimestepSpacing::Leading,
             continuous_timesteps: true,
             steps_offset: 1,
+            // SVD's file carries these DDIM fields too.
+            clip_sample: false,
+            set_alpha_to_one: false,
             ..Self::default()
         }
     }
 
-    /// Reads a diffusers `scheduler_config.json`; errors name the file (and the field).
-    pub fn load(path: &Path) -> Result<Self, SchedulerError> {
-        let raw: RawConfig = load_config(path)?;
-        raw.parse().map_err(|u| {
-            SchedulerError::from(ModelError::Unsupported {
-                path: path.to_path_buf(),
-                field: u.field.to_string(),
-                value: u.value,
-                reason: u.reason,
-            })
-        })
+    /// The AnimateDiff paper's sampler, as diffusers' AnimateDiff example builds it from
+    /// Stable Diffusion 1.5's file: DDIM on linear betas with `linspace` spacing.
+    pub fn animatediff() -> Self {
+        SchedulerConfig {
+            betas: BetaSchedule::Linear {
+                start: 0.00085,
+                end: 0.012,
+            },
+            timestep_spacing: TimestepSpacing::Linspace,
+            steps_offset: 1,
+            clip_sample: false,
+            set_alpha_to_one: false,
+            ..Self::defaults(SchedulerClass::Ddim)
+        }
     }
 
-    /// The numeric preconditions of the schedule math (string fields are checked by parsing).
-    fn check(&self) -> Result<(), Unsupported> {
+    /// diffusers' constructor defaults of `class`.
+    pub fn defaults(class: SchedulerClass) -> Self {
+        RawConfig::default()
+            .parse(class)
+            .expect("diffusers' defaults are supported")
+    }
+
+    /// Reads a diffusers `scheduler_config.json` for `class`, whatever class the file names
+    /// (as diffusers' `from_pretrained` of a given class does); errors name the file (and the
+    /// field).
+    pub fn load(path: &Path, class: SchedulerClass) -> Result<Self, SchedulerError> {
+        let raw: RawConfig = load_config(path)?;
+        raw.parse(class).map_err(|u| u.in_file(path))
+    }
+
+    /// The numeric preconditions of `class`'s schedule math (string fields are checked by
+    /// parsing).
+    fn check(&self, class: SchedulerClass) -> Result<(), Unsupported> {
         if self.num_train_timesteps < 2 {
             return Err(Unsupported::new(
                 "num_train_timesteps",
@@ -160,7 +229,29 @@ impl SchedulerConfig {
                 ));
             }
         }
-        Ok(())
+        match class {
+            SchedulerClass::EulerDiscrete if self.rescale_betas_zero_snr => {
+                // The rescaled alpha products are not bit-equal to diffusers' (see
+                // `schedule::rescale_zero_terminal_snr`), which moves Euler's smallest sigmas
+                // by ~1e-5 where its schedules otherwise agree to an ulp; and Euler clamps the
+                // last one to 2^-24 on top. SD 1.5 and SVD do not use it.
+                Err(Unsupported::new(
+                    "rescale_betas_zero_snr",
+                    true,
+                    "zero terminal SNR rescaling is ported for DDIM only",
+                ))
+            }
+            SchedulerClass::Ddim
+                if self.thresholding && !(0.0..=1.0).contains(&self.dynamic_thresholding_ratio) =>
+            {
+                Err(Unsupported::new(
+                    "dynamic_thresholding_ratio",
+                    self.dynamic_thresholding_ratio,
+                    "a quantile must lie in [0, 1]",
+                ))
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -180,6 +271,15 @@ impl Unsupported {
             reason: reason.to_string(),
         }
     }
+
+    fn in_file(self, path: &Path) -> SchedulerError {
+        SchedulerError::from(ModelError::Unsupported {
+            path: path.to_path_buf(),
+            field: self.field.to_string(),
+            value: self.value,
+            reason: self.reason,
+        })
+    }
 }
 
 /// The file as diffusers writes it; strings stay strings here so that a bad value can be
@@ -187,6 +287,8 @@ impl Unsupported {
 #[derive(Deserialize)]
 #[serde(default)]
 struct RawConfig {
+    #[serde(rename = "_class_name")]
+    class_name: Option<String>,
     num_train_timesteps: usize,
     beta_start: f64,
     beta_end: f64,
@@ -197,16 +299,24 @@ struct RawConfig {
     use_karras_sigmas: Option<bool>,
     sigma_min: Option<f64>,
     sigma_max: Option<f64>,
-    timestep_spacing: String,
+    /// `None` takes the class's default.
+    timestep_spacing: Option<String>,
     timestep_type: String,
     steps_offset: i64,
     rescale_betas_zero_snr: bool,
     final_sigmas_type: String,
+    clip_sample: bool,
+    clip_sample_range: f64,
+    set_alpha_to_one: bool,
+    thresholding: bool,
+    dynamic_thresholding_ratio: f64,
+    sample_max_value: f64,
 }
 
 impl Default for RawConfig {
     fn default() -> Self {
         RawConfig {
+            class_name: None,
             num_train_timesteps: 1000,
             beta_start: 0.0001,
             beta_end: 0.02,
@@ -217,17 +327,23 @@ impl Default for RawConfig {
             use_karras_sigmas: Some(false),
             sigma_min: None,
             sigma_max: None,
-            timestep_spacing: "linspace".into(),
+            timestep_spacing: None,
             timestep_type: "discrete".into(),
             steps_offset: 0,
             rescale_betas_zero_snr: false,
             final_sigmas_type: "zero".into(),
+            clip_sample: true,
+            clip_sample_range: 1.0,
+            set_alpha_to_one: true,
+            thresholding: false,
+            dynamic_thresholding_ratio: 0.995,
+            sample_max_value: 1.0,
         }
     }
 }
 
 impl RawConfig {
-    fn parse(self) -> Result<SchedulerConfig, Unsupported> {
+    fn parse(self, class: SchedulerClass) -> Result<SchedulerConfig, Unsupported> {
         fn pick<T: Copy>(
             field: &'static str,
             value: &str,
@@ -243,11 +359,27 @@ impl RawConfig {
                 )
             })
         }
-        let (start, end) = (self.beta_start, self.beta_end);
+        // DDIM's constructor has none of Euler's sigma options: diffusers ignores them there.
+        let this = match class {
+            SchedulerClass::EulerDiscrete => self,
+            SchedulerClass::Ddim => {
+                let d = RawConfig::default();
+                RawConfig {
+                    interpolation_type: d.interpolation_type,
+                    use_karras_sigmas: d.use_karras_sigmas,
+                    sigma_min: d.sigma_min,
+                    sigma_max: d.sigma_max,
+                    timestep_type: d.timestep_type,
+                    final_sigmas_type: d.final_sigmas_type,
+                    ..self
+                }
+            }
+        };
+        let (start, end) = (this.beta_start, this.beta_end);
         // As in diffusers, trained betas win over `beta_schedule`, which is then not read.
-        let betas = match self.trained_betas {
+        let betas = match this.trained_betas {
             Some(betas) => BetaSchedule::Trained(betas),
-            None => match self.beta_schedule.as_str() {
+            None => match this.beta_schedule.as_str() {
                 "linear" => BetaSchedule::Linear { start, end },
                 "scaled_linear" => BetaSchedule::ScaledLinear { start, end },
                 "squaredcos_cap_v2" => BetaSchedule::SquaredCosCapV2,
@@ -261,28 +393,34 @@ impl RawConfig {
             },
         };
         use PredictionType as P;
-        let prediction_type = pick(
-            "prediction_type",
-            &self.prediction_type,
-            &[
-                ("epsilon", P::Epsilon),
-                ("v_prediction", P::VPrediction),
-                ("sample", P::Sample),
-                ("original_sample", P::Sample),
-            ],
-        )?;
+        let predictions = [
+            ("epsilon", P::Epsilon),
+            ("v_prediction", P::VPrediction),
+            ("sample", P::Sample),
+            // An alias Euler accepts and DDIM does not.
+            ("original_sample", P::Sample),
+        ];
+        let predictions = match class {
+            SchedulerClass::EulerDiscrete => &predictions[..],
+            SchedulerClass::Ddim => &predictions[..3],
+        };
+        let prediction_type = pick("prediction_type", &this.prediction_type, predictions)?;
         let interpolation_type = pick(
             "interpolation_type",
-            &self.interpolation_type,
+            &this.interpolation_type,
             &[
                 ("linear", Interpolation::Linear),
                 ("log_linear", Interpolation::LogLinear),
             ],
         )?;
         use TimestepSpacing as S;
+        let default_spacing = match class {
+            SchedulerClass::EulerDiscrete => "linspace",
+            SchedulerClass::Ddim => "leading",
+        };
         let timestep_spacing = pick(
             "timestep_spacing",
-            &self.timestep_spacing,
+            this.timestep_spacing.as_deref().unwrap_or(default_spacing),
             &[
                 ("linspace", S::Linspace),
                 ("leading", S::Leading),
@@ -291,41 +429,38 @@ impl RawConfig {
         )?;
         let continuous = pick(
             "timestep_type",
-            &self.timestep_type,
+            &this.timestep_type,
             &[("discrete", false), ("continuous", true)],
         )?;
         let final_sigmas_type = pick(
             "final_sigmas_type",
-            &self.final_sigmas_type,
+            &this.final_sigmas_type,
             &[
                 ("zero", FinalSigma::Zero),
                 ("sigma_min", FinalSigma::SigmaMin),
             ],
         )?;
-        if self.rescale_betas_zero_snr {
-            // diffusers rescales with torch's f32 square root, which on CPU is an ulp off for
-            // about a fifth of the values; the rescaling turns those ulps into 1e-3 in the
-            // small sigmas, so a port cannot promise diffusers' numbers. SVD does not use it.
-            return Err(Unsupported::new(
-                "rescale_betas_zero_snr",
-                true,
-                "zero terminal SNR rescaling is not ported",
-            ));
-        }
         let config = SchedulerConfig {
-            num_train_timesteps: self.num_train_timesteps,
+            num_train_timesteps: this.num_train_timesteps,
             betas,
             prediction_type,
             interpolation_type,
-            use_karras_sigmas: self.use_karras_sigmas.unwrap_or(false),
-            sigma_min: self.sigma_min,
-            sigma_max: self.sigma_max,
+            use_karras_sigmas: this.use_karras_sigmas.unwrap_or(false),
+            sigma_min: this.sigma_min,
+            sigma_max: this.sigma_max,
             timestep_spacing,
             continuous_timesteps: continuous,
-            steps_offset: self.steps_offset,
+            steps_offset: this.steps_offset,
             final_sigmas_type,
+            rescale_betas_zero_snr: this.rescale_betas_zero_snr,
+            clip_sample: this.clip_sample,
+            clip_sample_range: this.clip_sample_range,
+            set_alpha_to_one: this.set_alpha_to_one,
+            thresholding: this.thresholding,
+            dynamic_thresholding_ratio: this.dynamic_thresholding_ratio,
+            sample_max_value: this.sample_max_value,
         };
-        config.check()?;
+        config.check(class)?;
         Ok(config)
     }
 }
@@ -346,6 +481,13 @@ pub enum SchedulerError {
     },
     #[error("num_inference_steps must be at least 1")]
     NoSteps,
+    #[error("num_inference_steps = {steps} exceeds the {train} training timesteps")]
+    TooManySteps { steps: usize, train: usize },
+    /// A spacing that lands outside the training timesteps (a large `steps_offset`).
+    #[error("timestep {timestep} is outside the {train} training timesteps")]
+    TimestepRange { timestep: i64, train: usize },
+    #[error("set_timesteps must be called before stepping")]
+    NotSet,
     #[error("step index {index} is outside the schedule of {steps} steps")]
     StepIndex { index: usize, steps: usize },
     #[error("the scheduler works on floating-point tensors, not {0:?}")]
