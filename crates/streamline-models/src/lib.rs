@@ -1,17 +1,18 @@
 //! # streamline-models
 //!
-//! **Owns** the video diffusion models and their lowering to `streamline_ir`: today the ops
-//! every temporal layer is built from ([`ops`]: the frame-major <-> position-major layout
-//! changes and the GroupNorm over (C/G, T, H, W) split into a mergeable statistics reduction
-//! and a pointwise apply). The SVD UNet, temporal VAE and CLIP image encoder, the AnimateDiff
-//! UNet with motion modules, SD VAE and CLIP text encoder, and config.json + safetensors loading
-//! arrive with their issues.
+//! **Owns** the video diffusion models, config.json + safetensors loading ([`load`]) and the
+//! lowering to `streamline_ir`, built from the ops in [`ops`] (among them the frame-major <->
+//! position-major layout changes and the GroupNorm over (C/G, T, H, W) split into a mergeable
+//! statistics reduction and a pointwise apply).
 //!
 //! - [`clip`]: SVD's image encoder, transformers' `CLIPVisionModelWithProjection`, run eagerly
 //!   (once per video, so not lowered to the IR).
+//! - [`clip_text`]: AnimateDiff's (SD 1.5's) text encoder, transformers' `CLIPTextModel`, and
+//!   its tokenizer, ids equal to transformers' slow `CLIPTokenizer`; eager like [`clip`], and
+//!   built on the same encoder layers.
 //! - [`svd`]: SVD's UNet and temporal VAE; [`sd`]: AnimateDiff's motion UNet (SD 1.5's UNet
-//!   plus a motion adapter's motion modules) and SD's VAE (`AutoencoderKL`). Both are built from shared blocks (the 2D resnet, the VAE encoder and
-//!   mid block) and lowered to the IR.
+//!   plus a motion adapter's motion modules) and SD's VAE (`AutoencoderKL`). Both are built
+//!   from shared blocks (the 2D resnet, the VAE encoder and mid block) and lowered to the IR.
 //!
 //! **Promises:** every lowered model matches diffusers 0.30.1 on the committed fixtures to
 //! relative L2 <= 1e-4 in f32, and declares on every node the axes it is independent of, so
@@ -22,6 +23,8 @@
 
 mod blocks;
 pub mod clip;
+mod clip_encoder;
+pub mod clip_text;
 pub mod load;
 pub mod ops;
 pub mod sd;
