@@ -11,6 +11,7 @@ memory saver for these models. Writes the same JSON fields as streamline-bench.
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -32,18 +33,41 @@ def take_baseline():
     return status_bytes("VmRSS")
 
 
-def unet(args):
-    from diffusers import UNetSpatioTemporalConditionModel
+def load_unet(path):
+    """SVD's UNet, or AnimateDiff's assembled from `unet/` + `motion_adapter/` as its pipeline
+    does; returns the model and a step function on streamline's (B, T, C, H, W) layout."""
+    if os.path.isdir(f"{path}/motion_adapter"):
+        from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 
-    model = UNetSpatioTemporalConditionModel.from_pretrained(f"{args.dir}/unet").eval()
+        model = UNetMotionModel.from_unet2d(
+            UNet2DConditionModel.from_pretrained(f"{path}/unet"),
+            MotionAdapter.from_pretrained(f"{path}/motion_adapter")).eval()
+
+        def call(io):
+            sample = io["sample"].permute(0, 2, 1, 3, 4)  # diffusers' (B, C, F, H, W)
+            out = model(sample, io["timestep"], encoder_hidden_states=io["encoder_hidden_states"],
+                        return_dict=False)[0]
+            return out.permute(0, 2, 1, 3, 4)
+    else:
+        from diffusers import UNetSpatioTemporalConditionModel
+
+        model = UNetSpatioTemporalConditionModel.from_pretrained(f"{path}/unet").eval()
+
+        def call(io):
+            return model(io["sample"], io["timestep"], io["encoder_hidden_states"],
+                         io["added_time_ids"], return_dict=False)[0]
+    return model, call
+
+
+def unet(args):
+    model, call = load_unet(args.dir)
     if args.chunking:
         model.enable_forward_chunking()
     io = load_file(f"{args.dir}/inputs.safetensors")
 
     def step():
         start = time.perf_counter()
-        out = model(io["sample"], io["timestep"], io["encoder_hidden_states"],
-                    io["added_time_ids"], return_dict=False)[0]
+        out = call(io)
         return out, time.perf_counter() - start
 
     base = take_baseline()

@@ -47,6 +47,8 @@ struct Cli {
 enum ModelConfig {
     /// SVD's UNet at a fifth of the width (`UNetConfig::svd_small`).
     SvdSmall,
+    /// AnimateDiff's UNet (SD 1.5 + motion adapter v1-5-2) at a fifth of the width.
+    AnimatediffSmall,
 }
 
 #[derive(Subcommand)]
@@ -178,15 +180,22 @@ fn main() -> Result<()> {
             latent,
             seed,
         } => {
-            let config = match config {
-                ModelConfig::SvdSmall => UNetConfig::svd_small(frames),
+            let (config, context_len) = match config {
+                ModelConfig::SvdSmall => (
+                    unet::Config::Svd(Box::new(UNetConfig::svd_small(frames))),
+                    1,
+                ),
+                ModelConfig::AnimatediffSmall => {
+                    let (unet, adapter) = unet::animatediff_small();
+                    (unet::Config::Motion(Box::new((unet, adapter))), 77)
+                }
             };
             let shape = UNetShape {
                 batch,
                 frames,
                 height: latent,
                 width: latent,
-                context_len: 1,
+                context_len,
             };
             unet::prepare(&dir, &config, shape, seed)
         }

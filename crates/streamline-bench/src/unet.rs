@@ -1,5 +1,5 @@
-//! One UNet step of an svd-small-like model: the weights and inputs both implementations read,
-//! and our measured run under one mode.
+//! One UNet step of a small model (SVD's or AnimateDiff's UNet at a fifth of the width): the
+//! weights and inputs both implementations read, and our measured run under one mode.
 
 use std::collections::HashMap;
 use std::fs;
@@ -7,8 +7,10 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
-use streamline_ir::{Executor, Request};
-use streamline_models::load::WeightSource;
+use serde::Serialize;
+use streamline_ir::{Executor, Graph, Request};
+use streamline_models::load::{PerBlock, Usage, WeightSource};
+use streamline_models::sd::{MotionAdapterConfig, MotionUNetConfig, UNet2DConfig, UNetMotionModel};
 use streamline_models::svd::{UNetConfig, UNetShape, UNetSpatioTemporalConditionModel};
 use streamline_pipeline::svd::unit_noise;
 use streamline_pipeline::{optimize, Optimization};
@@ -18,73 +20,170 @@ use streamline_slicer::naive::frame_chunks;
 use crate::measure::{timed, Baseline, Measurement};
 use crate::How;
 
-/// The SVD noise levels of two adjacent mid-schedule steps, as the UNet sees them
-/// (`c_noise = ln(sigma) / 4`): Step Rehash reuses the first step's features at the second.
-const SIGMAS: [f64; 2] = [10.0, 8.5];
-
-/// Write `dir/unet/{config.json, diffusion_pytorch_model.safetensors}` (random weights from
-/// `seed`, in diffusers' names and layout) and `dir/inputs.safetensors`: `sample`
-/// (B, T, 8, H, W), `timestep` (B,), `encoder_hidden_states` (B, 1, D), `added_time_ids`
-/// (B, 3), and `sample_prev`, `timestep_prev` for the step before.
-pub fn prepare(dir: &Path, config: &UNetConfig, shape: UNetShape, seed: u64) -> Result<()> {
-    let dev = Device::Cpu;
-    let unet_dir = dir.join("unet");
-    fs::create_dir_all(&unet_dir)
-        .with_context(|| format!("cannot create {}", unet_dir.display()))?;
-    let source = WeightSource::random(seed);
-    let usage = source.usage();
-    UNetSpatioTemporalConditionModel::new(config, source.var_builder(DType::F32, &dev))?;
-    let vb = WeightSource::random(seed).var_builder(DType::F32, &dev);
-    let weights = usage
+/// Random weights from `seed` for every tensor a model requested through `usage`.
+fn materialize(usage: &Usage, seed: u64) -> Result<HashMap<String, Tensor>> {
+    let vb = WeightSource::random(seed).var_builder(DType::F32, &Device::Cpu);
+    usage
         .requested()
         .into_iter()
         .map(|(name, shape)| Ok((name.clone(), vb.get(shape, &name)?)))
-        .collect::<Result<HashMap<_, _>>>()?;
-    candle_core::safetensors::save(
-        &weights,
-        unet_dir.join("diffusion_pytorch_model.safetensors"),
-    )?;
+        .collect()
+}
+
+/// A diffusers model folder: `config.json` (with `_class_name`) and the weights.
+fn save_folder(
+    dir: &Path,
+    class_name: &str,
+    config: &impl Serialize,
+    weights: &HashMap<String, Tensor>,
+) -> Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    candle_core::safetensors::save(weights, dir.join("diffusion_pytorch_model.safetensors"))?;
     let mut json = serde_json::to_value(config)?;
-    json["_class_name"] = "UNetSpatioTemporalConditionModel".into();
+    json["_class_name"] = class_name.into();
     fs::write(
-        unet_dir.join("config.json"),
+        dir.join("config.json"),
         serde_json::to_string_pretty(&json)?,
     )?;
+    Ok(())
+}
 
+/// The UNet a benchmark model folder holds.
+pub enum Config {
+    Svd(Box<UNetConfig>),
+    /// AnimateDiff: SD's UNet and a motion adapter (`unet/` and `motion_adapter/`).
+    Motion(Box<(UNet2DConfig, MotionAdapterConfig)>),
+}
+
+/// "animatediff-small": SD 1.5's UNet and motion adapter v1-5-2 at a fifth of the width
+/// (channels 64/128/256/256, 8 spatial and motion heads, cross-attention 256), as svd-small
+/// is to SVD.
+pub fn animatediff_small() -> (UNet2DConfig, MotionAdapterConfig) {
+    let channels = vec![64, 128, 256, 256];
+    let unet = UNet2DConfig {
+        block_out_channels: channels.clone(),
+        cross_attention_dim: PerBlock::One(256),
+        ..UNet2DConfig::sd15()
+    };
+    let adapter = MotionAdapterConfig {
+        block_out_channels: channels,
+        ..MotionAdapterConfig::v1_5_2()
+    };
+    (unet, adapter)
+}
+
+/// Write the model folder(s) under `dir` (random weights from `seed`, diffusers' names and
+/// layout) and `dir/inputs.safetensors`: `sample` (B, T, C, H, W), `timestep` (B,),
+/// `encoder_hidden_states` (B, L, D), SVD's `added_time_ids` (B, 3), and `sample_prev`,
+/// `timestep_prev` for the step before (Step Rehash caches there).
+pub fn prepare(dir: &Path, config: &Config, shape: UNetShape, seed: u64) -> Result<()> {
+    let dev = Device::Cpu;
+    let random = |seed| {
+        let source = WeightSource::random(seed);
+        (source.usage(), source.var_builder(DType::F32, &dev))
+    };
+    let (in_channels, context_dim, timesteps) = match config {
+        Config::Svd(c) => {
+            let (usage, vb) = random(seed);
+            UNetSpatioTemporalConditionModel::new(c, vb)?;
+            let w = materialize(&usage, seed)?;
+            save_folder(&dir.join("unet"), "UNetSpatioTemporalConditionModel", c, &w)?;
+            let d = match &c.cross_attention_dim {
+                PerBlock::One(d) => *d,
+                PerBlock::Each(v) => v[0],
+            };
+            // SVD's noise levels of two adjacent mid-schedule steps, as the UNet sees them
+            // (`c_noise = ln(sigma) / 4`).
+            (c.in_channels, d, [10f64.ln() / 4.0, 8.5f64.ln() / 4.0])
+        }
+        Config::Motion(configs) => {
+            let (unet, adapter) = configs.as_ref();
+            let unet_path = dir.join("unet/config.json");
+            let adapter_path = dir.join("motion_adapter/config.json");
+            let full =
+                MotionUNetConfig::new(unet.clone(), &unet_path, adapter.clone(), &adapter_path)?;
+            let ((u_usage, u_vb), (a_usage, a_vb)) = (random(seed), random(seed + 100));
+            UNetMotionModel::new(&full, u_vb, a_vb)?;
+            let (u_w, a_w) = (
+                materialize(&u_usage, seed)?,
+                materialize(&a_usage, seed + 100)?,
+            );
+            save_folder(&dir.join("unet"), "UNet2DConditionModel", unet, &u_w)?;
+            save_folder(&dir.join("motion_adapter"), "MotionAdapter", adapter, &a_w)?;
+            let d = match &unet.cross_attention_dim {
+                PerBlock::One(d) => *d,
+                PerBlock::Each(v) => v[0],
+            };
+            // Two adjacent DDIM timesteps of a 25-step AnimateDiff schedule.
+            (unet.in_channels, d, [521.0, 481.0])
+        }
+    };
     let UNetShape {
         batch: b,
         frames: t,
         height: h,
         width: w,
-        ..
+        context_len,
     } = shape;
-    let d = match config.cross_attention_dim {
-        streamline_models::svd::PerBlock::One(d) => d,
-        streamline_models::svd::PerBlock::Each(ref v) => v[0],
-    };
-    let prev = unit_noise((b, t, config.in_channels, h, w), seed + 1, &dev)?;
-    // One Euler step later the input has moved a little: keep unit variance.
+    let prev = unit_noise((b, t, in_channels, h, w), seed + 1, &dev)?;
+    // One step later the input has moved a little: keep unit variance.
     let sample = ((&prev * 0.99)? + (unit_noise(prev.shape(), seed + 2, &dev)? * 0.14)?)?;
-    let c_noise = |sigma: f64| Tensor::full(sigma.ln() as f32 / 4.0, b, &dev);
-    let ids = Tensor::new(&[6f32, 127., 0.02], &dev)?
-        .unsqueeze(0)?
-        .repeat((b, 1))?;
-    let inputs: HashMap<String, Tensor> = [
+    let step = |v: f64| Tensor::full(v as f32, b, &dev);
+    let mut inputs: HashMap<String, Tensor> = [
         ("sample", sample),
         ("sample_prev", prev),
-        ("timestep", c_noise(SIGMAS[1])?),
-        ("timestep_prev", c_noise(SIGMAS[0])?),
+        ("timestep", step(timesteps[1])?),
+        ("timestep_prev", step(timesteps[0])?),
         (
             "encoder_hidden_states",
-            unit_noise((b, 1, d), seed + 3, &dev)?,
+            unit_noise((b, context_len, context_dim), seed + 3, &dev)?,
         ),
-        ("added_time_ids", ids),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
+    if let Config::Svd(_) = config {
+        let ids = Tensor::new(&[6f32, 127., 0.02], &dev)?
+            .unsqueeze(0)?
+            .repeat((b, 1))?;
+        inputs.insert("added_time_ids".into(), ids);
+    }
     candle_core::safetensors::save(&inputs, dir.join("inputs.safetensors"))?;
     Ok(())
+}
+
+/// A prepared model, loaded back from its folder(s).
+enum Model {
+    Svd(Box<UNetSpatioTemporalConditionModel>),
+    Motion(Box<UNetMotionModel>),
+}
+
+impl Model {
+    fn load(dir: &Path) -> Result<Self> {
+        let dev = Device::Cpu;
+        let adapter = dir.join("motion_adapter");
+        Ok(if adapter.is_dir() {
+            Model::Motion(Box::new(UNetMotionModel::load(
+                &dir.join("unet"),
+                &adapter,
+                DType::F32,
+                &dev,
+            )?))
+        } else {
+            Model::Svd(Box::new(UNetSpatioTemporalConditionModel::load(
+                &dir.join("unet"),
+                DType::F32,
+                &dev,
+            )?))
+        })
+    }
+
+    fn lower(&self, shape: UNetShape) -> Result<Graph> {
+        Ok(match self {
+            Model::Svd(m) => m.lower(shape)?,
+            Model::Motion(m) => m.lower(shape)?,
+        })
+    }
 }
 
 /// The executor's inputs for one step: sample in the frame-major (B*T, C, H, W) layout.
@@ -105,27 +204,31 @@ fn step_inputs(
     };
     let sample = get("sample")?.narrow(1, frames.start, frames.len())?;
     let (b, t, c, h, w) = sample.dims5()?;
-    Ok(vec![
+    let mut inputs = vec![
         sample.reshape((b * t, c, h, w))?,
         get("timestep")?,
         io.get("encoder_hidden_states")
             .context("no `encoder_hidden_states`")?
             .clone(),
-        io.get("added_time_ids")
-            .context("no `added_time_ids`")?
-            .clone(),
-    ])
+    ];
+    // SVD's UNet also takes the added time ids; AnimateDiff's does not.
+    inputs.extend(io.get("added_time_ids").cloned());
+    Ok(inputs)
 }
 
 /// Run the step under `mode`: the first run is measured for memory, then `runs` timed runs.
 /// Returns the measurement and the step's output (B, T, 4, H, W).
 pub fn run(dir: &Path, how: &How) -> Result<(Measurement, Tensor)> {
     let dev = Device::Cpu;
-    let unet = UNetSpatioTemporalConditionModel::load(&dir.join("unet"), DType::F32, &dev)?;
+    let unet = Model::load(dir)?;
     let file = dir.join("inputs.safetensors");
     let io = candle_core::safetensors::load(&file, &dev)
         .with_context(|| format!("cannot read {}", file.display()))?;
     let (b, t, _, h, w) = io.get("sample").context("no `sample`")?.dims5()?;
+    let context_len = io
+        .get("encoder_hidden_states")
+        .context("no `encoder_hidden_states`")?
+        .dim(1)?;
     let optimization = how.optimization()?;
     // Naive slicing evaluates the UNet once per run of frames, each a video of its own.
     let chunks = match optimization {
@@ -140,7 +243,7 @@ pub fn run(dir: &Path, how: &How) -> Result<(Measurement, Tensor)> {
                 frames: r.len(),
                 height: h,
                 width: w,
-                context_len: 1,
+                context_len,
             };
             Ok(optimize(&unet.lower(shape)?, optimization)?)
         })

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::load::{ModelError, PerBlock, Result};
 
@@ -54,7 +54,7 @@ fn two() -> PerBlock {
 /// Fields of SD 1.5's `unet/config.json` (`UNet2DConditionModel`); unknown fields are ignored,
 /// fields that would change the network and are not supported are rejected by
 /// [`MotionUNetConfig::new`].
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct UNet2DConfig {
     pub in_channels: usize,
     pub out_channels: usize,
@@ -65,9 +65,9 @@ pub struct UNet2DConfig {
     pub cross_attention_dim: PerBlock,
     /// SD 1.5 names the number of heads `attention_head_dim` (diffusers keeps the name for
     /// compatibility); `num_attention_heads`, when present, wins.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attention_head_dim: Option<PerBlock>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_attention_heads: Option<PerBlock>,
     #[serde(default = "one")]
     pub transformer_layers_per_block: PerBlock,
@@ -87,17 +87,17 @@ pub struct UNet2DConfig {
     pub act_fn: String,
     #[serde(default = "mid_block")]
     pub mid_block_type: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mid_block_scale_factor: Option<f64>,
     #[serde(default = "default_shift")]
     pub resnet_time_scale_shift: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub class_embed_type: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub addition_embed_type: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encoder_hid_dim_type: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_cond_proj_dim: Option<usize>,
     #[serde(default)]
     pub only_cross_attention: bool,
@@ -105,7 +105,7 @@ pub struct UNet2DConfig {
     pub dual_cross_attention: bool,
     #[serde(default)]
     pub center_input_sample: bool,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sample_size: Option<usize>,
 }
 
@@ -157,7 +157,7 @@ impl UNet2DConfig {
 }
 
 /// Fields of a motion adapter's `config.json` (`MotionAdapter`).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct MotionAdapterConfig {
     pub block_out_channels: Vec<usize>,
     #[serde(default = "two")]
@@ -176,7 +176,7 @@ pub struct MotionAdapterConfig {
     pub motion_max_seq_length: usize,
     #[serde(default = "yes")]
     pub use_motion_mid_block: bool,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conv_in_channels: Option<usize>,
 }
 
