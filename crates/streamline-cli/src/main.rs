@@ -134,10 +134,12 @@ const DIFFUSERS_WIDTH: usize = 1024;
 /// The video size flags every job shares.
 #[derive(Args, Debug)]
 struct VideoSize {
-    /// Defaults to 576 (diffusers' SVD default), or the built-in model's training size.
+    /// Defaults to 576 (diffusers' SVD default; 512 for `plan --model animatediff`), or the
+    /// built-in model's training size.
     #[arg(long)]
     height: Option<usize>,
-    /// Defaults to 1024 (diffusers' SVD default), or the built-in model's training size.
+    /// Defaults to 1024 (diffusers' SVD default; 512 for `plan --model animatediff`), or the
+    /// built-in model's training size.
     #[arg(long)]
     width: Option<usize>,
     /// Defaults to the UNet config's `num_frames` (14 for SVD, 25 for SVD-XT).
@@ -147,7 +149,8 @@ struct VideoSize {
 
 #[derive(Args, Debug)]
 struct PlanArgs {
-    /// `svd`, `svd-xt`, a UNet config.json, or a diffusers model folder.
+    /// `svd`, `svd-xt`, `animatediff` (SD 1.5 + motion adapter v1-5-2), an SVD UNet
+    /// config.json, or a diffusers SVD folder.
     #[arg(long, default_value = "svd")]
     model: String,
     #[command(flatten)]
@@ -171,10 +174,12 @@ struct PlanArgs {
 }
 
 fn plan(args: PlanArgs) -> Result<()> {
+    let model = ModelSpec::parse(&args.model);
+    let (height, width) = model.default_size();
     let report = plan_report(PlanRequest {
-        model: ModelSpec::parse(&args.model),
-        height: args.video.height.unwrap_or(DIFFUSERS_HEIGHT),
-        width: args.video.width.unwrap_or(DIFFUSERS_WIDTH),
+        model,
+        height: args.video.height.unwrap_or(height),
+        width: args.video.width.unwrap_or(width),
         num_frames: args.video.num_frames,
         batch: args.batch,
         cfg: !args.no_cfg,

@@ -64,6 +64,39 @@ fn svd_xt_576x1024x25_fp16_cfg() {
     );
 }
 
+/// The paper's headline setting (AnimateDiff, 42 GB -> 11 GB) and SVD's frame size, 16 frames,
+/// fp16, CFG; decode in one call of all 16 frames as diffusers' AnimateDiff pipeline does.
+#[test]
+fn animatediff_16_frames_fp16_cfg() {
+    for (size, h, w) in [("512x512", "512", "512"), ("576x1024", "576", "1024")] {
+        let base = [
+            "--model",
+            "animatediff",
+            "--height",
+            h,
+            "--width",
+            w,
+            "--dtype",
+            "f16",
+            "--decode-chunk-size",
+            "16",
+        ];
+        snapshot(&format!("animatediff_{size}_original"), &base);
+        snapshot(
+            &format!("animatediff_{size}_paper_7_7"),
+            &[
+                &base[..],
+                &["--temporal-chunks", "7", "--spatial-chunks", "7"],
+            ]
+            .concat(),
+        );
+        snapshot(
+            &format!("animatediff_{size}_budget_4gib"),
+            &[&base[..], &["--memory-budget", "4GiB"]].concat(),
+        );
+    }
+}
+
 #[test]
 fn bad_sizes_and_budgets_are_clear_errors() {
     let (ok, _, stderr) = plan(&["--height", "100"]);

@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use candle_core::{DType, Device};
 use streamline_ir::{Executor, Graph, Plan};
 use streamline_models::clip::{ClipVisionConfig, ClipVisionModelWithProjection};
+use streamline_models::clip_text::{ClipTextConfig, ClipTextModel};
 use streamline_models::load::{load_config, ModelError, WeightSource};
+use streamline_models::sd::{
+    AutoencoderKL, MotionAdapterConfig, MotionUNetConfig, UNet2DConfig, UNetMotionModel,
+};
 use streamline_models::svd::{
     AutoencoderKLTemporalDecoder, UNetConfig, UNetShape, UNetSpatioTemporalConditionModel,
     VaeConfig,
@@ -24,6 +28,9 @@ pub enum ModelSpec {
     Svd,
     /// SVD-XT: the same network, 25 frames.
     SvdXt,
+    /// AnimateDiff: SD 1.5's UNet with motion adapter v1-5-2, CLIP ViT-L/14's text encoder and
+    /// SD's VAE (16 frames).
+    AnimateDiff,
     /// A UNet `config.json`, or a diffusers model folder with `unet/config.json` (and
     /// `vae/config.json`, else SVD's VAE).
     Path(PathBuf),
@@ -34,20 +41,47 @@ impl ModelSpec {
         match text {
             "svd" => ModelSpec::Svd,
             "svd-xt" => ModelSpec::SvdXt,
+            "animatediff" => ModelSpec::AnimateDiff,
             other => ModelSpec::Path(PathBuf::from(other)),
+        }
+    }
+
+    /// diffusers' default video size for the model: 576x1024 for SVD, 512x512 for AnimateDiff.
+    pub fn default_size(&self) -> (usize, usize) {
+        match self {
+            ModelSpec::AnimateDiff => (512, 512),
+            _ => (576, 1024),
         }
     }
 
     fn configs(&self) -> Result<Configs, PlanError> {
         let svd = |name: &str, frames| Configs {
             name: name.into(),
-            unet: UNetConfig::svd(frames),
-            vae: VaeConfig::svd(),
-            clip: ClipVisionConfig::vit_h14(),
+            models: Models::Svd {
+                unet: Box::new(UNetConfig::svd(frames)),
+                vae: VaeConfig::svd(),
+                clip: ClipVisionConfig::vit_h14(),
+            },
         };
         Ok(match self {
             ModelSpec::Svd => svd("svd", 14),
             ModelSpec::SvdXt => svd("svd-xt", 25),
+            ModelSpec::AnimateDiff => {
+                let builtin = std::path::Path::new("<built-in config>");
+                Configs {
+                    name: "animatediff (SD 1.5 + motion adapter v1-5-2)".into(),
+                    models: Models::AnimateDiff {
+                        unet: Box::new(MotionUNetConfig::new(
+                            UNet2DConfig::sd15(),
+                            builtin,
+                            MotionAdapterConfig::v1_5_2(),
+                            builtin,
+                        )?),
+                        vae: VaeConfig::sd(),
+                        text: ClipTextConfig::vit_l14(),
+                    },
+                }
+            }
             ModelSpec::Path(p) if p.is_dir() => {
                 let (vae, clip) = (
                     p.join("vae/config.json"),
@@ -55,23 +89,28 @@ impl ModelSpec {
                 );
                 Configs {
                     name: p.display().to_string(),
-                    unet: load_config(&p.join("unet/config.json"))?,
-                    vae: if vae.is_file() {
-                        load_config(&vae)?
-                    } else {
-                        VaeConfig::svd()
-                    },
-                    clip: if clip.is_file() {
-                        ClipVisionConfig::load(&clip)?
-                    } else {
-                        ClipVisionConfig::vit_h14()
+                    models: Models::Svd {
+                        unet: Box::new(load_config(&p.join("unet/config.json"))?),
+                        vae: if vae.is_file() {
+                            load_config(&vae)?
+                        } else {
+                            VaeConfig::svd()
+                        },
+                        clip: if clip.is_file() {
+                            ClipVisionConfig::load(&clip)?
+                        } else {
+                            ClipVisionConfig::vit_h14()
+                        },
                     },
                 }
             }
             ModelSpec::Path(p) => Configs {
                 name: p.display().to_string(),
-                unet: load_config(p)?,
-                ..svd("", 14)
+                models: Models::Svd {
+                    unet: Box::new(load_config(p)?),
+                    vae: VaeConfig::svd(),
+                    clip: ClipVisionConfig::vit_h14(),
+                },
             },
         })
     }
@@ -81,9 +120,20 @@ impl ModelSpec {
 /// The configs a plan needs; SVD's where a folder lacks one.
 struct Configs {
     name: String,
-    unet: UNetConfig,
-    vae: VaeConfig,
-    clip: ClipVisionConfig,
+    models: Models,
+}
+
+enum Models {
+    Svd {
+        unet: Box<UNetConfig>,
+        vae: VaeConfig,
+        clip: ClipVisionConfig,
+    },
+    AnimateDiff {
+        unet: Box<MotionUNetConfig>,
+        vae: VaeConfig,
+        text: ClipTextConfig,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -91,7 +141,7 @@ pub struct PlanRequest {
     pub model: ModelSpec,
     pub height: usize,
     pub width: usize,
-    /// Defaults to the UNet config's `num_frames`.
+    /// Defaults to the UNet config's `num_frames` (SVD) or 16 (AnimateDiff).
     pub num_frames: Option<usize>,
     /// Videos per call; classifier-free guidance doubles the UNet's batch.
     pub batch: usize,
@@ -197,9 +247,12 @@ pub struct PlanReport {
     pub unet: CallPlan,
     pub decoder: CallPlan,
     pub rehash: Option<RehashPlan>,
+    /// The UNet's weights (with the motion adapter's, for AnimateDiff).
     pub unet_weights: usize,
     pub vae_weights: usize,
-    pub image_encoder_weights: usize,
+    /// "image encoder" (SVD's CLIP vision) or "text encoder" (AnimateDiff's CLIP text).
+    pub encoder: &'static str,
+    pub encoder_weights: usize,
 }
 
 impl PlanReport {
@@ -207,7 +260,7 @@ impl PlanReport {
     pub fn total(&self) -> usize {
         self.unet_weights
             + self.vae_weights
-            + self.image_encoder_weights
+            + self.encoder_weights
             + self.unet.activations.max(self.decoder.activations)
     }
 }
@@ -227,21 +280,28 @@ fn multiple(flag: &'static str, value: usize, of: usize, why: &str) -> Result<()
 pub fn plan_report(request: PlanRequest) -> Result<PlanReport, PlanError> {
     let Configs {
         name: model_name,
-        unet: unet_config,
-        vae: vae_config,
-        clip: clip_config,
+        models,
     } = request.model.configs()?;
     let dev = Device::Cpu;
     let dtype = request.dtype;
+    let (vae_config, unet_blocks, default_frames, context_len) = match &models {
+        Models::Svd { unet, vae, .. } => (vae, unet.block_out_channels.len(), unet.num_frames, 1),
+        Models::AnimateDiff { unet, vae, text } => (
+            vae,
+            unet.unet.block_out_channels.len(),
+            16,
+            text.max_position_embeddings,
+        ),
+    };
     let scale: usize = 1 << (vae_config.block_out_channels.len() - 1);
-    let down: usize = 1 << (unet_config.block_out_channels.len() - 1);
+    let down: usize = 1 << (unet_blocks - 1);
     let why = format!(
         "the VAE scales by {scale} and the UNet halves latents {} times",
         down.trailing_zeros()
     );
     multiple("height", request.height, scale * down, &why)?;
     multiple("width", request.width, scale * down, &why)?;
-    let frames = request.num_frames.unwrap_or(unet_config.num_frames);
+    let frames = request.num_frames.unwrap_or(default_frames);
     multiple("num-frames", frames, 1, "at least one frame")?;
     multiple(
         "decode-chunk-size",
@@ -250,33 +310,64 @@ pub fn plan_report(request: PlanRequest) -> Result<PlanReport, PlanError> {
         "at least one frame",
     )?;
     let (h, w) = (request.height / scale, request.width / scale);
-
-    let source = WeightSource::shapes_only();
-    let unet_usage = source.usage();
-    let unet =
-        UNetSpatioTemporalConditionModel::new(&unet_config, source.var_builder(dtype, &dev))?;
     let shape = UNetShape {
         batch: request.batch * if request.cfg { 2 } else { 1 },
         frames,
         height: h,
         width: w,
-        context_len: 1,
+        context_len,
     };
-    let unet_call = CallPlan::new(&unet.lower(shape)?, request.optimization)?;
-
-    let source = WeightSource::shapes_only();
-    let vae_usage = source.usage();
-    let vae = AutoencoderKLTemporalDecoder::new(&vae_config, source.var_builder(dtype, &dev))?;
     let chunk = request.decode_chunk_size.min(frames);
-    let decoder = CallPlan::new(
-        &vae.lower_decoder(request.batch, chunk, h, w)?,
-        request.optimization,
-    )?;
-
-    let source = WeightSource::shapes_only();
-    let clip_usage = source.usage();
-    ClipVisionModelWithProjection::new(&clip_config, source.var_builder(dtype, &dev))?;
-
+    // Every model is built on a shape-only source that records what it would load.
+    let shapes = || {
+        let source = WeightSource::shapes_only();
+        (source.usage(), source.var_builder(dtype, &dev))
+    };
+    let (unet_graph, unet_weights, decoder_graph, vae_weights, encoder, encoder_weights) =
+        match &models {
+            Models::Svd { unet, vae, clip } => {
+                let (u_usage, u_vb) = shapes();
+                let g = UNetSpatioTemporalConditionModel::new(unet, u_vb)?.lower(shape)?;
+                let (v_usage, v_vb) = shapes();
+                let d = AutoencoderKLTemporalDecoder::new(vae, v_vb)?.lower_decoder(
+                    request.batch,
+                    chunk,
+                    h,
+                    w,
+                )?;
+                let (c_usage, c_vb) = shapes();
+                ClipVisionModelWithProjection::new(clip, c_vb)?;
+                let bytes = |u: &streamline_models::load::Usage| u.bytes(dtype);
+                (
+                    g,
+                    bytes(&u_usage),
+                    d,
+                    bytes(&v_usage),
+                    "image encoder",
+                    bytes(&c_usage),
+                )
+            }
+            Models::AnimateDiff { unet, vae, text } => {
+                let ((u_usage, u_vb), (a_usage, a_vb)) = (shapes(), shapes());
+                let g = UNetMotionModel::new(unet, u_vb, a_vb)?.lower(shape)?;
+                let (v_usage, v_vb) = shapes();
+                let d = AutoencoderKL::new(vae, v_vb)?.lower_decoder(request.batch, chunk, h, w)?;
+                let (t_usage, t_vb) = shapes();
+                ClipTextModel::new(text, t_vb)?;
+                let bytes = |u: &streamline_models::load::Usage| u.bytes(dtype);
+                let unet_bytes = bytes(&u_usage) + bytes(&a_usage);
+                (
+                    g,
+                    unet_bytes,
+                    d,
+                    bytes(&v_usage),
+                    "text encoder",
+                    bytes(&t_usage),
+                )
+            }
+        };
+    let unet_call = CallPlan::new(&unet_graph, request.optimization)?;
+    let decoder = CallPlan::new(&decoder_graph, request.optimization)?;
     Ok(PlanReport {
         model_name,
         frames,
@@ -284,9 +375,10 @@ pub fn plan_report(request: PlanRequest) -> Result<PlanReport, PlanError> {
         rehash: RehashPlan::new(&unet_call)?,
         unet: unet_call,
         decoder,
-        unet_weights: unet_usage.bytes(dtype),
-        vae_weights: vae_usage.bytes(dtype),
-        image_encoder_weights: clip_usage.bytes(dtype),
+        unet_weights,
+        vae_weights,
+        encoder,
+        encoder_weights,
         request,
     })
 }
@@ -376,10 +468,11 @@ impl fmt::Display for PlanReport {
         writeln!(f)?;
         writeln!(
             f,
-            "weights       UNet {}, VAE {}, image encoder {}",
+            "weights       UNet {}, VAE {}, {} {}",
             human(self.unet_weights),
             human(self.vae_weights),
-            human(self.image_encoder_weights)
+            self.encoder,
+            human(self.encoder_weights)
         )?;
         writeln!(
             f,
