@@ -9,25 +9,30 @@
 //! - [`svd`]: Stable Video Diffusion / SVD-XT image-to-video with diffusers' math
 //!   (preprocessing, CLIP and VAE conditioning, classifier-free guidance, per-frame guidance,
 //!   chunked temporal decoding).
+//! - [`animatediff`]: AnimateDiff text-to-video with diffusers' math (prompt and negative
+//!   prompt through CLIP text, classifier-free guidance, the checkpoint's scheduler, per-frame
+//!   decoding in chunks).
+//! - [`run`]: what both share (errors, one planned model call, chunked decoding, progress).
 //! - [`scheduler`]: diffusers' Euler (SVD, SD 1.5) and DDIM (AnimateDiff) schedulers,
 //!   reproducing their schedules and steps; `Scheduler::load` picks one by `_class_name`.
 //! - [`video`] reads the conditioning image and writes frames as a GIF, PNG files or
 //!   safetensors, atomically; [`quality`] scores frames against a reference (PSNR, SSIM).
-//! - Step Rehash runs inside the denoising loop: `SvdSettings::rehash` picks, per step, the
-//!   whole UNet or the partial plan that reuses cached features (streamline-rehash).
-//!
-//! AnimateDiff text-to-video arrives with its issue.
+//! - Step Rehash runs inside both denoising loops: `SvdSettings::rehash` and
+//!   `AnimateDiffSettings::rehash` pick, per step, the whole UNet or the partial plan that
+//!   reuses cached features (streamline-rehash).
 //!
 //! **Promises:** every optimization except the naive baseline computes what original
 //! inference computes, to float rounding.
 //!
 //! **Tests:** `cargo test -p streamline-pipeline` checks every optimization against original
-//! inference on the SVD fixtures, the naive baseline for being measurably different, and
-//! the whole SVD pipeline against diffusers' frames.
+//! inference on the SVD and AnimateDiff fixtures, the naive baseline for being measurably different, and
+//! both whole pipelines against diffusers' frames.
 
+pub mod animatediff;
 pub mod optimize;
 pub mod planner;
 pub mod quality;
+pub mod run;
 pub mod scheduler;
 pub mod svd;
 pub mod video;

@@ -7,7 +7,12 @@ mod pipeline;
 mod preprocess;
 
 pub use noise::unit_noise;
-pub use pipeline::{RunReport, StableVideoDiffusion, Stage, SvdError, SvdSettings};
+pub use pipeline::{StableVideoDiffusion, SvdSettings};
+
+pub use crate::run::{PipelineError, RunReport, Stage};
+
+/// The SVD pipeline's errors (every pipeline shares [`PipelineError`]).
+pub type SvdError = PipelineError;
 pub use preprocess::{clip_input, resize_with_antialiasing, Planes};
 
 /// Environment variable that points [`default_model_dir`] at another folder (a retrained model).

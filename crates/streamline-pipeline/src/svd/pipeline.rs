@@ -1,61 +1,20 @@
 //! The denoising loop and the decode, as `StableVideoDiffusionPipeline.__call__` runs them.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+use super::preprocess::{clip_input, Planes};
+use crate::optimize::Optimization;
+use crate::run::{decode_in_chunks, Call, PipelineError, RunReport, Stage};
+use crate::scheduler::EulerDiscreteScheduler;
 use candle_core::{DType, Device, Module, Tensor};
 use serde::Deserialize;
-use streamline_ir::{Executor, Graph, Plan, Request, RunOutput};
 use streamline_models::clip::ClipVisionModelWithProjection;
-use streamline_models::load::{load_config, ModelError};
+use streamline_models::load::load_config;
 use streamline_models::svd::{
     AutoencoderKLTemporalDecoder, LatentDist, UNetShape, UNetSpatioTemporalConditionModel,
 };
-use thiserror::Error;
-
-use super::preprocess::{clip_input, Planes};
-use crate::optimize::{optimize, Optimization, OptimizeError};
-use crate::scheduler::{EulerDiscreteScheduler, SchedulerError};
-use streamline_rehash::{Rehash, StepError, StepRehash};
+use streamline_rehash::{Rehash, StepRehash};
 use streamline_slicer::naive::frame_chunks;
-
-#[derive(Debug, Error)]
-pub enum SvdError {
-    #[error("{path}: missing `{folder}/` (a diffusers SVD folder has unet/, vae/, image_encoder/, scheduler/ and feature_extractor/)")]
-    MissingFolder { path: PathBuf, folder: &'static str },
-    #[error("{0}")]
-    Input(String),
-    #[error(transparent)]
-    Model(Box<ModelError>),
-    #[error(transparent)]
-    Optimize(Box<OptimizeError>),
-    #[error(transparent)]
-    Scheduler(Box<SchedulerError>),
-    #[error(transparent)]
-    Rehash(#[from] StepError),
-    #[error(transparent)]
-    Ir(#[from] streamline_ir::IrError),
-    #[error(transparent)]
-    Tensor(#[from] candle_core::Error),
-}
-
-impl From<ModelError> for SvdError {
-    fn from(e: ModelError) -> Self {
-        SvdError::Model(Box::new(e))
-    }
-}
-
-impl From<SchedulerError> for SvdError {
-    fn from(e: SchedulerError) -> Self {
-        SvdError::Scheduler(Box::new(e))
-    }
-}
-
-impl From<OptimizeError> for SvdError {
-    fn from(e: OptimizeError) -> Self {
-        SvdError::Optimize(Box::new(e))
-    }
-}
 
 /// The arguments of diffusers' call, with its defaults.
 #[derive(Clone, Debug, PartialEq)]
@@ -94,13 +53,6 @@ impl Default for SvdSettings {
     }
 }
 
-/// Where a run is, for progress displays.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stage {
-    Denoise { step: usize, of: usize },
-    Decode { chunk: usize, of: usize },
-}
-
 #[derive(Deserialize)]
 struct FeatureExtractor {
     image_mean: [f32; 3],
@@ -120,34 +72,6 @@ fn clip_size() -> CropSize {
     CropSize::Square(224)
 }
 
-/// One model call, planned once and run at every step.
-struct Call {
-    graph: Graph,
-    plan: Plan,
-}
-
-impl Call {
-    fn new(graph: &Graph, optimization: Optimization) -> Result<Self, SvdError> {
-        let (graph, plan) = optimize(graph, optimization)?;
-        Ok(Call { graph, plan })
-    }
-
-    fn run(&self, inputs: Vec<Tensor>, device: &Device) -> Result<(Tensor, usize), SvdError> {
-        let mut out = self.run_with(inputs, device, &Request::default())?;
-        Ok((out.outputs.remove(0), out.stats.peak_bytes))
-    }
-
-    fn run_with(
-        &self,
-        inputs: Vec<Tensor>,
-        device: &Device,
-        request: &Request,
-    ) -> Result<RunOutput, SvdError> {
-        let exec = Executor::new(&self.graph, &self.plan, device)?;
-        Ok(exec.run(inputs, request)?)
-    }
-}
-
 /// SVD / SVD-XT with its models loaded once.
 pub struct StableVideoDiffusion {
     pub unet: UNetSpatioTemporalConditionModel,
@@ -162,26 +86,9 @@ pub struct StableVideoDiffusion {
     device: Device,
 }
 
-/// What a run produced besides the frames.
-#[derive(Clone, Debug, Default)]
-pub struct RunReport {
-    /// Largest live-tensor peak of one UNet step and of one decode call (executor-measured).
-    pub unet_peak_bytes: usize,
-    pub decode_peak_bytes: usize,
-    /// UNet evaluations that ran the whole network, and Step Rehash's partial ones.
-    pub full_steps: usize,
-    pub partial_steps: usize,
-    /// Floating-point operations of all UNet evaluations (from the IR).
-    pub unet_flops: u64,
-    /// Seconds spent in the denoising loop.
-    pub denoise_seconds: f64,
-    /// With [`Rehash::Record`]: the cached features of every step, in step order.
-    pub recorded: Vec<Tensor>,
-}
-
 impl StableVideoDiffusion {
     /// Load a diffusers SVD folder (unet/, vae/, image_encoder/, scheduler/, feature_extractor/).
-    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self, SvdError> {
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self, PipelineError> {
         for folder in [
             "unet",
             "vae",
@@ -190,9 +97,10 @@ impl StableVideoDiffusion {
             "feature_extractor",
         ] {
             if !dir.join(folder).is_dir() {
-                return Err(SvdError::MissingFolder {
+                return Err(PipelineError::MissingFolder {
                     path: dir.to_path_buf(),
                     folder,
+                    expected: "a diffusers SVD folder has unet/, vae/, image_encoder/, scheduler/ and feature_extractor/",
                 });
             }
         }
@@ -233,7 +141,7 @@ impl StableVideoDiffusion {
     }
 
     /// `image_embeds` of the conditioning image (`_encode_image`), `(1, 1, D)`.
-    pub fn image_embeddings(&self, image: &Planes) -> Result<Tensor, SvdError> {
+    pub fn image_embeddings(&self, image: &Planes) -> Result<Tensor, PipelineError> {
         let pixels = clip_input(image, self.clip_size, self.clip_mean, self.clip_std)
             .to_tensor(&self.device)?
             .unsqueeze(0)?
@@ -248,7 +156,7 @@ impl StableVideoDiffusion {
         noise: &Tensor,
         strength: f64,
         optimization: Optimization,
-    ) -> Result<Tensor, SvdError> {
+    ) -> Result<Tensor, PipelineError> {
         let x = ((image.to_tensor(&self.device)? * 2.0)? - 1.0)?.unsqueeze(0)?;
         let x = (x + (noise * strength)?)?.to_dtype(self.dtype)?;
         let (_, _, h, w) = x.dims4()?;
@@ -268,7 +176,7 @@ impl StableVideoDiffusion {
         image_noise: &Tensor,
         optimization: Optimization,
         progress: &mut dyn FnMut(Stage),
-    ) -> Result<(Tensor, RunReport), SvdError> {
+    ) -> Result<(Tensor, RunReport), PipelineError> {
         let dev = &self.device;
         let frames = self.num_frames(settings);
         let (h, w) = (
@@ -277,14 +185,14 @@ impl StableVideoDiffusion {
         );
         let expected = [1, frames, self.vae.config().latent_channels, h, w];
         if latents.dims() != expected {
-            return Err(SvdError::Input(format!(
+            return Err(PipelineError::Input(format!(
                 "latents have shape {:?}, expected {expected:?} (1, frames, channels, height/{s}, width/{s})",
                 latents.dims(),
                 s = self.vae.scale_factor()
             )));
         }
         if (image.height, image.width) != (settings.height, settings.width) {
-            return Err(SvdError::Input(format!(
+            return Err(PipelineError::Input(format!(
                 "the image is {}x{}, the pipeline expects it resized to {}x{}",
                 image.height, image.width, settings.height, settings.width
             )));
@@ -350,10 +258,10 @@ impl StableVideoDiffusion {
                 };
                 Call::new(&self.unet.lower(shape)?, optimization)
             })
-            .collect::<Result<Vec<_>, SvdError>>()?;
+            .collect::<Result<Vec<_>, PipelineError>>()?;
         let steps = scheduler.timesteps().len();
         if calls.len() > 1 && matches!(settings.rehash, Rehash::Record(_)) {
-            return Err(SvdError::Input(
+            return Err(PipelineError::Input(
                 "calibration records one UNet call per step; naive slicing makes several".into(),
             ));
         }
@@ -414,35 +322,17 @@ impl StableVideoDiffusion {
         settings: &SvdSettings,
         optimization: Optimization,
         progress: &mut dyn FnMut(Stage),
-    ) -> Result<(Tensor, usize), SvdError> {
+    ) -> Result<(Tensor, usize), PipelineError> {
         let (_, frames, c, h, w) = latents.dims5()?;
         let latents = (latents.reshape((frames, c, h, w))? / self.vae.config().scaling_factor)?;
-        let chunk = settings
-            .decode_chunk_size
-            .unwrap_or(frames)
-            .clamp(1, frames);
-        let starts: Vec<usize> = (0..frames).step_by(chunk).collect();
-        let mut calls: HashMap<usize, Call> = HashMap::new();
-        let mut parts = Vec::new();
-        let mut peak = 0;
-        for (k, &start) in starts.iter().enumerate() {
-            progress(Stage::Decode {
-                chunk: k,
-                of: starts.len(),
-            });
-            let len = chunk.min(frames - start);
-            let call = match calls.entry(len) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => e.insert(Call::new(
-                    &self.vae.lower_decoder(1, len, h, w)?,
-                    optimization,
-                )?),
-            };
-            let (out, p) = call.run(vec![latents.narrow(0, start, len)?], &self.device)?;
-            peak = peak.max(p);
-            parts.push(out);
-        }
-        let frames = Tensor::cat(&parts, 0)?.to_dtype(DType::F32)?;
-        Ok((((frames / 2.0)? + 0.5)?.clamp(0f32, 1f32)?, peak))
+        let chunk = settings.decode_chunk_size.unwrap_or(frames);
+        decode_in_chunks(
+            &latents,
+            chunk,
+            |len| self.vae.lower_decoder(1, len, h, w),
+            optimization,
+            &self.device,
+            progress,
+        )
     }
 }

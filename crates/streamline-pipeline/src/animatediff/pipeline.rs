@@ -1,0 +1,236 @@
+//! The prompt encoding, the denoising loop with classifier-free guidance and the per-frame
+//! decode, as `AnimateDiffPipeline.__call__` runs them.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Tensor};
+use streamline_models::clip_text::{ClipTextModel, ClipTokenizer};
+use streamline_models::sd::{AutoencoderKL, UNetMotionModel};
+use streamline_models::svd::UNetShape;
+use streamline_rehash::{Rehash, StepRehash};
+use streamline_slicer::naive::frame_chunks;
+
+use crate::optimize::Optimization;
+use crate::run::{decode_in_chunks, Call, PipelineError, RunReport, Stage};
+use crate::scheduler::Scheduler;
+
+/// The arguments of diffusers' call, with its defaults.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AnimateDiffSettings {
+    pub height: usize,
+    pub width: usize,
+    pub num_frames: usize,
+    pub num_inference_steps: usize,
+    /// Classifier-free guidance when above 1.
+    pub guidance_scale: f64,
+    /// Frames per VAE decoder call.
+    pub decode_chunk_size: usize,
+    /// Step Rehash (not a diffusers argument): which steps run the whole UNet.
+    pub rehash: Rehash,
+}
+
+impl Default for AnimateDiffSettings {
+    fn default() -> Self {
+        AnimateDiffSettings {
+            height: 512,
+            width: 512,
+            num_frames: 16,
+            num_inference_steps: 25,
+            guidance_scale: 7.5,
+            decode_chunk_size: 16,
+            rehash: Rehash::Off,
+        }
+    }
+}
+
+/// AnimateDiff with its models loaded once.
+pub struct AnimateDiff {
+    pub unet: UNetMotionModel,
+    pub vae: AutoencoderKL,
+    pub text_encoder: ClipTextModel,
+    pub tokenizer: ClipTokenizer,
+    /// Read once at load; each run clones it and sets its own step count.
+    scheduler: Scheduler,
+    dtype: DType,
+    device: Device,
+}
+
+impl AnimateDiff {
+    /// Load an SD 1.5 diffusers folder and a motion adapter folder.
+    pub fn load(
+        model: &Path,
+        motion_adapter: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self, PipelineError> {
+        for folder in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
+            if !model.join(folder).is_dir() {
+                return Err(PipelineError::MissingFolder {
+                    path: model.to_path_buf(),
+                    folder,
+                    expected: "an SD 1.5 diffusers folder has unet/, vae/, text_encoder/, tokenizer/ and scheduler/",
+                });
+            }
+        }
+        if !motion_adapter.join("config.json").is_file() {
+            return Err(PipelineError::Input(format!(
+                "{}: not a motion adapter folder (no config.json)",
+                motion_adapter.display()
+            )));
+        }
+        Ok(AnimateDiff {
+            unet: UNetMotionModel::load(&model.join("unet"), motion_adapter, dtype, device)?,
+            vae: AutoencoderKL::load(&model.join("vae"), dtype, device)?,
+            text_encoder: ClipTextModel::load(&model.join("text_encoder"), dtype, device)?,
+            tokenizer: ClipTokenizer::load(&model.join("tokenizer"))?,
+            scheduler: Scheduler::load(&model.join("scheduler/scheduler_config.json"))?,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// Pixels per latent along each side.
+    pub fn scale_factor(&self) -> usize {
+        self.vae.scale_factor()
+    }
+
+    /// The shape of the unit-noise latents a run takes: `(1, C, F, H/s, W/s)`, as diffusers'.
+    pub fn latent_shape(&self, settings: &AnimateDiffSettings) -> [usize; 5] {
+        let s = self.scale_factor();
+        [
+            1,
+            self.unet.config().unet.in_channels,
+            settings.num_frames,
+            settings.height / s,
+            settings.width / s,
+        ]
+    }
+
+    /// `encode_prompt` for one prompt: the text encoder's last hidden state `(1, L, D)`. A prompt
+    /// longer than the tokenizer's maximum is truncated with a warning, as diffusers does.
+    pub fn encode_prompt(&self, prompt: &str) -> Result<Tensor, PipelineError> {
+        let encoding = self.tokenizer.encode(prompt)?;
+        let ids = Tensor::new(encoding.ids.as_slice(), &self.device)?.unsqueeze(0)?;
+        Ok(self.text_encoder.forward(&ids)?.to_dtype(self.dtype)?)
+    }
+
+    /// Generate frames `(F, 3, H, W)` in `[0, 1]` from `prompt` and unit-noise `latents`
+    /// `(1, C, F, H/s, W/s)`; `negative_prompt` defaults to the empty prompt under guidance.
+    pub fn generate(
+        &self,
+        prompt: &str,
+        negative_prompt: Option<&str>,
+        settings: &AnimateDiffSettings,
+        latents: &Tensor,
+        optimization: Optimization,
+        progress: &mut dyn FnMut(Stage),
+    ) -> Result<(Tensor, RunReport), PipelineError> {
+        let dev = &self.device;
+        let expected = self.latent_shape(settings);
+        if latents.dims() != expected {
+            return Err(PipelineError::Input(format!(
+                "latents have shape {:?}, expected {expected:?} (1, channels, frames, height/{s}, width/{s})",
+                latents.dims(),
+                s = self.scale_factor()
+            )));
+        }
+        let [_, c, frames, h, w] = expected;
+        let cfg = settings.guidance_scale > 1.0;
+        let prompt_embeds = self.encode_prompt(prompt)?;
+        let context = if cfg {
+            let negative = self.encode_prompt(negative_prompt.unwrap_or(""))?;
+            Tensor::cat(&[&negative, &prompt_embeds], 0)?
+        } else {
+            prompt_embeds
+        };
+        let batch = context.dim(0)?;
+        let mut scheduler = self.scheduler.clone();
+        scheduler.set_timesteps(settings.num_inference_steps)?;
+        let mut latents = (latents.to_dtype(DType::F32)?
+            * f64::from(scheduler.init_noise_sigma()))?
+        .to_dtype(self.dtype)?;
+
+        // The naive baseline denoises each run of frames as a video of its own.
+        let chunks = match optimization {
+            Optimization::Naive { temporal_chunks } => frame_chunks(frames, temporal_chunks),
+            _ => frame_chunks(frames, 1),
+        };
+        let calls = chunks
+            .iter()
+            .map(|r| {
+                let shape = UNetShape {
+                    batch,
+                    frames: r.len(),
+                    height: h,
+                    width: w,
+                    context_len: context.dim(1)?,
+                };
+                Call::new(&self.unet.lower(shape)?, optimization)
+            })
+            .collect::<Result<Vec<_>, PipelineError>>()?;
+        let steps = scheduler.timesteps().len();
+        let mut rehash = calls
+            .iter()
+            .map(|call| StepRehash::new(settings.rehash.clone(), &call.graph, steps))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut report = RunReport::default();
+        let started = std::time::Instant::now();
+        for i in 0..steps {
+            progress(Stage::Denoise { step: i, of: steps });
+            let input = if cfg {
+                Tensor::cat(&[&latents, &latents], 0)?
+            } else {
+                latents.clone()
+            };
+            let input = scheduler.scale_model_input(&input, i)?;
+            let t = scheduler.timesteps()[i];
+            let mut preds = Vec::with_capacity(chunks.len());
+            for ((range, call), rehash) in chunks.iter().zip(&calls).zip(&mut rehash) {
+                // diffusers' (B, C, F, h, w) to the graph's frame-major (B*F, C, h, w).
+                let part = input
+                    .narrow(2, range.start, range.len())?
+                    .permute((0, 2, 1, 3, 4))?
+                    .reshape((batch * range.len(), c, h, w))?;
+                let inputs = vec![part, Tensor::new(vec![t; batch], dev)?, context.clone()];
+                let request = rehash.request(i)?;
+                let mut out = call.run_with(inputs, dev, &request)?;
+                rehash.absorb(std::mem::take(&mut out.kept))?;
+                report.unet_peak_bytes = report.unet_peak_bytes.max(out.stats.peak_bytes);
+                report.unet_flops += out.stats.flops;
+                let pred = out
+                    .outputs
+                    .remove(0)
+                    .reshape((batch, range.len(), c, h, w))?;
+                preds.push(pred.permute((0, 2, 1, 3, 4))?);
+            }
+            let pred = Tensor::cat(&preds, 2)?;
+            let guided = if cfg {
+                let (uncond, cond) = (pred.narrow(0, 0, 1)?, pred.narrow(0, 1, 1)?);
+                (&uncond + ((&cond - &uncond)? * settings.guidance_scale)?)?
+            } else {
+                pred
+            };
+            latents = scheduler.step(&guided, i, &latents)?;
+        }
+        report.denoise_seconds = started.elapsed().as_secs_f64();
+        for r in rehash {
+            let (full, partial) = r.counts();
+            report.full_steps += full;
+            report.partial_steps += partial;
+            report.recorded.extend(r.into_recorded());
+        }
+        // `decode_latents`: every frame alone through the 2D decoder.
+        let latents =
+            (latents.squeeze(0)?.permute((1, 0, 2, 3))? / self.vae.config().scaling_factor)?;
+        let (video, peak) = decode_in_chunks(
+            &latents,
+            settings.decode_chunk_size,
+            |len| self.vae.lower_decoder(1, len, h, w),
+            optimization,
+            dev,
+            progress,
+        )?;
+        report.decode_peak_bytes = peak;
+        Ok((video, report))
+    }
+}

@@ -1,0 +1,151 @@
+//! What every pipeline shares: its error type, one planned model call, progress stages and
+//! the report of a run.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use streamline_ir::{Executor, Graph, Plan, Request, Result as IrResult, RunOutput};
+use streamline_models::load::ModelError;
+use streamline_rehash::StepError;
+use thiserror::Error;
+
+use crate::optimize::{optimize, Optimization, OptimizeError};
+use crate::scheduler::SchedulerError;
+
+#[derive(Debug, Error)]
+pub enum PipelineError {
+    #[error("{path}: missing `{folder}/` ({expected})")]
+    MissingFolder {
+        path: PathBuf,
+        folder: &'static str,
+        /// What the folder should hold.
+        expected: &'static str,
+    },
+    #[error("{0}")]
+    Input(String),
+    #[error(transparent)]
+    Model(Box<ModelError>),
+    #[error(transparent)]
+    Optimize(Box<OptimizeError>),
+    #[error(transparent)]
+    Scheduler(Box<SchedulerError>),
+    #[error(transparent)]
+    Rehash(#[from] StepError),
+    #[error(transparent)]
+    Ir(#[from] streamline_ir::IrError),
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+}
+
+impl From<ModelError> for PipelineError {
+    fn from(e: ModelError) -> Self {
+        PipelineError::Model(Box::new(e))
+    }
+}
+
+impl From<SchedulerError> for PipelineError {
+    fn from(e: SchedulerError) -> Self {
+        PipelineError::Scheduler(Box::new(e))
+    }
+}
+
+impl From<OptimizeError> for PipelineError {
+    fn from(e: OptimizeError) -> Self {
+        PipelineError::Optimize(Box::new(e))
+    }
+}
+
+/// Where a run is, for progress displays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    Denoise { step: usize, of: usize },
+    Decode { chunk: usize, of: usize },
+}
+
+/// One model call, planned once and run at every step.
+pub(crate) struct Call {
+    pub graph: Graph,
+    pub plan: Plan,
+}
+
+impl Call {
+    pub fn new(graph: &Graph, optimization: Optimization) -> Result<Self, PipelineError> {
+        let (graph, plan) = optimize(graph, optimization)?;
+        Ok(Call { graph, plan })
+    }
+
+    pub fn run(
+        &self,
+        inputs: Vec<Tensor>,
+        device: &Device,
+    ) -> Result<(Tensor, usize), PipelineError> {
+        let mut out = self.run_with(inputs, device, &Request::default())?;
+        Ok((out.outputs.remove(0), out.stats.peak_bytes))
+    }
+
+    pub fn run_with(
+        &self,
+        inputs: Vec<Tensor>,
+        device: &Device,
+        request: &Request,
+    ) -> Result<RunOutput, PipelineError> {
+        let exec = Executor::new(&self.graph, &self.plan, device)?;
+        Ok(exec.run(inputs, request)?)
+    }
+}
+
+/// What a run produced besides the frames.
+#[derive(Clone, Debug, Default)]
+pub struct RunReport {
+    /// Largest live-tensor peak of one UNet step and of one decode call (executor-measured).
+    pub unet_peak_bytes: usize,
+    pub decode_peak_bytes: usize,
+    /// UNet evaluations that ran the whole network, and Step Rehash's partial ones.
+    pub full_steps: usize,
+    pub partial_steps: usize,
+    /// Floating-point operations of all UNet evaluations (from the IR).
+    pub unet_flops: u64,
+    /// Seconds spent in the denoising loop.
+    pub denoise_seconds: f64,
+    /// With [`Rehash::Record`]: the cached features of every step, in step order.
+    pub recorded: Vec<Tensor>,
+}
+
+/// `decode_latents` + `postprocess_video` of both pipelines: `latents` `(N, C, h, w)` (already
+/// divided by the scaling factor) through the decoder `chunk` frames per call, then
+/// `[-1, 1]` -> `[0, 1]` in f32. `lower(len)` is the decoder graph of a call of `len` frames
+/// (planned once per length). Returns the frames and the largest call's live peak.
+pub(crate) fn decode_in_chunks(
+    latents: &Tensor,
+    chunk: usize,
+    lower: impl Fn(usize) -> IrResult<Graph>,
+    optimization: Optimization,
+    device: &Device,
+    progress: &mut dyn FnMut(Stage),
+) -> Result<(Tensor, usize), PipelineError> {
+    let frames = latents.dim(0)?;
+    let chunk = chunk.clamp(1, frames.max(1));
+    let starts: Vec<usize> = (0..frames).step_by(chunk).collect();
+    let mut calls: HashMap<usize, Call> = HashMap::new();
+    let mut parts = Vec::new();
+    let mut peak = 0;
+    for (k, &start) in starts.iter().enumerate() {
+        progress(Stage::Decode {
+            chunk: k,
+            of: starts.len(),
+        });
+        let len = chunk.min(frames - start);
+        let call = match calls.entry(len) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(Call::new(&lower(len)?, optimization)?)
+            }
+        };
+        let (out, p) = call.run(vec![latents.narrow(0, start, len)?], device)?;
+        peak = peak.max(p);
+        parts.push(out);
+    }
+    let frames = Tensor::cat(&parts, 0)?.to_dtype(DType::F32)?;
+    Ok((((frames / 2.0)? + 0.5)?.clamp(0f32, 1f32)?, peak))
+}
