@@ -1,14 +1,15 @@
 //! # streamline-cli
 //!
 //! **Owns** the `streamline` binary: argument parsing, progress display and error reporting
-//! for the jobs the other crates implement: `streamline svd`, `streamline plan` and
-//! `streamline rehash search | evaluate`.
+//! for the jobs the other crates implement: `streamline svd`, `streamline animatediff`,
+//! `streamline plan` and `streamline rehash search | evaluate`.
 //!
 //! **Promises:** bad input exits non-zero with a message naming the file, tensor or flag, and
 //! leaves no half-written output.
 //!
 //! **Tests:** `cargo test -p streamline-cli` runs the binary and snapshots its output.
 
+mod animatediff;
 mod rehash;
 mod session;
 mod svd;
@@ -32,6 +33,8 @@ struct Cli {
 enum Command {
     /// Image-to-video with Stable Video Diffusion (SVD, SVD-XT).
     Svd(svd::SvdArgs),
+    /// Text-to-video with AnimateDiff (an SD 1.5 model plus a motion adapter).
+    Animatediff(animatediff::AnimateDiffArgs),
     /// Step Rehash: search key-step schedules by calibration, and evaluate them.
     #[command(subcommand)]
     Rehash(rehash::RehashCommand),
@@ -197,11 +200,16 @@ fn plan(args: PlanArgs) -> Result<()> {
 
 fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        // Warnings (a truncated prompt, ...) show unless RUST_LOG says otherwise.
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
         .with_writer(std::io::stderr)
         .init();
     let result = match Cli::parse().command {
         Command::Svd(args) => svd::run(args),
+        Command::Animatediff(args) => animatediff::run(args),
         Command::Plan(args) => plan(args),
         Command::Rehash(command) => rehash::run(command),
     };

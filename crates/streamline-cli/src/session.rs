@@ -117,7 +117,9 @@ impl SvdCommon {
     }
 }
 
-fn read_latents(path: &Path, expected: &[usize]) -> Result<Tensor> {
+/// Unit-noise latents from `--latents FILE` (tensor `latents` of shape `expected`, described
+/// as `layout` in errors), in f32.
+pub fn read_latents(path: &Path, expected: &[usize], layout: &str) -> Result<Tensor> {
     let tensors = candle_core::safetensors::load(path, &Device::Cpu).with_context(|| {
         format!(
             "--latents {}: not a readable safetensors file",
@@ -129,7 +131,7 @@ fn read_latents(path: &Path, expected: &[usize]) -> Result<Tensor> {
         .with_context(|| format!("--latents {}: no tensor named `latents`", path.display()))?;
     if latents.dims() != expected {
         bail!(
-            "--latents {}: tensor `latents` has shape {:?}, expected {expected:?} (1, frames, channels, height/8, width/8)",
+            "--latents {}: tensor `latents` has shape {:?}, expected {expected:?} ({layout})",
             path.display(),
             latents.dims()
         );
@@ -146,6 +148,77 @@ pub fn bar(len: usize, what: &str) -> ProgressBar {
     );
     bar.set_message(what.to_string());
     bar
+}
+
+/// One progress bar per stage of a run (denoising steps, decode calls).
+pub struct Progress {
+    label: String,
+    current: Option<ProgressBar>,
+}
+
+impl Progress {
+    /// `label` prefixes the bars when several runs share a screen.
+    pub fn new(label: &str) -> Self {
+        Progress {
+            label: label.to_string(),
+            current: None,
+        }
+    }
+
+    pub fn update(&mut self, stage: Stage) {
+        let (what, pos, len) = match stage {
+            Stage::Denoise { step, of } => ("denoise", step, of),
+            Stage::Decode { chunk, of } => ("decode", chunk, of),
+        };
+        if pos == 0 {
+            self.finish();
+            self.current = Some(bar(len, &format!("{}{what}", self.label)));
+        }
+        if let Some(b) = &self.current {
+            b.set_position(pos as u64 + 1);
+        }
+    }
+
+    pub fn finish(&mut self) {
+        if let Some(done) = self.current.take() {
+            done.finish();
+        }
+    }
+}
+
+/// Peak resident memory of this process so far (VmHWM), where /proc has it.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()
+        .map(|kib| kib * 1024)
+}
+
+/// The line a finished generation prints: output, size, time, UNet evaluations and peaks.
+pub fn summary(
+    output: &Path,
+    (frames, height, width): (usize, usize, usize),
+    seconds: f64,
+    report: &RunReport,
+) -> String {
+    let mib = |b: usize| b as f64 / (1u64 << 20) as f64;
+    format!(
+        "wrote {} ({frames} frames {height}x{width}) in {seconds:.1} s; UNet: {} full{} evaluations, {:.2} GFLOP; peak live tensors: UNet step {:.1} MiB, decode {:.1} MiB{}",
+        output.display(),
+        report.full_steps,
+        if report.partial_steps > 0 {
+            format!(" + {} partial (Step Rehash)", report.partial_steps)
+        } else {
+            String::new()
+        },
+        report.unet_flops as f64 / 1e9,
+        mib(report.unet_peak_bytes),
+        mib(report.decode_peak_bytes),
+        peak_rss().map_or(String::new(), |b| format!("; process peak RSS {:.1} MiB", mib(b as usize)))
+    )
 }
 
 /// The conditioning image and the noise of one generation.
@@ -173,7 +246,7 @@ impl Session {
             width / s,
         ];
         let latents = match latents {
-            Some(path) => read_latents(path, &shape)?,
+            Some(path) => read_latents(path, &shape, "1, frames, channels, height/8, width/8")?,
             None => unit_noise(shape.as_slice(), seed, &Device::Cpu)?,
         }
         .to_device(&self.device)?;
@@ -197,33 +270,16 @@ impl Session {
             rehash,
             ..self.settings.clone()
         };
-        let mut current: Option<ProgressBar> = None;
-        let mut progress = |stage: Stage| {
-            let (what, pos, len) = match stage {
-                Stage::Denoise { step, of } => ("denoise", step, of),
-                Stage::Decode { chunk, of } => ("decode", chunk, of),
-            };
-            if pos == 0 {
-                if let Some(done) = current.take() {
-                    done.finish();
-                }
-                current = Some(bar(len, &format!("{label}{what}")));
-            }
-            if let Some(b) = &current {
-                b.set_position(pos as u64 + 1);
-            }
-        };
+        let mut progress = Progress::new(label);
         let out = self.pipe.generate(
             &inputs.image,
             &settings,
             &inputs.latents,
             &inputs.image_noise,
             optimization,
-            &mut progress,
+            &mut |stage| progress.update(stage),
         )?;
-        if let Some(done) = current.take() {
-            done.finish();
-        }
+        progress.finish();
         Ok(out)
     }
 }

@@ -9,7 +9,7 @@ use streamline_pipeline::video::write_video;
 use streamline_pipeline::Optimization;
 use streamline_rehash::{Rehash, RehashArg};
 
-use crate::session::SvdCommon;
+use crate::session::{summary, SvdCommon};
 
 #[derive(Args, Debug)]
 pub struct SvdArgs {
@@ -35,17 +35,6 @@ pub struct SvdArgs {
     rehash: RehashArg,
 }
 
-/// Peak resident memory of this process so far (VmHWM), where /proc has it.
-fn peak_rss() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace()
-        .nth(1)?
-        .parse::<u64>()
-        .ok()
-        .map(|kib| kib * 1024)
-}
-
 pub fn run(args: SvdArgs) -> Result<()> {
     let start = Instant::now();
     let session = args.common.load()?;
@@ -61,25 +50,15 @@ pub fn run(args: SvdArgs) -> Result<()> {
     let inputs = session.inputs(&args.image, args.common.seed, args.latents.as_deref())?;
     let (video, report) = session.generate(&inputs, optimization, rehash, "")?;
     write_video(&video, &args.output, args.common.fps as f64)?;
-    let mib = |b: usize| b as f64 / (1u64 << 20) as f64;
     let settings = &session.settings;
     eprintln!(
-        "wrote {} ({} frames {}x{}) in {:.1} s; UNet: {} full{} evaluations, {:.2} GFLOP; peak live tensors: UNet step {:.1} MiB, decode {:.1} MiB{}",
-        args.output.display(),
-        session.frames(),
-        settings.height,
-        settings.width,
-        start.elapsed().as_secs_f64(),
-        report.full_steps,
-        if report.partial_steps > 0 {
-            format!(" + {} partial (Step Rehash)", report.partial_steps)
-        } else {
-            String::new()
-        },
-        report.unet_flops as f64 / 1e9,
-        mib(report.unet_peak_bytes),
-        mib(report.decode_peak_bytes),
-        peak_rss().map_or(String::new(), |b| format!("; process peak RSS {:.1} MiB", mib(b as usize)))
+        "{}",
+        summary(
+            &args.output,
+            (session.frames(), settings.height, settings.width),
+            start.elapsed().as_secs_f64(),
+            &report
+        )
     );
     Ok(())
 }
