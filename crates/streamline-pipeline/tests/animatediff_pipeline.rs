@@ -9,7 +9,9 @@ use common::{fixture, io};
 use serde::Deserialize;
 use streamline_pipeline::animatediff::{AnimateDiff, AnimateDiffSettings};
 use streamline_pipeline::quality::max_abs;
+use streamline_pipeline::run::RunReport;
 use streamline_pipeline::Optimization;
+use streamline_rehash::{Rehash, Schedule};
 
 #[derive(Deserialize)]
 struct Call {
@@ -44,6 +46,16 @@ fn setup() -> (AnimateDiff, Call, Tensor, Tensor) {
 }
 
 fn generate(pipe: &AnimateDiff, call: &Call, latents: &Tensor, opt: Optimization) -> Tensor {
+    run(pipe, call, latents, opt, Rehash::Off).0
+}
+
+fn run(
+    pipe: &AnimateDiff,
+    call: &Call,
+    latents: &Tensor,
+    opt: Optimization,
+    rehash: Rehash,
+) -> (Tensor, RunReport) {
     let settings = AnimateDiffSettings {
         height: call.height,
         width: call.width,
@@ -51,7 +63,7 @@ fn generate(pipe: &AnimateDiff, call: &Call, latents: &Tensor, opt: Optimization
         num_inference_steps: call.num_inference_steps,
         guidance_scale: call.guidance_scale,
         decode_chunk_size: call.decode_chunk_size,
-        ..AnimateDiffSettings::default()
+        rehash,
     };
     pipe.generate(
         &call.prompt,
@@ -62,7 +74,31 @@ fn generate(pipe: &AnimateDiff, call: &Call, latents: &Tensor, opt: Optimization
         &mut |_| {},
     )
     .unwrap()
-    .0
+}
+
+/// Every step a key step is original inference; fewer key steps run partial UNet steps.
+#[test]
+fn step_rehash_runs_in_the_animatediff_loop() {
+    let (pipe, call, latents, _) = setup();
+    let steps = call.num_inference_steps;
+    let original = generate(&pipe, &call, &latents, Optimization::Original);
+    let schedule = |keys| Rehash::Schedule(Schedule::uniform(steps, keys).unwrap());
+    let (all, report) = run(
+        &pipe,
+        &call,
+        &latents,
+        Optimization::Original,
+        schedule(steps),
+    );
+    assert_eq!(max_abs(&all, &original).unwrap(), 0.0);
+    assert_eq!((report.full_steps, report.partial_steps), (steps, 0));
+    let (half, report) = run(&pipe, &call, &latents, Optimization::Original, schedule(2));
+    assert_eq!((report.full_steps, report.partial_steps), (2, steps - 2));
+    let err = max_abs(&half, &original).unwrap();
+    assert!(
+        err > 0.0 && err.is_finite(),
+        "partial steps changed nothing: {err}"
+    );
 }
 
 #[test]
