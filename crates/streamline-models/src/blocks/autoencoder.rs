@@ -4,13 +4,13 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 use streamline_ir::{Graph, Layout, Result as IrResult, ValueId, ValueInfo};
 
 use super::{node, output_head, At, ResnetBlock2D};
-use crate::load::{ModelError, Result};
+use crate::load::{load_config, weights_file, ModelError, Result, WeightSource};
 use crate::ops::{Add, Attention, Context, Conv2d, GroupNormFrames, PadEnd, Tokens, VideoDims};
 
 /// Fields of a VAE's config.json (both classes); unknown fields are ignored.
@@ -333,6 +333,98 @@ impl KlEncoder {
             h = node(&mut g, "quant_conv", "", conv.clone(), &[h])?;
         }
         g.set_outputs(&[h]);
+        Ok(g)
+    }
+}
+
+/// The decoder half of a VAE class: what differs between SD's `AutoencoderKL` and SVD's
+/// `AutoencoderKLTemporalDecoder` (the encoder half is the same [`KlEncoder`]).
+pub trait VaeDecoder: Sized + std::fmt::Debug {
+    /// Checks beyond the encoder's, naming `path` and the field.
+    fn check(config: &VaeConfig, path: &Path) -> Result<()>;
+    /// `vb` at the checkpoint root.
+    fn new(config: &VaeConfig, vb: VarBuilder) -> candle_core::Result<Self>;
+    /// Lower on `latents` `(B*T, latent, h, w)` of extent `dims`; returns the frames.
+    fn lower(&self, g: &mut Graph, latents: ValueId, dims: VideoDims) -> IrResult<ValueId>;
+}
+
+/// A VAE with weights; the encoder and the decoder each lower to an IR graph.
+#[derive(Debug)]
+pub struct Autoencoder<D> {
+    config: VaeConfig,
+    encoder: KlEncoder,
+    decoder: D,
+    dtype: DType,
+}
+
+impl<D: VaeDecoder> Autoencoder<D> {
+    /// Load a diffusers `vae/` folder (`config.json`, `diffusion_pytorch_model[.fp16].safetensors`).
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        let config: VaeConfig = load_config(&config_path)?;
+        config.check(&config_path)?;
+        D::check(&config, &config_path)?;
+        let file = weights_file(dir, "diffusion_pytorch_model")?;
+        let vb = WeightSource::open(&file)?.var_builder(dtype, device);
+        Self::new(&config, vb).map_err(|source| ModelError::Weights { path: file, source })
+    }
+
+    pub fn new(config: &VaeConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let path = Path::new("config.json");
+        config
+            .check(path)
+            .and_then(|()| D::check(config, path))
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        Ok(Autoencoder {
+            config: config.clone(),
+            encoder: KlEncoder::new(config, vb.clone())?,
+            decoder: D::new(config, vb.clone())?,
+            dtype: vb.dtype(),
+        })
+    }
+
+    pub fn config(&self) -> &VaeConfig {
+        &self.config
+    }
+
+    /// Pixels per latent along each side: `2^(blocks - 1)`.
+    pub fn scale_factor(&self) -> usize {
+        self.config.scale_factor()
+    }
+
+    /// Encoder graph: input `image` `(N, in_channels, H, W)` in [-1, 1]; output the moments
+    /// `(N, 2*latent, H/s, W/s)` (see [`LatentDist::from_moments`]).
+    pub fn lower_encoder(&self, n: usize, height: usize, width: usize) -> IrResult<Graph> {
+        self.encoder.lower(n, height, width)
+    }
+
+    /// Decoder graph for `batch` videos of `frames` frames: input `latents`
+    /// `(B*T, latent, h, w)` (already divided by the scaling factor); output frames
+    /// `(B*T, out_channels, h*s, w*s)` in about [-1, 1].
+    pub fn lower_decoder(
+        &self,
+        batch: usize,
+        frames: usize,
+        height: usize,
+        width: usize,
+    ) -> IrResult<Graph> {
+        let mut g = Graph::new();
+        let latents = g.input(
+            "latents",
+            ValueInfo::new(
+                (batch * frames, self.config.latent_channels, height, width),
+                self.dtype,
+                Layout::FRAME_MAJOR,
+            ),
+        )?;
+        let dims = VideoDims {
+            batch,
+            frames,
+            height,
+            width,
+        };
+        let out = self.decoder.lower(&mut g, latents, dims)?;
+        g.set_outputs(&[out]);
         Ok(g)
     }
 }

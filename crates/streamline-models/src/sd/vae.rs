@@ -4,13 +4,12 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
-use streamline_ir::{Graph, Layout, Result as IrResult, ValueInfo};
+use streamline_ir::{Graph, Result as IrResult, ValueId};
 
-use crate::blocks::autoencoder::{KlEncoder, MidBlock2D, VaeConfig};
+use crate::blocks::autoencoder::{Autoencoder, MidBlock2D, VaeConfig, VaeDecoder};
 use crate::blocks::{node, output_head, upsampler, At, ResnetBlock2D};
-use crate::load::{load_config, weights_file, ModelError, Result, WeightSource};
+use crate::load::{ModelError, Result};
 use crate::ops::{Conv2d, GroupNormFrames, VideoDims};
 
 #[derive(Debug)]
@@ -21,7 +20,7 @@ struct UpDecoderBlock2D {
 
 /// diffusers' VAE `Decoder` (group norm, no spatial norm) with `post_quant_conv` in front.
 #[derive(Debug)]
-struct Decoder {
+pub struct Decoder {
     post_quant_conv: Option<Arc<Conv2d>>,
     conv_in: Arc<Conv2d>,
     mid_block: MidBlock2D,
@@ -32,7 +31,7 @@ struct Decoder {
 
 impl Decoder {
     /// `vb` at the checkpoint root (`decoder.*`, `post_quant_conv.*`).
-    fn new(c: &VaeConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn build(c: &VaeConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let (post, vb) = (vb.pp("post_quant_conv"), vb.pp("decoder"));
         let ch = &c.block_out_channels;
         let last = ch[ch.len() - 1];
@@ -82,106 +81,42 @@ impl Decoder {
     }
 }
 
-/// SD's VAE with weights; the encoder and the decoder each lower to an IR graph.
-#[derive(Debug)]
-pub struct AutoencoderKL {
-    config: VaeConfig,
-    encoder: KlEncoder,
-    decoder: Decoder,
-    dtype: DType,
-}
+/// SD's VAE: the image encoder and the 2D decoder.
+pub type AutoencoderKL = Autoencoder<Decoder>;
 
-impl AutoencoderKL {
-    /// Load a diffusers `vae/` folder (`config.json`, `diffusion_pytorch_model[.fp16].safetensors`).
-    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let config_path = dir.join("config.json");
-        let config: VaeConfig = load_config(&config_path)?;
-        check(&config, &config_path)?;
-        let file = weights_file(dir, "diffusion_pytorch_model")?;
-        let vb = WeightSource::open(&file)?.var_builder(dtype, device);
-        Self::new(&config, vb).map_err(|source| ModelError::Weights { path: file, source })
+impl VaeDecoder for Decoder {
+    fn check(config: &VaeConfig, path: &Path) -> Result<()> {
+        check(config, path)
     }
 
-    pub fn new(config: &VaeConfig, vb: VarBuilder) -> candle_core::Result<Self> {
-        check(config, Path::new("config.json"))
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        Ok(AutoencoderKL {
-            config: config.clone(),
-            encoder: KlEncoder::new(config, vb.clone())?,
-            decoder: Decoder::new(config, vb.clone())?,
-            dtype: vb.dtype(),
-        })
+    fn new(config: &VaeConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        Decoder::build(config, vb)
     }
 
-    pub fn config(&self) -> &VaeConfig {
-        &self.config
-    }
-
-    /// Pixels per latent along each side: `2^(blocks - 1)`.
-    pub fn scale_factor(&self) -> usize {
-        self.config.scale_factor()
-    }
-
-    /// Encoder graph: input `image` `(N, in_channels, H, W)` in [-1, 1]; output the moments
-    /// `(N, 2*latent, H/s, W/s)`.
-    pub fn lower_encoder(&self, n: usize, height: usize, width: usize) -> IrResult<Graph> {
-        self.encoder.lower(n, height, width)
-    }
-
-    /// Decoder graph for `batch` videos of `frames` frames: input `latents`
-    /// `(B*T, latent, h, w)` (already divided by the scaling factor); output frames
-    /// `(B*T, out_channels, h*s, w*s)` in about [-1, 1].
-    pub fn lower_decoder(
-        &self,
-        batch: usize,
-        frames: usize,
-        height: usize,
-        width: usize,
-    ) -> IrResult<Graph> {
-        let d = &self.decoder;
-        let mut g = Graph::new();
-        let latents = g.input(
-            "latents",
-            ValueInfo::new(
-                (batch * frames, self.config.latent_channels, height, width),
-                self.dtype,
-                Layout::FRAME_MAJOR,
-            ),
-        )?;
-        let mut at = At {
-            dims: VideoDims {
-                batch,
-                frames,
-                height,
-                width,
-            },
-            emb: None,
-        };
+    fn lower(&self, g: &mut Graph, latents: ValueId, dims: VideoDims) -> IrResult<ValueId> {
+        let (d, mut at) = (self, At { dims, emb: None });
         let mut x = latents;
         if let Some(conv) = &d.post_quant_conv {
-            x = node(&mut g, "post_quant_conv", "", conv.clone(), &[x])?;
+            x = node(g, "post_quant_conv", "", conv.clone(), &[x])?;
         }
-        x = node(&mut g, "decoder.conv_in", "", d.conv_in.clone(), &[x])?;
-        x = d.mid_block.lower(&mut g, "decoder.mid_block", x, at)?;
+        x = node(g, "decoder.conv_in", "", d.conv_in.clone(), &[x])?;
+        x = d.mid_block.lower(g, "decoder.mid_block", x, at)?;
         for (i, block) in d.up_blocks.iter().enumerate() {
             let p = format!("decoder.up_blocks.{i}");
             for (l, r) in block.resnets.iter().enumerate() {
-                x = r.lower(&mut g, &format!("{p}.resnets.{l}"), x, at)?;
+                x = r.lower(g, &format!("{p}.resnets.{l}"), x, at)?;
             }
             if let Some(conv) = &block.upsample {
-                x = upsampler(&mut g, &p, conv, x)?;
+                x = upsampler(g, &p, conv, x)?;
                 at = at.with_size(2 * at.dims.height, 2 * at.dims.width);
             }
         }
-        let out = output_head(&mut g, "decoder", &d.conv_norm_out, &d.conv_out, x)?;
-        g.set_outputs(&[out]);
-        Ok(g)
+        output_head(g, "decoder", &d.conv_norm_out, &d.conv_out, x)
     }
 }
 
-/// The encoder's checks, plus the decoder's block types.
+/// The decoder's block types (the encoder checks the rest).
 fn check(config: &VaeConfig, path: &Path) -> Result<()> {
-    config.check(path)?;
     let blocks = config.block_out_channels.len();
     if config.up_block_types.len() != blocks {
         return Err(ModelError::Config {

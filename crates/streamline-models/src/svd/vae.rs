@@ -3,14 +3,13 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
-use streamline_ir::{Graph, Layout, Result as IrResult, ValueInfo};
+use streamline_ir::{Graph, Result as IrResult, ValueId};
 
 use super::resnet::{ResBlockSettings, SpatioTemporalResBlock};
-use crate::blocks::autoencoder::{KlEncoder, VaeAttention, VaeConfig};
+use crate::blocks::autoencoder::{Autoencoder, VaeAttention, VaeConfig, VaeDecoder};
 use crate::blocks::{node, output_head, upsampler, At};
-use crate::load::{load_config, weights_file, ModelError, Result, WeightSource};
+use crate::load::Result;
 use crate::ops::{
     Conv2d, FrameLayout, FramesToPositions, GroupNormFrames, PositionsToFrames, TemporalConv,
     VideoDims,
@@ -22,8 +21,9 @@ struct DecoderBlock {
     upsample: Option<Arc<Conv2d>>,
 }
 
+/// SVD's temporal decoder: spatio-temporal res-blocks and a final (3, 1, 1) temporal conv.
 #[derive(Debug)]
-struct TemporalDecoder {
+pub struct TemporalDecoder {
     conv_in: Arc<Conv2d>,
     mid_resnets: Vec<SpatioTemporalResBlock>,
     mid_attention: VaeAttention,
@@ -31,6 +31,7 @@ struct TemporalDecoder {
     conv_norm_out: Arc<GroupNormFrames>,
     conv_out: Arc<Conv2d>,
     time_conv_out: Arc<TemporalConv>,
+    out_channels: usize,
 }
 
 const DECODER_RES: ResBlockSettings = ResBlockSettings {
@@ -41,7 +42,8 @@ const DECODER_RES: ResBlockSettings = ResBlockSettings {
 };
 
 impl TemporalDecoder {
-    fn new(c: &VaeConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    /// `vb` at `decoder`.
+    fn build(c: &VaeConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let ch = &c.block_out_channels;
         let last = ch[ch.len() - 1];
         let mid = vb.pp("mid_block");
@@ -100,121 +102,61 @@ impl TemporalDecoder {
                 3,
                 vb.pp("time_conv_out"),
             )?),
+            out_channels: c.out_channels,
         })
     }
 }
 
-/// SVD's VAE with weights; the encoder and the temporal decoder each lower to an IR graph.
-#[derive(Debug)]
-pub struct AutoencoderKLTemporalDecoder {
-    config: VaeConfig,
-    encoder: KlEncoder,
-    decoder: TemporalDecoder,
-    dtype: DType,
-}
+/// SVD's VAE: SD's image encoder and the temporal decoder.
+pub type AutoencoderKLTemporalDecoder = Autoencoder<TemporalDecoder>;
 
-impl AutoencoderKLTemporalDecoder {
-    /// Load a diffusers `vae/` folder (`config.json`, `diffusion_pytorch_model[.fp16].safetensors`).
-    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let config_path = dir.join("config.json");
-        let config: VaeConfig = load_config(&config_path)?;
-        config.check(&config_path)?;
-        let file = weights_file(dir, "diffusion_pytorch_model")?;
-        let vb = WeightSource::open(&file)?.var_builder(dtype, device);
-        Self::new(&config, vb).map_err(|source| ModelError::Weights { path: file, source })
+impl VaeDecoder for TemporalDecoder {
+    /// The temporal decoder's blocks are fixed by `block_out_channels`; nothing more to check.
+    fn check(_: &VaeConfig, _: &Path) -> Result<()> {
+        Ok(())
     }
 
-    pub fn new(config: &VaeConfig, vb: VarBuilder) -> candle_core::Result<Self> {
-        config
-            .check(Path::new("config.json"))
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        Ok(AutoencoderKLTemporalDecoder {
-            config: config.clone(),
-            encoder: KlEncoder::new(config, vb.clone())?,
-            decoder: TemporalDecoder::new(config, vb.pp("decoder"))?,
-            dtype: vb.dtype(),
-        })
+    fn new(config: &VaeConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        TemporalDecoder::build(config, vb.pp("decoder"))
     }
 
-    pub fn config(&self) -> &VaeConfig {
-        &self.config
-    }
-
-    /// Pixels per latent along each side: `2^(blocks - 1)`.
-    pub fn scale_factor(&self) -> usize {
-        self.config.scale_factor()
-    }
-
-    /// Encoder graph: input `image` `(N, in_channels, H, W)` in [-1, 1]; output the moments
-    /// `(N, 2*latent, H/s, W/s)` (see [`crate::blocks::autoencoder::LatentDist::from_moments`]).
-    pub fn lower_encoder(&self, n: usize, height: usize, width: usize) -> IrResult<Graph> {
-        self.encoder.lower(n, height, width)
-    }
-
-    /// Decoder graph for `batch` videos of `frames` frames: input `latents`
-    /// `(B*T, latent, h, w)` (already divided by the scaling factor); output frames
-    /// `(B*T, out_channels, h*s, w*s)` in about [-1, 1].
-    pub fn lower_decoder(
-        &self,
-        batch: usize,
-        frames: usize,
-        height: usize,
-        width: usize,
-    ) -> IrResult<Graph> {
-        let d = &self.decoder;
-        let mut g = Graph::new();
-        let latents = g.input(
-            "latents",
-            ValueInfo::new(
-                (batch * frames, self.config.latent_channels, height, width),
-                self.dtype,
-                Layout::FRAME_MAJOR,
-            ),
-        )?;
-        let mut at = At {
-            dims: VideoDims {
-                batch,
-                frames,
-                height,
-                width,
-            },
-            emb: None,
-        };
-        let mut x = node(&mut g, "decoder.conv_in", "", d.conv_in.clone(), &[latents])?;
-        x = d.mid_resnets[0].lower(&mut g, "decoder.mid_block.resnets.0", x, at)?;
+    fn lower(&self, g: &mut Graph, latents: ValueId, dims: VideoDims) -> IrResult<ValueId> {
+        let (d, mut at) = (self, At { dims, emb: None });
+        let mut x = node(g, "decoder.conv_in", "", d.conv_in.clone(), &[latents])?;
+        x = d.mid_resnets[0].lower(g, "decoder.mid_block.resnets.0", x, at)?;
         // diffusers zips the remaining resnets with its single attention.
         if let Some(r) = d.mid_resnets.get(1) {
             x = d
                 .mid_attention
-                .lower(&mut g, "decoder.mid_block.attentions.0", x, at.dims)?;
-            x = r.lower(&mut g, "decoder.mid_block.resnets.1", x, at)?;
+                .lower(g, "decoder.mid_block.attentions.0", x, at.dims)?;
+            x = r.lower(g, "decoder.mid_block.resnets.1", x, at)?;
         }
         for (i, block) in d.up_blocks.iter().enumerate() {
             let p = format!("decoder.up_blocks.{i}");
             for (l, r) in block.resnets.iter().enumerate() {
-                x = r.lower(&mut g, &format!("{p}.resnets.{l}"), x, at)?;
+                x = r.lower(g, &format!("{p}.resnets.{l}"), x, at)?;
             }
             if let Some(conv) = &block.upsample {
-                x = upsampler(&mut g, &p, conv, x)?;
+                x = upsampler(g, &p, conv, x)?;
                 at = at.with_size(2 * at.dims.height, 2 * at.dims.width);
             }
         }
-        let h = output_head(&mut g, "decoder", &d.conv_norm_out, &d.conv_out, x)?;
-        let c = self.config.out_channels;
+        let h = output_head(g, "decoder", &d.conv_norm_out, &d.conv_out, x)?;
+        let c = d.out_channels;
         let to_positions = FramesToPositions {
             dims: at.dims,
             channels: c,
             from: FrameLayout::ChannelsFirst,
         };
         let p = node(
-            &mut g,
+            g,
             "decoder.time_conv_out.to_positions",
             "",
             Arc::new(to_positions),
             &[h],
         )?;
         let p = node(
-            &mut g,
+            g,
             "decoder.time_conv_out",
             "",
             d.time_conv_out.clone(),
@@ -226,13 +168,12 @@ impl AutoencoderKLTemporalDecoder {
             to: FrameLayout::ChannelsFirst,
         };
         let out = node(
-            &mut g,
+            g,
             "decoder.time_conv_out.to_frames",
             "",
             Arc::new(to_frames),
             &[p],
         )?;
-        g.set_outputs(&[out]);
-        Ok(g)
+        Ok(out)
     }
 }
