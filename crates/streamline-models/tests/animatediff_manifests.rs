@@ -6,39 +6,10 @@ mod common;
 
 use candle_core::{DType, Device};
 use common::*;
-use serde_json::Value;
-use streamline_models::load::{Manifest, WeightSource};
 use streamline_models::sd::{
     AutoencoderKL, MotionAdapterConfig, MotionUNetConfig, UNet2DConfig, UNetMotionModel,
 };
 use streamline_models::svd::{UNetShape, VaeConfig};
-
-fn manifest(name: &str) -> (Value, WeightSource, std::path::PathBuf) {
-    let path = fixture_dir("manifests").join(format!("{name}.json"));
-    let json: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let tensors: Manifest = serde_json::from_value(json["tensors"].clone()).unwrap();
-    (
-        json["config"].clone(),
-        WeightSource::manifest(&path, tensors),
-        path,
-    )
-}
-
-fn assert_exact(name: &str, source_tensors: Manifest, requested: Manifest) {
-    let missing: Vec<_> = requested
-        .keys()
-        .filter(|k| !source_tensors.contains_key(*k))
-        .collect();
-    let unused: Vec<_> = source_tensors
-        .keys()
-        .filter(|k| !requested.contains_key(*k))
-        .collect();
-    assert!(
-        missing.is_empty() && unused.is_empty(),
-        "{name}: missing {missing:?}, unused {unused:?}"
-    );
-    assert_eq!(source_tensors, requested, "{name}: shapes differ");
-}
 
 #[test]
 fn full_size_motion_unet_uses_both_checkpoints_exactly() {

@@ -6,42 +6,14 @@ mod common;
 
 use candle_core::{DType, Device};
 use common::*;
-use serde_json::Value;
-use streamline_models::load::{Manifest, WeightSource};
 use streamline_models::svd::{
     AutoencoderKLTemporalDecoder, UNetConfig, UNetShape, UNetSpatioTemporalConditionModel,
     VaeConfig,
 };
 
-fn manifest(name: &str) -> (Value, WeightSource) {
-    let path = fixture_dir("manifests").join(format!("{name}.json"));
-    let json: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let tensors: Manifest = serde_json::from_value(json["tensors"].clone()).unwrap();
-    (
-        json["config"].clone(),
-        WeightSource::manifest(&path, tensors),
-    )
-}
-
-fn assert_exact(source_tensors: Manifest, requested: Manifest) {
-    let missing: Vec<_> = requested
-        .keys()
-        .filter(|k| !source_tensors.contains_key(*k))
-        .collect();
-    let unused: Vec<_> = source_tensors
-        .keys()
-        .filter(|k| !requested.contains_key(*k))
-        .collect();
-    assert!(
-        missing.is_empty() && unused.is_empty(),
-        "missing {missing:?}, unused {unused:?}"
-    );
-    assert_eq!(source_tensors, requested);
-}
-
 #[test]
 fn full_size_unet_uses_the_checkpoint_exactly() {
-    let (config, source) = manifest("svd_unet");
+    let (config, source, _) = manifest("svd_unet");
     let tensors = source.tensors().unwrap();
     let usage = source.usage();
     let config: UNetConfig = serde_json::from_value(config).unwrap();
@@ -55,7 +27,7 @@ fn full_size_unet_uses_the_checkpoint_exactly() {
         source.var_builder(DType::F16, &Device::Cpu),
     )
     .unwrap();
-    assert_exact(tensors, usage.requested());
+    assert_exact("svd_unet", tensors, usage.requested());
     // SVD at 576x1024 (72x128 latents), 14 frames, CFG batch 2 lowers without error.
     let g = unet
         .lower(UNetShape {
@@ -71,7 +43,7 @@ fn full_size_unet_uses_the_checkpoint_exactly() {
 
 #[test]
 fn full_size_vae_uses_the_checkpoint_exactly() {
-    let (config, source) = manifest("svd_vae");
+    let (config, source, _) = manifest("svd_vae");
     let tensors = source.tensors().unwrap();
     let usage = source.usage();
     let config: VaeConfig = serde_json::from_value(config).unwrap();
@@ -79,7 +51,7 @@ fn full_size_vae_uses_the_checkpoint_exactly() {
     let vae =
         AutoencoderKLTemporalDecoder::new(&config, source.var_builder(DType::F16, &Device::Cpu))
             .unwrap();
-    assert_exact(tensors, usage.requested());
+    assert_exact("svd_vae", tensors, usage.requested());
     assert_eq!(vae.scale_factor(), 8);
     vae.lower_decoder(1, 14, 72, 128).unwrap();
     vae.lower_encoder(1, 576, 1024).unwrap();

@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+use streamline_models::load::{Manifest, WeightSource};
 
 pub fn fixture_dir(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -47,4 +49,34 @@ pub fn temp_dir(test: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// A full-size model manifest (`fixtures/data/manifests/<name>.json`): its config, a
+/// shape-only weight source standing for the checkpoint, and the file.
+pub fn manifest(name: &str) -> (Value, WeightSource, std::path::PathBuf) {
+    let path = fixture_dir("manifests").join(format!("{name}.json"));
+    let json: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let tensors: Manifest = serde_json::from_value(json["tensors"].clone()).unwrap();
+    (
+        json["config"].clone(),
+        WeightSource::manifest(&path, tensors),
+        path,
+    )
+}
+
+/// The tensors a model requested are exactly the checkpoint's: names and shapes.
+pub fn assert_exact(name: &str, source_tensors: Manifest, requested: Manifest) {
+    let missing: Vec<_> = requested
+        .keys()
+        .filter(|k| !source_tensors.contains_key(*k))
+        .collect();
+    let unused: Vec<_> = source_tensors
+        .keys()
+        .filter(|k| !requested.contains_key(*k))
+        .collect();
+    assert!(
+        missing.is_empty() && unused.is_empty(),
+        "{name}: missing {missing:?}, unused {unused:?}"
+    );
+    assert_eq!(source_tensors, requested, "{name}: shapes differ");
 }
