@@ -2,12 +2,14 @@
 //! the report of a run.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use streamline_ir::{Executor, Graph, Plan, Request, Result as IrResult, RunOutput};
 use streamline_models::load::ModelError;
-use streamline_rehash::StepError;
+use streamline_rehash::{Rehash, StepError, StepRehash};
+use streamline_slicer::naive::frame_chunks;
 use thiserror::Error;
 
 use crate::optimize::{optimize, Optimization, OptimizeError};
@@ -148,4 +150,77 @@ pub(crate) fn decode_in_chunks(
     }
     let frames = Tensor::cat(&parts, 0)?.to_dtype(DType::F32)?;
     Ok((((frames / 2.0)? + 0.5)?.clamp(0f32, 1f32)?, peak))
+}
+
+/// The UNet calls of one denoising loop: one per run of frames (several only for the naive
+/// baseline, which denoises each run as a video of its own), each planned once with its own
+/// Step Rehash state.
+pub(crate) struct UNetCalls {
+    /// The frames each call covers.
+    pub chunks: Vec<Range<usize>>,
+    calls: Vec<Call>,
+    rehash: Vec<StepRehash>,
+}
+
+impl UNetCalls {
+    /// `lower(n)`: the UNet graph for a call of `n` frames.
+    pub fn new(
+        frames: usize,
+        optimization: Optimization,
+        rehash: &Rehash,
+        steps: usize,
+        lower: impl Fn(usize) -> IrResult<Graph>,
+    ) -> Result<Self, PipelineError> {
+        let chunks = match optimization {
+            Optimization::Naive { temporal_chunks } => frame_chunks(frames, temporal_chunks),
+            _ => frame_chunks(frames, 1),
+        };
+        if chunks.len() > 1 && matches!(rehash, Rehash::Record(_)) {
+            return Err(PipelineError::Input(
+                "calibration records one UNet call per step; naive slicing makes several".into(),
+            ));
+        }
+        let calls = chunks
+            .iter()
+            .map(|r| Call::new(&lower(r.len())?, optimization))
+            .collect::<Result<Vec<_>, PipelineError>>()?;
+        let rehash = calls
+            .iter()
+            .map(|call| StepRehash::new(rehash.clone(), &call.graph, steps))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(UNetCalls {
+            chunks,
+            calls,
+            rehash,
+        })
+    }
+
+    /// Run call `k` at `step` (whole or partial, as Step Rehash decides), adding its peak and
+    /// FLOPs to `report`; returns the UNet output.
+    pub fn run(
+        &mut self,
+        k: usize,
+        step: usize,
+        inputs: Vec<Tensor>,
+        device: &Device,
+        report: &mut RunReport,
+    ) -> Result<Tensor, PipelineError> {
+        let rehash = &mut self.rehash[k];
+        let request = rehash.request(step)?;
+        let mut out = self.calls[k].run_with(inputs, device, &request)?;
+        rehash.absorb(std::mem::take(&mut out.kept))?;
+        report.unet_peak_bytes = report.unet_peak_bytes.max(out.stats.peak_bytes);
+        report.unet_flops += out.stats.flops;
+        Ok(out.outputs.remove(0))
+    }
+
+    /// Count whole and partial evaluations into `report`, with what calibration recorded.
+    pub fn finish(self, report: &mut RunReport) {
+        for r in self.rehash {
+            let (full, partial) = r.counts();
+            report.full_steps += full;
+            report.partial_steps += partial;
+            report.recorded.extend(r.into_recorded());
+        }
+    }
 }

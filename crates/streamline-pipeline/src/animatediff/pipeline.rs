@@ -7,11 +7,10 @@ use candle_core::{DType, Device, Module, Tensor};
 use streamline_models::clip_text::{ClipTextModel, ClipTokenizer};
 use streamline_models::sd::{AutoencoderKL, UNetMotionModel};
 use streamline_models::svd::UNetShape;
-use streamline_rehash::{Rehash, StepRehash};
-use streamline_slicer::naive::frame_chunks;
+use streamline_rehash::Rehash;
 
 use crate::optimize::Optimization;
-use crate::run::{decode_in_chunks, Call, PipelineError, RunReport, Stage};
+use crate::run::{decode_in_chunks, PipelineError, RunReport, Stage, UNetCalls};
 use crate::scheduler::Scheduler;
 
 /// The arguments of diffusers' call, with its defaults.
@@ -150,29 +149,17 @@ impl AnimateDiff {
             * f64::from(scheduler.init_noise_sigma()))?
         .to_dtype(self.dtype)?;
 
-        // The naive baseline denoises each run of frames as a video of its own.
-        let chunks = match optimization {
-            Optimization::Naive { temporal_chunks } => frame_chunks(frames, temporal_chunks),
-            _ => frame_chunks(frames, 1),
-        };
-        let calls = chunks
-            .iter()
-            .map(|r| {
-                let shape = UNetShape {
-                    batch,
-                    frames: r.len(),
-                    height: h,
-                    width: w,
-                    context_len: context.dim(1)?,
-                };
-                Call::new(&self.unet.lower(shape)?, optimization)
-            })
-            .collect::<Result<Vec<_>, PipelineError>>()?;
         let steps = scheduler.timesteps().len();
-        let mut rehash = calls
-            .iter()
-            .map(|call| StepRehash::new(settings.rehash.clone(), &call.graph, steps))
-            .collect::<Result<Vec<_>, _>>()?;
+        let context_len = context.dim(1)?;
+        let mut calls = UNetCalls::new(frames, optimization, &settings.rehash, steps, |n| {
+            self.unet.lower(UNetShape {
+                batch,
+                frames: n,
+                height: h,
+                width: w,
+                context_len,
+            })
+        })?;
         let mut report = RunReport::default();
         let started = std::time::Instant::now();
         for i in 0..steps {
@@ -184,23 +171,22 @@ impl AnimateDiff {
             };
             let input = scheduler.scale_model_input(&input, i)?;
             let t = scheduler.timesteps()[i];
-            let mut preds = Vec::with_capacity(chunks.len());
-            for ((range, call), rehash) in chunks.iter().zip(&calls).zip(&mut rehash) {
+            let mut preds = Vec::with_capacity(calls.chunks.len());
+            for k in 0..calls.chunks.len() {
+                let range = calls.chunks[k].clone();
                 // diffusers' (B, C, F, h, w) to the graph's frame-major (B*F, C, h, w).
                 let part = input
                     .narrow(2, range.start, range.len())?
                     .permute((0, 2, 1, 3, 4))?
                     .reshape((batch * range.len(), c, h, w))?;
                 let inputs = vec![part, Tensor::new(vec![t; batch], dev)?, context.clone()];
-                let request = rehash.request(i)?;
-                let mut out = call.run_with(inputs, dev, &request)?;
-                rehash.absorb(std::mem::take(&mut out.kept))?;
-                report.unet_peak_bytes = report.unet_peak_bytes.max(out.stats.peak_bytes);
-                report.unet_flops += out.stats.flops;
-                let pred = out
-                    .outputs
-                    .remove(0)
-                    .reshape((batch, range.len(), c, h, w))?;
+                let pred = calls.run(k, i, inputs, dev, &mut report)?.reshape((
+                    batch,
+                    range.len(),
+                    c,
+                    h,
+                    w,
+                ))?;
                 preds.push(pred.permute((0, 2, 1, 3, 4))?);
             }
             let pred = Tensor::cat(&preds, 2)?;
@@ -213,12 +199,7 @@ impl AnimateDiff {
             latents = scheduler.step(&guided, i, &latents)?;
         }
         report.denoise_seconds = started.elapsed().as_secs_f64();
-        for r in rehash {
-            let (full, partial) = r.counts();
-            report.full_steps += full;
-            report.partial_steps += partial;
-            report.recorded.extend(r.into_recorded());
-        }
+        calls.finish(&mut report);
         // `decode_latents`: every frame alone through the 2D decoder.
         let latents =
             (latents.squeeze(0)?.permute((1, 0, 2, 3))? / self.vae.config().scaling_factor)?;

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use super::preprocess::{clip_input, Planes};
 use crate::optimize::Optimization;
-use crate::run::{decode_in_chunks, Call, PipelineError, RunReport, Stage};
+use crate::run::{decode_in_chunks, Call, PipelineError, RunReport, Stage, UNetCalls};
 use crate::scheduler::EulerDiscreteScheduler;
 use candle_core::{DType, Device, Module, Tensor};
 use serde::Deserialize;
@@ -13,8 +13,7 @@ use streamline_models::load::load_config;
 use streamline_models::svd::{
     AutoencoderKLTemporalDecoder, LatentDist, UNetShape, UNetSpatioTemporalConditionModel,
 };
-use streamline_rehash::{Rehash, StepRehash};
-use streamline_slicer::naive::frame_chunks;
+use streamline_rehash::Rehash;
 
 /// The arguments of diffusers' call, with its defaults.
 #[derive(Clone, Debug, PartialEq)]
@@ -241,34 +240,16 @@ impl StableVideoDiffusion {
             Tensor::from_vec(guidance, (1, frames, 1, 1, 1), dev)?.to_dtype(self.dtype)?;
 
         let c = latents.dim(2)?;
-        // The naive baseline denoises each run of frames as a video of its own.
-        let chunks = match optimization {
-            Optimization::Naive { temporal_chunks } => frame_chunks(frames, temporal_chunks),
-            _ => frame_chunks(frames, 1),
-        };
-        let calls = chunks
-            .iter()
-            .map(|r| {
-                let shape = UNetShape {
-                    batch: 2,
-                    frames: r.len(),
-                    height: h,
-                    width: w,
-                    context_len: 1,
-                };
-                Call::new(&self.unet.lower(shape)?, optimization)
-            })
-            .collect::<Result<Vec<_>, PipelineError>>()?;
         let steps = scheduler.timesteps().len();
-        if calls.len() > 1 && matches!(settings.rehash, Rehash::Record(_)) {
-            return Err(PipelineError::Input(
-                "calibration records one UNet call per step; naive slicing makes several".into(),
-            ));
-        }
-        let mut rehash = calls
-            .iter()
-            .map(|call| StepRehash::new(settings.rehash.clone(), &call.graph, steps))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut calls = UNetCalls::new(frames, optimization, &settings.rehash, steps, |n| {
+            self.unet.lower(UNetShape {
+                batch: 2,
+                frames: n,
+                height: h,
+                width: w,
+                context_len: 1,
+            })
+        })?;
         let mut report = RunReport::default();
         let started = std::time::Instant::now();
         for i in 0..steps {
@@ -276,8 +257,9 @@ impl StableVideoDiffusion {
             let input = scheduler.scale_model_input(&Tensor::cat(&[&latents, &latents], 0)?, i)?;
             let input = Tensor::cat(&[&input, &lat], 2)?;
             let t = scheduler.timesteps()[i];
-            let mut preds = Vec::with_capacity(chunks.len());
-            for ((range, call), rehash) in chunks.iter().zip(&calls).zip(&mut rehash) {
+            let mut preds = Vec::with_capacity(calls.chunks.len());
+            for k in 0..calls.chunks.len() {
+                let range = calls.chunks[k].clone();
                 let part = input.narrow(1, range.start, range.len())?.reshape((
                     2 * range.len(),
                     2 * c,
@@ -290,12 +272,8 @@ impl StableVideoDiffusion {
                     embeds.clone(),
                     ids.clone(),
                 ];
-                let request = rehash.request(i)?;
-                let mut out = call.run_with(inputs, dev, &request)?;
-                rehash.absorb(std::mem::take(&mut out.kept))?;
-                report.unet_peak_bytes = report.unet_peak_bytes.max(out.stats.peak_bytes);
-                report.unet_flops += out.stats.flops;
-                preds.push(out.outputs.remove(0).reshape((2, range.len(), c, h, w))?);
+                let out = calls.run(k, i, inputs, dev, &mut report)?;
+                preds.push(out.reshape((2, range.len(), c, h, w))?);
             }
             let pred = Tensor::cat(&preds, 1)?;
             let (uncond, cond) = (pred.narrow(0, 0, 1)?, pred.narrow(0, 1, 1)?);
@@ -303,12 +281,7 @@ impl StableVideoDiffusion {
             latents = scheduler.step(&guided, i, &latents)?;
         }
         report.denoise_seconds = started.elapsed().as_secs_f64();
-        for r in rehash {
-            let (full, partial) = r.counts();
-            report.full_steps += full;
-            report.partial_steps += partial;
-            report.recorded.extend(r.into_recorded());
-        }
+        calls.finish(&mut report);
         let (frames_out, peak) = self.decode(&latents, settings, optimization, progress)?;
         report.decode_peak_bytes = peak;
         Ok((frames_out, report))
