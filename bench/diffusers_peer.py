@@ -2,6 +2,7 @@
 
     python diffusers_peer.py unet --dir DIR [--chunking] --runs N --out M.json --output O.safetensors
     python diffusers_peer.py svd --model DIR --image PNG --inputs I.safetensors --steps 25 ...
+    python diffusers_peer.py kernels --cases bench/scenarios.toml --runs N --out K.json
 
 Same weights (the safetensors streamline reads), same inputs, same memory method: the first run
 after loading is measured from a fresh baseline (VmHWM reset through /proc/self/clear_refs), then
@@ -119,9 +120,61 @@ def svd(args):
             "peak_rss_above_baseline_bytes": rss}, frames
 
 
+def kernels(args):
+    """PyTorch's ops on the `[[kernel]]` cases of the scenarios file, as streamline-bench times
+    its kernels: a warm-up call, then the median of `--runs` timed calls."""
+    import statistics
+    import tomllib
+
+    import torch.nn.functional as F
+
+    with open(args.cases, "rb") as f:
+        cases = tomllib.load(f)["kernel"]
+    timings = []
+    for c in cases:
+        x = torch.randn(c["input"])
+        if c["op"] == "conv2d":
+            w = torch.randn(c["out_channels"], x.shape[1], c["kernel"], c["kernel"]) * 0.05
+            b = torch.randn(c["out_channels"])
+            call = lambda: F.conv2d(x, w, b, stride=c.get("stride", 1), padding=c.get("padding", 0))
+        elif c["op"] == "group_norm":
+            w, b = torch.randn(x.shape[1]), torch.randn(x.shape[1])
+            call = lambda: F.group_norm(x, c["groups"], w, b, 1e-5)
+        elif c["op"] == "attention":
+            k, v, heads = torch.randn(c["input"]), torch.randn(c["input"]), c.get("heads", 1)
+            n, length, dim = x.shape
+
+            def call():
+                split = lambda t: t.view(n, -1, heads, dim // heads).transpose(1, 2)
+                out = F.scaled_dot_product_attention(split(x), split(k), split(v))
+                return out.transpose(1, 2).reshape(n, length, dim)
+        elif c["op"] == "geglu":
+            w = torch.randn(2 * c["inner"], x.shape[1]) * 0.1
+            b = torch.randn(2 * c["inner"])
+
+            def call():
+                h, gate = F.linear(x, w, b).chunk(2, dim=-1)
+                return h * F.gelu(gate)
+        else:
+            raise SystemExit(f"kernel case {c['name']}: unknown op {c['op']}")
+        call()
+        times = []
+        for _ in range(max(args.runs, 1)):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+        timings.append({"name": c["name"], "torch_seconds": statistics.median(times)})
+    with open(args.out, "w") as f:
+        json.dump(timings, f, indent=2)
+
+
 def main():
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="task", required=True)
+    k = sub.add_parser("kernels")
+    k.add_argument("--cases", required=True)
+    k.add_argument("--runs", type=int, default=3)
+    k.add_argument("--out", required=True)
     for name in ("unet", "svd"):
         p = sub.add_parser(name)
         p.add_argument("--chunking", action="store_true")
@@ -133,6 +186,9 @@ def main():
         sub.choices["svd"].add_argument(flag, required=True)
     sub.choices["svd"].add_argument("--steps", type=int, default=25)
     args = parser.parse_args()
+    if args.task == "kernels":
+        with torch.no_grad():
+            return kernels(args)
     with torch.no_grad():
         measurement, output = (unet if args.task == "unet" else svd)(args)
     save_file({"output": output.contiguous()}, args.output)

@@ -8,6 +8,7 @@
 //! - `unet`: one UNet step under one optimization (timed runs, peak RSS, live heap peak,
 //!   planned peak), output tensor to a file;
 //! - `svd`: the SVD pipeline end to end on a model folder, frames to a file;
+//! - `kernels`: streamline's CPU kernels against candle's ops on fixed shapes (medians);
 //! - `compare`: relative L2 (and PSNR of frames) of one output against another.
 //!
 //! **Promises:** the first run after loading is the memory run, measured from a fresh
@@ -17,6 +18,7 @@
 //! shows in both peaks, a fresh baseline forgets it); `cargo xtask bench --quick` runs the whole
 //! harness. The optimizations it measures are tested in their own crates.
 
+mod kernels;
 mod measure;
 mod svd;
 mod unet;
@@ -86,6 +88,18 @@ enum Task {
         /// The tensors are frames in [0, 1]: report PSNR too.
         #[arg(long)]
         frames: bool,
+    },
+    /// Kernel micro-benchmarks: the `[[kernel]]` cases of a TOML file, as JSON timings.
+    Kernels {
+        #[arg(long)]
+        cases: PathBuf,
+        /// Only these cases (by name); all when none is given.
+        #[arg(long)]
+        only: Vec<String>,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[arg(long)]
+        out: PathBuf,
     },
     /// The SVD pipeline end to end.
     Svd {
@@ -171,6 +185,7 @@ impl How {
 }
 
 fn main() -> Result<()> {
+    streamline_ir::alloc::keep_freed_memory();
     match Cli::parse().task {
         Task::PrepareUnet {
             dir,
@@ -208,6 +223,12 @@ fn main() -> Result<()> {
             reference,
             frames,
         } => measure::compare(&output, &reference, frames),
+        Task::Kernels {
+            cases,
+            only,
+            runs,
+            out,
+        } => kernels::run(&cases, &only, runs, &out),
         Task::Svd { args, how } => {
             let (m, output) = svd::run(&args, &how)?;
             how.report(&m, output)

@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
-use streamline_ir::alloc::{peak_bytes, reset_peak};
+use streamline_ir::alloc::{peak_bytes, release_freed_memory, reset_peak};
 use streamline_pipeline::quality::psnr;
 
 /// One field of `/proc/self/status`, in bytes.
@@ -49,6 +49,7 @@ pub struct Baseline {
 impl Baseline {
     /// Reset the kernel's and the allocator's high-water marks and note where they start.
     pub fn take() -> Result<Self> {
+        release_freed_memory();
         // "5" resets VmHWM to the current RSS (Linux >= 4.0).
         if fs::write("/proc/self/clear_refs", "5").is_err() {
             bail!("cannot reset the peak RSS through /proc/self/clear_refs (Linux only)");

@@ -199,6 +199,7 @@ fn plan(args: PlanArgs) -> Result<()> {
 }
 
 fn main() {
+    streamline_ir::alloc::keep_freed_memory();
     tracing_subscriber::fmt()
         // Warnings (a truncated prompt, ...) show unless RUST_LOG says otherwise.
         .with_env_filter(

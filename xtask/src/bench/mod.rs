@@ -3,6 +3,7 @@
 //! target/bench/latest.json, the report's tables and its chart.
 
 mod chart;
+mod kernels;
 mod report;
 mod scenario;
 
@@ -214,14 +215,22 @@ pub fn bench(quick: bool) -> Result<()> {
             bar.inc(1);
         }
     }
+    bar.set_message("kernel micro-benchmarks");
+    let kernel_runs = if quick {
+        scenarios.quick_runs
+    } else {
+        scenarios.kernel_runs
+    };
+    let kernels = kernels::run(&root, &bin, python.as_deref(), kernel_runs)?;
     bar.finish_with_message("done");
-    write_reports(&root, &selected, &records, quick)
+    write_reports(&root, &selected, &records, &kernels, quick)
 }
 
 fn write_reports(
     root: &Path,
     selected: &[&Scenario],
     records: &[Record],
+    kernels: &str,
     quick: bool,
 ) -> Result<()> {
     let dir = root.join("target/bench");
@@ -260,7 +269,8 @@ fn write_reports(
         .with_context(|| format!("cannot read {}", template.display()))?
         .replace("{hardware}", &hardware())
         .replace("{run}", if quick { "quick" } else { "full" })
-        .replace("{tables}", tables.trim_end());
+        .replace("{tables}", tables.trim_end())
+        .replace("{kernels}", kernels.trim_end());
     fs::write(&md, text)?;
     eprintln!(
         "xtask: wrote {}, {} and {}",

@@ -11,8 +11,13 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields)]
 pub struct Scenarios {
     pub quick_runs: usize,
+    /// Timed calls per kernel micro-benchmark case in a full run.
+    pub kernel_runs: usize,
     #[serde(rename = "scenario")]
     pub scenarios: Vec<Scenario>,
+    /// Kernel micro-benchmark cases, read by streamline-bench and the PyTorch peer.
+    #[serde(rename = "kernel", default)]
+    pub kernels: Vec<toml::Table>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -71,6 +76,11 @@ impl Scenarios {
             .with_context(|| format!("{}: invalid scenarios", path.display()))?;
         if s.quick_runs == 0 {
             bail!("{}: `quick_runs` must be at least 1", path.display());
+        }
+        for case in &s.kernels {
+            if !case.get("name").is_some_and(toml::Value::is_str) {
+                bail!("{}: every [[kernel]] case needs a `name`", path.display());
+            }
         }
         for sc in &s.scenarios {
             sc.check()

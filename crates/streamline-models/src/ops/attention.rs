@@ -6,21 +6,24 @@
 //! gives every frame of a batch item, and every position in temporal blocks, the same context
 //! (diffusers repeats it per frame, and takes the first frame's for temporal blocks).
 //!
-//! Memory: every buffer is freed once the next exists, and the workspace declared is the peak
-//! of that sequence as candle allocates it on the CPU. A per-batch context is projected once
-//! per call and its keys and values gathered per row, so the cost is the same wherever a
-//! slice meets batch boundaries. Under a workspace limit, rows run in chunks (their keys and
-//! values made once), and a row too big on its own runs in chunks of queries against all its
-//! keys: the same exact softmax, written chunk by chunk into the output.
+//! The attention itself is streamline's kernel (query tiles, online softmax: no tokens x
+//! tokens scores), reading heads in place from the projections' `(n, L, H*dh)` layout. A
+//! per-batch context is projected once per call and read per row by the kernel, so the cost
+//! is the same wherever a slice meets batch boundaries. Memory: every buffer is freed once the
+//! next exists, and the workspace declared is the peak of that sequence on the CPU. Under a
+//! workspace limit, rows run in chunks (their keys and values made once), and a row too big on
+//! its own runs in chunks of queries against all its keys, written chunk by chunk.
 
 use std::ops::Range;
 
-use candle_core::Tensor;
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use streamline_ir::{chunk_ranges, Independence, IrError, Op, Result, SliceCtx, ValueInfo};
 
-use super::layout::{batch_ids, info_of, tiles, Tiles};
-use super::nn::{gemm_scratch, internal_dtype, Linear};
+use streamline_kernels::{attention, attention_workspace, AttentionSizes, KvRows};
+
+use super::layout::{info_of, tiles, Tiles};
+use super::nn::{gemm_scratch, Linear};
 
 /// Where keys and values come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,14 +91,6 @@ impl Attention {
         a
     }
 
-    /// `(N, L, H*dh)` -> `(N, H, L, dh)`.
-    fn split_heads(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (n, l, _) = x.dims3()?;
-        x.reshape((n, l, self.heads, self.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()
-    }
-
     fn shapes(&self, inputs: &[&ValueInfo]) -> Shapes {
         let d = inputs[0].shape.dims();
         let (batch, lk, kv_dim) = match self.context {
@@ -112,63 +107,61 @@ impl Attention {
             batch,
             kv_dim,
             size: inputs[0].dtype.size_in_bytes(),
-            softmax_size: internal_dtype(inputs[0].dtype).size_in_bytes(),
+            dtype: inputs[0].dtype,
         }
     }
 
     /// Peak transient bytes of a chunk of `rows` rows and `queries` queries per row, its
     /// result included (see [`Attention::attend`] for the order things live and die).
     fn peak(&self, s: &Shapes, rows: usize, queries: usize) -> usize {
-        let (size, heads, dh) = (s.size, self.heads, self.head_dim);
-        let inner = heads * dh;
-        // A projection to heads: the product (biased, then split, when there is a bias or
-        // several heads), so two copies at once.
-        let to_heads = |n: usize, bias: bool, in_dim: usize| {
+        let (size, inner) = (s.size, self.heads * self.head_dim);
+        let qkv_bias = self.to_k.has_bias();
+        // A projection: the product, and its biased copy when there is a bias.
+        let project = |n: usize, in_dim: usize| {
             let one = n * inner * size;
             let product = one + gemm_scratch(n, inner, in_dim, size);
-            if bias || heads > 1 {
+            if qkv_bias {
                 product.max(2 * one)
             } else {
                 product
             }
         };
-        let qkv_bias = self.to_k.has_bias();
-        // Keys and values of the chunk's rows: made from the rows themselves, or gathered
-        // per row from tables of every batch item's (made once per call).
-        let (tables, kv_making, kv) = match self.context {
+        // Keys and values of the chunk's rows, or tables of every batch item's (made once
+        // per call, read per row by the kernel).
+        let (kv_rows, kv_making, kv) = match self.context {
             Context::SelfAttention => {
                 let one = rows * s.keys * inner * size;
-                let make = one + to_heads(rows * s.keys, qkv_bias, s.kv_dim);
-                (0, make, 2 * one)
+                (rows, one + project(rows * s.keys, s.kv_dim), 2 * one)
             }
             Context::PerBatch { .. } => {
                 let table = s.batch * s.keys * inner * size;
-                let ids = rows * std::mem::size_of::<u32>();
-                let gathered = 2 * rows * s.keys * inner * size;
-                let make = (table + to_heads(s.batch * s.keys, qkv_bias, s.kv_dim))
-                    .max(2 * table + ids + gathered);
-                (2 * table, make, ids + gathered)
+                (
+                    s.batch,
+                    table + project(s.batch * s.keys, s.kv_dim),
+                    2 * table,
+                )
             }
         };
         let q = rows * queries * inner * size;
-        let scores = rows * heads * queries * s.keys;
         let out = rows * queries * self.query_dim * size;
-        let softmax = if s.softmax_size == size {
-            2 * scores * size
-        } else {
-            scores * (size + s.softmax_size).max(2 * s.softmax_size)
+        let sizes = AttentionSizes {
+            rows,
+            queries,
+            kv_rows,
+            keys: s.keys,
+            channels: inner,
+            heads: self.heads,
         };
-        let phases = [
-            // q: projected (and biased), then scaled into heads.
-            (q + gemm_scratch(rows * queries, inner, self.query_dim, size)).max(2 * q),
-            q + scores * size + gemm_scratch(queries, s.keys, dh, size),
-            softmax,
-            scores * size + q + gemm_scratch(queries, dh, s.keys, size),
-            if heads > 1 { 2 * q } else { q },
+        let kernel = attention_workspace(sizes, s.dtype, &Device::Cpu);
+        let attend = [
+            project(rows * queries, self.query_dim),
+            2 * q + kernel,
             (q + out + gemm_scratch(rows * queries, self.query_dim, inner, size)).max(2 * out),
-        ];
-        let attend = phases.into_iter().max().unwrap_or(0);
-        (tables + kv_making).max(tables + kv + attend)
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0);
+        kv_making.max(kv + attend)
     }
 
     /// How a call is cut into chunks of rows (`outer`) and queries (`inner`), and the
@@ -181,49 +174,43 @@ impl Attention {
         })
     }
 
-    /// Keys and values `(n, H, Lk, dh)` of rows `rows` (absolute indices): projected from the
-    /// rows `x` themselves, or gathered from the per-batch-item `tables`.
+    /// Keys and values `(n, Lk, H*dh)` of rows `x`, and the rows of them each row reads:
+    /// projected from the rows themselves, or the per-batch-item `tables`, read from row
+    /// `rows.start` on.
     fn keys_values(
         &self,
         x: &Tensor,
         rows: Range<usize>,
         tables: Option<&(Tensor, Tensor)>,
-    ) -> Result<(Tensor, Tensor)> {
+    ) -> Result<(Tensor, Tensor, KvRows)> {
         match (self.context, tables) {
-            (Context::PerBatch { rows_per_batch, .. }, Some((k, v))) => {
-                let ids = batch_ids(rows, rows_per_batch, x.device())?;
-                Ok((k.index_select(&ids, 0)?, v.index_select(&ids, 0)?))
-            }
-            _ => Ok((
-                self.split_heads(&self.to_k.forward(x)?)?,
-                self.split_heads(&self.to_v.forward(x)?)?,
+            (Context::PerBatch { rows_per_batch, .. }, Some((k, v))) => Ok((
+                k.clone(),
+                v.clone(),
+                KvRows::Grouped {
+                    first: rows.start,
+                    per: rows_per_batch,
+                },
             )),
+            _ => Ok((self.to_k.forward(x)?, self.to_v.forward(x)?, KvRows::Own)),
         }
     }
 
     /// Scaled dot-product attention of queries `x` `(n, L, C)` to keys and values
-    /// `(n, H, Lk, dh)`. The scale goes into the queries, and each buffer is freed once the
-    /// next exists: queries, scores, probabilities, attended values, merged heads, result.
-    fn attend(&self, x: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
-        let (n, l, _) = x.dims3()?;
+    /// `(nk, Lk, H*dh)`: the queries, the attended values (the kernel's scratch alive
+    /// meanwhile), then, queries freed, the output projection.
+    fn attend(
+        &self,
+        x: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        kv: KvRows,
+    ) -> candle_core::Result<Tensor> {
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let q = {
-            let projected = self.to_q.forward(&x.contiguous()?)?;
-            projected
-                .reshape((n, l, self.heads, self.head_dim))?
-                .transpose(1, 2)?
-                .affine(scale, 0.)?
-        };
-        let scores = q.matmul(&k.t()?)?;
+        let q = self.to_q.forward(&x.contiguous()?)?;
+        let attended = attention(&q, k, v, self.heads, scale, kv)?;
         drop(q);
-        let probs = softmax(scores)?;
-        let attended = probs.matmul(v)?;
-        drop(probs);
-        let merged = attended
-            .transpose(1, 2)?
-            .reshape((n, l, self.heads * self.head_dim))?;
-        drop(attended);
-        self.to_out.forward_owned(merged)
+        self.to_out.forward_owned(attended)
     }
 }
 
@@ -236,22 +223,7 @@ struct Shapes {
     batch: usize,
     kv_dim: usize,
     size: usize,
-    softmax_size: usize,
-}
-
-/// Softmax over the last dim, in f32 for half types, freeing each input once its successor
-/// exists.
-fn softmax(scores: Tensor) -> candle_core::Result<Tensor> {
-    let dtype = scores.dtype();
-    let internal = internal_dtype(dtype);
-    if internal == dtype {
-        return candle_nn::ops::softmax_last_dim(&scores);
-    }
-    let wide = scores.to_dtype(internal)?;
-    drop(scores);
-    let probs = candle_nn::ops::softmax_last_dim(&wide)?;
-    drop(wide);
-    probs.to_dtype(dtype)
+    dtype: DType,
 }
 
 impl Op for Attention {
@@ -333,24 +305,21 @@ impl Op for Attention {
         let (t, _) = self.tiling(&s, infos[0].bytes(), ctx.workspace_limit);
         let tables = match self.context {
             Context::SelfAttention => None,
-            Context::PerBatch { .. } => Some((
-                self.split_heads(&self.to_k.forward(x[1])?)?,
-                self.split_heads(&self.to_v.forward(x[1])?)?,
-            )),
+            Context::PerBatch { .. } => Some((self.to_k.forward(x[1])?, self.to_v.forward(x[1])?)),
         };
         let rows = ctx.rows(s.rows);
         let abs = |r: &Range<usize>| rows.start + r.start..rows.start + r.end;
         if t.outer == s.rows && t.inner == s.queries {
-            let (k, v) = self.keys_values(h, abs(&(0..s.rows)), tables.as_ref())?;
-            return Ok(self.attend(h, &k, &v)?);
+            let (k, v, kv) = self.keys_values(h, abs(&(0..s.rows)), tables.as_ref())?;
+            return Ok(self.attend(h, &k, &v, kv)?);
         }
         let out = Tensor::zeros(h.dims(), h.dtype(), h.device())?;
         for r in chunk_ranges(s.rows, s.rows.div_ceil(t.outer)) {
             let xr = h.narrow(0, r.start, r.len())?;
-            let (k, v) = self.keys_values(&xr, abs(&r), tables.as_ref())?;
+            let (k, v, kv) = self.keys_values(&xr, abs(&r), tables.as_ref())?;
             let target = out.narrow(0, r.start, r.len())?;
             for q in chunk_ranges(s.queries, s.queries.div_ceil(t.inner)) {
-                let y = self.attend(&xr.narrow(1, q.start, q.len())?, &k, &v)?;
+                let y = self.attend(&xr.narrow(1, q.start, q.len())?, &k, &v, kv)?;
                 target.slice_set(&y, 1, q.start)?;
             }
         }

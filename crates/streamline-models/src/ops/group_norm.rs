@@ -14,8 +14,9 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use streamline_ir::{chunk_ranges, Independence, IrError, Layout, Op, Result, SliceCtx, ValueInfo};
 
+use streamline_kernels::{group_norm, group_norm_workspace, group_sums, group_sums_runs};
+
 use super::layout::{batch_ids, batch_pieces, by_row_chunks, info_of, row_chunk};
-use super::nn::internal_dtype;
 use super::VideoDims;
 
 /// Count, mean and centered sum of squares of one (batch item, group).
@@ -89,92 +90,58 @@ impl GroupNormStats {
     /// Add the moments of rows `rows` (absolute positions) of `x` `(n, T, C)` into `moments`.
     ///
     /// Sums run in f32 over each group's channels of every (position, frame), then in f64 over
-    /// the rows of each batch item. Each batch item's rows are centered by their own mean
-    /// (gathered per row, so the full-size buffers are the same wherever the rows meet batch
-    /// boundaries) and their moments merged in.
+    /// the rows of each batch item (the kernel's [`group_sums`]). Each batch item's rows are
+    /// centered by their own mean in a second pass, and their moments merged in.
     fn add_moments(&self, x: &Tensor, rows: Range<usize>, moments: &mut [Moments]) -> Result<()> {
         let d = self.dims;
         let per_group = self.channels / self.groups;
-        let (n, t, _) = x.dims3()?;
+        let t = x.dim(1)?;
         let pieces = batch_pieces(rows.clone(), d.hw());
-        // Per batch item of `rows`: the f64 sums per group of f32 sums `(n, T, G)`.
-        let piece_sums = |sums: Tensor| -> Result<Vec<Vec<f64>>> {
-            let wide = sums.to_dtype(DType::F64)?;
-            drop(sums);
-            pieces
-                .iter()
-                .map(|(b, within)| {
-                    let offset = b * d.hw() + within.start - rows.start;
-                    Ok(wide
-                        .narrow(0, offset, within.len())?
-                        .reshape((within.len() * t, self.groups))?
-                        .sum(0)?
-                        .to_vec1::<f64>()?)
-                })
-                .collect()
-        };
-        let x32 = x
-            .to_dtype(DType::F32)?
-            .reshape((n, t, self.groups, per_group))?;
-        let sums = piece_sums(x32.sum(3)?)?;
-        let mut mean_table = vec![0f32; d.batch * self.groups];
-        let mut means = Vec::new();
-        for ((b, within), sums) in pieces.iter().zip(&sums) {
-            let count = (within.len() * t * per_group) as f64;
-            let m: Vec<f64> = sums.iter().map(|s| s / count).collect();
-            for (g, &mean) in m.iter().enumerate() {
-                mean_table[b * self.groups + g] = mean as f32;
-            }
-            means.push((count, m));
-        }
-        let centered = {
-            let table = Tensor::from_vec(mean_table, (d.batch, self.groups), x.device())?;
-            let ids = batch_ids(rows.clone(), d.hw(), x.device())?;
-            let per_row = table
-                .index_select(&ids, 0)?
-                .reshape((n, 1, self.groups, 1))?;
-            x32.broadcast_sub(&per_row)?
-        };
-        drop(x32);
-        let squares = centered.sqr()?;
-        drop(centered);
-        let square_sums = squares.sum(3)?;
-        drop(squares);
-        let m2s = piece_sums(square_sums)?;
-        for (((b, _), (count, means)), m2) in pieces.iter().zip(means).zip(m2s) {
-            for (g, (mean, m2)) in means.into_iter().zip(m2).enumerate() {
-                // The f32 mean differs from the f64 one by rounding; correct M2 for the shift.
-                let shift = mean - f64::from(mean as f32);
-                let m = Moments {
-                    count,
-                    mean,
-                    m2: (m2 - count * shift * shift).max(0.0),
-                };
-                let slot = &mut moments[b * self.groups + g];
-                *slot = slot.merge(m);
-            }
+        let local: Vec<Range<usize>> = pieces
+            .iter()
+            .map(|(b, within)| {
+                let offset = b * d.hw() + within.start - rows.start;
+                offset..offset + within.len()
+            })
+            .collect();
+        let host = |t: Tensor| -> Result<Vec<f64>> { Ok(t.flatten_all()?.to_vec1::<f64>()?) };
+        let sums = host(group_sums(x, self.groups, &local, None)?)?;
+        let counts: Vec<f64> = local
+            .iter()
+            .map(|r| (r.len() * t * per_group) as f64)
+            .collect();
+        let means: Vec<f64> = sums
+            .iter()
+            .enumerate()
+            .map(|(i, s)| s / counts[i / self.groups])
+            .collect();
+        let centers: Vec<f32> = means.iter().map(|&m| m as f32).collect();
+        let m2s = host(group_sums(x, self.groups, &local, Some(&centers))?)?;
+        for (i, ((mean, m2), center)) in means.iter().zip(m2s).zip(centers).enumerate() {
+            let (piece, g) = (i / self.groups, i % self.groups);
+            let count = counts[piece];
+            // The f32 center differs from the f64 mean by rounding; correct M2 for the shift.
+            let shift = mean - f64::from(center);
+            let m = Moments {
+                count,
+                mean: *mean,
+                m2: (m2 - count * shift * shift).max(0.0),
+            };
+            let slot = &mut moments[pieces[piece].0 * self.groups + g];
+            *slot = slot.merge(m);
         }
         Ok(())
     }
 
-    /// Peak transient bytes on `rows` positions of `t` frames of `size`-byte elements: an f32
-    /// copy of a non-f32 input with its group sums (f32, then f64), the copy with the centered
-    /// input, the centered input with its squares, then the squares' sums.
+    /// Peak transient bytes on `rows` positions of `t` frames of `size`-byte elements: the
+    /// kernel's f32 copy of one row per run for half types.
     fn peak(&self, rows: usize, t: usize, size: usize) -> usize {
-        let elems = rows * t * self.channels;
-        let copy = if size == 4 { 0 } else { 4 * elems };
-        let sums = rows * t * self.groups;
-        let gathered = rows * (std::mem::size_of::<u32>() + 4 * self.groups);
-        [
-            copy + 12 * sums,
-            copy + 4 * elems + gathered,
-            8 * elems,
-            4 * elems + 4 * sums,
-            12 * sums,
-        ]
-        .into_iter()
-        .max()
-        .unwrap_or(0)
+        if size == 4 {
+            0
+        } else {
+            streamline_kernels::Compute::for_dtype(DType::F16, &Device::Cpu)
+                .widened_bytes(group_sums_runs(rows) * t * self.channels)
+        }
     }
 
     fn tiling(&self, x: &ValueInfo, limit: Option<usize>) -> (usize, usize) {
@@ -409,8 +376,8 @@ impl Op for GroupNormApply {
 
 /// GroupNorm of each frame `(N, C, H, W)` alone: statistics over (C/G, H, W).
 ///
-/// candle-nn's arithmetic (f32 inside for half types), with every intermediate freed as soon
-/// as the next exists: at most two full-size f32 buffers live at once.
+/// On the CPU, streamline's kernel: one pass per (frame, group) block for the statistics,
+/// one more for the centered moment, and the result written once (f32 inside).
 #[derive(Debug, Clone)]
 pub struct GroupNormFrames {
     weight: Tensor,
@@ -440,40 +407,17 @@ impl GroupNormFrames {
     }
 
     fn run(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let n = dims[0];
-        let hidden = x.elem_count() / n.max(1) / self.groups;
-        let dtype = x.dtype();
-        let x32 = x
-            .reshape((n, self.groups, hidden))?
-            .to_dtype(internal_dtype(dtype))?;
-        let mean = (x32.sum_keepdim(2)? / hidden as f64)?;
-        let centered = x32.broadcast_sub(&mean)?;
-        drop(x32);
-        let var = (centered.sqr()?.sum_keepdim(2)? / hidden as f64)?;
-        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        drop(centered);
-        let normed_x = normed.to_dtype(dtype)?.reshape(dims.as_slice())?;
-        drop(normed);
-        let mut w_dims = vec![1; dims.len()];
-        w_dims[1] = self.channels;
-        let scaled = normed_x.broadcast_mul(&self.weight.reshape(w_dims.as_slice())?)?;
-        drop(normed_x);
-        scaled.broadcast_add(&self.bias.reshape(w_dims)?)
-    }
-
-    /// Peak transient bytes on `elems` elements, result included: two f32 (internal dtype)
-    /// buffers (centered input with its square, or with the normalized copy), or an f32 copy
-    /// of a half input with the centered one; then two buffers of the input dtype.
-    fn peak(&self, elems: usize, dtype: DType) -> usize {
-        let internal = internal_dtype(dtype).size_in_bytes();
-        elems * (2 * internal).max(2 * dtype.size_in_bytes())
+        group_norm(x, &self.weight, &self.bias, self.groups, self.eps)
     }
 
     fn tiling(&self, x: &ValueInfo, limit: Option<usize>) -> (usize, usize) {
-        let frames = x.shape.dims()[0];
-        let per = x.shape.elem_count() / frames.max(1);
-        row_chunk(frames, x.bytes(), limit, |r| self.peak(r * per, x.dtype))
+        let dims = x.shape.dims();
+        let per = x.bytes() / dims[0].max(1);
+        row_chunk(dims[0], x.bytes(), limit, |r| {
+            let mut chunk = dims.to_vec();
+            chunk[0] = r;
+            r * per + group_norm_workspace(&chunk, self.groups, x.dtype)
+        })
     }
 }
 

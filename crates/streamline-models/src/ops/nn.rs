@@ -10,9 +10,10 @@
 
 use std::ops::Range;
 
-use candle_core::{DType, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use streamline_ir::{chunk_ranges, Independence, IrError, Op, Result, SliceCtx, ValueInfo};
+use streamline_kernels::{conv2d, Compute, ConvGeometry};
 
 use super::layout::{by_row_chunks, info_of, row_chunk, tiles, Tiles};
 
@@ -62,14 +63,6 @@ pub(crate) fn gemm_scratch(m: usize, n: usize, k: usize, size: usize) -> usize {
         2 => 4 * kc * m,
         _ if n > 128 * 16 => size * kc * m,
         _ => 0,
-    }
-}
-
-/// Half types are normalized (candle-nn) and softmaxed (attention) in f32, others in their own.
-pub(crate) fn internal_dtype(dtype: DType) -> DType {
-    match dtype {
-        DType::F16 | DType::BF16 => DType::F32,
-        d => d,
     }
 }
 
@@ -283,48 +276,59 @@ impl Op for Silu {
 
 /// diffusers' GEGLU: `proj` to twice the inner dim, then `h * gelu(gate)` (exact erf GELU).
 ///
-/// The two halves of `proj` are separate products (row slices of one weight), so the doubled
-/// projection never exists: the gate half and its GELU, then the other half, then the result.
+/// The two halves of `proj` are separate products, so the doubled projection never exists:
+/// the hidden half, the gate half, then streamline's kernel writes `(h + b_h) *
+/// gelu(g + b_g)` over the hidden half in one pass.
 #[derive(Debug, Clone)]
 pub struct Geglu {
-    proj: Linear,
+    /// `proj` cut into its hidden half and its gate half, each in storage of its own: a
+    /// product with a weight that starts inside a bigger one gets that weight copied.
+    halves: [Linear; 2],
     inner: usize,
 }
 
 impl Geglu {
     pub fn new(dim: usize, inner: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        let proj = Linear::new(dim, 2 * inner, true, vb.pp("proj"))?;
+        let half = |i: usize| -> candle_core::Result<Linear> {
+            Ok(Linear {
+                weight: proj.weight.narrow(0, i * inner, inner)?.copy()?,
+                bias: match &proj.bias {
+                    Some(b) => Some(b.narrow(0, i * inner, inner)?.copy()?),
+                    None => None,
+                },
+                in_dim: dim,
+                out_dim: inner,
+            })
+        };
         Ok(Geglu {
-            proj: Linear::new(dim, 2 * inner, true, vb.pp("proj"))?,
+            halves: [half(0)?, half(1)?],
             inner,
         })
     }
 
-    /// `x @ W_half^T + b_half` for half 0 (the hidden states) or 1 (the gate).
+    /// `x @ W_half^T` of half 0 (the hidden states) or 1 (the gate); the bias is the kernel's.
     fn half(&self, x: &Tensor, half: usize) -> candle_core::Result<Tensor> {
-        let w = self.proj.weight.narrow(0, half * self.inner, self.inner)?;
-        let b = match &self.proj.bias {
-            Some(b) => Some(b.narrow(0, half * self.inner, self.inner)?),
-            None => None,
-        };
-        linear_fwd(x, &w, b.as_ref())
+        linear_fwd(x, &self.halves[half].weight, None)
     }
 
     fn run(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = self.half(x, 1)?.gelu_erf()?;
-        let h = self.half(x, 0)?;
-        h * gate
+        let (h, gate) = (self.half(x, 0)?, self.half(x, 1)?);
+        let [hb, gb] = &self.halves;
+        streamline_kernels::geglu(h, &gate, hb.bias.as_ref(), gb.bias.as_ref())
     }
 
-    /// Peak transient bytes on `rows` rows, result included: with the GELU alive, the hidden
-    /// half's product and biased copy, then the hidden half, GELU and result.
+    /// Peak transient bytes on `rows` rows, result included: the hidden half's product,
+    /// then the gate's beside it (with gemm's packing, and its packed copy of the weight
+    /// half); the result is written over the hidden half.
     fn peak(&self, rows: usize, size: usize) -> usize {
         let o = rows * self.inner * size;
-        let product = o + gemm_scratch(rows, self.inner, self.proj.in_dim, size);
-        (o + product).max(3 * o)
+        let in_dim = self.halves[0].in_dim;
+        2 * o + gemm_scratch(rows, self.inner, in_dim, size) + in_dim * self.inner * size
     }
 
     fn tiling(&self, x: &ValueInfo, output: &ValueInfo, limit: Option<usize>) -> (usize, usize) {
-        let per = self.proj.rows_per_dim0(x);
+        let per = self.halves[0].rows_per_dim0(x);
         let size = x.dtype.size_in_bytes();
         row_chunk(x.shape.dims()[0], output.bytes(), limit, |r| {
             self.peak(r * per, size)
@@ -337,13 +341,13 @@ impl Op for Geglu {
         "geglu"
     }
     fn describe(&self) -> String {
-        format!("{}->{}", self.proj.in_dim, self.inner)
+        format!("{}->{}", self.halves[0].in_dim, self.inner)
     }
     fn independence(&self) -> Independence {
         Independence::Both
     }
     fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
-        expect_last_dim(inputs[0], self.proj.in_dim, "geglu")?;
+        expect_last_dim(inputs[0], self.halves[0].in_dim, "geglu")?;
         Ok(with_last_dim(inputs[0], self.inner))
     }
     fn workspace_bytes(
@@ -355,11 +359,11 @@ impl Op for Geglu {
         self.tiling(inputs[0], output, limit).1
     }
     fn flops(&self, inputs: &[&ValueInfo], _: &ValueInfo) -> u64 {
-        let rows = elems(inputs[0]) / self.proj.in_dim.max(1) as u64;
-        self.proj.flops(rows) + 10 * rows * self.inner as u64
+        let rows = elems(inputs[0]) / self.halves[0].in_dim.max(1) as u64;
+        2 * self.halves[0].flops(rows) + 10 * rows * self.inner as u64
     }
     fn param_bytes(&self) -> usize {
-        self.proj.param_bytes()
+        2 * self.halves[0].param_bytes()
     }
     fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
         let x = x[0];
@@ -373,24 +377,15 @@ impl Op for Geglu {
 
 /// 2D convolution of each frame `(N, C, H, W)`, with bias.
 ///
-/// candle's CPU kernel copies the input to NHWC and flattens the weight, then runs im2col
-/// tiles of 512 output pixels (one per thread at a time, each with a gemm); 1x1 stride-1
-/// convs instead run one matmul per frame. The bias is added to the finished result. Under a
-/// workspace limit, frames run in chunks, or bands of output rows of one frame when a frame
-/// is too much, each written into the output.
+/// On the CPU, streamline's kernel: bands of output rows as GEMMs over per-thread im2col
+/// columns, the bias written first. Under a workspace limit, frames run in chunks, or bands
+/// of output rows of one frame when a frame is too much, each written into the output.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     weight: Tensor,
     bias: Tensor,
-    in_channels: usize,
-    out_channels: usize,
-    kernel: usize,
-    stride: usize,
-    padding: usize,
+    geometry: ConvGeometry,
 }
-
-/// Output pixels per im2col tile in candle's CPU conv2d.
-const CONV_TILE: usize = 512;
 
 impl Conv2d {
     pub fn new(
@@ -406,32 +401,38 @@ impl Conv2d {
         Ok(Conv2d {
             weight,
             bias,
-            in_channels,
-            out_channels,
-            kernel,
-            stride,
-            padding,
+            geometry: ConvGeometry {
+                in_channels,
+                out_channels,
+                kernel,
+                stride,
+                padding,
+            },
         })
     }
 
     fn out_size(&self, x: usize) -> usize {
-        (x + 2 * self.padding - self.kernel) / self.stride + 1
+        self.geometry.out_size(x)
     }
 
     fn run(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
-        y.broadcast_add(&self.bias.reshape((1, self.out_channels, 1, 1))?)
+        conv2d(x, &self.weight, &self.bias, self.geometry)
+    }
+
+    fn run_unpadded(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let geometry = ConvGeometry {
+            padding: 0,
+            ..self.geometry
+        };
+        conv2d(x, &self.weight, &self.bias, geometry)
     }
 
     /// Output rows `rows` of one frame `(1, C, H, W)`: the input rows they read, copied and
     /// zero-padded explicitly (the frame's edges only), then convolved with no padding. The
     /// same products as the whole frame's, so the same numbers.
     fn run_band(&self, frame: &Tensor, rows: Range<usize>) -> candle_core::Result<Tensor> {
-        let (k, s, p) = (
-            self.kernel as isize,
-            self.stride as isize,
-            self.padding as isize,
-        );
+        let g = self.geometry;
+        let (k, s, p) = (g.kernel as isize, g.stride as isize, g.padding as isize);
         let h = frame.dim(2)? as isize;
         let start = rows.start as isize * s - p;
         let end = (rows.end as isize - 1) * s + k - p;
@@ -439,79 +440,55 @@ impl Conv2d {
         let band = frame
             .narrow(2, lo as usize, (hi - lo) as usize)?
             .contiguous()?;
-        let wide = band.pad_with_zeros(3, self.padding, self.padding)?;
+        let wide = band.pad_with_zeros(3, g.padding, g.padding)?;
         drop(band);
         let padded = wide.pad_with_zeros(2, (lo - start) as usize, (end - hi) as usize)?;
         drop(wide);
-        let y = padded.conv2d(&self.weight, 0, self.stride, 1, 1)?;
-        drop(padded);
-        y.broadcast_add(&self.bias.reshape((1, self.out_channels, 1, 1))?)
+        self.run_unpadded(&padded)
     }
 
-    /// One candle conv2d on `frames` frames of `h x w` padded by `pad`: the peak transient
-    /// bytes of the convolution (its result included), and the result's bytes.
+    /// One convolution of `frames` frames of `h x w` padded by `pad`, of `dtype` on the CPU:
+    /// its peak transient bytes (its result included), and the result's bytes.
     fn call_peak(
         &self,
         frames: usize,
         h: usize,
         w: usize,
         pad: usize,
-        size: usize,
+        dtype: DType,
     ) -> (usize, usize) {
-        let (k, s) = (self.kernel, self.stride);
-        let (oh, ow) = ((h + 2 * pad - k) / s + 1, (w + 2 * pad - k) / s + 1);
-        let (cin, cout) = (self.in_channels, self.out_channels);
-        let out = frames * cout * oh * ow * size;
-        let threads = candle_core::utils::get_num_threads().max(1);
-        let k_size = cin * k * k;
-        let conv = if k == 1 && s == 1 && pad == 0 {
-            // Per frame: the input as (C_in, H*W), the product, gemm's packing.
-            let task = (cin + cout) * h * w * size + gemm_scratch(cout, h * w, cin, size);
-            out + threads.min(frames) * task
-        } else if k == 1 {
-            // Full im2col columns, the product, and its NCHW copy.
-            frames * oh * ow * k_size * size + 2 * out
-        } else {
-            let tile = CONV_TILE.min(oh * ow);
-            let tasks = threads.min(frames * (oh * ow).div_ceil(CONV_TILE));
-            // Columns, product and output coordinates of one tile, and gemm's packing.
-            let task = (k_size + cout) * tile * size
-                + tile * 2 * std::mem::size_of::<usize>()
-                + gemm_scratch(cout, tile, k_size, size);
-            // The NHWC input copy and the flattened weight, made once per call.
-            out + frames * cin * h * w * size + bytes_of(&self.weight) + tasks * task
+        let g = ConvGeometry {
+            padding: pad,
+            ..self.geometry
         };
-        (conv, out)
+        let out = frames * g.out_channels * g.out_size(h) * g.out_size(w) * dtype.size_in_bytes();
+        let compute = Compute::for_dtype(dtype, &Device::Cpu);
+        (out + g.workspace(frames, h, w, compute), out)
     }
 
     /// Peak transient bytes of a chunk, its result included: `frames` whole frames of
     /// `h x w`, or (`rows` below the output height) a band of `rows` output rows of one
     /// frame, with its copied input rows, their width-padded copy, then the fully padded one
-    /// alive through the convolution. The bias is added once the convolution's buffers are
-    /// gone: unbiased and biased result.
-    fn peak(&self, h: usize, w: usize, size: usize, frames: usize, rows: usize) -> usize {
+    /// alive through the convolution.
+    fn peak(&self, h: usize, w: usize, dtype: DType, frames: usize, rows: usize) -> usize {
+        let g = self.geometry;
         if rows >= self.out_size(h) {
-            let (conv, out) = self.call_peak(frames, h, w, self.padding, size);
-            return conv.max(2 * out);
+            return self.call_peak(frames, h, w, g.padding, dtype).0;
         }
-        let (padded_h, padded_w) = ((rows - 1) * self.stride + self.kernel, w + 2 * self.padding);
-        let plane = self.in_channels * size;
+        let (padded_h, padded_w) = ((rows - 1) * g.stride + g.kernel, w + 2 * g.padding);
+        let plane = g.in_channels * dtype.size_in_bytes();
         let copy = plane * padded_h.min(h) * w;
         let wide = plane * padded_h.min(h) * padded_w;
         let padded = plane * padded_h * padded_w;
-        let (conv, out) = self.call_peak(1, padded_h, padded_w, 0, size);
-        (2 * copy + wide)
-            .max(2 * padded)
-            .max(padded + conv)
-            .max(2 * out)
+        let (conv, _) = self.call_peak(1, padded_h, padded_w, 0, dtype);
+        (2 * copy + wide).max(2 * padded).max(padded + conv)
     }
 
     fn tiling(&self, x: &ValueInfo, output: &ValueInfo, limit: Option<usize>) -> (Tiles, usize) {
         let d = x.shape.dims();
-        let size = x.dtype.size_in_bytes();
         let oh = output.shape.dims()[2];
         tiles(d[0], oh, output.bytes(), limit, |f, r| {
-            self.peak(d[2], d[3], size, f, r)
+            self.peak(d[2], d[3], x.dtype, f, r)
         })
     }
 }
@@ -523,7 +500,11 @@ impl Op for Conv2d {
     fn describe(&self) -> String {
         format!(
             "{}->{} k{} s{} p{}",
-            self.in_channels, self.out_channels, self.kernel, self.stride, self.padding
+            self.geometry.in_channels,
+            self.geometry.out_channels,
+            self.geometry.kernel,
+            self.geometry.stride,
+            self.geometry.padding
         )
     }
     fn independence(&self) -> Independence {
@@ -533,19 +514,24 @@ impl Op for Conv2d {
         let x = inputs[0];
         match x.shape.dims() {
             &[n, c, h, w]
-                if c == self.in_channels
-                    && h + 2 * self.padding >= self.kernel
-                    && w + 2 * self.padding >= self.kernel =>
+                if c == self.geometry.in_channels
+                    && h + 2 * self.geometry.padding >= self.geometry.kernel
+                    && w + 2 * self.geometry.padding >= self.geometry.kernel =>
             {
                 Ok(ValueInfo::new(
-                    (n, self.out_channels, self.out_size(h), self.out_size(w)),
+                    (
+                        n,
+                        self.geometry.out_channels,
+                        self.out_size(h),
+                        self.out_size(w),
+                    ),
                     x.dtype,
                     x.layout,
                 ))
             }
             d => Err(IrError::Plan(format!(
                 "conv2d expects (N, {}, H, W), got {d:?}",
-                self.in_channels
+                self.geometry.in_channels
             ))),
         }
     }
@@ -558,7 +544,8 @@ impl Op for Conv2d {
         self.tiling(inputs[0], output, limit).1
     }
     fn flops(&self, _: &[&ValueInfo], output: &ValueInfo) -> u64 {
-        2 * elems(output) * (self.in_channels * self.kernel * self.kernel) as u64
+        2 * elems(output)
+            * (self.geometry.in_channels * self.geometry.kernel * self.geometry.kernel) as u64
     }
     fn param_bytes(&self) -> usize {
         bytes_of(&self.weight) + bytes_of(&self.bias)

@@ -1,0 +1,58 @@
+//! Work split across rayon's threads in as many contiguous runs as there are threads.
+//!
+//! Each run makes its scratch once, so a kernel's scratch is exactly `runs x per-run
+//! scratch`, a figure the planner can count (rayon's adaptive splitting would make it per
+//! split, an unknown number of times).
+
+use rayon::prelude::*;
+
+/// Runs [`for_each_run`] cuts `tasks` into: one per thread, never more than the tasks.
+pub fn runs(tasks: usize) -> usize {
+    rayon::current_num_threads().max(1).min(tasks)
+}
+
+/// Call `f(scratch, task)` for every task in `0..tasks`, the tasks cut into [`runs`]
+/// contiguous runs that run in parallel, each with its own `init()` scratch.
+pub fn for_each_run<S, I, F>(tasks: usize, init: I, f: F)
+where
+    I: Fn() -> S + Sync,
+    F: Fn(&mut S, usize) + Sync,
+{
+    let runs = runs(tasks);
+    if runs <= 1 {
+        let mut scratch = init();
+        (0..tasks).for_each(|t| f(&mut scratch, t));
+        return;
+    }
+    (0..runs).into_par_iter().for_each(|r| {
+        let mut scratch = init();
+        let (start, end) = (r * tasks / runs, (r + 1) * tasks / runs);
+        (start..end).for_each(|t| f(&mut scratch, t));
+    });
+}
+
+/// A pointer to an output that tasks write disjoint parts of.
+#[derive(Clone, Copy)]
+pub struct Out<T>(*mut T);
+
+// SAFETY: tasks only write disjoint elements (each kernel's indexing guarantees it).
+unsafe impl<T> Send for Out<T> {}
+// SAFETY: as above.
+unsafe impl<T> Sync for Out<T> {}
+
+impl<T> Out<T> {
+    pub fn new(v: &mut [T]) -> Self {
+        Out(v.as_mut_ptr())
+    }
+
+    /// # Safety
+    /// `offset..offset + len` lies in the output, and no other task touches it meanwhile.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice(&self, offset: usize, len: usize) -> &mut [T] {
+        std::slice::from_raw_parts_mut(self.0.add(offset), len)
+    }
+
+    pub fn ptr(&self) -> *mut T {
+        self.0
+    }
+}

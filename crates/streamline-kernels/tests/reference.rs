@@ -1,0 +1,248 @@
+//! Every kernel equals candle's reference op within 1e-5 relative L2, on random shapes,
+//! strides, paddings, head counts and group counts, in f32 and (inside the kernels, f32)
+//! for half inputs.
+
+use candle_core::{DType, Device, Tensor};
+use proptest::prelude::*;
+use streamline_kernels::*;
+
+/// Roughly normal values (a sum of uniforms) from a seeded xorshift, so cases replay.
+fn randn(dims: &[usize], seed: u64) -> Tensor {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut uniform = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 40) as f32 / (1u64 << 24) as f32
+    };
+    let n: usize = dims.iter().product();
+    let values: Vec<f32> = (0..n)
+        .map(|_| (0..4).map(|_| uniform()).sum::<f32>() * 1.7 - 3.4)
+        .collect();
+    Tensor::from_vec(values, dims, &Device::Cpu).unwrap()
+}
+
+fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (
+        a.to_dtype(DType::F64).unwrap(),
+        b.to_dtype(DType::F64).unwrap(),
+    );
+    assert_eq!(a.dims(), b.dims());
+    let diff = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap();
+    let norm = b.sqr().unwrap().sum_all().unwrap();
+    (diff.to_scalar::<f64>().unwrap() / norm.to_scalar::<f64>().unwrap().max(1e-300)).sqrt()
+}
+
+fn config() -> ProptestConfig {
+    ProptestConfig {
+        cases: 48,
+        ..ProptestConfig::default()
+    }
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn conv2d_matches_candle(
+        frames in 1usize..4,
+        cin in 1usize..20,
+        cout in 1usize..20,
+        kernel in prop::sample::select(vec![1usize, 3]),
+        stride in 1usize..3,
+        padding in 0usize..2,
+        h in 3usize..23,
+        w in 3usize..40,
+        seed in 0u64..1000,
+    ) {
+        let g = ConvGeometry { in_channels: cin, out_channels: cout, kernel, stride, padding };
+        let x = randn(&[frames, cin, h, w], seed);
+        let wt = randn(&[cout, cin, kernel, kernel], seed + 1);
+        let b = randn(&[cout], seed + 2);
+        let got = conv2d(&x, &wt, &b, g).unwrap();
+        let want = conv2d_reference(&x, &wt, &b, g).unwrap();
+        prop_assert!(rel_l2(&got, &want) <= 1e-5, "{g:?}: {:e}", rel_l2(&got, &want));
+    }
+
+    #[test]
+    fn group_norm_matches_candle(
+        frames in 1usize..4,
+        groups in 1usize..6,
+        per_group in 1usize..5,
+        h in 1usize..12,
+        w in 1usize..30,
+        offset in -3f32..3.0,
+        seed in 0u64..1000,
+    ) {
+        let c = groups * per_group;
+        // An offset tests the centered second moment: E[x^2] - E[x]^2 would lose it.
+        let x = (randn(&[frames, c, h, w], seed) + f64::from(offset) * 10.0).unwrap();
+        let wt = randn(&[c], seed + 1);
+        let b = randn(&[c], seed + 2);
+        let got = group_norm(&x, &wt, &b, groups, 1e-5).unwrap();
+        let want = group_norm_reference(&x, &wt, &b, groups, 1e-5).unwrap();
+        prop_assert!(rel_l2(&got, &want) <= 1e-5, "{:e}", rel_l2(&got, &want));
+    }
+
+    #[test]
+    fn group_sums_match_candle(
+        rows in 1usize..40,
+        t in 1usize..6,
+        groups in 1usize..5,
+        per_group in 1usize..20,
+        cut in 0usize..40,
+        centered in any::<bool>(),
+        seed in 0u64..1000,
+    ) {
+        let x = randn(&[rows, t, groups * per_group], seed);
+        let cut = cut.min(rows);
+        let pieces = [0..cut, cut..rows];
+        let centers: Vec<f32> = (0..2 * groups).map(|i| i as f32 * 0.1 - 0.3).collect();
+        let centers = centered.then_some(centers.as_slice());
+        let got = group_sums(&x, groups, &pieces, centers).unwrap();
+        // The reference: candle's ops (the kernel's off-CPU path) on the same pieces.
+        let mut want = Vec::new();
+        for (p, r) in pieces.iter().enumerate() {
+            let part = x.narrow(0, r.start, r.len()).unwrap()
+                .reshape((r.len() * t, groups, per_group)).unwrap();
+            let part = match centers {
+                Some(m) => {
+                    let m = Tensor::new(&m[p * groups..(p + 1) * groups], &Device::Cpu).unwrap();
+                    part.broadcast_sub(&m.reshape((1, groups, 1)).unwrap()).unwrap().sqr().unwrap()
+                }
+                None => part,
+            };
+            want.push(part.to_dtype(DType::F64).unwrap().sum((0, 2)).unwrap());
+        }
+        let want = Tensor::stack(&want, 0).unwrap();
+        let err = (&got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap().max(1.0);
+        prop_assert!(err <= 1e-5 * scale, "{err:e}");
+    }
+
+    #[test]
+    fn attention_matches_candle(
+        rows in 1usize..4,
+        queries in 1usize..150,
+        keys in 1usize..700,
+        heads in 1usize..4,
+        head_dim in 1usize..20,
+        grouped in any::<bool>(),
+        seed in 0u64..1000,
+    ) {
+        let c = heads * head_dim;
+        let q = randn(&[rows, queries, c], seed);
+        let (kv_rows, kv) = if grouped {
+            // Rows 1.. of a call whose rows pair up per batch item.
+            ((rows + 2) / 2, KvRows::Grouped { first: 1, per: 2 })
+        } else {
+            (rows, KvRows::Own)
+        };
+        let k = (randn(&[kv_rows, keys, c], seed + 1) * 2.0).unwrap();
+        let v = randn(&[kv_rows, keys, c], seed + 2);
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let got = attention(&q, &k, &v, heads, scale, kv).unwrap();
+        let want = attention_reference(&q, &k, &v, heads, scale, kv).unwrap();
+        prop_assert!(rel_l2(&got, &want) <= 1e-5, "{:e}", rel_l2(&got, &want));
+    }
+
+    #[test]
+    fn geglu_matches_candle(
+        rows in 1usize..300,
+        width in 1usize..70,
+        scale in 0.1f64..6.0,
+        seed in 0u64..1000,
+    ) {
+        let h = randn(&[rows, width], seed);
+        let g = (randn(&[rows, width], seed + 1) * scale).unwrap();
+        let (bh, bg) = (randn(&[width], seed + 2), randn(&[width], seed + 3));
+        let want = (h.broadcast_add(&bh).unwrap()
+            * g.broadcast_add(&bg).unwrap().gelu_erf().unwrap()).unwrap();
+        let got = geglu(h.copy().unwrap(), &g, Some(&bh), Some(&bg)).unwrap();
+        prop_assert!(rel_l2(&got, &want) <= 1e-5, "{:e}", rel_l2(&got, &want));
+    }
+}
+
+/// Half inputs compute in f32 inside and round once: within the half type's precision of the
+/// f32 kernel's result.
+#[test]
+fn half_inputs_compute_in_f32() {
+    for dtype in [DType::F16, DType::BF16] {
+        let tol = if dtype == DType::F16 { 2e-3 } else { 1e-2 };
+        let half = |t: &Tensor| t.to_dtype(dtype).unwrap();
+        let x = randn(&[2, 8, 9, 11], 1);
+        let (wt, b) = (randn(&[6, 8, 3, 3], 2), randn(&[6], 3));
+        let g = ConvGeometry {
+            in_channels: 8,
+            out_channels: 6,
+            kernel: 3,
+            stride: 2,
+            padding: 1,
+        };
+        let want = conv2d(
+            &half(&x).to_dtype(DType::F32).unwrap(),
+            &half(&wt).to_dtype(DType::F32).unwrap(),
+            &half(&b).to_dtype(DType::F32).unwrap(),
+            g,
+        )
+        .unwrap();
+        let got = conv2d(&half(&x), &half(&wt), &half(&b), g).unwrap();
+        assert_eq!(got.dtype(), dtype);
+        assert!(rel_l2(&got, &want) < tol, "conv2d {dtype:?}");
+
+        let (gw, gb) = (randn(&[8], 4), randn(&[8], 5));
+        let want = group_norm(&half(&x).to_dtype(DType::F32).unwrap(), &gw, &gb, 4, 1e-5).unwrap();
+        let got = group_norm(&half(&x), &half(&gw), &half(&gb), 4, 1e-5).unwrap();
+        assert_eq!(got.dtype(), dtype);
+        assert!(rel_l2(&got, &want) < tol, "group_norm {dtype:?}");
+
+        let q = randn(&[2, 30, 16], 6);
+        let widened = |t: &Tensor| half(t).to_dtype(DType::F32).unwrap();
+        let want = attention(
+            &widened(&q),
+            &widened(&q),
+            &widened(&q),
+            2,
+            0.3,
+            KvRows::Own,
+        )
+        .unwrap();
+        let got = attention(&half(&q), &half(&q), &half(&q), 2, 0.3, KvRows::Own).unwrap();
+        assert_eq!(got.dtype(), dtype);
+        assert!(rel_l2(&got, &want) < tol, "attention {dtype:?}");
+
+        let (h, gate) = (randn(&[5, 7], 7), randn(&[5, 7], 8));
+        let want = geglu(widened(&h), &widened(&gate), None, None).unwrap();
+        let got = geglu(half(&h), &half(&gate), None, None).unwrap();
+        assert_eq!(got.dtype(), dtype);
+        assert!(rel_l2(&got, &want) < tol, "geglu {dtype:?}");
+    }
+}
+
+/// Bad shapes are errors naming the op, never panics.
+#[test]
+fn mismatched_shapes_are_errors() {
+    let x = randn(&[1, 4, 8, 8], 1);
+    let g = ConvGeometry {
+        in_channels: 3,
+        out_channels: 2,
+        kernel: 3,
+        stride: 1,
+        padding: 1,
+    };
+    let err = conv2d(&x, &randn(&[2, 3, 3, 3], 2), &randn(&[2], 3), g).unwrap_err();
+    assert!(err.to_string().contains("conv2d"), "{err}");
+    let q = randn(&[2, 5, 6], 4);
+    let err = attention(
+        &q,
+        &randn(&[2, 5, 4], 5),
+        &randn(&[2, 5, 4], 6),
+        2,
+        1.0,
+        KvRows::Own,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("attention"), "{err}");
+    let err = group_norm(&x, &randn(&[4], 7), &randn(&[4], 8), 3, 1e-5).unwrap_err();
+    assert!(err.to_string().contains("group_norm"), "{err}");
+}
