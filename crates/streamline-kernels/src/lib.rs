@@ -3,7 +3,8 @@
 //! **Owns** candle custom ops for the CPU: 2D convolution through tiled im2col and `gemm`
 //! (no full-size im2col buffer), GroupNorm statistics and normalization with f32
 //! accumulation, attention with query tiles and an online softmax (no tokens x tokens
-//! buffer), and GEGLU's gate in one vectorized pass.
+//! buffer), GEGLU's gate and SiLU in vectorized passes, and products with the bias fused (linear
+//! layers, the temporal `(k, 1, 1)` convolution).
 //!
 //! **Promises** every kernel equals candle's reference ops (also exported here, and used on
 //! other devices and dtypes) within 1e-5 relative L2; f16 and bf16 compute in f32 inside.
@@ -13,21 +14,28 @@
 //! over random shapes, strides and paddings); timings against PyTorch are in `cargo xtask
 //! bench`.
 
+mod activation;
 mod attention;
 mod conv;
-mod gelu;
+mod copy;
 mod group_norm;
+mod linear;
 mod par;
 mod simd;
 mod storage;
 
+pub use activation::{geglu, silu};
 pub use attention::{
     attention, attention_reference, attention_runs, attention_scratch, attention_workspace,
     AttentionSizes, KvRows,
 };
 pub use conv::{conv2d, conv2d_reference, ConvGeometry};
-pub use gelu::geglu;
+pub use copy::contiguous;
 pub use group_norm::{
     group_norm, group_norm_reference, group_norm_workspace, group_sums, group_sums_runs,
+};
+pub use linear::{
+    linear, linear_reference, linear_workspace, temporal_conv, temporal_conv_reference,
+    temporal_conv_workspace,
 };
 pub use storage::Compute;

@@ -148,13 +148,24 @@ pub fn max(xs: &[f32]) -> f32 {
     acc.iter().fold(tail, |m, &v| m.max(v))
 }
 
-/// `xs[i] = e^(xs[i] - shift)`, returning the sum of the results.
+/// `xs[i] = e^(xs[i] - shift)`, returning the sum of the results (summed as they are made,
+/// in [`LANES`] partial sums).
 #[inline(always)]
 pub fn exp_shifted(xs: &mut [f32], shift: f32) -> f32 {
-    for v in xs.iter_mut() {
-        *v = exp(*v - shift);
+    let mut acc = [0f32; LANES];
+    let mut chunks = xs.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c.iter_mut()) {
+            *v = exp(*v - shift);
+            *a += *v;
+        }
     }
-    sum(xs)
+    let mut tail = 0.0;
+    for v in chunks.into_remainder() {
+        *v = exp(*v - shift);
+        tail += *v;
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]

@@ -147,6 +147,66 @@ proptest! {
     }
 
     #[test]
+    fn linear_matches_candle(
+        lead in prop::collection::vec(1usize..6, 1..3),
+        in_dim in 1usize..40,
+        out_dim in 1usize..40,
+        bias in any::<bool>(),
+        seed in 0u64..1000,
+    ) {
+        let mut dims = lead.clone();
+        dims.push(in_dim);
+        let x = randn(&dims, seed);
+        let w = randn(&[out_dim, in_dim], seed + 1);
+        let b = bias.then(|| randn(&[out_dim], seed + 2));
+        let got = linear(&x, &w, b.as_ref()).unwrap();
+        let want = linear_reference(&x, &w, b.as_ref()).unwrap();
+        prop_assert!(rel_l2(&got, &want) <= 1e-5, "{:e}", rel_l2(&got, &want));
+    }
+
+    #[test]
+    fn temporal_conv_matches_candle(
+        positions in 1usize..40,
+        t in 1usize..20,
+        cin in 1usize..12,
+        cout in 1usize..12,
+        kernel in prop::sample::select(vec![1usize, 3, 5]),
+        seed in 0u64..1000,
+    ) {
+        let x = randn(&[positions, t, cin], seed);
+        let taps = randn(&[kernel * cin, cout], seed + 1);
+        let b = randn(&[cout], seed + 2);
+        let got = temporal_conv(&x, &taps, &b, kernel).unwrap();
+        let want = temporal_conv_reference(&x, &taps, &b, kernel).unwrap();
+        prop_assert!(rel_l2(&got, &want) <= 1e-5, "{:e}", rel_l2(&got, &want));
+    }
+
+    #[test]
+    fn contiguous_copies_any_view(
+        dims in prop::collection::vec(1usize..40, 3),
+        perm in prop::sample::select(vec![(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]),
+        start in 0usize..3,
+        seed in 0u64..1000,
+    ) {
+        let x = randn(&dims, seed);
+        let start = start.min(dims[0] - 1);
+        let view = x.narrow(0, start, dims[0] - start).unwrap().permute(perm).unwrap();
+        let got = contiguous(&view).unwrap();
+        prop_assert!(got.is_contiguous());
+        prop_assert_eq!(got.dims(), view.dims());
+        let (a, b) = (got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), view.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        prop_assert_eq!(a, b);
+    }
+
+    #[test]
+    fn silu_matches_candle(len in 1usize..40_000, scale in 0.1f64..30.0, seed in 0u64..1000) {
+        let x = (randn(&[len], seed) * scale).unwrap();
+        let got = silu(&x).unwrap();
+        let want = x.silu().unwrap();
+        prop_assert!(rel_l2(&got, &want) <= 1e-5, "{:e}", rel_l2(&got, &want));
+    }
+
+    #[test]
     fn geglu_matches_candle(
         rows in 1usize..300,
         width in 1usize..70,
@@ -216,6 +276,13 @@ fn half_inputs_compute_in_f32() {
         let got = geglu(half(&h), &half(&gate), None, None).unwrap();
         assert_eq!(got.dtype(), dtype);
         assert!(rel_l2(&got, &want) < tol, "geglu {dtype:?}");
+
+        let x = randn(&[6, 9, 8], 9);
+        let (taps, b) = (randn(&[24, 5], 10), randn(&[5], 11));
+        let want = temporal_conv(&widened(&x), &widened(&taps), &widened(&b), 3).unwrap();
+        let got = temporal_conv(&half(&x), &half(&taps), &half(&b), 3).unwrap();
+        assert_eq!(got.dtype(), dtype);
+        assert!(rel_l2(&got, &want) < tol, "temporal_conv {dtype:?}");
     }
 }
 

@@ -270,7 +270,7 @@ mod tests {
         let path = dir.join("scenarios.toml");
         let write = |modes: &str| {
             let text = format!(
-                "quick_runs = 1\n[[scenario]]\nname = \"s\"\nabout = \"a\"\nsvd = {{ model = \"m\", image = \"i\" }}\ntemporal_chunks = 7\nspatial_chunks = 7\nmemory_budget = \"1MiB\"\nrehash = \"uniform:13\"\nmodes = {modes}\nruns = 1\n"
+                "quick_runs = 1\nkernel_runs = 1\n[[scenario]]\nname = \"s\"\nabout = \"a\"\nsvd = {{ model = \"m\", image = \"i\" }}\ntemporal_chunks = 7\nspatial_chunks = 7\nmemory_budget = \"1MiB\"\nrehash = \"uniform:13\"\nmodes = {modes}\nruns = 1\n"
             );
             fs::write(&path, text).unwrap();
             Scenarios::read(&path)

@@ -23,7 +23,7 @@ use streamline_ir::{chunk_ranges, Independence, IrError, Op, Result, SliceCtx, V
 use streamline_kernels::{attention, attention_workspace, AttentionSizes, KvRows};
 
 use super::layout::{info_of, tiles, Tiles};
-use super::nn::{gemm_scratch, Linear};
+use super::nn::Linear;
 
 /// Where keys and values come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,11 +93,11 @@ impl Attention {
 
     fn shapes(&self, inputs: &[&ValueInfo]) -> Shapes {
         let d = inputs[0].shape.dims();
-        let (batch, lk, kv_dim) = match self.context {
-            Context::SelfAttention => (0, d[1], self.query_dim),
-            Context::PerBatch { context_dim, .. } => {
+        let (batch, lk) = match self.context {
+            Context::SelfAttention => (0, d[1]),
+            Context::PerBatch { .. } => {
                 let c = inputs[1].shape.dims();
-                (c[0], c[1], context_dim)
+                (c[0], c[1])
             }
         };
         Shapes {
@@ -105,7 +105,6 @@ impl Attention {
             queries: d[1],
             keys: lk,
             batch,
-            kv_dim,
             size: inputs[0].dtype.size_in_bytes(),
             dtype: inputs[0].dtype,
         }
@@ -115,35 +114,24 @@ impl Attention {
     /// result included (see [`Attention::attend`] for the order things live and die).
     fn peak(&self, s: &Shapes, rows: usize, queries: usize) -> usize {
         let (size, inner) = (s.size, self.heads * self.head_dim);
-        let qkv_bias = self.to_k.has_bias();
-        // A projection: the product, and its biased copy when there is a bias.
-        let project = |n: usize, in_dim: usize| {
-            let one = n * inner * size;
-            let product = one + gemm_scratch(n, inner, in_dim, size);
-            if qkv_bias {
-                product.max(2 * one)
-            } else {
-                product
-            }
-        };
         // Keys and values of the chunk's rows, or tables of every batch item's (made once
         // per call, read per row by the kernel).
         let (kv_rows, kv_making, kv) = match self.context {
             Context::SelfAttention => {
                 let one = rows * s.keys * inner * size;
-                (rows, one + project(rows * s.keys, s.kv_dim), 2 * one)
+                (
+                    rows,
+                    one + self.to_v.peak(rows * s.keys, s.dtype, true),
+                    2 * one,
+                )
             }
             Context::PerBatch { .. } => {
                 let table = s.batch * s.keys * inner * size;
-                (
-                    s.batch,
-                    table + project(s.batch * s.keys, s.kv_dim),
-                    2 * table,
-                )
+                let make = table + self.to_v.peak(s.batch * s.keys, s.dtype, true);
+                (s.batch, make, 2 * table)
             }
         };
         let q = rows * queries * inner * size;
-        let out = rows * queries * self.query_dim * size;
         let sizes = AttentionSizes {
             rows,
             queries,
@@ -154,9 +142,9 @@ impl Attention {
         };
         let kernel = attention_workspace(sizes, s.dtype, &Device::Cpu);
         let attend = [
-            project(rows * queries, self.query_dim),
+            self.to_q.peak(rows * queries, s.dtype, true),
             2 * q + kernel,
-            (q + out + gemm_scratch(rows * queries, self.query_dim, inner, size)).max(2 * out),
+            q + self.to_out.peak(rows * queries, s.dtype, true),
         ]
         .into_iter()
         .max()
@@ -221,7 +209,6 @@ struct Shapes {
     keys: usize,
     /// Batch items of a per-batch context (0 for self-attention).
     batch: usize,
-    kv_dim: usize,
     size: usize,
     dtype: DType,
 }

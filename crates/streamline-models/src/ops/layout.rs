@@ -54,7 +54,7 @@ pub(crate) fn batch_pieces(range: Range<usize>, per_batch: usize) -> Vec<(usize,
 /// the rows fall across batch items.
 pub(crate) fn cat_views(parts: Vec<Tensor>) -> Result<Tensor> {
     Ok(match parts.len() {
-        1 => parts.into_iter().next().expect("one part").contiguous()?,
+        1 => streamline_kernels::contiguous(&parts.into_iter().next().expect("one part"))?,
         _ => Tensor::cat(&parts, 0)?,
     })
 }
@@ -374,12 +374,15 @@ impl Op for Tokens {
         let x = inputs[0];
         Ok(if self.to_tokens {
             let (n, c, h, w) = x.dims4()?;
-            x.reshape((n, c, h * w))?.transpose(1, 2)?.contiguous()?
+            streamline_kernels::contiguous(&x.reshape((n, c, h * w))?.transpose(1, 2)?)?
         } else {
             let (n, _, c) = x.dims3()?;
-            x.transpose(1, 2)?
-                .contiguous()?
-                .reshape((n, c, self.height, self.width))?
+            streamline_kernels::contiguous(&x.transpose(1, 2)?)?.reshape((
+                n,
+                c,
+                self.height,
+                self.width,
+            ))?
         })
     }
 }

@@ -13,7 +13,7 @@ use std::ops::Range;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use streamline_ir::{chunk_ranges, Independence, IrError, Op, Result, SliceCtx, ValueInfo};
-use streamline_kernels::{conv2d, Compute, ConvGeometry};
+use streamline_kernels::{conv2d, linear, linear_workspace, Compute, ConvGeometry};
 
 use super::layout::{by_row_chunks, info_of, row_chunk, tiles, Tiles};
 
@@ -66,25 +66,6 @@ pub(crate) fn gemm_scratch(m: usize, n: usize, k: usize, size: usize) -> usize {
     }
 }
 
-/// `x @ w^T + b` on the last dim, as candle-nn computes it (rows folded into one 2-D product
-/// when `x` is contiguous), for a weight that may be a row slice of a bigger one.
-fn linear_fwd(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
-    let (out_dim, in_dim) = w.dims2()?;
-    let mut dims = x.dims().to_vec();
-    let y = if x.is_contiguous() {
-        let product = x.reshape(((), in_dim))?.matmul(&w.t()?)?;
-        *dims.last_mut().expect("rank >= 1") = out_dim;
-        product.reshape(dims)?
-    } else {
-        let lead = x.dims()[..x.rank() - 2].to_vec();
-        x.matmul(&w.broadcast_left(lead)?.t()?)?
-    };
-    match b {
-        Some(b) => y.broadcast_add(b),
-        None => Ok(y),
-    }
-}
-
 /// `x @ W^T + b` on the last dim.
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -115,39 +96,29 @@ impl Linear {
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        linear_fwd(x, &self.weight, self.bias.as_ref())
+        linear(x, &self.weight, self.bias.as_ref())
     }
 
-    /// [`Linear::forward`] that frees `x` once the product exists, so `x`, the product and
-    /// the biased result are never all alive at once.
+    /// [`Linear::forward`] that frees `x` once the result exists.
     pub(crate) fn forward_owned(&self, x: Tensor) -> candle_core::Result<Tensor> {
-        let mut dims = x.dims().to_vec();
-        let product = {
-            let rows = x.reshape(((), self.in_dim))?;
-            drop(x);
-            rows.matmul(&self.weight.t()?)?
-        };
-        *dims.last_mut().expect("rank >= 1") = self.out_dim;
-        let y = product.reshape(dims)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
+        self.forward(&x)
     }
 
-    /// Peak transient bytes of [`Linear::forward`] on `rows` rows of `size`-byte elements,
-    /// the result included: the product (with gemm's packing), then the biased copy of it.
-    fn peak(&self, rows: usize, size: usize) -> usize {
+    /// Peak transient bytes of [`Linear::forward`] on `rows` rows of `dtype`, the result
+    /// included, with the bias (`biased`) or without: streamline's kernel writes the biased
+    /// result once (f32 on the CPU); candle's product is followed by a biased copy.
+    pub(crate) fn peak(&self, rows: usize, dtype: DType, biased: bool) -> usize {
+        let size = dtype.size_in_bytes();
         let out = rows * self.out_dim * size;
-        let product = out + gemm_scratch(rows, self.out_dim, self.in_dim, size);
-        match self.bias {
-            Some(_) => product.max(2 * out),
-            None => product,
+        if let Some(ws) = linear_workspace(rows, self.in_dim, self.out_dim, dtype) {
+            return out + ws;
         }
-    }
-
-    pub(crate) fn has_bias(&self) -> bool {
-        self.bias.is_some()
+        let product = out + gemm_scratch(rows, self.out_dim, self.in_dim, size);
+        if biased && self.bias.is_some() {
+            product.max(2 * out)
+        } else {
+            product
+        }
     }
 
     pub(crate) fn param_bytes(&self) -> usize {
@@ -166,9 +137,8 @@ impl Linear {
 
     fn tiling(&self, x: &ValueInfo, output: &ValueInfo, limit: Option<usize>) -> (usize, usize) {
         let per = self.rows_per_dim0(x);
-        let size = x.dtype.size_in_bytes();
         row_chunk(x.shape.dims()[0], output.bytes(), limit, |r| {
-            self.peak(r * per, size)
+            self.peak(r * per, x.dtype, true)
         })
     }
 }
@@ -252,7 +222,7 @@ impl Op for LayerNorm {
     }
 }
 
-/// SiLU, pointwise: one unary kernel, no workspace.
+/// SiLU, pointwise: streamline's vectorized kernel on the CPU, no workspace.
 #[derive(Debug, Clone, Copy)]
 pub struct Silu;
 
@@ -270,7 +240,7 @@ impl Op for Silu {
         4 * elems(inputs[0])
     }
     fn forward(&self, x: &[&Tensor], _: &SliceCtx) -> Result<Tensor> {
-        Ok(candle_nn::ops::silu(x[0])?)
+        Ok(streamline_kernels::silu(x[0])?)
     }
 }
 
@@ -309,7 +279,7 @@ impl Geglu {
 
     /// `x @ W_half^T` of half 0 (the hidden states) or 1 (the gate); the bias is the kernel's.
     fn half(&self, x: &Tensor, half: usize) -> candle_core::Result<Tensor> {
-        linear_fwd(x, &self.halves[half].weight, None)
+        linear(x, &self.halves[half].weight, None)
     }
 
     fn run(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -319,19 +289,15 @@ impl Geglu {
     }
 
     /// Peak transient bytes on `rows` rows, result included: the hidden half's product,
-    /// then the gate's beside it (with gemm's packing, and its packed copy of the weight
-    /// half); the result is written over the hidden half.
-    fn peak(&self, rows: usize, size: usize) -> usize {
-        let o = rows * self.inner * size;
-        let in_dim = self.halves[0].in_dim;
-        2 * o + gemm_scratch(rows, self.inner, in_dim, size) + in_dim * self.inner * size
+    /// then the gate's beside it; the result is written over the hidden half.
+    fn peak(&self, rows: usize, dtype: DType) -> usize {
+        rows * self.inner * dtype.size_in_bytes() + self.halves[1].peak(rows, dtype, false)
     }
 
     fn tiling(&self, x: &ValueInfo, output: &ValueInfo, limit: Option<usize>) -> (usize, usize) {
         let per = self.halves[0].rows_per_dim0(x);
-        let size = x.dtype.size_in_bytes();
         row_chunk(x.shape.dims()[0], output.bytes(), limit, |r| {
-            self.peak(r * per, size)
+            self.peak(r * per, x.dtype)
         })
     }
 }

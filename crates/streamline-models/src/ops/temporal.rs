@@ -1,18 +1,19 @@
 //! Convolution along time at each position: diffusers' `Conv3d` with kernel `(k, 1, 1)`.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use streamline_ir::{Independence, IrError, Op, Result, SliceCtx, ValueInfo};
+use streamline_kernels::{temporal_conv, temporal_conv_workspace};
 
 use super::layout::{by_row_chunks, info_of, row_chunk};
-use super::nn::gemm_scratch;
 
 /// A `(k, 1, 1)` Conv3d on position-major `(P, T, C)` features, zero-padded by `k / 2` frames
-/// as diffusers pads it. One matmul against all `k` taps at once, then shifted sums: no im2col.
-/// Under a workspace limit, positions run in chunks, each written into the output.
+/// as diffusers pads it. On the CPU, streamline's kernel: per tile of positions, the shifted
+/// frames side by side in scratch and one product onto the bias. Under a workspace limit,
+/// positions run in chunks, each written into the output.
 #[derive(Debug, Clone)]
 pub struct TemporalConv {
-    /// `(C_in, k * C_out)`: tap `j` in columns `j*C_out .. (j+1)*C_out`.
+    /// `(k * C_in, C_out)`: tap `j` in rows `j*C_in .. (j+1)*C_in`.
     taps: Tensor,
     bias: Tensor,
     in_channels: usize,
@@ -29,13 +30,13 @@ impl TemporalConv {
     ) -> candle_core::Result<Self> {
         let w = vb.get((out_channels, in_channels, kernel, 1, 1), "weight")?;
         let bias = vb.get(out_channels, "bias")?;
-        // (Cout, Cin, k) -> (Cin, k, Cout) -> (Cin, k*Cout)
+        // (Cout, Cin, k) -> (k, Cin, Cout) -> (k*Cin, Cout)
         let taps = w
             .squeeze(4)?
             .squeeze(3)?
-            .permute((1, 2, 0))?
-            .reshape((in_channels, kernel * out_channels))?
-            .contiguous()?;
+            .permute((2, 1, 0))?
+            .contiguous()?
+            .reshape((kernel * in_channels, out_channels))?;
         Ok(TemporalConv {
             taps,
             bias,
@@ -48,47 +49,19 @@ impl TemporalConv {
 
 impl TemporalConv {
     fn run(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (p, t, _) = x.dims3()?;
-        let pad = self.kernel / 2;
-        let tp = t + self.kernel - 1;
-        let all = {
-            let padded = x.pad_with_zeros(1, pad, self.kernel - 1 - pad)?;
-            padded
-                .reshape((p * tp, self.in_channels))?
-                .matmul(&self.taps)?
-                .reshape((p, tp, self.kernel * self.out_channels))?
-        };
-        let tap = |j: usize| {
-            all.narrow(1, j, t)?
-                .narrow(2, j * self.out_channels, self.out_channels)
-        };
-        // bias + tap 0 + tap 1 + ..., each sum freeing the previous one.
-        let mut out = tap(0)?.broadcast_add(&self.bias)?;
-        for j in 1..self.kernel {
-            out = (out + tap(j)?)?;
-        }
-        Ok(out)
+        temporal_conv(x, &self.taps, &self.bias, self.kernel)
     }
 
-    /// Peak transient bytes on `rows` positions of `t` frames, result included: the zero
-    /// frames and the padded input, then the padded input and the all-taps product (with
-    /// gemm's packing), then the product with the running sum and the next.
-    fn peak(&self, rows: usize, t: usize, size: usize) -> usize {
-        let (cin, cout, k) = (self.in_channels, self.out_channels, self.kernel);
-        let tp = t + k - 1;
-        let zeros = rows * (k - 1) * cin * size;
-        let padded = if k > 1 { rows * tp * cin * size } else { 0 };
-        let all = rows * tp * k * cout * size;
-        let out = rows * t * cout * size;
-        let sums = all + out * if k > 1 { 2 } else { 1 };
-        let product = padded + all + gemm_scratch(rows * tp, k * cout, cin, size);
-        (zeros + padded).max(product).max(sums)
+    /// Peak transient bytes on `rows` positions of `t` frames, result included.
+    fn peak(&self, rows: usize, t: usize, dtype: DType) -> usize {
+        let (cin, cout) = (self.in_channels, self.out_channels);
+        rows * t * cout * dtype.size_in_bytes()
+            + temporal_conv_workspace(rows, t, cin, cout, self.kernel, dtype)
     }
 
     fn tiling(&self, x: &ValueInfo, output: &ValueInfo, limit: Option<usize>) -> (usize, usize) {
         let d = x.shape.dims();
-        let size = x.dtype.size_in_bytes();
-        row_chunk(d[0], output.bytes(), limit, |r| self.peak(r, d[1], size))
+        row_chunk(d[0], output.bytes(), limit, |r| self.peak(r, d[1], x.dtype))
     }
 }
 

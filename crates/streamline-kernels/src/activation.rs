@@ -1,15 +1,18 @@
-//! GEGLU's gate, `(h + b_h) * gelu(g + b_g)`, in one pass written over `h`.
+//! Activations: GEGLU's gate, `(h + b_h) * gelu(g + b_g)`, in one pass written over `h`, and
+//! SiLU.
 //!
 //! candle's exact GELU calls libm's scalar `erf` per element, and the biases, the GELU and the
 //! product are three more full-size passes with a buffer each. Here one vectorized pass
 //! reads both halves, adds the biases and writes the result where the hidden half was.
+//! candle's SiLU runs libm's `exp` per element on one thread; here it is vectorized and split
+//! across the threads.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, InplaceOp2, Layout, Result, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp1, InplaceOp2, Layout, Result, Shape, Tensor, WithDType};
 use half::{bf16, f16};
 
 use crate::par::{for_each_run, Out};
-use crate::simd::{gelu_erf, simd_fn};
+use crate::simd::{exp, gelu_erf, simd_fn};
 use crate::storage::Compute;
 
 /// Rows per task of the CPU pass.
@@ -143,5 +146,49 @@ impl InplaceOp2 for Geglu {
             }
             (h, g) => candle_core::bail!("geglu: {:?} and {:?} inputs", h.dtype(), g.dtype()),
         }
+    }
+}
+
+/// Elements per task of the CPU SiLU.
+const SILU_CHUNK: usize = 1 << 14;
+
+/// `x * sigmoid(x)`: the kernel for f32 on the CPU, candle's op otherwise.
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    if Compute::of(x) != Compute::F32 {
+        return x.silu();
+    }
+    x.contiguous()?.apply_op1_no_bwd(&Silu)
+}
+
+struct Silu;
+
+simd_fn! {
+    fn silu_into(x: &[f32], out: &mut [f32]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = v / (1.0 + exp(-v));
+        }
+    }
+}
+
+impl CustomOp1 for Silu {
+    fn name(&self) -> &'static str {
+        "streamline-silu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = crate::storage::as_f32(s, l)?;
+        let mut out = vec![0f32; x.len()];
+        let dst = Out::new(&mut out);
+        for_each_run(
+            x.len().div_ceil(SILU_CHUNK),
+            || (),
+            |_, task| {
+                let start = task * SILU_CHUNK;
+                let len = SILU_CHUNK.min(x.len() - start);
+                // SAFETY: this task alone writes start..start + len.
+                silu_into(&x[start..start + len], unsafe { dst.slice(start, len) });
+            },
+        );
+        Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 }
