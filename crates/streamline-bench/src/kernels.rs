@@ -118,21 +118,15 @@ fn calls(c: &Case) -> Result<(Run<'static>, Run<'static>)> {
         "geglu" => {
             let w = (randn(&[2 * c.inner, c.input[1]])? * 0.1)?;
             let b = randn(&[2 * c.inner])?;
-            let inner = c.inner;
-            let halves = move || -> Result<(Tensor, Tensor, Tensor, Tensor)> {
-                let h = x.matmul(&w.narrow(0, 0, inner)?.t()?)?;
-                let g = x.matmul(&w.narrow(0, inner, inner)?.t()?)?;
-                Ok((h, g, b.narrow(0, 0, inner)?, b.narrow(0, inner, inner)?))
-            };
-            let halves2 = halves.clone();
+            let half = |t: &Tensor, i: usize| t.narrow(0, i * c.inner, c.inner)?.contiguous();
+            let (wh, wg, bh, bg) = (half(&w, 0)?, half(&w, 1)?, half(&b, 0)?, half(&b, 1)?);
+            let (x2, wh2, wg2, bh2, bg2) = (x.clone(), wh.clone(), wg.clone(), bh.clone(), bg.clone());
             (
+                Box::new(move || Ok(k::linear_geglu(&x, [&wh, &wg], [Some(&bh), Some(&bg)])?)),
                 Box::new(move || {
-                    let (h, g, bh, bg) = halves()?;
-                    Ok(k::geglu(h, &g, Some(&bh), Some(&bg))?)
-                }),
-                Box::new(move || {
-                    let (h, g, bh, bg) = halves2()?;
-                    Ok((h.broadcast_add(&bh)? * g.broadcast_add(&bg)?.gelu_erf()?)?)
+                    let h = k::linear_reference(&x2, &wh2, Some(&bh2))?;
+                    let g = k::linear_reference(&x2, &wg2, Some(&bg2))?;
+                    Ok((h * g.gelu_erf()?)?)
                 }),
             )
         }

@@ -1,22 +1,144 @@
-//! Activations: GEGLU's gate, `(h + b_h) * gelu(g + b_g)`, in one pass written over `h`, and
+//! Activations: GEGLU (its projection and gate, `(x W_h + b_h) * gelu(x W_g + b_g)`), and
 //! SiLU.
 //!
 //! candle's exact GELU calls libm's scalar `erf` per element, and the biases, the GELU and the
-//! product are three more full-size passes with a buffer each. Here one vectorized pass
-//! reads both halves, adds the biases and writes the result where the hidden half was.
+//! product are three more full-size passes with a buffer each. On f32 the CPU kernel computes
+//! both products a tile of rows at a time, the gate into a tile-sized scratch, and gates the
+//! hidden tile where it lies in the output: neither full-size half is ever written. Half types
+//! take both products from candle and one vectorized pass gates the hidden half in place.
 //! candle's SiLU runs libm's `exp` per element on one thread; here it is vectorized and split
 //! across the threads.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, InplaceOp2, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp3, DType, InplaceOp2, Layout, Result, Shape, Tensor, WithDType,
+};
 use half::{bf16, f16};
 
-use crate::par::{for_each_run, Out};
+use crate::linear::{gemm_rows, linear, product_tile, weight_packing};
+use crate::par::{for_each_run, runs, Out};
 use crate::simd::{exp, gelu_erf, simd_fn};
-use crate::storage::Compute;
+use crate::storage::{as_f32, Compute};
 
 /// Rows per task of the CPU pass.
 const ROWS_PER_TASK: usize = 64;
+
+/// diffusers' GEGLU over the last dim of `x` (any rank): `(x @ w_h^T + b_h) * gelu_erf(x @
+/// w_g^T + b_g)`, `w_h` and `w_g` `(inner, in)`. The fused kernel for contiguous f32 on the
+/// CPU; otherwise the two products, then [`geglu`].
+pub fn linear_geglu(
+    x: &Tensor,
+    [w_h, w_g]: [&Tensor; 2],
+    [b_h, b_g]: [Option<&Tensor>; 2],
+) -> Result<Tensor> {
+    let (inner, in_dim) = w_h.dims2()?;
+    if Compute::of(x) != Compute::F32 || !x.is_contiguous() {
+        let (h, gate) = (linear(x, w_h, None)?, linear(x, w_g, None)?);
+        return geglu(h, &gate, b_h, b_g);
+    }
+    let host = |b: Option<&Tensor>| -> Result<Vec<f32>> {
+        match b {
+            Some(b) => b.to_dtype(DType::F32)?.to_vec1::<f32>(),
+            None => Ok(vec![0.0; inner]),
+        }
+    };
+    let op = LinearGeglu {
+        h_bias: host(b_h)?,
+        gate_bias: host(b_g)?,
+    };
+    let mut dims = x.dims().to_vec();
+    let rows = x.elem_count() / in_dim.max(1);
+    let y = x.reshape((rows, in_dim))?.apply_op3_no_bwd(
+        &w_h.contiguous()?,
+        &w_g.contiguous()?,
+        &op,
+    )?;
+    if let Some(last) = dims.last_mut() {
+        *last = inner;
+    }
+    y.reshape(dims)
+}
+
+/// Bytes a CPU [`linear_geglu`] on f32 allocates besides its output (`None` for other
+/// dtypes): per run, the gate of one tile of rows and gemm's packed weight.
+pub fn linear_geglu_workspace(
+    rows: usize,
+    in_dim: usize,
+    inner: usize,
+    dtype: DType,
+) -> Option<usize> {
+    let tile = product_tile(rows).min(rows);
+    (Compute::for_dtype(dtype, &candle_core::Device::Cpu) == Compute::F32).then(|| {
+        runs(rows.div_ceil(tile.max(1))) * (4 * tile * inner + weight_packing(inner, tile, in_dim))
+    })
+}
+
+struct LinearGeglu {
+    h_bias: Vec<f32>,
+    gate_bias: Vec<f32>,
+}
+
+simd_fn! {
+    fn gate_in_place(h: &mut [f32], g: &[f32]) {
+        for (h, g) in h.iter_mut().zip(g) {
+            *h *= gelu_erf(*g);
+        }
+    }
+}
+
+impl CustomOp3 for LinearGeglu {
+    fn name(&self) -> &'static str {
+        "streamline-linear-geglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, in_dim) = l1.shape().dims2()?;
+        let inner = self.h_bias.len();
+        if l2.shape().dims2()? != (inner, in_dim) || l3.shape().dims2()? != (inner, in_dim) {
+            candle_core::bail!(
+                "geglu: input {:?}, weights {:?} and {:?}, {inner} biases",
+                l1.shape(),
+                l2.shape(),
+                l3.shape()
+            )
+        }
+        let (x, w_h, w_g) = (as_f32(s1, l1)?, as_f32(s2, l2)?, as_f32(s3, l3)?);
+        let mut out = vec![0f32; rows * inner];
+        let dst = Out::new(&mut out);
+        let tile = product_tile(rows);
+        for_each_run(
+            rows.div_ceil(tile),
+            || vec![0f32; tile.min(rows) * inner],
+            |gate, task| {
+                let r0 = task * tile;
+                let m = tile.min(rows - r0);
+                // SAFETY: this task alone writes rows r0..r0 + m.
+                let hidden = unsafe { dst.slice(r0 * inner, m * inner) };
+                let gate = &mut gate[..m * inner];
+                for (h, g) in hidden.chunks_exact_mut(inner).zip(gate.chunks_exact_mut(inner)) {
+                    h.copy_from_slice(&self.h_bias);
+                    g.copy_from_slice(&self.gate_bias);
+                }
+                // SAFETY: rows r0..r0 + m of x, the tile's hidden rows and gate, the weights.
+                unsafe {
+                    let x = x.as_ptr().add(r0 * in_dim);
+                    gemm_rows(hidden.as_mut_ptr(), x, w_h.as_ptr(), (m, in_dim, inner));
+                    gemm_rows(gate.as_mut_ptr(), x, w_g.as_ptr(), (m, in_dim, inner));
+                }
+                gate_in_place(hidden, gate);
+            },
+        );
+        Ok((CpuStorage::F32(out), Shape::from((rows, inner))))
+    }
+}
 
 /// `(h + h_bias) * gelu_erf(gate + gate_bias)` over the last dim, computed in place of `h`
 /// on the CPU (f32 inside for half types) and with candle's ops elsewhere. `h` is consumed:

@@ -24,7 +24,7 @@ mod par;
 mod simd;
 mod storage;
 
-pub use activation::{geglu, silu};
+pub use activation::{geglu, linear_geglu, linear_geglu_workspace, silu};
 pub use attention::{
     attention, attention_reference, attention_runs, attention_scratch, attention_workspace,
     AttentionSizes, KvRows,

@@ -15,8 +15,20 @@ use half::{bf16, f16};
 use crate::par::{for_each_run, runs, Out};
 use crate::storage::{as_f32, Compute};
 
-/// Output rows a task aims at.
+/// Output rows a temporal convolution task aims at.
 const TILE_ROWS: usize = 256;
+
+/// Most rows in one product's tile: gemm packs its weight once per call, so large depths
+/// want tall tiles, while the tile's share of the threads' work must stay even.
+const MAX_PRODUCT_ROWS: usize = 1024;
+
+/// Rows per tile of a product over `rows` rows: at most [`MAX_PRODUCT_ROWS`], with a count
+/// of tiles that the threads share evenly.
+pub(crate) fn product_tile(rows: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let tiles = rows.div_ceil(MAX_PRODUCT_ROWS).next_multiple_of(threads);
+    rows.div_ceil(tiles.min(rows).max(1)).max(1)
+}
 
 /// `x @ w^T + b` over the last dim of `x` (any rank, contiguous), `w` `(out, in)`: the kernel
 /// for f32 on the CPU, candle's matmul and add otherwise.
@@ -61,7 +73,8 @@ pub fn linear_reference(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Te
 /// (half types): per run, gemm's packed copy of the weight when it makes one.
 pub fn linear_workspace(rows: usize, in_dim: usize, out_dim: usize, dtype: DType) -> Option<usize> {
     (Compute::for_dtype(dtype, &candle_core::Device::Cpu) == Compute::F32).then(|| {
-        runs(rows.div_ceil(TILE_ROWS)) * weight_packing(out_dim, rows.min(TILE_ROWS), in_dim)
+        let tile = product_tile(rows);
+        runs(rows.div_ceil(tile)) * weight_packing(out_dim, tile.min(rows), in_dim)
     })
 }
 
@@ -69,7 +82,7 @@ pub fn linear_workspace(rows: usize, in_dim: usize, out_dim: usize, dtype: DType
 /// row-major), whose left side is the `(out, in)` weight, and packs that side into panels of
 /// the f32 kernel's rows (one depth block `kc` deep) when it spans at most two row blocks
 /// `mc`. Both sizes come from gemm's own cache model, so the figure follows the machine.
-fn weight_packing(out_dim: usize, tile_rows: usize, in_dim: usize) -> usize {
+pub(crate) fn weight_packing(out_dim: usize, tile_rows: usize, in_dim: usize) -> usize {
     let (mr, nr) = gemm_f32_kernel();
     let params = if out_dim <= 64 && tile_rows <= 64 {
         let kc = in_dim.min(512);
@@ -127,44 +140,64 @@ impl CustomOp2 for Linear {
         let (x, w) = (as_f32(s1, l1)?, as_f32(s2, l2)?);
         let mut out = vec![0f32; rows * out_dim];
         let dst = Out::new(&mut out);
+        let tile = product_tile(rows);
         for_each_run(
-            rows.div_ceil(TILE_ROWS),
+            rows.div_ceil(tile),
             || (),
             |_, task| {
-                let r0 = task * TILE_ROWS;
-                let m = TILE_ROWS.min(rows - r0);
+                let r0 = task * tile;
+                let m = tile.min(rows - r0);
                 for r in r0..r0 + m {
                     // SAFETY: this task alone writes rows r0..r0 + m.
                     unsafe { dst.slice(r * out_dim, out_dim) }.copy_from_slice(&self.bias);
                 }
-                // SAFETY: rows r0..r0 + m of x and of the output, and all of w, as strided.
+                // SAFETY: rows r0..r0 + m of x and of the output, and all of w.
                 unsafe {
-                    gemm(
-                        m,
-                        out_dim,
-                        in_dim,
+                    gemm_rows(
                         dst.ptr().add(r0 * out_dim),
-                        1,
-                        out_dim as isize,
-                        true,
                         x.as_ptr().add(r0 * in_dim),
-                        1,
-                        in_dim as isize,
                         w.as_ptr(),
-                        in_dim as isize,
-                        1,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
-                    );
+                        (m, in_dim, out_dim),
+                    )
                 }
             },
         );
         Ok((CpuStorage::F32(out), Shape::from((rows, out_dim))))
     }
+}
+
+/// `dst += x @ w^T` for `m` rows: `x` `(m, k)`, `w` `(n, k)`, `dst` `(m, n)`, all row-major
+/// and dense, on the calling thread.
+///
+/// # Safety
+/// The pointers must cover those extents, and nothing else may touch `dst` meanwhile.
+pub(crate) unsafe fn gemm_rows(
+    dst: *mut f32,
+    x: *const f32,
+    w: *const f32,
+    (m, k, n): (usize, usize, usize),
+) {
+    gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        n as isize,
+        true,
+        x,
+        1,
+        k as isize,
+        w,
+        k as isize,
+        1,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        Parallelism::None,
+    );
 }
 
 /// The `(k, 1, 1)` convolution over the frames of position-major `x` `(P, T, C_in)`, zero

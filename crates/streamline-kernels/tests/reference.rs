@@ -148,7 +148,7 @@ proptest! {
 
     #[test]
     fn linear_matches_candle(
-        lead in prop::collection::vec(1usize..6, 1..3),
+        lead in prop::collection::vec(1usize..30, 1..3),
         in_dim in 1usize..40,
         out_dim in 1usize..40,
         bias in any::<bool>(),
@@ -219,6 +219,26 @@ proptest! {
         let want = (h.broadcast_add(&bh).unwrap()
             * g.broadcast_add(&bg).unwrap().gelu_erf().unwrap()).unwrap();
         let got = geglu(h.copy().unwrap(), &g, Some(&bh), Some(&bg)).unwrap();
+        prop_assert!(rel_l2(&got, &want) <= 1e-5, "{:e}", rel_l2(&got, &want));
+    }
+
+    /// Row counts past several 256-row tiles, the last one partial.
+    #[test]
+    fn linear_geglu_matches_candle(
+        rows in 1usize..700,
+        in_dim in 1usize..40,
+        inner in 1usize..40,
+        bias in any::<bool>(),
+        seed in 0u64..1000,
+    ) {
+        let x = randn(&[rows, in_dim], seed);
+        let (wh, wg) = (randn(&[inner, in_dim], seed + 1), randn(&[inner, in_dim], seed + 2));
+        let (bh, bg) = (randn(&[inner], seed + 3), randn(&[inner], seed + 4));
+        let (bh, bg) = (bias.then_some(&bh), bias.then_some(&bg));
+        let h = linear_reference(&x, &wh, bh).unwrap();
+        let g = linear_reference(&x, &wg, bg).unwrap();
+        let want = (h * g.gelu_erf().unwrap()).unwrap();
+        let got = linear_geglu(&x, [&wh, &wg], [bh, bg]).unwrap();
         prop_assert!(rel_l2(&got, &want) <= 1e-5, "{:e}", rel_l2(&got, &want));
     }
 }

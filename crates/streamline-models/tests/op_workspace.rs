@@ -329,8 +329,14 @@ fn declared_workspace_matches_heap() {
             },
             vec![feat.clone(), emb.clone()],
         ),
-        // An f32 linear on the CPU allocates only gemm's packed weight, once per thread,
-        // whatever the rows: nothing to tile (half types take candle's path, tiled below).
+        // An f32 linear (or GEGLU) on the CPU allocates only gemm's packed weight (and one
+        // tile's gate) per thread, whatever the rows: nothing to tile (half types take
+        // candle's path, tiled below).
+        case(
+            "geglu 64->256 (28,4096,64)",
+            Geglu::new(64, 256, vb(f32_)).unwrap(),
+            vec![tokens.clone()],
+        ),
         case(
             "linear 64->64 (28,4096,64)",
             Linear::new(64, 64, true, vb(f32_)).unwrap(),
@@ -396,9 +402,9 @@ fn declared_workspace_matches_heap() {
             vec![tokens.to_dtype(DType::F16).unwrap()],
         ),
         case(
-            "geglu 64->256 (28,4096,64)",
-            Geglu::new(64, 256, vb(f32_)).unwrap(),
-            vec![tokens.clone()],
+            "geglu f16 64->256 (28,4096,64)",
+            Geglu::new(64, 256, vb(DType::F16)).unwrap(),
+            vec![tokens.to_dtype(DType::F16).unwrap()],
         ),
         case(
             "temporal_conv 64->64 k3",

@@ -13,7 +13,9 @@ use std::ops::Range;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use streamline_ir::{chunk_ranges, Independence, IrError, Op, Result, SliceCtx, ValueInfo};
-use streamline_kernels::{conv2d, linear, linear_workspace, Compute, ConvGeometry};
+use streamline_kernels::{
+    conv2d, linear, linear_geglu_workspace, linear_workspace, Compute, ConvGeometry,
+};
 
 use super::layout::{by_row_chunks, info_of, row_chunk, tiles, Tiles};
 
@@ -53,14 +55,15 @@ fn expect_last_dim(v: &ValueInfo, d: usize, what: &str) -> Result<()> {
 
 /// Heap gemm allocates inside one CPU product of a row-major `(m, k)` matrix with a
 /// `(k, n)` one: the left side packed into panels of depth `kc` (the depth split into blocks
-/// of at most 512). Half-precision products always pack it, widened to f32. f32 products
+/// of at most 512). Half-precision products always pack it, and one depth block of the
+/// right side, widened to f32. f32 products
 /// pack it only for wide products, `n` above 128 times the x86 FMA kernel's 16 rows; other
 /// packing goes to gemm's per-thread buffers, made once per thread. Packing is capped near
 /// the L3 cache size in gemm, which is not modelled.
 pub(crate) fn gemm_scratch(m: usize, n: usize, k: usize, size: usize) -> usize {
     let kc = k.div_ceil(k.div_ceil(512).max(1));
     match size {
-        2 => 4 * kc * m,
+        2 => 4 * kc * (m + n),
         _ if n > 128 * 16 => size * kc * m,
         _ => 0,
     }
@@ -246,9 +249,9 @@ impl Op for Silu {
 
 /// diffusers' GEGLU: `proj` to twice the inner dim, then `h * gelu(gate)` (exact erf GELU).
 ///
-/// The two halves of `proj` are separate products, so the doubled projection never exists:
-/// the hidden half, the gate half, then streamline's kernel writes `(h + b_h) *
-/// gelu(g + b_g)` over the hidden half in one pass.
+/// The two halves of `proj` are separate products, so the doubled projection never exists;
+/// on f32 CPU tensors streamline's kernel computes both a tile of rows at a time and gates
+/// the hidden tile in place, so neither full-size half exists either.
 #[derive(Debug, Clone)]
 pub struct Geglu {
     /// `proj` cut into its hidden half and its gate half, each in storage of its own: a
@@ -277,21 +280,25 @@ impl Geglu {
         })
     }
 
-    /// `x @ W_half^T` of half 0 (the hidden states) or 1 (the gate); the bias is the kernel's.
-    fn half(&self, x: &Tensor, half: usize) -> candle_core::Result<Tensor> {
-        linear(x, &self.halves[half].weight, None)
-    }
-
     fn run(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (h, gate) = (self.half(x, 0)?, self.half(x, 1)?);
-        let [hb, gb] = &self.halves;
-        streamline_kernels::geglu(h, &gate, hb.bias.as_ref(), gb.bias.as_ref())
+        let [h, g] = &self.halves;
+        streamline_kernels::linear_geglu(
+            x,
+            [&h.weight, &g.weight],
+            [h.bias.as_ref(), g.bias.as_ref()],
+        )
     }
 
-    /// Peak transient bytes on `rows` rows, result included: the hidden half's product,
-    /// then the gate's beside it; the result is written over the hidden half.
+    /// Peak transient bytes on `rows` rows, result included. The f32 CPU kernel: the result
+    /// and its per-thread tile scratch. Otherwise the hidden half's product, then the gate's
+    /// beside it, the result written over the hidden half.
     fn peak(&self, rows: usize, dtype: DType) -> usize {
-        rows * self.inner * dtype.size_in_bytes() + self.halves[1].peak(rows, dtype, false)
+        let out = rows * self.inner * dtype.size_in_bytes();
+        let [_, gate] = &self.halves;
+        match linear_geglu_workspace(rows, gate.in_dim, self.inner, dtype) {
+            Some(ws) => out + ws,
+            None => out + gate.peak(rows, dtype, false),
+        }
     }
 
     fn tiling(&self, x: &ValueInfo, output: &ValueInfo, limit: Option<usize>) -> (usize, usize) {
