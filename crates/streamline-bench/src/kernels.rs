@@ -120,7 +120,8 @@ fn calls(c: &Case) -> Result<(Run<'static>, Run<'static>)> {
             let b = randn(&[2 * c.inner])?;
             let half = |t: &Tensor, i: usize| t.narrow(0, i * c.inner, c.inner)?.contiguous();
             let (wh, wg, bh, bg) = (half(&w, 0)?, half(&w, 1)?, half(&b, 0)?, half(&b, 1)?);
-            let (x2, wh2, wg2, bh2, bg2) = (x.clone(), wh.clone(), wg.clone(), bh.clone(), bg.clone());
+            let (x2, wh2, wg2, bh2, bg2) =
+                (x.clone(), wh.clone(), wg.clone(), bh.clone(), bg.clone());
             (
                 Box::new(move || Ok(k::linear_geglu(&x, [&wh, &wg], [Some(&bh), Some(&bg)])?)),
                 Box::new(move || {

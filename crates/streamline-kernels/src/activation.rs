@@ -15,7 +15,7 @@ use candle_core::{
 };
 use half::{bf16, f16};
 
-use crate::linear::{gemm_rows, linear, product_tile, weight_packing};
+use crate::linear::{gemm_rows, linear, product_tile, weight_packing, MAX_PRODUCT_ROWS};
 use crate::par::{for_each_run, runs, Out};
 use crate::simd::{exp, gelu_erf, simd_fn};
 use crate::storage::{as_f32, Compute};
@@ -48,11 +48,9 @@ pub fn linear_geglu(
     };
     let mut dims = x.dims().to_vec();
     let rows = x.elem_count() / in_dim.max(1);
-    let y = x.reshape((rows, in_dim))?.apply_op3_no_bwd(
-        &w_h.contiguous()?,
-        &w_g.contiguous()?,
-        &op,
-    )?;
+    let y =
+        x.reshape((rows, in_dim))?
+            .apply_op3_no_bwd(&w_h.contiguous()?, &w_g.contiguous()?, &op)?;
     if let Some(last) = dims.last_mut() {
         *last = inner;
     }
@@ -67,7 +65,7 @@ pub fn linear_geglu_workspace(
     inner: usize,
     dtype: DType,
 ) -> Option<usize> {
-    let tile = product_tile(rows).min(rows);
+    let tile = product_tile(rows, MAX_PRODUCT_ROWS).min(rows);
     (Compute::for_dtype(dtype, &candle_core::Device::Cpu) == Compute::F32).then(|| {
         runs(rows.div_ceil(tile.max(1))) * (4 * tile * inner + weight_packing(inner, tile, in_dim))
     })
@@ -113,7 +111,7 @@ impl CustomOp3 for LinearGeglu {
         let (x, w_h, w_g) = (as_f32(s1, l1)?, as_f32(s2, l2)?, as_f32(s3, l3)?);
         let mut out = vec![0f32; rows * inner];
         let dst = Out::new(&mut out);
-        let tile = product_tile(rows);
+        let tile = product_tile(rows, MAX_PRODUCT_ROWS);
         for_each_run(
             rows.div_ceil(tile),
             || vec![0f32; tile.min(rows) * inner],
@@ -123,7 +121,10 @@ impl CustomOp3 for LinearGeglu {
                 // SAFETY: this task alone writes rows r0..r0 + m.
                 let hidden = unsafe { dst.slice(r0 * inner, m * inner) };
                 let gate = &mut gate[..m * inner];
-                for (h, g) in hidden.chunks_exact_mut(inner).zip(gate.chunks_exact_mut(inner)) {
+                for (h, g) in hidden
+                    .chunks_exact_mut(inner)
+                    .zip(gate.chunks_exact_mut(inner))
+                {
                     h.copy_from_slice(&self.h_bias);
                     g.copy_from_slice(&self.gate_bias);
                 }

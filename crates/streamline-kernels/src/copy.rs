@@ -5,7 +5,7 @@
 //! the output's rows are split across threads and copied in small blocks, so the elements one
 //! input cache line holds are used while it is still in the L1 cache.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
 
 use crate::par::{for_each_run, Out};
 use crate::storage::Compute;
@@ -34,31 +34,85 @@ impl CustomOp1 for Contiguous {
         let CpuStorage::F32(src) = s else {
             candle_core::bail!("contiguous: f32 only")
         };
-        let (d0, d1, d2) = l.shape().dims3()?;
-        let st = l.stride();
-        let (s0, s1, s2, base) = (st[0], st[1], st[2], l.start_offset());
-        let mut out = vec![0f32; d0 * d1 * d2];
-        let dst = Out::new(&mut out);
-        for_each_run(
-            d0.div_ceil(ROW_BLOCK),
-            || (),
-            |_, task| {
-                let rows = task * ROW_BLOCK..d0.min((task + 1) * ROW_BLOCK);
-                for j in 0..d1 {
-                    for k0 in (0..d2).step_by(COL_BLOCK) {
-                        let k1 = d2.min(k0 + COL_BLOCK);
-                        for i in rows.clone() {
-                            // SAFETY: this task alone writes rows `rows` of the output.
-                            let o = unsafe { dst.slice((i * d1 + j) * d2 + k0, k1 - k0) };
-                            let at = base + i * s0 + j * s1;
-                            for (k, o) in (k0..k1).zip(o.iter_mut()) {
-                                *o = src[at + k * s2];
+        let mut out = vec![0f32; l.shape().elem_count()];
+        copy_view(src, l, &mut out)?;
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+}
+
+/// Rank-3 `parts` (views of any strides, equal trailing dims) concatenated along dim 0 into
+/// one new tensor: the kernel for f32 on the CPU, copying each view straight into its rows
+/// of the result, and candle's `cat` otherwise.
+pub fn cat0(parts: &[Tensor]) -> Result<Tensor> {
+    let [first, ..] = parts else {
+        candle_core::bail!("cat0: no parts")
+    };
+    let kernel = parts.iter().all(|p| {
+        p.rank() == 3 && Compute::of(p) == Compute::F32 && p.dims()[1..] == first.dims()[1..]
+    });
+    if !kernel {
+        return Tensor::cat(parts, 0);
+    }
+    let rows: usize = parts.iter().map(|p| p.dims()[0]).sum();
+    let (_, d1, d2) = first.dims3()?;
+    let mut out = vec![0f32; rows * d1 * d2];
+    let mut at = 0;
+    for p in parts {
+        let (storage, layout) = p.storage_and_layout();
+        let Storage::Cpu(CpuStorage::F32(src)) = &*storage else {
+            candle_core::bail!("cat0: f32 CPU parts only")
+        };
+        let len = layout.shape().elem_count();
+        copy_view(src, layout, &mut out[at..at + len])?;
+        at += len;
+    }
+    Tensor::from_vec(out, (rows, d1, d2), first.device())
+}
+
+/// Copy the rank-3 view `l` of `src` into the dense `out`, blocks of output rows per task.
+///
+/// Blocks are ordered so that the cache lines a block reads are used up before they leave
+/// the L1 cache: when the view is dense along dim 1, a block walks `ROW_BLOCK` of dim 1
+/// beside each element of dim 2; otherwise `ROW_BLOCK` rows of dim 0.
+fn copy_view(src: &[f32], l: &Layout, out: &mut [f32]) -> Result<()> {
+    let (d0, d1, d2) = l.shape().dims3()?;
+    let st = l.stride();
+    let (s0, s1, s2, base) = (st[0], st[1], st[2], l.start_offset());
+    let dst = Out::new(out);
+    let copy = |i: usize, j: usize, k0: usize, k1: usize| {
+        // SAFETY: the task running this alone writes row `i` of the output.
+        let o = unsafe { dst.slice((i * d1 + j) * d2 + k0, k1 - k0) };
+        let at = base + i * s0 + j * s1;
+        for (k, o) in (k0..k1).zip(o.iter_mut()) {
+            *o = src[at + k * s2];
+        }
+    };
+    let dense_dim1 = s1 == 1 && s2 != 1;
+    for_each_run(
+        d0.div_ceil(ROW_BLOCK),
+        || (),
+        |_, task| {
+            let rows = task * ROW_BLOCK..d0.min((task + 1) * ROW_BLOCK);
+            if dense_dim1 {
+                for i in rows {
+                    for j0 in (0..d1).step_by(ROW_BLOCK) {
+                        for k0 in (0..d2).step_by(COL_BLOCK) {
+                            for j in j0..d1.min(j0 + ROW_BLOCK) {
+                                copy(i, j, k0, d2.min(k0 + COL_BLOCK));
                             }
                         }
                     }
                 }
-            },
-        );
-        Ok((CpuStorage::F32(out), l.shape().clone()))
-    }
+                return;
+            }
+            for j in 0..d1 {
+                for k0 in (0..d2).step_by(COL_BLOCK) {
+                    for i in rows.clone() {
+                        copy(i, j, k0, d2.min(k0 + COL_BLOCK));
+                    }
+                }
+            }
+        },
+    );
+    Ok(())
 }

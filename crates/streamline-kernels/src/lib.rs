@@ -30,7 +30,7 @@ pub use attention::{
     AttentionSizes, KvRows,
 };
 pub use conv::{conv2d, conv2d_reference, ConvGeometry};
-pub use copy::contiguous;
+pub use copy::{cat0, contiguous};
 pub use group_norm::{
     group_norm, group_norm_reference, group_norm_workspace, group_sums, group_sums_runs,
 };

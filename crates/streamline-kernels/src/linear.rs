@@ -20,13 +20,13 @@ const TILE_ROWS: usize = 256;
 
 /// Most rows in one product's tile: gemm packs its weight once per call, so large depths
 /// want tall tiles, while the tile's share of the threads' work must stay even.
-const MAX_PRODUCT_ROWS: usize = 1024;
+pub(crate) const MAX_PRODUCT_ROWS: usize = 1024;
 
-/// Rows per tile of a product over `rows` rows: at most [`MAX_PRODUCT_ROWS`], with a count
-/// of tiles that the threads share evenly.
-pub(crate) fn product_tile(rows: usize) -> usize {
+/// Rows per tile of a product over `rows` rows: at most `max_rows`, with a count of tiles
+/// that the threads share evenly.
+pub(crate) fn product_tile(rows: usize, max_rows: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
-    let tiles = rows.div_ceil(MAX_PRODUCT_ROWS).next_multiple_of(threads);
+    let tiles = rows.div_ceil(max_rows.max(1)).next_multiple_of(threads);
     rows.div_ceil(tiles.min(rows).max(1)).max(1)
 }
 
@@ -73,7 +73,7 @@ pub fn linear_reference(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Te
 /// (half types): per run, gemm's packed copy of the weight when it makes one.
 pub fn linear_workspace(rows: usize, in_dim: usize, out_dim: usize, dtype: DType) -> Option<usize> {
     (Compute::for_dtype(dtype, &candle_core::Device::Cpu) == Compute::F32).then(|| {
-        let tile = product_tile(rows);
+        let tile = product_tile(rows, MAX_PRODUCT_ROWS);
         runs(rows.div_ceil(tile)) * weight_packing(out_dim, tile.min(rows), in_dim)
     })
 }
@@ -140,7 +140,7 @@ impl CustomOp2 for Linear {
         let (x, w) = (as_f32(s1, l1)?, as_f32(s2, l2)?);
         let mut out = vec![0f32; rows * out_dim];
         let dst = Out::new(&mut out);
-        let tile = product_tile(rows);
+        let tile = product_tile(rows, MAX_PRODUCT_ROWS);
         for_each_run(
             rows.div_ceil(tile),
             || (),

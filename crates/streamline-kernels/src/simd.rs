@@ -53,7 +53,8 @@ pub fn exp(x: f32) -> f32 {
     // Rounds to nearest by pushing the fraction out of the mantissa.
     const ROUND: f32 = 12_582_912.0;
     let xc = x.clamp(-87.336_54, 88.376_26);
-    let n = (xc * LOG2E + ROUND) - ROUND;
+    let shifted = xc * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, xc));
     let mut p = 1.987_569_1e-4_f32;
     p = p.mul_add(r, 1.398_199_9e-3);
@@ -62,7 +63,13 @@ pub fn exp(x: f32) -> f32 {
     p = p.mul_add(r, 0.166_666_65);
     p = p.mul_add(r, 0.5);
     let e = p.mul_add(r * r, r + 1.0);
-    let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    // 2^n from the integer `n` already in `shifted`'s low mantissa bits: integer lanes, where
+    // `n as i32` would be a saturating scalar conversion per lane.
+    let biased = shifted
+        .to_bits()
+        .wrapping_sub(ROUND.to_bits())
+        .wrapping_add(127);
+    let scale = f32::from_bits(biased << 23);
     let y = e * scale;
     if x < -87.336_54 {
         0.0

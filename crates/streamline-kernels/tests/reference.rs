@@ -198,6 +198,29 @@ proptest! {
         prop_assert_eq!(a, b);
     }
 
+    /// Permuted views of one tensor, cut along dim 0 of the view, put back together.
+    #[test]
+    fn cat0_joins_views(
+        dims in prop::collection::vec(1usize..30, 3),
+        perm in prop::sample::select(vec![(0, 1, 2), (1, 2, 0), (2, 0, 1), (1, 0, 2)]),
+        cuts in prop::collection::vec(0usize..30, 0..3),
+        seed in 0u64..1000,
+    ) {
+        let view = randn(&dims, seed).permute(perm).unwrap();
+        let rows = view.dim(0).unwrap();
+        let mut bounds: Vec<usize> = cuts.into_iter().map(|c| c % rows).chain([0, rows]).collect();
+        bounds.sort_unstable();
+        bounds.dedup();
+        let parts: Vec<Tensor> = bounds
+            .windows(2)
+            .map(|w| view.narrow(0, w[0], w[1] - w[0]).unwrap())
+            .collect();
+        let got = cat0(&parts).unwrap();
+        prop_assert_eq!(got.dims(), view.dims());
+        let (a, b) = (got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), view.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        prop_assert_eq!(a, b);
+    }
+
     #[test]
     fn silu_matches_candle(len in 1usize..40_000, scale in 0.1f64..30.0, seed in 0u64..1000) {
         let x = (randn(&[len], seed) * scale).unwrap();

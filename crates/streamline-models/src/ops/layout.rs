@@ -49,13 +49,13 @@ pub(crate) fn batch_pieces(range: Range<usize>, per_batch: usize) -> Vec<(usize,
 
 /// Concatenate per-batch views along dim 0 into one new tensor.
 ///
-/// The views may be strided (permuted gathers): `Tensor::cat` copies each straight into the
+/// The views may be strided (permuted gathers): the kernel copies each straight into the
 /// result, so no per-piece copy exists and the result is the only allocation, whichever way
 /// the rows fall across batch items.
 pub(crate) fn cat_views(parts: Vec<Tensor>) -> Result<Tensor> {
     Ok(match parts.len() {
         1 => streamline_kernels::contiguous(&parts.into_iter().next().expect("one part"))?,
-        _ => Tensor::cat(&parts, 0)?,
+        _ => streamline_kernels::cat0(&parts)?,
     })
 }
 
