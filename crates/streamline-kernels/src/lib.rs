@@ -2,7 +2,7 @@
 //!
 //! **Owns** candle custom ops for the CPU: 2D convolution through tiled im2col and `gemm`
 //! (no full-size im2col buffer), GroupNorm statistics and normalization with f32
-//! accumulation, attention with query tiles and an online softmax (no tokens x tokens
+//! accumulation, LayerNorm, attention with query tiles and an online softmax (no tokens x tokens
 //! buffer), GEGLU's gate and SiLU in vectorized passes, and products with the bias fused (linear
 //! layers, the temporal `(k, 1, 1)` convolution).
 //!
@@ -19,6 +19,7 @@ mod attention;
 mod conv;
 mod copy;
 mod group_norm;
+mod layer_norm;
 mod linear;
 mod par;
 mod simd;
@@ -34,6 +35,7 @@ pub use copy::{cat0, contiguous};
 pub use group_norm::{
     group_norm, group_norm_reference, group_norm_workspace, group_sums, group_sums_runs,
 };
+pub use layer_norm::{layer_norm, layer_norm_reference};
 pub use linear::{
     linear, linear_reference, linear_workspace, temporal_conv, temporal_conv_reference,
     temporal_conv_workspace,

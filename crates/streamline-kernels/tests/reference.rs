@@ -222,6 +222,22 @@ proptest! {
     }
 
     #[test]
+    fn layer_norm_matches_candle(
+        rows in 1usize..400,
+        dim in 1usize..300,
+        shift in -5.0f64..5.0,
+        seed in 0u64..1000,
+    ) {
+        let x = (randn(&[rows, dim], seed) + shift).unwrap();
+        let (w, b) = (randn(&[dim], seed + 1), randn(&[dim], seed + 2));
+        let got = layer_norm(&x, &w, &b, 1e-5).unwrap();
+        let want = candle_nn::ops::layer_norm(&x, &w, &b, 1e-5).unwrap();
+        prop_assert!(rel_l2(&got, &want) <= 1e-5, "{:e}", rel_l2(&got, &want));
+        let reference = layer_norm_reference(&x, &w, &b, 1e-5).unwrap();
+        prop_assert!(rel_l2(&reference, &want) <= 1e-5, "{:e}", rel_l2(&reference, &want));
+    }
+
+    #[test]
     fn silu_matches_candle(len in 1usize..40_000, scale in 0.1f64..30.0, seed in 0u64..1000) {
         let x = (randn(&[len], seed) * scale).unwrap();
         let got = silu(&x).unwrap();

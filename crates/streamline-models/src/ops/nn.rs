@@ -186,12 +186,13 @@ impl Op for Linear {
 
 /// LayerNorm over the last dim.
 ///
-/// candle-nn runs a contiguous input with a bias through one fused kernel that allocates only
-/// its result, so the op has no workspace and nothing to tile.
+/// streamline's kernel on the CPU (candle-nn's fused op elsewhere) allocates only its result,
+/// so the op has no workspace and nothing to tile.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     inner: candle_nn::LayerNorm,
     dim: usize,
+    eps: f64,
 }
 
 impl LayerNorm {
@@ -199,6 +200,7 @@ impl LayerNorm {
         Ok(LayerNorm {
             inner: candle_nn::layer_norm(dim, eps, vb)?,
             dim,
+            eps,
         })
     }
 }
@@ -221,7 +223,13 @@ impl Op for LayerNorm {
         2 * self.dim * self.inner.weight().dtype().size_in_bytes()
     }
     fn forward(&self, x: &[&Tensor], _: &SliceCtx) -> Result<Tensor> {
-        Ok(self.inner.forward(&x[0].contiguous()?)?)
+        let x = x[0].contiguous()?;
+        Ok(match (Compute::of(&x), self.inner.bias()) {
+            (Compute::F32, Some(bias)) => {
+                streamline_kernels::layer_norm(&x, self.inner.weight(), bias, self.eps)?
+            }
+            _ => self.inner.forward(&x)?,
+        })
     }
 }
 
