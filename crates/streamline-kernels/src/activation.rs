@@ -16,7 +16,7 @@ use candle_core::{
 use half::{bf16, f16};
 
 use crate::linear::{gemm_rows, linear, product_tile, weight_packing, MAX_PRODUCT_ROWS};
-use crate::par::{for_each_run, runs, Out};
+use crate::par::{for_each_row, for_each_run, runs, Out};
 use crate::simd::{exp, gelu_erf, simd_fn};
 use crate::storage::{as_f32, Compute};
 
@@ -187,26 +187,20 @@ impl Geglu {
                 gate.len()
             )
         }
-        let rows = h.len() / width;
-        let out = Out::new(h);
-        for_each_run(
-            rows.div_ceil(ROWS_PER_TASK),
+        for_each_row(
+            h,
+            width,
+            ROWS_PER_TASK,
             || (vec![0f32; width], vec![0f32; width]),
-            |(hb, gb), task| {
-                let start = task * ROWS_PER_TASK;
-                for r in start..rows.min(start + ROWS_PER_TASK) {
-                    // SAFETY: this task alone owns rows start..start + ROWS_PER_TASK.
-                    let dst = unsafe { out.slice(r * width, width) };
-                    let g = &gate[r * width..(r + 1) * width];
-                    for ((a, b), (x, y)) in hb.iter_mut().zip(gb.iter_mut()).zip(dst.iter().zip(g))
-                    {
-                        *a = x.to_f64() as f32;
-                        *b = y.to_f64() as f32;
-                    }
-                    gate_row(hb, gb, &self.h_bias, &self.gate_bias);
-                    for (d, v) in dst.iter_mut().zip(hb.iter()) {
-                        *d = T::from_f64(f64::from(*v));
-                    }
+            |(hb, gb), r, dst| {
+                let g = &gate[r * width..(r + 1) * width];
+                for ((a, b), (x, y)) in hb.iter_mut().zip(gb.iter_mut()).zip(dst.iter().zip(g)) {
+                    *a = x.to_f64() as f32;
+                    *b = y.to_f64() as f32;
+                }
+                gate_row(hb, gb, &self.h_bias, &self.gate_bias);
+                for (d, v) in dst.iter_mut().zip(hb.iter()) {
+                    *d = T::from_f64(f64::from(*v));
                 }
             },
         );
@@ -218,19 +212,14 @@ impl Geglu {
         if width == 0 || h.len() != gate.len() || h.len() % width != 0 {
             return self.run(h, gate);
         }
-        let rows = h.len() / width;
-        let out = Out::new(h);
-        for_each_run(
-            rows.div_ceil(ROWS_PER_TASK),
+        for_each_row(
+            h,
+            width,
+            ROWS_PER_TASK,
             || (),
-            |_, task| {
-                let start = task * ROWS_PER_TASK;
-                for r in start..rows.min(start + ROWS_PER_TASK) {
-                    // SAFETY: this task alone owns rows start..start + ROWS_PER_TASK.
-                    let dst = unsafe { out.slice(r * width, width) };
-                    let g = &gate[r * width..(r + 1) * width];
-                    gate_row(dst, g, &self.h_bias, &self.gate_bias);
-                }
+            |_, r, dst| {
+                let g = &gate[r * width..(r + 1) * width];
+                gate_row(dst, g, &self.h_bias, &self.gate_bias);
             },
         );
         Ok(())

@@ -8,7 +8,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
-use crate::par::{for_each_run, Out};
+use crate::par::for_each_row;
 use crate::simd::{self, simd_fn};
 use crate::storage::{as_f32, Compute};
 
@@ -80,26 +80,15 @@ impl CustomOp1 for LayerNorm {
                 self.bias.len()
             )
         }
-        let rows = x.len() / dim;
-        let per_task = (TASK_ELEMS / dim).max(1);
         let mut out = vec![0f32; x.len()];
-        let dst = Out::new(&mut out);
-        for_each_run(
-            rows.div_ceil(per_task),
+        for_each_row(
+            &mut out,
+            dim,
+            TASK_ELEMS / dim,
             || (),
-            |_, task| {
-                let r0 = task * per_task;
-                for r in r0..rows.min(r0 + per_task) {
-                    // SAFETY: this task alone writes rows r0..r0 + per_task.
-                    let o = unsafe { dst.slice(r * dim, dim) };
-                    norm_row(
-                        &x[r * dim..(r + 1) * dim],
-                        o,
-                        &self.weight,
-                        &self.bias,
-                        self.eps,
-                    );
-                }
+            |_, r, o| {
+                let row = &x[r * dim..(r + 1) * dim];
+                norm_row(row, o, &self.weight, &self.bias, self.eps);
             },
         );
         Ok((CpuStorage::F32(out), l.shape().clone()))

@@ -31,6 +31,26 @@ where
     });
 }
 
+/// Call `f(scratch, row, out_row)` for every `width`-wide row of `out`, `per_task` rows a
+/// task, the tasks cut into [`for_each_run`]'s runs: each row goes to one call alone, so a
+/// row-wise kernel writes its output without an unsafe split of its own.
+pub fn for_each_row<T, S, I, F>(out: &mut [T], width: usize, per_task: usize, init: I, f: F)
+where
+    I: Fn() -> S + Sync,
+    F: Fn(&mut S, usize, &mut [T]) + Sync,
+{
+    let rows = out.len().checked_div(width).unwrap_or(0);
+    let per_task = per_task.max(1);
+    let dst = Out::new(out);
+    for_each_run(rows.div_ceil(per_task), init, |scratch, task| {
+        let start = task * per_task;
+        for r in start..rows.min(start + per_task) {
+            // SAFETY: row r lies in `out` (r < rows), and only this call gets it.
+            f(scratch, r, unsafe { dst.slice(r * width, width) });
+        }
+    });
+}
+
 /// A pointer to an output that tasks write disjoint parts of.
 #[derive(Clone, Copy)]
 pub struct Out<T>(*mut T);
