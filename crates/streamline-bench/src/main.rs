@@ -8,6 +8,7 @@
 //! - `unet`: one UNet step under one optimization (timed runs, peak RSS, live heap peak,
 //!   planned peak), output tensor to a file;
 //! - `svd`: the SVD pipeline end to end on a model folder, frames to a file;
+//! - `planning`: how long `streamline plan` takes for the full-size models at many budgets;
 //! - `kernels`: streamline's CPU kernels against candle's ops on fixed shapes (medians);
 //! - `compare`: relative L2 (and PSNR of frames) of one output against another.
 //!
@@ -20,6 +21,7 @@
 
 mod kernels;
 mod measure;
+mod planning;
 mod svd;
 mod unet;
 
@@ -98,6 +100,11 @@ enum Task {
         only: Vec<String>,
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Planning times of the full-size models (fp16, CFG) at many budgets, as JSON.
+    Planning {
         #[arg(long)]
         out: PathBuf,
     },
@@ -229,6 +236,7 @@ fn main() -> Result<()> {
             runs,
             out,
         } => kernels::run(&cases, &only, runs, &out),
+        Task::Planning { out } => planning::run(&out),
         Task::Svd { args, how } => {
             let (m, output) = svd::run(&args, &how)?;
             how.report(&m, output)

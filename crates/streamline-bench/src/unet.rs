@@ -12,10 +12,9 @@ use streamline_ir::{Executor, Graph, Request};
 use streamline_models::load::{PerBlock, Usage, WeightSource};
 use streamline_models::sd::{MotionAdapterConfig, MotionUNetConfig, UNet2DConfig, UNetMotionModel};
 use streamline_models::svd::{UNetConfig, UNetShape, UNetSpatioTemporalConditionModel};
+use streamline_pipeline::optimize;
 use streamline_pipeline::svd::unit_noise;
-use streamline_pipeline::{optimize, Optimization};
-use streamline_rehash::{CachePoint, Rehash, StepRehash};
-use streamline_slicer::naive::frame_chunks;
+use streamline_rehash::{Rehash, StepRehash};
 
 use crate::measure::{timed, Baseline, Measurement};
 use crate::How;
@@ -231,10 +230,7 @@ pub fn run(dir: &Path, how: &How) -> Result<(Measurement, Tensor)> {
         .dim(1)?;
     let optimization = how.optimization()?;
     // Naive slicing evaluates the UNet once per run of frames, each a video of its own.
-    let chunks = match optimization {
-        Optimization::Naive { temporal_chunks } => frame_chunks(t, temporal_chunks),
-        _ => frame_chunks(t, 1),
-    };
+    let chunks = optimization.frame_runs(t);
     let calls = chunks
         .iter()
         .map(|r| {
@@ -255,13 +251,7 @@ pub fn run(dir: &Path, how: &How) -> Result<(Measurement, Tensor)> {
     let rehash = how.schedule()?;
     // A key step keeps the cached value to its end; a partial step starts from it.
     let cached = match &rehash {
-        Some(schedule) => {
-            let point: CachePoint = match &schedule.cache_point {
-                Some(p) => p.parse()?,
-                None => CachePoint::default(),
-            };
-            vec![point.value_name(&calls[0].0)?]
-        }
+        Some(schedule) => vec![schedule.cache_point()?.value_name(&calls[0].0)?],
         None => Vec::new(),
     };
     let mut planned = 0;

@@ -51,7 +51,7 @@ pub struct SearchArgs {
     /// Where features are cached: `up_blocks.N`, the output of up block N (default: the last
     /// up-block boundary, which feeds the last up block).
     #[arg(long)]
-    cache_point: Option<String>,
+    cache_point: Option<CachePoint>,
     /// The schedule file to write (TOML).
     #[arg(long)]
     out: PathBuf,
@@ -85,10 +85,7 @@ fn search(args: SearchArgs) -> Result<()> {
         args.key_steps
     );
     let metric = args.metric;
-    let point: CachePoint = match &args.cache_point {
-        Some(p) => p.parse()?,
-        None => CachePoint::default(),
-    };
+    let point = args.cache_point.unwrap_or_default();
     let images = if args.images.is_empty() {
         example_images()
     } else {
@@ -112,7 +109,7 @@ fn search(args: SearchArgs) -> Result<()> {
         score: Some(sim.score(&keys)),
         key_steps: keys,
         method,
-        cache_point: args.cache_point.clone(),
+        cache_point: args.cache_point.map(|p| p.to_string()),
         metric: Some(metric),
     };
     schedule.validate(None)?;

@@ -1,9 +1,9 @@
-//! Merging runs of sliced nodes.
+//! Merging runs of sliced groups.
 
 use streamline_ir::{check_group, Graph, Group, Pass, Plan, Result};
 
-/// Merges consecutive groups with the same axis and chunk count into one, as long as the
-/// merged group is valid; unsliced groups merge with nothing.
+/// Merges consecutive groups with the same axis, chunk count and workspace limit into one, as
+/// long as the merged group is valid; unsliced groups merge with nothing.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct OperatorGrouping;
 
@@ -12,7 +12,7 @@ impl Pass for OperatorGrouping {
         "operator-grouping"
     }
 
-    fn run(&self, graph: &Graph, plan: Plan) -> Result<Plan> {
+    fn run(&self, graph: Graph, plan: Plan) -> Result<(Graph, Plan)> {
         let mut groups: Vec<Group> = Vec::with_capacity(plan.groups.len());
         for next in plan.groups {
             if let Some(current) = groups.last_mut() {
@@ -24,13 +24,13 @@ impl Pass for OperatorGrouping {
                     nodes: current.nodes.start..next.nodes.end,
                     ..current.clone()
                 };
-                if joinable && check_group(graph, &merged).is_ok() {
+                if joinable && check_group(&graph, &merged).is_ok() {
                     *current = merged;
                     continue;
                 }
             }
             groups.push(next);
         }
-        Ok(Plan { groups })
+        Ok((graph, Plan { groups }))
     }
 }

@@ -1,21 +1,56 @@
 //! Moving per-batch computations off the video path.
 
-use streamline_ir::{AxisTag, Graph, Producer, Result};
+use streamline_ir::{AxisTag, Graph, Group, IrError, Pass, Plan, Producer, Result};
 
-fn whole(tag: AxisTag) -> bool {
-    tag == AxisTag::Whole
+/// Places every node that computes only from whole values (per-batch embeddings, their
+/// projections, constants) first, in their original order, followed by the rest in theirs.
+/// Such nodes run once per step on tiny tensors; left in place, each would split a run of
+/// sliced nodes in two. Names, ops and outputs are unchanged.
+///
+/// Reordering moves nodes between groups, so it takes a plan of single-node groups (the
+/// trivial plan, or a slicer's output on it) and moves each group with its node.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HoistWhole;
+
+impl Pass for HoistWhole {
+    fn name(&self) -> &'static str {
+        "hoist-whole"
+    }
+
+    fn run(&self, graph: Graph, plan: Plan) -> Result<(Graph, Plan)> {
+        if let Some((gi, g)) = plan
+            .groups
+            .iter()
+            .enumerate()
+            .find(|(_, g)| g.nodes.len() != 1)
+        {
+            return Err(IrError::Plan(format!(
+                "group {gi} covers nodes {:?}: hoisting reorders nodes one by one, so it runs \
+                 before any pass that forms groups of several nodes",
+                g.nodes
+            )));
+        }
+        let order = whole_first(&graph);
+        let groups = order
+            .iter()
+            .enumerate()
+            .map(|(i, &old)| Group {
+                nodes: i..i + 1,
+                ..plan.groups[old].clone()
+            })
+            .collect();
+        Ok((graph.reordered(&order)?, Plan { groups }))
+    }
 }
 
-/// The same graph with every node that computes only from whole values (per-batch
-/// embeddings, their projections, constants) placed first, in their original order, followed
-/// by the rest in theirs. Such nodes run once per step on tiny tensors; left in place, each
-/// would split a run of sliced nodes in two.
-pub fn hoist_whole(graph: &Graph) -> Result<Graph> {
+/// The node order with whole-only nodes first.
+fn whole_first(graph: &Graph) -> Vec<usize> {
+    let whole = |tag: AxisTag| tag == AxisTag::Whole;
     let mut is_whole = vec![false; graph.values().len()];
     for (i, v) in graph.values().iter().enumerate() {
         let layout = v.info.layout;
-        let all_whole = whole(layout.frames) && whole(layout.positions);
-        is_whole[i] = all_whole
+        is_whole[i] = whole(layout.frames)
+            && whole(layout.positions)
             && match v.producer {
                 Producer::Input(_) => true,
                 Producer::Node(n) => {
@@ -24,14 +59,8 @@ pub fn hoist_whole(graph: &Graph) -> Result<Graph> {
                 }
             };
     }
-    let (mut first, mut rest) = (Vec::new(), Vec::new());
-    for (i, node) in graph.nodes().iter().enumerate() {
-        if is_whole[node.output.0] {
-            first.push(i);
-        } else {
-            rest.push(i);
-        }
-    }
+    let (mut first, rest): (Vec<usize>, Vec<usize>) =
+        (0..graph.nodes().len()).partition(|&i| is_whole[graph.node(i).output.0]);
     first.extend(rest);
-    graph.reordered(&first)
+    first
 }

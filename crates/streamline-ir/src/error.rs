@@ -1,5 +1,7 @@
 use thiserror::Error;
 
+use crate::ledger::human;
+
 /// Everything that can go wrong while building, planning or running a graph.
 ///
 /// Plan and graph errors name the node (or value) they are about, so a bad plan produced by a
@@ -20,6 +22,56 @@ pub enum IrError {
     },
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
+    #[error("{0}")]
+    Infeasible(Box<Infeasible>),
+    /// A pass of a [`crate::PassPipeline`] failed or emitted an invalid plan.
+    #[error("pass `{pass}`: {source}")]
+    Pass {
+        pass: &'static str,
+        #[source]
+        source: Box<IrError>,
+    },
+}
+
+/// A memory budget that no plan a pass can reach meets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Infeasible {
+    pub budget: usize,
+    /// The smallest planned peak the pass reaches; the same figure whatever the budget.
+    pub smallest: usize,
+    /// The plan group that sets it, with its first and last node.
+    pub group: usize,
+    pub first: String,
+    pub last: String,
+    /// Of `smallest`, the bytes earlier groups leave alive for later ones (skip connections,
+    /// graph inputs), which no slicing of this group can lower.
+    pub held: usize,
+}
+
+impl Infeasible {
+    /// The group's nodes for messages: `` `a` `` or `` `a` .. `b` ``.
+    pub fn nodes(&self) -> String {
+        if self.first == self.last {
+            format!("`{}`", self.first)
+        } else {
+            format!("`{}` .. `{}`", self.first, self.last)
+        }
+    }
+}
+
+impl std::fmt::Display for Infeasible {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "a memory budget of {} cannot be met: the smallest feasible peak of activations is {}, \
+             set by group {} ({}), of which {} are values earlier groups keep for later ones",
+            human(self.budget),
+            human(self.smallest),
+            self.group,
+            self.nodes(),
+            human(self.held)
+        )
+    }
 }
 
 impl IrError {
@@ -27,6 +79,15 @@ impl IrError {
         IrError::Node {
             node: node.into(),
             reason: reason.into(),
+        }
+    }
+
+    /// The budget refusal inside this error, looking through the passes that wrap it.
+    pub fn infeasible(&self) -> Option<&Infeasible> {
+        match self {
+            IrError::Infeasible(i) => Some(i),
+            IrError::Pass { source, .. } => source.infeasible(),
+            _ => None,
         }
     }
 

@@ -10,6 +10,8 @@ pub struct Ledger {
     peak_group: Option<usize>,
     /// Peak of live bytes while each group ran.
     group_peaks: Vec<usize>,
+    /// Live bytes when each group began.
+    group_entries: Vec<usize>,
 }
 
 impl Ledger {
@@ -32,7 +34,9 @@ impl Ledger {
     pub fn enter_group(&mut self, group: usize) {
         if self.group_peaks.len() <= group {
             self.group_peaks.resize(group + 1, 0);
+            self.group_entries.resize(group + 1, 0);
         }
+        self.group_entries[group] = self.live;
         self.group = Some(group);
         self.see(self.live);
     }
@@ -40,6 +44,11 @@ impl Ledger {
     /// Peak live bytes while each group ran (0 for groups that did not run).
     pub fn group_peaks(&self) -> &[usize] {
         &self.group_peaks
+    }
+
+    /// Live bytes when each group began (0 for groups that did not run).
+    pub fn group_entries(&self) -> &[usize] {
+        &self.group_entries
     }
 
     /// The group during which the peak was reached (`None`: before any group ran).
@@ -78,4 +87,22 @@ pub struct RunStats {
     pub peak_group: Option<usize>,
     /// Peak live bytes while each plan group ran (0 for groups that did not run).
     pub group_peaks: Vec<usize>,
+    /// Live bytes when each plan group began (0 for groups that did not run): what earlier
+    /// groups left alive, which no setting of the group itself can lower.
+    pub group_entries: Vec<usize>,
+}
+
+/// Bytes for people: `1.50 GiB`, `320.0 MiB`, `12.0 KiB`, `7 B`.
+pub fn human(bytes: usize) -> String {
+    const UNITS: [(&str, f64); 3] = [
+        ("GiB", (1u64 << 30) as f64),
+        ("MiB", (1u64 << 20) as f64),
+        ("KiB", 1024.0),
+    ];
+    let b = bytes as f64;
+    match UNITS.iter().find(|(_, size)| b >= *size) {
+        Some((unit, size)) if *unit == "GiB" => format!("{:.2} {unit}", b / size),
+        Some((unit, size)) => format!("{:.1} {unit}", b / size),
+        None => format!("{bytes} B"),
+    }
 }

@@ -1,18 +1,11 @@
 //! Plans that would change the numbers are rejected, naming the node.
 
-mod common;
-
 use candle_core::Device;
-use common::*;
+use streamline_ir::testing::*;
 use streamline_ir::{Axis, Executor, Graph, Group, Plan, Request};
 
 fn sample() -> (Dims, Graph) {
-    let d = Dims {
-        b: 2,
-        t: 3,
-        c: 2,
-        s: 5,
-    };
+    let d = Dims::new(2, 3, 2, 5);
     (d, sample_graph(d))
 }
 

@@ -1,29 +1,17 @@
 //! The text dumps of graphs and plans, one line per node or group.
 
-mod common;
-
-use common::*;
+use streamline_ir::testing::*;
 use streamline_ir::{Axis, Group, Plan};
 
 #[test]
 fn graph_dump() {
-    let g = sample_graph(Dims {
-        b: 2,
-        t: 3,
-        c: 2,
-        s: 5,
-    });
+    let g = sample_graph(Dims::new(2, 3, 2, 5));
     insta::assert_snapshot!(g.to_string());
 }
 
 #[test]
 fn plan_dump() {
-    let g = sample_graph(Dims {
-        b: 2,
-        t: 3,
-        c: 2,
-        s: 5,
-    });
+    let g = sample_graph(Dims::new(2, 3, 2, 5));
     let plan = Plan {
         groups: vec![
             Group::sliced(0..2, Axis::Frames, 4),

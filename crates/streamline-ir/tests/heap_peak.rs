@@ -3,11 +3,9 @@
 //!
 //! One test in its own binary, so no other test allocates while it measures.
 
-mod common;
-
 use candle_core::Device;
-use common::*;
 use streamline_ir::alloc::{peak_bytes, reset_peak, TrackingAllocator};
+use streamline_ir::testing::*;
 use streamline_ir::{Axis, Executor, Group, Plan, Request};
 
 #[global_allocator]
@@ -15,12 +13,7 @@ static ALLOC: TrackingAllocator = TrackingAllocator;
 
 #[test]
 fn heap_peak_within_planned_peak() {
-    let d = Dims {
-        b: 2,
-        t: 8,
-        c: 16,
-        s: 256,
-    };
+    let d = Dims::new(2, 8, 16, 256);
     let g = sample_graph(d);
     let sliced = Plan {
         groups: vec![

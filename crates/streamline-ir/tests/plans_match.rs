@@ -1,120 +1,12 @@
 //! Any valid plan computes what the trivial plan computes, within a planned peak that bounds
 //! the measured one.
 
-mod common;
-
 use candle_core::Device;
-use common::*;
 use proptest::prelude::*;
+use streamline_ir::testing::*;
 use streamline_ir::{
-    check_group, chunk_ranges, Axis, Executor, Graph, Group, Plan, Request, ValueId,
+    check_group, chunk_ranges, Axis, Executor, Graph, Group, Plan, PlanCost, Request,
 };
-
-/// A random graph: each step applies one toy op to earlier values of the right layout.
-fn build(d: Dims, steps: &[(u8, u16, u16)]) -> Graph {
-    let mut g = Graph::new();
-    let (x, emb, cond) = toy_inputs(&mut g, d);
-    let (mut fs, mut ps): (Vec<ValueId>, Vec<ValueId>) = (vec![x], vec![]);
-    let pick = |v: &[ValueId], r: u16| v[r as usize % v.len()];
-    for (i, &(kind, a, b)) in steps.iter().enumerate() {
-        let name = format!("n{i}");
-        let kind = if ps.is_empty() && matches!(kind % 9, 2 | 3 | 6 | 8) {
-            1
-        } else {
-            kind % 9
-        };
-        let both = |pf: bool| if pf { &ps } else { &fs };
-        match kind {
-            0 => fs.push(g.push(&name, FrameNorm, &[pick(&fs, a)]).unwrap()),
-            1 => ps.push(g.push(&name, ToPositions(d), &[pick(&fs, a)]).unwrap()),
-            2 => ps.push(g.push(&name, TimeMix, &[pick(&ps, a)]).unwrap()),
-            3 => fs.push(g.push(&name, ToFrames(d), &[pick(&ps, a)]).unwrap()),
-            4 | 5 => {
-                let on_p = b % 2 == 1 && !ps.is_empty();
-                let pool = both(on_p).clone();
-                let v = if kind == 4 {
-                    g.push(&name, Squash, &[pick(&pool, a)]).unwrap()
-                } else {
-                    g.push(&name, Add, &[pick(&pool, a), pick(&pool, b / 2)])
-                        .unwrap()
-                };
-                if on_p {
-                    ps.push(v)
-                } else {
-                    fs.push(v)
-                }
-            }
-            6 => {
-                let p = pick(&ps, a);
-                let s = g.push(&format!("{name}.stats"), SumSq(d), &[p]).unwrap();
-                ps.push(g.push(&name, Normalize(d), &[p, s]).unwrap());
-            }
-            7 => fs.push(g.push(&name, AddFrameEmb, &[pick(&fs, a), emb]).unwrap()),
-            _ => ps.push(g.push(&name, AddCond(d), &[pick(&ps, a), cond]).unwrap()),
-        }
-    }
-    let mut outputs = vec![*fs.last().unwrap()];
-    outputs.extend(ps.last());
-    g.set_outputs(&outputs);
-    g
-}
-
-/// A random valid plan: groups grow while the next node can join on the same axis.
-fn random_plan(g: &Graph, choices: &[u32]) -> Plan {
-    let mut it = choices.iter().cycle();
-    let mut next = || *it.next().unwrap() as usize;
-    let n = g.nodes().len();
-    let mut groups = Vec::new();
-    let mut i = 0;
-    while i < n {
-        let ok = |nodes: std::ops::Range<usize>, axis: Option<Axis>| {
-            check_group(
-                g,
-                &Group {
-                    nodes,
-                    axis,
-                    chunks: 1,
-                    workspace_limit: None,
-                },
-            )
-            .is_ok()
-        };
-        let axes: Vec<Option<Axis>> = [None, Some(Axis::Frames), Some(Axis::Positions)]
-            .into_iter()
-            .filter(|&a| ok(i..i + 1, a))
-            .collect();
-        let axis = axes[next() % axes.len()];
-        let mut end = i + 1;
-        if axis.is_some() {
-            while end < n && next() % 4 != 0 && ok(i..end + 1, axis) {
-                end += 1;
-            }
-        }
-        let len = check_group(
-            g,
-            &Group {
-                nodes: i..end,
-                axis,
-                chunks: 1,
-                workspace_limit: None,
-            },
-        )
-        .unwrap();
-        let chunks = if axis.is_some() { 1 + next() % len } else { 1 };
-        groups.push(Group {
-            nodes: i..end,
-            axis,
-            chunks,
-            workspace_limit: None,
-        });
-        i = end;
-    }
-    Plan { groups }
-}
-
-fn dims() -> impl Strategy<Value = Dims> {
-    (1usize..=2, 1usize..=4, 1usize..=3, 1usize..=7).prop_map(|(b, t, c, s)| Dims { b, t, c, s })
-}
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(192))]
@@ -122,27 +14,46 @@ proptest! {
     #[test]
     fn any_valid_plan_matches_the_trivial_plan(
         d in dims(),
-        steps in prop::collection::vec((any::<u8>(), any::<u16>(), any::<u16>()), 1..14),
+        steps in steps(14),
         choices in prop::collection::vec(any::<u32>(), 1..48),
         seed in any::<u64>(),
     ) {
-        let g = build(d, &steps);
+        let g = random_graph(d, &steps);
         let plan = random_plan(&g, &choices);
         plan.validate(&g).unwrap();
-        let trivial = Plan::trivial(&g);
-        let inputs = toy_tensors(d, seed);
-        let dev = Device::Cpu;
-        let reference = Executor::new(&g, &trivial, &dev).unwrap().run(inputs.clone(), &Request::default()).unwrap();
-        let exec = Executor::new(&g, &plan, &dev).unwrap();
-        let got = exec.run(inputs.clone(), &Request::default()).unwrap();
-        for (a, b) in got.outputs.iter().zip(&reference.outputs) {
-            let err = rel_l2(a, b);
-            prop_assert!(err <= 1e-6, "relative L2 {err} for plan\n{}", plan.dump(&g));
+        let err = error_vs_trivial(&g, d, &plan, seed).unwrap();
+        prop_assert!(err <= 1e-6, "relative L2 {err} for plan\n{}", plan.dump(&g));
+    }
+
+    /// Re-costing one group alone gives what a dry run of the whole changed plan gives.
+    #[test]
+    fn one_group_costs_as_the_whole_plan_says(
+        d in dims(),
+        steps in steps(14),
+        choices in prop::collection::vec(any::<u32>(), 1..48),
+        pick in any::<usize>(),
+        chunks in 1usize..64,
+        limit in prop::option::of(0usize..4096),
+    ) {
+        let g = random_graph(d, &steps);
+        let plan = random_plan(&g, &choices);
+        let mut cost = PlanCost::new(&g, plan.clone()).unwrap();
+        prop_assert_eq!(cost.peak(), Executor::plan_stats(&g, &plan).unwrap().peak_bytes);
+        let gi = pick % plan.groups.len();
+        let mut setting = plan.groups[gi].clone();
+        let len = check_group(&g, &setting).unwrap();
+        if setting.axis.is_some() {
+            setting.chunks = 1 + chunks % len;
         }
-        let planned = exec.dry_run(&[], &[]).unwrap();
-        prop_assert!(got.stats.peak_bytes <= planned.peak_bytes,
-            "measured {} > planned {} for plan\n{}", got.stats.peak_bytes, planned.peak_bytes, plan.dump(&g));
-        prop_assert_eq!(got.stats.flops, planned.flops);
+        setting.workspace_limit = limit;
+        let trial = cost.trial(gi, setting.clone()).unwrap();
+        let mut changed = plan.clone();
+        changed.groups[gi] = setting;
+        let whole = Executor::plan_stats(&g, &changed).unwrap();
+        prop_assert_eq!(trial.peak, whole.group_peaks.get(gi).copied().unwrap_or(0));
+        cost.accept(trial);
+        prop_assert_eq!(cost.peak(), whole.peak_bytes);
+        prop_assert_eq!(cost.plan(), &changed);
     }
 
     #[test]
@@ -160,12 +71,7 @@ proptest! {
 }
 
 fn sliced_sample_plan() -> (Dims, Graph, Plan) {
-    let d = Dims {
-        b: 2,
-        t: 3,
-        c: 2,
-        s: 5,
-    };
+    let d = Dims::new(2, 3, 2, 5);
     let g = sample_graph(d);
     let plan = Plan {
         groups: vec![
@@ -235,12 +141,7 @@ fn kept_values_equal_across_plans() {
 
 #[test]
 fn slicing_lowers_the_planned_peak() {
-    let d = Dims {
-        b: 2,
-        t: 4,
-        c: 3,
-        s: 64,
-    };
+    let d = Dims::new(2, 4, 3, 64);
     let g = sample_graph(d);
     let trivial_plan = Plan::trivial(&g);
     let trivial = Executor::new(&g, &trivial_plan, &Device::Cpu).unwrap();

@@ -37,4 +37,4 @@ pub mod scheduler;
 pub mod svd;
 pub mod video;
 
-pub use optimize::{optimize, parse_bytes, Optimization};
+pub use optimize::{optimize, parse_bytes, plan_call, CallError, CallKind, Optimization};

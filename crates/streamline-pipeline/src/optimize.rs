@@ -1,9 +1,12 @@
 //! From a lowered graph and the user's choice to the graph and plan that run.
 
-use streamline_grouping::{hoist_whole, OperatorGrouping};
-use streamline_ir::{Executor, Graph, IrError, Pass, Plan};
-use streamline_slicer::{fit_budget, BudgetError, PaperSlicer};
-use thiserror::Error;
+use std::fmt;
+use std::ops::Range;
+
+use streamline_grouping::{HoistWhole, OperatorGrouping};
+use streamline_ir::{human, Graph, IrError, PassPipeline, Plan};
+use streamline_slicer::naive::frame_chunks;
+use streamline_slicer::{FitBudget, PaperSlicer};
 
 /// How a model call runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,50 +33,132 @@ pub enum Optimization {
     Naive { temporal_chunks: usize },
 }
 
-#[derive(Debug, Error)]
-pub enum OptimizeError {
-    #[error(transparent)]
-    Budget(#[from] BudgetError),
-    #[error(transparent)]
-    Ir(#[from] IrError),
+impl Optimization {
+    /// The passes that make this optimization's plan, in order. Every mode starts by hoisting
+    /// per-batch computations ahead of the video path (names unchanged).
+    pub fn passes(self) -> PassPipeline {
+        let hoisted = PassPipeline::new().then(HoistWhole);
+        let slicer = |temporal_chunks, spatial_chunks| PaperSlicer {
+            temporal_chunks,
+            spatial_chunks,
+        };
+        match self {
+            Optimization::Original | Optimization::Naive { .. } => hoisted,
+            Optimization::SlicerOnly {
+                temporal_chunks,
+                spatial_chunks,
+            } => hoisted.then(slicer(temporal_chunks, spatial_chunks)),
+            Optimization::Paper {
+                temporal_chunks,
+                spatial_chunks,
+            } => hoisted
+                .then(slicer(temporal_chunks, spatial_chunks))
+                .then(OperatorGrouping),
+            Optimization::Budget { bytes } => hoisted
+                .then(slicer(1, 1))
+                .then(OperatorGrouping)
+                .then(FitBudget { bytes }),
+        }
+    }
+
+    /// The runs of frames a pipeline evaluates the UNet on, each as a video of its own: all
+    /// frames at once, except under the naive baseline.
+    pub fn frame_runs(self, frames: usize) -> Vec<Range<usize>> {
+        match self {
+            Optimization::Naive { temporal_chunks } => frame_chunks(frames, temporal_chunks),
+            _ => frame_chunks(frames, 1),
+        }
+    }
 }
 
 /// The graph to execute (per-batch computations hoisted ahead of the video path, names
 /// unchanged) and its plan under `optimization`.
-pub fn optimize(graph: &Graph, optimization: Optimization) -> Result<(Graph, Plan), OptimizeError> {
-    let graph = hoist_whole(graph)?;
-    let trivial = Plan::trivial(&graph);
-    let sliced = |t: usize, s: usize| {
-        PaperSlicer {
-            temporal_chunks: t,
-            spatial_chunks: s,
+pub fn optimize(graph: &Graph, optimization: Optimization) -> Result<(Graph, Plan), IrError> {
+    optimization.passes().optimize(graph.clone())
+}
+
+/// The model calls a pipeline plans, named in errors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallKind {
+    /// The VAE encoder call on the conditioning image (SVD).
+    Encode,
+    /// One UNet evaluation of a denoising step.
+    UNetStep,
+    /// One VAE decoder call over a chunk of frames.
+    Decode,
+}
+
+impl CallKind {
+    /// What would lower this call's smallest feasible peak, for a refused budget.
+    fn remedy(self) -> &'static str {
+        match self {
+            CallKind::Encode => "a smaller --height/--width lowers it",
+            CallKind::UNetStep => "fewer --num-frames or a smaller --height/--width lowers it",
+            CallKind::Decode => {
+                "a smaller --decode-chunk-size or a smaller --height/--width lowers it"
+            }
         }
-        .run(&graph, trivial.clone())
-    };
-    let plan = match optimization {
-        Optimization::Original | Optimization::Naive { .. } => trivial.clone(),
-        Optimization::SlicerOnly {
-            temporal_chunks,
-            spatial_chunks,
-        } => sliced(temporal_chunks, spatial_chunks)?,
-        Optimization::Paper {
-            temporal_chunks,
-            spatial_chunks,
-        } => OperatorGrouping.run(&graph, sliced(temporal_chunks, spatial_chunks)?)?,
-        // Unsliced groups can plan a higher peak than original inference (a group's inputs
-        // live until the group ends), so a budget the original already meets keeps it.
-        Optimization::Budget { bytes }
-            if Executor::plan_stats(&graph, &trivial)?.peak_bytes <= bytes =>
-        {
-            trivial.clone()
+    }
+}
+
+impl fmt::Display for CallKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CallKind::Encode => "VAE encode",
+            CallKind::UNetStep => "UNet step",
+            CallKind::Decode => "VAE decode",
+        })
+    }
+}
+
+/// Planning one model call failed; a refused budget says which call and group set the
+/// smallest feasible peak, and what would lower it.
+#[derive(Debug)]
+pub struct CallError {
+    pub call: CallKind,
+    pub source: Box<IrError>,
+}
+
+/// A refused budget is told whole in this error's own message; anything else is its source.
+impl std::error::Error for CallError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self.source.infeasible() {
+            Some(_) => None,
+            None => Some(self.source.as_ref()),
         }
-        Optimization::Budget { bytes } => {
-            let grouped = OperatorGrouping.run(&graph, sliced(1, 1)?)?;
-            fit_budget(&graph, grouped, bytes)?
-        }
-    };
-    plan.validate(&graph)?;
-    Ok((graph, plan))
+    }
+}
+
+impl fmt::Display for CallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Some(i) = self.source.infeasible() else {
+            return write!(f, "planning the {}", self.call);
+        };
+        write!(
+            f,
+            "a memory budget of {} cannot be met: the smallest feasible peak of activations is {}, \
+             set by the {} in group {} ({}), {} of it values kept for later groups; {}",
+            human(i.budget),
+            human(i.smallest),
+            self.call,
+            i.group,
+            i.nodes(),
+            human(i.held),
+            self.call.remedy()
+        )
+    }
+}
+
+/// [`optimize`] for one call of a pipeline, its errors naming the call.
+pub fn plan_call(
+    graph: &Graph,
+    optimization: Optimization,
+    call: CallKind,
+) -> Result<(Graph, Plan), CallError> {
+    optimize(graph, optimization).map_err(|source| CallError {
+        call,
+        source: Box::new(source),
+    })
 }
 
 /// Parse a byte count such as `8GiB`, `320MiB`, `1.5GB`, `512M` or `1000000`.

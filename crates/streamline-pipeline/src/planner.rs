@@ -4,7 +4,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device};
-use streamline_ir::{Executor, Graph, Plan};
+use streamline_ir::{human, Executor, Graph, IrError, Plan};
 use streamline_models::clip::{ClipVisionConfig, ClipVisionModelWithProjection};
 use streamline_models::clip_text::{ClipTextConfig, ClipTextModel};
 use streamline_models::load::{load_config, ModelError, WeightSource};
@@ -16,10 +16,9 @@ use streamline_models::svd::{
     VaeConfig,
 };
 use streamline_rehash::CachePoint;
-use streamline_slicer::human;
 use thiserror::Error;
 
-use crate::optimize::{optimize, Optimization, OptimizeError};
+use crate::optimize::{plan_call, CallError, CallKind, Optimization};
 
 /// Which model to plan.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -163,7 +162,7 @@ pub enum PlanError {
     #[error(transparent)]
     Model(Box<ModelError>),
     #[error(transparent)]
-    Optimize(Box<OptimizeError>),
+    Call(Box<CallError>),
     #[error(transparent)]
     Ir(#[from] streamline_ir::IrError),
     #[error("building the model from its config: {0}")]
@@ -176,9 +175,9 @@ impl From<ModelError> for PlanError {
     }
 }
 
-impl From<OptimizeError> for PlanError {
-    fn from(e: OptimizeError) -> Self {
-        PlanError::Optimize(Box::new(e))
+impl From<CallError> for PlanError {
+    fn from(e: CallError) -> Self {
+        PlanError::Call(Box::new(e))
     }
 }
 
@@ -191,9 +190,12 @@ pub struct CallPlan {
 }
 
 impl CallPlan {
-    fn new(graph: &Graph, optimization: Optimization) -> Result<Self, PlanError> {
-        let (graph, plan) = optimize(graph, optimization)?;
-        let stats = Executor::plan_stats(&graph, &plan)?;
+    fn new(graph: &Graph, optimization: Optimization, kind: CallKind) -> Result<Self, CallError> {
+        let (graph, plan) = plan_call(graph, optimization, kind)?;
+        let stats = Executor::plan_stats(&graph, &plan).map_err(|source| CallError {
+            call: kind,
+            source: Box::new(source),
+        })?;
         Ok(CallPlan {
             graph,
             plan,
@@ -366,8 +368,19 @@ pub fn plan_report(request: PlanRequest) -> Result<PlanReport, PlanError> {
                 )
             }
         };
-    let unet_call = CallPlan::new(&unet_graph, request.optimization)?;
-    let decoder = CallPlan::new(&decoder_graph, request.optimization)?;
+    let calls = [
+        (&unet_graph, CallKind::UNetStep),
+        (&decoder_graph, CallKind::Decode),
+    ];
+    let planned = calls.map(|(g, kind)| CallPlan::new(g, request.optimization, kind));
+    if planned
+        .iter()
+        .any(|p| p.as_ref().is_err_and(|e| e.source.infeasible().is_some()))
+    {
+        return Err(smallest_feasible(&calls, request.optimization).into());
+    }
+    let [unet_call, decoder] = planned;
+    let (unet_call, decoder) = (unet_call?, decoder?);
     Ok(PlanReport {
         model_name,
         frames,
@@ -381,6 +394,29 @@ pub fn plan_report(request: PlanRequest) -> Result<PlanReport, PlanError> {
         encoder_weights,
         request,
     })
+}
+
+/// A budget some call cannot meet, refused with the one figure that holds for every budget:
+/// the largest of the calls' smallest feasible peaks, naming the call and group that set it.
+fn smallest_feasible(calls: &[(&Graph, CallKind)], optimization: Optimization) -> CallError {
+    let Optimization::Budget { bytes } = optimization else {
+        unreachable!("only a budget can be infeasible")
+    };
+    let floors = calls.iter().filter_map(|&(graph, kind)| {
+        let err = plan_call(graph, Optimization::Budget { bytes: 0 }, kind).err()?;
+        let floor = err.source.infeasible()?.clone();
+        Some((kind, floor))
+    });
+    let (call, floor) = floors
+        .max_by_key(|(_, f)| f.smallest)
+        .expect("a call refused the budget, so it has a floor");
+    CallError {
+        call,
+        source: Box::new(IrError::Infeasible(Box::new(streamline_ir::Infeasible {
+            budget: bytes,
+            ..floor
+        }))),
+    }
 }
 
 fn optimization_name(o: Optimization) -> String {

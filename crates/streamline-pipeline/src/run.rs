@@ -9,10 +9,9 @@ use candle_core::{DType, Device, Tensor};
 use streamline_ir::{Executor, Graph, Plan, Request, Result as IrResult, RunOutput};
 use streamline_models::load::ModelError;
 use streamline_rehash::{Rehash, StepError, StepRehash};
-use streamline_slicer::naive::frame_chunks;
 use thiserror::Error;
 
-use crate::optimize::{optimize, Optimization, OptimizeError};
+use crate::optimize::{plan_call, CallError, CallKind, Optimization};
 use crate::scheduler::SchedulerError;
 
 #[derive(Debug, Error)]
@@ -29,7 +28,7 @@ pub enum PipelineError {
     #[error(transparent)]
     Model(Box<ModelError>),
     #[error(transparent)]
-    Optimize(Box<OptimizeError>),
+    Plan(Box<CallError>),
     #[error(transparent)]
     Scheduler(Box<SchedulerError>),
     #[error(transparent)]
@@ -52,9 +51,9 @@ impl From<SchedulerError> for PipelineError {
     }
 }
 
-impl From<OptimizeError> for PipelineError {
-    fn from(e: OptimizeError) -> Self {
-        PipelineError::Optimize(Box::new(e))
+impl From<CallError> for PipelineError {
+    fn from(e: CallError) -> Self {
+        PipelineError::Plan(Box::new(e))
     }
 }
 
@@ -72,8 +71,12 @@ pub(crate) struct Call {
 }
 
 impl Call {
-    pub fn new(graph: &Graph, optimization: Optimization) -> Result<Self, PipelineError> {
-        let (graph, plan) = optimize(graph, optimization)?;
+    pub fn new(
+        graph: &Graph,
+        optimization: Optimization,
+        kind: CallKind,
+    ) -> Result<Self, PipelineError> {
+        let (graph, plan) = plan_call(graph, optimization, kind)?;
         Ok(Call { graph, plan })
     }
 
@@ -141,7 +144,7 @@ pub(crate) fn decode_in_chunks(
         let call = match calls.entry(len) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert(Call::new(&lower(len)?, optimization)?)
+                e.insert(Call::new(&lower(len)?, optimization, CallKind::Decode)?)
             }
         };
         let (out, p) = call.run(vec![latents.narrow(0, start, len)?], device)?;
@@ -171,10 +174,7 @@ impl UNetCalls {
         steps: usize,
         lower: impl Fn(usize) -> IrResult<Graph>,
     ) -> Result<Self, PipelineError> {
-        let chunks = match optimization {
-            Optimization::Naive { temporal_chunks } => frame_chunks(frames, temporal_chunks),
-            _ => frame_chunks(frames, 1),
-        };
+        let chunks = optimization.frame_runs(frames);
         if chunks.len() > 1 && matches!(rehash, Rehash::Record(_)) {
             return Err(PipelineError::Input(
                 "calibration records one UNet call per step; naive slicing makes several".into(),
@@ -182,7 +182,7 @@ impl UNetCalls {
         }
         let calls = chunks
             .iter()
-            .map(|r| Call::new(&lower(r.len())?, optimization))
+            .map(|r| Call::new(&lower(r.len())?, optimization, CallKind::UNetStep))
             .collect::<Result<Vec<_>, PipelineError>>()?;
         let rehash = calls
             .iter()

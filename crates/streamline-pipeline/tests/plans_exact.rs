@@ -15,10 +15,7 @@ use streamline_models::sd::{AutoencoderKL, MotionModule, UNetMotionModel};
 use streamline_models::svd::{
     AutoencoderKLTemporalDecoder, UNetShape, UNetSpatioTemporalConditionModel,
 };
-use streamline_pipeline::optimize::OptimizeError;
 use streamline_pipeline::{optimize, Optimization};
-use streamline_slicer::naive::frame_chunks;
-use streamline_slicer::BudgetError;
 
 fn run(graph: &Graph, plan: &Plan, inputs: &[Tensor]) -> (Tensor, usize) {
     let exec = Executor::new(graph, plan, &Device::Cpu).unwrap();
@@ -52,8 +49,8 @@ fn check_all(graph: &Graph, inputs: &[Tensor], frames_len: usize) {
     }
     // The tightest budget budget mode can meet forces the most slicing; it must stay exact.
     let smallest = match optimize(graph, Optimization::Budget { bytes: 1 }) {
-        Err(OptimizeError::Budget(BudgetError::Infeasible { smallest, .. })) => smallest,
-        other => panic!("a 1-byte budget cannot be met, got {other:?}"),
+        Err(e) => e.infeasible().expect("a budget refusal").smallest,
+        Ok(_) => panic!("a 1-byte budget cannot be met"),
     };
     let budget = smallest;
     let (g, p) = optimize(graph, Optimization::Budget { bytes: budget }).unwrap();
@@ -197,7 +194,8 @@ fn naive_slicing_is_not_exact() {
     let (g0, p0) = optimize(&g, Optimization::Original).unwrap();
     let (reference, _) = run(&g0, &p0, &unet_inputs(&io, 0..f));
     let reference = reference.reshape(io["out"].dims()).unwrap();
-    let chunks: Vec<Tensor> = frame_chunks(f, 2)
+    let chunks: Vec<Tensor> = Optimization::Naive { temporal_chunks: 2 }
+        .frame_runs(f)
         .into_iter()
         .map(|frames| {
             let g = unet_graph(&unet, &io, frames.len());

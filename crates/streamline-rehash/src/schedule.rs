@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::cache::CachePoint;
+use crate::cache::{CacheError, CachePoint};
 use crate::calibrate::Metric;
 use crate::search::{uniform, Method, SearchError};
 
@@ -108,12 +108,15 @@ impl Schedule {
                 "key step {s} is outside a {n}-step schedule (steps are 0..{n})"
             )));
         }
-        if let Some(point) = &self.cache_point {
-            point
-                .parse::<CachePoint>()
-                .map_err(|e| invalid(e.to_string()))?;
-        }
+        self.cache_point().map_err(|e| invalid(e.to_string()))?;
         Ok(())
+    }
+
+    /// Where this schedule caches features: its `cache_point`, or the default.
+    pub fn cache_point(&self) -> Result<CachePoint, CacheError> {
+        self.cache_point
+            .as_deref()
+            .map_or(Ok(CachePoint::default()), str::parse)
     }
 
     pub fn to_toml(&self) -> String {

@@ -64,10 +64,7 @@ impl StepRehash {
                         steps,
                     });
                 }
-                Some(match &s.cache_point {
-                    Some(p) => p.parse()?,
-                    None => CachePoint::default(),
-                })
+                Some(s.cache_point()?)
             }
             Rehash::Record(p) => Some(*p),
         };

@@ -1,36 +1,37 @@
 //! Budget mode: the least slicing whose planned activation peak fits a byte budget.
 
-use streamline_ir::{check_group, Executor, Graph, Group, IrError, Plan};
-use thiserror::Error;
+use streamline_ir::{
+    check_group, Executor, Graph, Group, Infeasible, IrError, Pass, Plan, PlanCost, Result,
+};
 
-#[derive(Debug, Error)]
-pub enum BudgetError {
-    #[error(
-        "a memory budget of {} cannot be met: the smallest feasible peak of activations is {} ({budget} < {smallest} bytes)",
-        human(*budget),
-        human(*smallest)
-    )]
-    Infeasible { budget: usize, smallest: usize },
-    #[error(transparent)]
-    Ir(#[from] IrError),
+/// Fits a plan to `bytes` of planned activation peak (see [`fit_budget`]). When the trivial
+/// plan (original inference, no slicing at all) already fits, that is the answer: the least
+/// slicing, and unsliced groups can plan a higher peak than single nodes, since a group's
+/// inputs live until it ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FitBudget {
+    pub bytes: usize,
 }
 
-/// Bytes as `1.50 GiB` / `320.0 MiB` for messages.
-pub fn human(bytes: usize) -> String {
-    const GIB: f64 = (1u64 << 30) as f64;
-    const MIB: f64 = (1u64 << 20) as f64;
-    let b = bytes as f64;
-    if b >= GIB {
-        format!("{:.2} GiB", b / GIB)
-    } else {
-        format!("{:.1} MiB", b / MIB)
+impl Pass for FitBudget {
+    fn name(&self) -> &'static str {
+        "fit-budget"
+    }
+
+    fn run(&self, graph: Graph, plan: Plan) -> Result<(Graph, Plan)> {
+        let trivial = Plan::trivial(&graph);
+        if Executor::plan_stats(&graph, &trivial)?.peak_bytes <= self.bytes {
+            return Ok((graph, trivial));
+        }
+        let plan = fit_budget(&graph, plan, self.bytes)?;
+        Ok((graph, plan))
     }
 }
 
 /// The next, more frugal setting of one group: twice the slices (up to one per index of the
 /// axis), then half the op workspace limit, starting from half the group's `peak`. `None`
 /// once both are exhausted.
-fn tighten(graph: &Graph, group: &Group, peak: usize) -> Result<Option<Group>, IrError> {
+fn tighten(graph: &Graph, group: &Group, peak: usize) -> Result<Option<Group>> {
     let len = check_group(graph, group)?;
     let mut next = group.clone();
     if group.axis.is_some() && group.chunks < len {
@@ -50,43 +51,51 @@ fn tighten(graph: &Graph, group: &Group, peak: usize) -> Result<Option<Group>, I
 /// within `budget` bytes. `plan` fixes the groups and their axes (slicer + grouping output);
 /// its chunk counts are the starting points, so the result slices no more than needed.
 ///
-/// When the highest group cannot be lowered any further, its peak is the smallest feasible one
-/// and the error states it.
-pub fn fit_budget(graph: &Graph, plan: Plan, budget: usize) -> Result<Plan, BudgetError> {
-    let mut plan = plan;
-    let mut stats = Executor::plan_stats(graph, &plan)?;
+/// Each step re-costs only the group it changes ([`PlanCost`]). The walk never looks at the
+/// budget except to stop, so it is the same walk for every budget: when the highest group
+/// cannot be lowered any further, the error ([`IrError::Infeasible`]) states the same smallest
+/// feasible peak and the group that sets it whatever budget was asked.
+pub fn fit_budget(graph: &Graph, plan: Plan, budget: usize) -> Result<Plan> {
+    let mut cost = PlanCost::new(graph, plan)?;
+    let n = cost.plan().groups.len();
     // Groups that no further step can lower.
-    let mut settled = vec![false; plan.groups.len()];
-    while stats.peak_bytes > budget {
-        let worst = stats
-            .group_peaks
-            .iter()
-            .enumerate()
-            .filter(|(g, _)| !settled[*g])
-            .max_by_key(|(_, p)| **p)
-            .map(|(g, p)| (g, *p));
-        let Some((gi, group_peak)) = worst.filter(|(_, p)| *p >= stats.peak_bytes) else {
-            return Err(BudgetError::Infeasible {
-                budget,
-                smallest: stats.peak_bytes,
-            });
+    let mut settled = vec![false; n];
+    while cost.peak() > budget {
+        let peak = cost.peak();
+        let peaks = cost.group_peaks();
+        let worst = (0..n).filter(|&g| !settled[g]).max_by_key(|&g| peaks[g]);
+        let Some(gi) = worst.filter(|&g| peaks[g] >= peak) else {
+            return Err(infeasible(graph, &cost, budget));
         };
-        let mut candidate = plan.clone();
+        let group_peak = peaks[gi];
+        let mut setting = cost.plan().groups[gi].clone();
         let mut improved = false;
-        while let Some(next) = tighten(graph, &candidate.groups[gi], group_peak)? {
-            candidate.groups[gi] = next;
-            let trial = Executor::plan_stats(graph, &candidate)?;
-            if trial.group_peaks[gi] < group_peak {
-                tracing::debug!(group = gi, chunks = candidate.groups[gi].chunks, limit = ?candidate.groups[gi].workspace_limit, peak = trial.peak_bytes, "budget step");
-                plan = candidate;
-                stats = trial;
+        while let Some(next) = tighten(graph, &setting, group_peak)? {
+            let trial = cost.trial(gi, next.clone())?;
+            if trial.peak < group_peak {
+                tracing::debug!(group = gi, chunks = next.chunks, limit = ?next.workspace_limit, peak = trial.peak, "budget step");
+                cost.accept(trial);
                 improved = true;
                 break;
             }
+            setting = next;
         }
-        if !improved {
-            settled[gi] = true;
-        }
+        settled[gi] = !improved;
     }
-    Ok(plan)
+    Ok(cost.into_plan())
+}
+
+/// The refusal: the group at the plan's peak, which no step lowers.
+fn infeasible(graph: &Graph, cost: &PlanCost, budget: usize) -> IrError {
+    let peaks = cost.group_peaks();
+    let gi = (0..peaks.len()).max_by_key(|&g| peaks[g]).unwrap_or(0);
+    let nodes = &cost.plan().groups[gi].nodes;
+    IrError::Infeasible(Box::new(Infeasible {
+        budget,
+        smallest: cost.peak(),
+        group: gi,
+        first: graph.node(nodes.start).name.clone(),
+        last: graph.node(nodes.end - 1).name.clone(),
+        held: cost.entry(gi),
+    }))
 }

@@ -2,12 +2,13 @@
 
 use streamline_ir::{check_group, Axis, Graph, Group, Pass, Plan, Result};
 
-/// Frame-wise nodes in `temporal_chunks` slices of the frames, position-wise nodes in
-/// `spatial_chunks` slices of the positions (each capped at the axis length). Nodes that can
-/// run sliced along neither axis (per-batch embeddings) stay whole.
+/// Every group that can run sliced gets the paper's chunk count for its axis: frame-wise
+/// groups `temporal_chunks` slices of the B*T frames, position-wise groups `spatial_chunks`
+/// slices of the B*H*W positions (each capped at the axis length). Groups that can run sliced
+/// along neither axis (per-batch embeddings) stay whole.
 ///
-/// Takes a plan of single-node groups (e.g. `Plan::trivial`) and returns one of the same
-/// shape; `streamline-grouping` merges the runs afterwards.
+/// It keeps the input plan's groups and their workspace limits; on the trivial plan it slices
+/// every node alone, and `streamline-grouping` merges the runs afterwards.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PaperSlicer {
     pub temporal_chunks: usize,
@@ -21,15 +22,29 @@ impl PaperSlicer {
             Axis::Positions => self.spatial_chunks,
         }
     }
-}
 
-/// The axis a single node can be sliced along, with that axis' length; frames first.
-pub(crate) fn node_axis(graph: &Graph, node: usize) -> Option<(Axis, usize)> {
-    Axis::ALL.into_iter().find_map(|axis| {
-        check_group(graph, &Group::sliced(node..node + 1, axis, 1))
-            .ok()
-            .map(|len| (axis, len))
-    })
+    fn slice(&self, graph: &Graph, group: Group) -> Group {
+        let along = |axis: Axis| Group {
+            axis: Some(axis),
+            chunks: 1,
+            ..group.clone()
+        };
+        // Frames first: a pointwise group valid along both follows the frame-wise layers.
+        let found = Axis::ALL
+            .into_iter()
+            .find_map(|axis| check_group(graph, &along(axis)).ok().map(|len| (axis, len)));
+        match found {
+            Some((axis, len)) => Group {
+                chunks: self.chunks(axis).clamp(1, len),
+                ..along(axis)
+            },
+            None => Group {
+                axis: None,
+                chunks: 1,
+                ..group
+            },
+        }
+    }
 }
 
 impl Pass for PaperSlicer {
@@ -37,13 +52,12 @@ impl Pass for PaperSlicer {
         "paper-slicer"
     }
 
-    fn run(&self, graph: &Graph, _plan: Plan) -> Result<Plan> {
-        let groups = (0..graph.nodes().len())
-            .map(|i| match node_axis(graph, i) {
-                Some((axis, len)) => Group::sliced(i..i + 1, axis, self.chunks(axis).clamp(1, len)),
-                None => Group::whole(i..i + 1),
-            })
+    fn run(&self, graph: Graph, plan: Plan) -> Result<(Graph, Plan)> {
+        let groups = plan
+            .groups
+            .into_iter()
+            .map(|g| self.slice(&graph, g))
             .collect();
-        Ok(Plan { groups })
+        Ok((graph, Plan { groups }))
     }
 }

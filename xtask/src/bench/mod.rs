@@ -4,6 +4,7 @@
 
 mod chart;
 mod kernels;
+mod planning;
 mod report;
 mod scenario;
 
@@ -222,15 +223,24 @@ pub fn bench(quick: bool) -> Result<()> {
         scenarios.kernel_runs
     };
     let kernels = kernels::run(&root, &bin, python.as_deref(), kernel_runs)?;
+    bar.set_message("planning times");
+    let planning = planning::run(&root, &bin)?;
     bar.finish_with_message("done");
-    write_reports(&root, &selected, &records, &kernels, quick)
+    let sections = Sections { kernels, planning };
+    write_reports(&root, &selected, &records, &sections, quick)
+}
+
+/// The report's tables that are not per scenario.
+struct Sections {
+    kernels: String,
+    planning: String,
 }
 
 fn write_reports(
     root: &Path,
     selected: &[&Scenario],
     records: &[Record],
-    kernels: &str,
+    sections: &Sections,
     quick: bool,
 ) -> Result<()> {
     let dir = root.join("target/bench");
@@ -270,7 +280,8 @@ fn write_reports(
         .replace("{hardware}", &hardware())
         .replace("{run}", if quick { "quick" } else { "full" })
         .replace("{tables}", tables.trim_end())
-        .replace("{kernels}", kernels.trim_end());
+        .replace("{kernels}", sections.kernels.trim_end())
+        .replace("{planning}", sections.planning.trim_end());
     fs::write(&md, text)?;
     eprintln!(
         "xtask: wrote {}, {} and {}",

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use super::preprocess::{clip_input, Planes};
-use crate::optimize::Optimization;
+use crate::optimize::{CallKind, Optimization};
 use crate::run::{decode_in_chunks, Call, PipelineError, RunReport, Stage, UNetCalls};
 use crate::scheduler::EulerDiscreteScheduler;
 use candle_core::{DType, Device, Module, Tensor};
@@ -159,7 +159,11 @@ impl StableVideoDiffusion {
         let x = ((image.to_tensor(&self.device)? * 2.0)? - 1.0)?.unsqueeze(0)?;
         let x = (x + (noise * strength)?)?.to_dtype(self.dtype)?;
         let (_, _, h, w) = x.dims4()?;
-        let call = Call::new(&self.vae.lower_encoder(1, h, w)?, optimization)?;
+        let call = Call::new(
+            &self.vae.lower_encoder(1, h, w)?,
+            optimization,
+            CallKind::Encode,
+        )?;
         let (moments, _) = call.run(vec![x], &self.device)?;
         Ok(LatentDist::from_moments(&moments)?.mode().clone())
     }

@@ -1,14 +1,17 @@
-//! Toy ops with the same slicing contracts as the real layers, small enough to fuzz.
+//! The harness every pass is tested on (cargo feature `testing`): toy ops with the same
+//! slicing contracts as the real layers, small enough to fuzz, random graphs of them, random
+//! valid plans, and the exactness check a pass's output must pass.
 //!
 //! Frame-major values are `(B*T, C, S)` (S = H*W flattened), position-major values
 //! `(B*S, T, C)`. Each op does real mixing along the axis it is *not* independent of, so a
 //! wrong slicing shows in the numbers.
 
-#![allow(dead_code)]
-
 use candle_core::{DType, Device, Tensor};
-use streamline_ir::{
-    Axis, AxisTag, Graph, Independence, IrError, Layout, Op, Result, SliceCtx, ValueId, ValueInfo,
+use proptest::prelude::*;
+
+use crate::{
+    check_group, Axis, AxisTag, Executor, Graph, Group, Independence, IrError, Layout, Op, Plan,
+    Request, Result, SliceCtx, ValueId, ValueInfo,
 };
 
 #[derive(Copy, Clone, Debug)]
@@ -20,6 +23,10 @@ pub struct Dims {
 }
 
 impl Dims {
+    pub fn new(b: usize, t: usize, c: usize, s: usize) -> Self {
+        Dims { b, t, c, s }
+    }
+
     pub fn frame_info(&self) -> ValueInfo {
         ValueInfo::new(
             (self.b * self.t, self.c, self.s),
@@ -163,6 +170,27 @@ impl Op for Add {
     }
 }
 
+/// Rows `rows` of the other layout, gathered from `x`: per batch item, `x` holds `src` rows
+/// and the other layout `per` rows; each piece narrows dim `dim` and permutes by `perm`.
+fn gather(
+    x: &Tensor,
+    rows: std::ops::Range<usize>,
+    (per, src): (usize, usize),
+    dim: usize,
+    perm: (usize, usize, usize),
+) -> Result<Tensor> {
+    let parts = pieces(rows, per)
+        .into_iter()
+        .map(|(b, r)| {
+            Ok(x.narrow(0, b * src, src)?
+                .narrow(dim, r.start, r.len())?
+                .permute(perm)?
+                .contiguous()?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    cat0(parts)
+}
+
 /// Frame-major to position-major, gathering its slice of positions.
 #[derive(Debug)]
 pub struct ToPositions(pub Dims);
@@ -187,17 +215,7 @@ impl Op for ToPositions {
     }
     fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
         let d = self.0;
-        let parts = pieces(ctx.rows(d.b * d.s), d.s)
-            .into_iter()
-            .map(|(b, r)| {
-                Ok(x[0]
-                    .narrow(0, b * d.t, d.t)?
-                    .narrow(2, r.start, r.len())?
-                    .permute((2, 0, 1))?
-                    .contiguous()?)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        cat0(parts)
+        gather(x[0], ctx.rows(d.b * d.s), (d.s, d.t), 2, (2, 0, 1))
     }
 }
 
@@ -225,17 +243,7 @@ impl Op for ToFrames {
     }
     fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
         let d = self.0;
-        let parts = pieces(ctx.rows(d.b * d.t), d.t)
-            .into_iter()
-            .map(|(b, r)| {
-                Ok(x[0]
-                    .narrow(0, b * d.s, d.s)?
-                    .narrow(1, r.start, r.len())?
-                    .permute((1, 2, 0))?
-                    .contiguous()?)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        cat0(parts)
+        gather(x[0], ctx.rows(d.b * d.t), (d.t, d.s), 1, (1, 2, 0))
     }
 }
 
@@ -449,4 +457,134 @@ pub fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
         .to_scalar::<f32>()
         .unwrap() as f64;
     (diff / norm.max(1e-30)).sqrt()
+}
+
+/// A random graph: each step `(kind, a, b)` applies one toy op to earlier values of the right
+/// layout (`a`, `b` pick them). Outputs: the last frame-major value and the last position-major
+/// one, if any.
+pub fn random_graph(d: Dims, steps: &[(u8, u16, u16)]) -> Graph {
+    let mut g = Graph::new();
+    let (x, emb, cond) = toy_inputs(&mut g, d);
+    let (mut fs, mut ps): (Vec<ValueId>, Vec<ValueId>) = (vec![x], vec![]);
+    let pick = |v: &[ValueId], r: u16| v[r as usize % v.len()];
+    for (i, &(kind, a, b)) in steps.iter().enumerate() {
+        let name = format!("n{i}");
+        let kind = if ps.is_empty() && matches!(kind % 9, 2 | 3 | 6 | 8) {
+            1
+        } else {
+            kind % 9
+        };
+        let both = |pf: bool| if pf { &ps } else { &fs };
+        match kind {
+            0 => fs.push(g.push(&name, FrameNorm, &[pick(&fs, a)]).unwrap()),
+            1 => ps.push(g.push(&name, ToPositions(d), &[pick(&fs, a)]).unwrap()),
+            2 => ps.push(g.push(&name, TimeMix, &[pick(&ps, a)]).unwrap()),
+            3 => fs.push(g.push(&name, ToFrames(d), &[pick(&ps, a)]).unwrap()),
+            4 | 5 => {
+                let on_p = b % 2 == 1 && !ps.is_empty();
+                let pool = both(on_p).clone();
+                let v = if kind == 4 {
+                    g.push(&name, Squash, &[pick(&pool, a)]).unwrap()
+                } else {
+                    g.push(&name, Add, &[pick(&pool, a), pick(&pool, b / 2)])
+                        .unwrap()
+                };
+                if on_p {
+                    ps.push(v)
+                } else {
+                    fs.push(v)
+                }
+            }
+            6 => {
+                let p = pick(&ps, a);
+                let s = g.push(&format!("{name}.stats"), SumSq(d), &[p]).unwrap();
+                ps.push(g.push(&name, Normalize(d), &[p, s]).unwrap());
+            }
+            7 => fs.push(g.push(&name, AddFrameEmb, &[pick(&fs, a), emb]).unwrap()),
+            _ => ps.push(g.push(&name, AddCond(d), &[pick(&ps, a), cond]).unwrap()),
+        }
+    }
+    let mut outputs = vec![*fs.last().unwrap()];
+    outputs.extend(ps.last());
+    g.set_outputs(&outputs);
+    g
+}
+
+/// Whether nodes `nodes` form a valid group along `axis` (`None`: unsliced).
+fn joinable(g: &Graph, nodes: std::ops::Range<usize>, axis: Option<Axis>) -> Option<usize> {
+    let group = Group {
+        nodes,
+        axis,
+        chunks: 1,
+        workspace_limit: None,
+    };
+    check_group(g, &group).ok()
+}
+
+/// A random valid plan: groups grow while the next node can join on the same axis; chunk
+/// counts anywhere from 1 to the axis length (so mostly counts that do not divide it).
+pub fn random_plan(g: &Graph, choices: &[u32]) -> Plan {
+    let mut it = choices.iter().cycle();
+    let mut next = || *it.next().unwrap() as usize;
+    let n = g.nodes().len();
+    let mut groups = Vec::new();
+    let mut i = 0;
+    while i < n {
+        let axes: Vec<Option<Axis>> = [None, Some(Axis::Frames), Some(Axis::Positions)]
+            .into_iter()
+            .filter(|&a| joinable(g, i..i + 1, a).is_some())
+            .collect();
+        let axis = axes[next() % axes.len()];
+        let mut end = i + 1;
+        if axis.is_some() {
+            while end < n && next() % 4 != 0 && joinable(g, i..end + 1, axis).is_some() {
+                end += 1;
+            }
+        }
+        let len = joinable(g, i..end, axis).expect("grown only while valid");
+        let chunks = if axis.is_some() { 1 + next() % len } else { 1 };
+        groups.push(Group {
+            nodes: i..end,
+            axis,
+            chunks,
+            workspace_limit: None,
+        });
+        i = end;
+    }
+    Plan { groups }
+}
+
+/// Small video dimensions: 1-2 videos, 1-4 frames, 1-3 channels, 1-7 positions.
+pub fn dims() -> impl Strategy<Value = Dims> {
+    (1usize..=2, 1usize..=4, 1usize..=3, 1usize..=7).prop_map(|(b, t, c, s)| Dims { b, t, c, s })
+}
+
+/// The steps of a [`random_graph`] of 1 to `max` nodes.
+pub fn steps(max: usize) -> impl Strategy<Value = Vec<(u8, u16, u16)>> {
+    prop::collection::vec((any::<u8>(), any::<u16>(), any::<u16>()), 1..max)
+}
+
+/// The largest relative L2 error of `plan`'s outputs against the trivial plan's on the same
+/// seeded inputs (a graph made with [`toy_inputs`]); also checks that the measured peak stays
+/// within the planned one and that both count the same FLOPs.
+pub fn error_vs_trivial(g: &Graph, d: Dims, plan: &Plan, seed: u64) -> Result<f64> {
+    let dev = Device::Cpu;
+    let inputs = toy_tensors(d, seed);
+    let trivial = Plan::trivial(g);
+    let reference = Executor::new(g, &trivial, &dev)?.run(inputs.clone(), &Request::default())?;
+    let exec = Executor::new(g, plan, &dev)?;
+    let got = exec.run(inputs, &Request::default())?;
+    let planned = exec.dry_run(&[], &[])?;
+    if got.stats.peak_bytes > planned.peak_bytes || got.stats.flops != planned.flops {
+        return Err(IrError::Plan(format!(
+            "measured peak {} and {} FLOPs, planned {} and {}",
+            got.stats.peak_bytes, got.stats.flops, planned.peak_bytes, planned.flops
+        )));
+    }
+    Ok(got
+        .outputs
+        .iter()
+        .zip(&reference.outputs)
+        .map(|(a, b)| rel_l2(a, b))
+        .fold(0.0, f64::max))
 }

@@ -1,0 +1,136 @@
+//! The Feature Slicer passes alone, on random toy graphs: sliced plans compute what the
+//! trivial plan computes, and budgets are met or refused with one smallest feasible peak.
+
+use proptest::prelude::*;
+use streamline_ir::testing::*;
+use streamline_ir::{check_group, Axis, Executor, Graph, Pass, Plan};
+use streamline_slicer::{fit_budget, FitBudget, PaperSlicer};
+
+fn slicer(temporal_chunks: usize, spatial_chunks: usize) -> PaperSlicer {
+    PaperSlicer {
+        temporal_chunks,
+        spatial_chunks,
+    }
+}
+
+/// Every node its own group, sliced along the axis it allows with one chunk: where the
+/// budget search starts when no grouping runs.
+fn one_chunk_plan(g: &Graph) -> Plan {
+    slicer(1, 1).run(g.clone(), Plan::trivial(g)).unwrap().1
+}
+
+/// The smallest feasible peak budget fitting reaches from `plan`.
+fn smallest(g: &Graph, plan: &Plan) -> usize {
+    let err = fit_budget(g, plan.clone(), 0).unwrap_err();
+    err.infeasible()
+        .expect("a 0-byte budget is refused")
+        .smallest
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+
+    /// Any chunk counts, up to beyond the axis length, on the trivial plan or on a random
+    /// plan's groups.
+    #[test]
+    fn paper_plans_match_the_trivial_plan(
+        d in dims(),
+        steps in steps(14),
+        choices in prop::collection::vec(any::<u32>(), 1..48),
+        t in 1usize..12,
+        s in 1usize..20,
+        seed in any::<u64>(),
+    ) {
+        let g = random_graph(d, &steps);
+        for start in [Plan::trivial(&g), random_plan(&g, &choices)] {
+            let groups = start.groups.len();
+            let (g2, plan) = slicer(t, s).run(g.clone(), start).unwrap();
+            plan.validate(&g2).unwrap();
+            prop_assert_eq!(plan.groups.len(), groups, "the slicer keeps the groups");
+            for group in &plan.groups {
+                let len = check_group(&g2, group).unwrap();
+                let want = match group.axis {
+                    Some(Axis::Frames) => t.min(len),
+                    Some(Axis::Positions) => s.min(len),
+                    None => 1,
+                };
+                prop_assert_eq!(group.chunks, want);
+            }
+            let err = error_vs_trivial(&g2, d, &plan, seed).unwrap();
+            prop_assert!(err <= 1e-6, "relative L2 {err} for\n{}", plan.dump(&g2));
+        }
+    }
+
+    /// Below the smallest feasible peak every budget is refused with that same figure; at or
+    /// above it the plan's planned peak fits and the plan stays exact.
+    #[test]
+    fn budgets_are_met_or_refused_with_one_floor(
+        d in dims(),
+        steps in steps(14),
+        fraction in 0.0f64..1.5,
+        seed in any::<u64>(),
+    ) {
+        let g = random_graph(d, &steps);
+        let start = one_chunk_plan(&g);
+        let floor = smallest(&g, &start);
+        let original = Executor::plan_stats(&g, &Plan::trivial(&g)).unwrap().peak_bytes;
+        let budget = (fraction * original as f64) as usize;
+        match fit_budget(&g, start, budget) {
+            Ok(plan) => {
+                prop_assert!(budget >= floor, "budget {budget} met below the floor {floor}");
+                let planned = Executor::plan_stats(&g, &plan).unwrap().peak_bytes;
+                prop_assert!(planned <= budget, "planned {planned} over budget {budget}");
+                let err = error_vs_trivial(&g, d, &plan, seed).unwrap();
+                prop_assert!(err <= 1e-6, "relative L2 {err}");
+            }
+            Err(e) => {
+                let refusal = e.infeasible().expect("only a budget refusal");
+                prop_assert!(budget < floor);
+                prop_assert_eq!(refusal.smallest, floor);
+                prop_assert_eq!(refusal.budget, budget);
+            }
+        }
+    }
+}
+
+/// A graph big enough that slicing matters: the budget pass slices only as much as needed.
+#[test]
+fn a_budget_between_floor_and_original_forces_slicing() {
+    let d = Dims::new(2, 4, 3, 64);
+    let g = sample_graph(d);
+    let original = Executor::plan_stats(&g, &Plan::trivial(&g))
+        .unwrap()
+        .peak_bytes;
+    let floor = smallest(&g, &one_chunk_plan(&g));
+    assert!(floor < original, "floor {floor}, original {original}");
+    let budget = (floor + original) / 2;
+    let (g2, plan) = FitBudget { bytes: budget }
+        .run(g.clone(), one_chunk_plan(&g))
+        .unwrap();
+    let planned = Executor::plan_stats(&g2, &plan).unwrap().peak_bytes;
+    assert!(planned <= budget && planned > floor / 2);
+    assert!(plan.groups.iter().any(|gr| gr.chunks > 1));
+    assert!(error_vs_trivial(&g2, d, &plan, 5).unwrap() <= 1e-6);
+    // A budget original inference meets keeps original inference.
+    let (_, plan) = FitBudget { bytes: original }
+        .run(g.clone(), one_chunk_plan(&g))
+        .unwrap();
+    assert_eq!(plan, Plan::trivial(&g));
+}
+
+/// The refusal names the group at the peak and what earlier groups keep alive through it.
+#[test]
+fn a_refusal_names_the_group_at_the_floor() {
+    let d = Dims::new(1, 3, 2, 8);
+    let g = sample_graph(d);
+    let err = fit_budget(&g, one_chunk_plan(&g), 1).unwrap_err();
+    let refusal = err.infeasible().unwrap();
+    let group = g.find(&refusal.first).unwrap();
+    assert!(g.producer_node(group).is_some());
+    assert!(refusal.held <= refusal.smallest);
+    let text = err.to_string();
+    assert!(
+        text.contains(&refusal.first) && text.contains("cannot be met"),
+        "{text}"
+    );
+}
