@@ -39,3 +39,26 @@ impl PerBlock {
         }
     }
 }
+
+/// Every GroupNorm of a model with `groups` groups splits its channels: those of a block in
+/// `block_out_channels`, or of two blocks' concatenated (torch refuses other counts). `source`
+/// says where the count comes from, in errors naming `path`.
+pub(crate) fn check_groups(
+    path: &Path,
+    block_out_channels: &[usize],
+    groups: usize,
+    source: &str,
+) -> Result<()> {
+    match block_out_channels
+        .iter()
+        .find(|&&c| groups == 0 || c % groups != 0)
+    {
+        Some(c) => Err(ModelError::Config {
+            path: path.to_path_buf(),
+            reason: format!(
+                "`block_out_channels` entry {c} is not a multiple of the {groups} GroupNorm groups ({source})"
+            ),
+        }),
+        None => Ok(()),
+    }
+}

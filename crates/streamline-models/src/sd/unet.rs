@@ -9,15 +9,15 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
-use streamline_ir::{Graph, IrError, Layout, Result as IrResult, ValueId, ValueInfo};
+use streamline_ir::{Graph, Layout, Result as IrResult, ValueId, ValueInfo};
 
 use super::config::{Block, Kind, MotionAdapterConfig, MotionUNetConfig, UNet2DConfig};
 use super::motion::MotionModule;
 use super::transformer::Transformer2DModel;
 use crate::blocks::embedding::{sinusoid, TimestepEmbedding};
-use crate::blocks::{node, output_head, upsampler, At, ResnetBlock2D};
+use crate::blocks::{node, output_head, At, ResnetBlock2D, SkipStack, UNetBlock};
 use crate::load::{load_config, weights_file, ModelError, Result, WeightSource};
-use crate::ops::{ConcatChannels, Conv2d, GroupNormFrames, Silu, VideoDims};
+use crate::ops::{Conv2d, GroupNormFrames, Silu, VideoDims};
 use crate::svd::UNetShape;
 
 /// A down or up block: resnets, a transformer and a motion module after each, and an
@@ -27,7 +27,7 @@ struct MotionBlock {
     resnets: Vec<ResnetBlock2D>,
     attentions: Vec<Transformer2DModel>,
     motion_modules: Vec<MotionModule>,
-    /// Downsampling conv (stride 2) or upsampling conv (after nearest 2x).
+    /// Downsampling conv (stride 2) or upsampling conv (after the nearest resize).
     resample: Option<Arc<Conv2d>>,
 }
 
@@ -49,6 +49,7 @@ impl MotionBlock {
                     resnet_in(l),
                     c,
                     Some(config.time_embed_dim()),
+                    u.norm_num_groups,
                     u.norm_eps,
                     vb.pp("resnets").pp(l),
                 )
@@ -64,6 +65,7 @@ impl MotionBlock {
                         spec.transformer_layers,
                         spec.cross_attention_dim,
                         u.use_linear_projection,
+                        u.norm_num_groups,
                         vb.pp("attentions").pp(l),
                     )
                 })
@@ -71,11 +73,12 @@ impl MotionBlock {
         };
         let motion_modules = (0..spec.layers)
             .map(|l| {
-                MotionModule::new(
+                MotionModule::with_groups(
                     c,
                     spec.motion_heads,
                     spec.motion_layers,
                     config.adapter.motion_max_seq_length,
+                    u.norm_num_groups,
                     adapter.pp("motion_modules").pp(l),
                 )
             })
@@ -87,8 +90,14 @@ impl MotionBlock {
             resample,
         })
     }
+}
 
-    /// Resnet `l`'s input is `x` already; transformer and motion module follow it.
+impl UNetBlock for MotionBlock {
+    fn layers(&self) -> usize {
+        self.resnets.len()
+    }
+
+    /// Resnet `l`, then its transformer (cross-attention blocks) and its motion module.
     fn lower_layer(
         &self,
         g: &mut Graph,
@@ -104,6 +113,10 @@ impl MotionBlock {
         }
         self.motion_modules[l].lower(g, &format!("{p}.motion_modules.{l}"), x, at.dims)
     }
+
+    fn resample(&self) -> Option<&Arc<Conv2d>> {
+        self.resample.as_ref()
+    }
 }
 
 /// `UNetMidBlockCrossAttnMotion` (or `UNetMidBlock2DCrossAttn` without a motion mid block):
@@ -113,6 +126,19 @@ struct MidBlock {
     resnets: [ResnetBlock2D; 2],
     attention: Transformer2DModel,
     motion_module: Option<MotionModule>,
+}
+
+impl MidBlock {
+    fn lower(&self, g: &mut Graph, x: ValueId, context: ValueId, at: At) -> IrResult<ValueId> {
+        let mut x = self.resnets[0].lower(g, "mid_block.resnets.0", x, at)?;
+        x = self
+            .attention
+            .lower(g, "mid_block.attentions.0", x, context, at)?;
+        if let Some(m) = &self.motion_module {
+            x = m.lower(g, "mid_block.motion_modules.0", x, at.dims)?;
+        }
+        self.resnets[1].lower(g, "mid_block.resnets.1", x, at)
+    }
 }
 
 /// The AnimateDiff UNet with weights; [`UNetMotionModel::lower`] turns it into an IR graph for
@@ -193,6 +219,7 @@ impl UNetMotionModel {
                 ch[n - 1],
                 ch[n - 1],
                 Some(temb),
+                u.norm_num_groups,
                 u.norm_eps,
                 mid.pp("resnets").pp(l),
             )
@@ -205,17 +232,19 @@ impl UNetMotionModel {
                 last.transformer_layers,
                 last.cross_attention_dim,
                 u.use_linear_projection,
+                u.norm_num_groups,
                 mid.pp("attentions.0"),
             )?,
             motion_module: config
                 .mid_motion_layers
                 .as_ref()
                 .map(|layers| {
-                    MotionModule::new(
+                    MotionModule::with_groups(
                         ch[n - 1],
                         last.motion_heads,
                         layers[0],
                         config.adapter.motion_max_seq_length,
+                        u.norm_num_groups,
                         mid_ad.pp("motion_modules.0"),
                     )
                 })
@@ -256,7 +285,7 @@ impl UNetMotionModel {
             mid_block,
             up_blocks,
             conv_norm_out: Arc::new(GroupNormFrames::new(
-                32,
+                u.norm_num_groups,
                 ch[0],
                 u.norm_eps,
                 vb.pp("conv_norm_out"),
@@ -291,14 +320,6 @@ impl UNetMotionModel {
             context_len,
         } = shape;
         let u = &self.config.unet;
-        let n = u.block_out_channels.len();
-        let factor = 1 << (n - 1);
-        if height % factor != 0 || width % factor != 0 {
-            return Err(IrError::Plan(format!(
-                "latents of {height}x{width}: the UNet halves them {} times, so both must be multiples of {factor}",
-                n - 1
-            )));
-        }
         let dt = self.dtype;
         let mut g = Graph::new();
         let sample = g.input(
@@ -324,7 +345,7 @@ impl UNetMotionModel {
         )?;
         let emb = self.time_embedding.lower(&mut g, "time_embedding", t)?;
         let emb = node(&mut g, "emb.act", "", Arc::new(Silu), &[emb])?;
-        let mut at = At {
+        let at = At {
             dims: VideoDims {
                 batch,
                 frames,
@@ -333,53 +354,15 @@ impl UNetMotionModel {
             },
             emb: Some(emb),
         };
-        let mut x = node(&mut g, "conv_in", "", self.conv_in.clone(), &[sample])?;
-        let mut skips: Vec<ValueId> = vec![x];
-        for (i, block) in self.down_blocks.iter().enumerate() {
-            let p = format!("down_blocks.{i}");
-            for l in 0..block.resnets.len() {
-                x = block.lower_layer(&mut g, &p, l, x, ehs, at)?;
-                skips.push(x);
-            }
-            if let Some(conv) = &block.resample {
-                x = node(
-                    &mut g,
-                    &format!("{p}.downsamplers.0.conv"),
-                    "",
-                    conv.clone(),
-                    &[x],
-                )?;
-                at = at.with_size(at.dims.height / 2, at.dims.width / 2);
-                skips.push(x);
-            }
-        }
-        let mid = &self.mid_block;
-        x = mid.resnets[0].lower(&mut g, "mid_block.resnets.0", x, at)?;
-        x = mid
-            .attention
-            .lower(&mut g, "mid_block.attentions.0", x, ehs, at)?;
-        if let Some(m) = &mid.motion_module {
-            x = m.lower(&mut g, "mid_block.motion_modules.0", x, at.dims)?;
-        }
-        x = mid.resnets[1].lower(&mut g, "mid_block.resnets.1", x, at)?;
-        for (i, block) in self.up_blocks.iter().enumerate() {
-            let p = format!("up_blocks.{i}");
-            for l in 0..block.resnets.len() {
-                let skip = skips.pop().expect("one skip per up resnet");
-                let cat = node(
-                    &mut g,
-                    &format!("{p}.resnets.{l}.concat"),
-                    "",
-                    Arc::new(ConcatChannels),
-                    &[x, skip],
-                )?;
-                x = block.lower_layer(&mut g, &p, l, cat, ehs, at)?;
-            }
-            if let Some(conv) = &block.resample {
-                x = upsampler(&mut g, &p, conv, x)?;
-                at = at.with_size(2 * at.dims.height, 2 * at.dims.width);
-            }
-        }
+        let x = node(&mut g, "conv_in", "", self.conv_in.clone(), &[sample])?;
+        let stack = SkipStack {
+            down: &self.down_blocks,
+            up: &self.up_blocks,
+            context: ehs,
+        };
+        let x = stack.lower(&mut g, x, at, |g, x, at| {
+            self.mid_block.lower(g, x, ehs, at)
+        })?;
         let out = output_head(&mut g, "", &self.conv_norm_out, &self.conv_out, x)?;
         g.set_outputs(&[out]);
         Ok(g)

@@ -34,7 +34,7 @@ impl Decoder {
     fn build(c: &VaeConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let (post, vb) = (vb.pp("post_quant_conv"), vb.pp("decoder"));
         let ch = &c.block_out_channels;
-        let last = ch[ch.len() - 1];
+        let (last, groups) = (ch[ch.len() - 1], c.norm_num_groups);
         let up_blocks = (0..ch.len())
             .map(|i| {
                 let vb = vb.pp("up_blocks").pp(i);
@@ -43,7 +43,7 @@ impl Decoder {
                 let resnets = (0..c.layers_per_block + 1)
                     .map(|l| {
                         let c_in = if l == 0 { prev } else { out };
-                        ResnetBlock2D::new(c_in, out, None, 1e-6, vb.pp("resnets").pp(l))
+                        ResnetBlock2D::new(c_in, out, None, groups, 1e-6, vb.pp("resnets").pp(l))
                     })
                     .collect::<candle_core::Result<_>>()?;
                 let upsample = (i + 1 < ch.len())
@@ -61,10 +61,15 @@ impl Decoder {
                 .then(|| Conv2d::new(l, l, 1, 1, 0, post).map(Arc::new))
                 .transpose()?,
             conv_in: Arc::new(Conv2d::new(l, last, 3, 1, 1, vb.pp("conv_in"))?),
-            mid_block: MidBlock2D::new(last, c.mid_block_add_attention, vb.pp("mid_block"))?,
+            mid_block: MidBlock2D::new(
+                last,
+                c.mid_block_add_attention,
+                groups,
+                vb.pp("mid_block"),
+            )?,
             up_blocks,
             conv_norm_out: Arc::new(GroupNormFrames::new(
-                32,
+                groups,
                 ch[0],
                 1e-6,
                 vb.pp("conv_norm_out"),
@@ -85,6 +90,10 @@ impl Decoder {
 pub type AutoencoderKL = Autoencoder<Decoder>;
 
 impl VaeDecoder for Decoder {
+    fn groups(config: &VaeConfig) -> (usize, &'static str) {
+        (config.norm_num_groups, "`norm_num_groups`")
+    }
+
     fn check(config: &VaeConfig, path: &Path) -> Result<()> {
         check(config, path)
     }
@@ -107,16 +116,25 @@ impl VaeDecoder for Decoder {
                 x = r.lower(g, &format!("{p}.resnets.{l}"), x, at)?;
             }
             if let Some(conv) = &block.upsample {
-                x = upsampler(g, &p, conv, x)?;
                 at = at.with_size(2 * at.dims.height, 2 * at.dims.width);
+                x = upsampler(g, &p, conv, x, (at.dims.height, at.dims.width))?;
             }
         }
         output_head(g, "decoder", &d.conv_norm_out, &d.conv_out, x)
     }
 }
 
-/// The decoder's block types (the encoder checks the rest).
+/// The decoder's block types and the activation (the encoder checks the rest).
 fn check(config: &VaeConfig, path: &Path) -> Result<()> {
+    // diffusers' `get_activation` makes "swish" a SiLU too.
+    if !matches!(config.act_fn.as_str(), "silu" | "swish") {
+        return Err(ModelError::Unsupported {
+            path: path.to_path_buf(),
+            field: "act_fn".into(),
+            value: config.act_fn.clone(),
+            reason: "only silu (or its alias swish) is supported".into(),
+        });
+    }
     let blocks = config.block_out_channels.len();
     if config.up_block_types.len() != blocks {
         return Err(ModelError::Config {

@@ -4,7 +4,15 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::load::{ModelError, PerBlock, Result};
+use crate::load::{check_groups, ModelError, PerBlock, Result};
+
+/// GroupNorm groups of every norm in SVD's UNet and temporal VAE decoder: diffusers'
+/// `UNetSpatioTemporalConditionModel` and `AutoencoderKLTemporalDecoder` fix them at 32 (neither
+/// takes a `norm_num_groups`).
+pub(crate) const SVD_GROUPS: usize = 32;
+
+/// Where [`SVD_GROUPS`] comes from, for errors.
+pub(crate) const SVD_GROUPS_SOURCE: &str = "fixed in diffusers' SVD UNet and temporal VAE";
 
 /// Fields of diffusers' `UNetSpatioTemporalConditionModel` config; unknown fields are ignored.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -124,11 +132,12 @@ impl UNetConfig {
                 self.up_block_types.len()
             )));
         }
-        if let Some(c) = self.block_out_channels.iter().find(|c| *c % 32 != 0) {
-            return Err(config_err(format!(
-                "`block_out_channels` entry {c} is not a multiple of the 32 GroupNorm groups SVD uses"
-            )));
-        }
+        check_groups(
+            path,
+            &self.block_out_channels,
+            SVD_GROUPS,
+            SVD_GROUPS_SOURCE,
+        )?;
         let layers = self.layers_per_block.expand(n, "layers_per_block", path)?;
         let cross = self
             .cross_attention_dim

@@ -5,17 +5,16 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
-use streamline_ir::{Graph, Layout, Result as IrResult, ValueId, ValueInfo};
+use streamline_ir::{Graph, IrError, Layout, Result as IrResult, ValueId, ValueInfo};
 
-use super::config::{BlockKind, BlockSpec, UNetConfig};
+use super::config::{BlockKind, BlockSpec, UNetConfig, SVD_GROUPS};
 use super::resnet::{ResBlockSettings, SpatioTemporalResBlock};
 use super::transformer::TransformerSpatioTemporalModel;
 use crate::blocks::embedding::{sinusoid, TimestepEmbedding};
-use crate::blocks::At;
-use crate::blocks::{node, output_head, upsampler};
-use crate::load::PerBlock;
-use crate::load::{load_config, weights_file, ModelError, Result, WeightSource};
-use crate::ops::{Add, ConcatChannels, Conv2d, GroupNormFrames, Silu, VideoDims};
+use crate::blocks::{node, output_head, At, SkipStack, UNetBlock};
+use crate::load::{load_config, weights_file, ModelError, PerBlock, Result, WeightSource};
+use crate::ops::{Add, Conv2d, GroupNormFrames, Silu, VideoDims};
+use crate::size::SizeRule;
 
 fn settings(temb: usize, eps: f64) -> ResBlockSettings {
     ResBlockSettings {
@@ -31,7 +30,7 @@ fn settings(temb: usize, eps: f64) -> ResBlockSettings {
 struct Block {
     resnets: Vec<SpatioTemporalResBlock>,
     attentions: Vec<TransformerSpatioTemporalModel>,
-    /// Downsampling conv (stride 2) or upsampling conv (after nearest 2x).
+    /// Downsampling conv (stride 2) or upsampling conv (after the nearest resize).
     resample: Option<Arc<Conv2d>>,
 }
 
@@ -55,6 +54,33 @@ impl Block {
                 })
                 .collect(),
         }
+    }
+}
+
+impl UNetBlock for Block {
+    fn layers(&self) -> usize {
+        self.resnets.len()
+    }
+
+    /// Resnet `l`, then its transformer (cross-attention blocks).
+    fn lower_layer(
+        &self,
+        g: &mut Graph,
+        p: &str,
+        l: usize,
+        x: ValueId,
+        context: ValueId,
+        at: At,
+    ) -> IrResult<ValueId> {
+        let x = self.resnets[l].lower(g, &format!("{p}.resnets.{l}"), x, at)?;
+        match self.attentions.get(l) {
+            Some(attn) => attn.lower(g, &format!("{p}.attentions.{l}"), x, context, at),
+            None => Ok(x),
+        }
+    }
+
+    fn resample(&self) -> Option<&Arc<Conv2d>> {
+        self.resample.as_ref()
     }
 }
 
@@ -208,7 +234,7 @@ impl UNetSpatioTemporalConditionModel {
             mid_attentions,
             up_blocks,
             conv_norm_out: Arc::new(GroupNormFrames::new(
-                32,
+                SVD_GROUPS,
                 ch[0],
                 1e-5,
                 vb.pp("conv_norm_out"),
@@ -229,12 +255,24 @@ impl UNetSpatioTemporalConditionModel {
         &self.config
     }
 
+    /// Resnet, then (attention, resnet) pairs.
+    fn lower_mid(&self, g: &mut Graph, x: ValueId, context: ValueId, at: At) -> IrResult<ValueId> {
+        let mut x = self.mid_resnets[0].lower(g, "mid_block.resnets.0", x, at)?;
+        let pairs = self.mid_attentions.iter().zip(&self.mid_resnets[1..]);
+        for (l, (attn, resnet)) in pairs.enumerate() {
+            x = attn.lower(g, &format!("mid_block.attentions.{l}"), x, context, at)?;
+            x = resnet.lower(g, &format!("mid_block.resnets.{}", l + 1), x, at)?;
+        }
+        Ok(x)
+    }
+
     /// The graph of one UNet evaluation at `shape`.
     ///
     /// Inputs, in order: `sample` `(B*T, in_channels, H, W)` (diffusers' `(B, T, C, H, W)`
     /// flattened), `timestep` `(B,)` f32, `encoder_hidden_states` `(B, L, cross_attention_dim)`,
     /// `added_time_ids` `(B, 3)` f32. Output: `(B*T, out_channels, H, W)`. The value `emb`
-    /// is the time + time-id embedding `(B, 4 * block_out_channels[0])`.
+    /// is the time + time-id embedding `(B, 4 * block_out_channels[0])`. Latents that are not
+    /// multiples of `2^(levels - 1)` are refused, stating the rule (see [`SizeRule::svd`]).
     pub fn lower(&self, shape: UNetShape) -> IrResult<Graph> {
         let UNetShape {
             batch,
@@ -244,6 +282,9 @@ impl UNetSpatioTemporalConditionModel {
             context_len,
         } = shape;
         let c = &self.config;
+        SizeRule::svd_latents(c)
+            .check(height, width)
+            .map_err(|e| IrError::value("sample", e.to_string()))?;
         let dt = self.dtype;
         let mut g = Graph::new();
         let bt = batch * frames;
@@ -286,7 +327,7 @@ impl UNetSpatioTemporalConditionModel {
         let emb = node(&mut g, "emb", "", Arc::new(Add), &[temb, aug])?;
         let emb = node(&mut g, "emb.act", "", Arc::new(Silu), &[emb])?;
 
-        let mut at = At {
+        let at = At {
             dims: VideoDims {
                 batch,
                 frames,
@@ -295,60 +336,13 @@ impl UNetSpatioTemporalConditionModel {
             },
             emb: Some(emb),
         };
-        let mut x = node(&mut g, "conv_in", "", self.conv_in.clone(), &[sample])?;
-        let mut skips: Vec<ValueId> = vec![x];
-        for (i, block) in self.down_blocks.iter().enumerate() {
-            let p = format!("down_blocks.{i}");
-            for (l, resnet) in block.resnets.iter().enumerate() {
-                x = resnet.lower(&mut g, &format!("{p}.resnets.{l}"), x, at)?;
-                if let Some(attn) = block.attentions.get(l) {
-                    x = attn.lower(&mut g, &format!("{p}.attentions.{l}"), x, ehs, at, dt)?;
-                }
-                skips.push(x);
-            }
-            if let Some(conv) = &block.resample {
-                x = node(
-                    &mut g,
-                    &format!("{p}.downsamplers.0.conv"),
-                    "",
-                    conv.clone(),
-                    &[x],
-                )?;
-                at = at.with_size(at.dims.height.div_ceil(2), at.dims.width.div_ceil(2));
-                skips.push(x);
-            }
-        }
-        x = self.mid_resnets[0].lower(&mut g, "mid_block.resnets.0", x, at)?;
-        for (l, (attn, resnet)) in self
-            .mid_attentions
-            .iter()
-            .zip(&self.mid_resnets[1..])
-            .enumerate()
-        {
-            x = attn.lower(&mut g, &format!("mid_block.attentions.{l}"), x, ehs, at, dt)?;
-            x = resnet.lower(&mut g, &format!("mid_block.resnets.{}", l + 1), x, at)?;
-        }
-        for (i, block) in self.up_blocks.iter().enumerate() {
-            let p = format!("up_blocks.{i}");
-            for (l, resnet) in block.resnets.iter().enumerate() {
-                let skip = skips.pop().expect("one skip per up resnet");
-                let cat = node(
-                    &mut g,
-                    &format!("{p}.resnets.{l}.concat"),
-                    "",
-                    Arc::new(ConcatChannels),
-                    &[x, skip],
-                )?;
-                x = resnet.lower(&mut g, &format!("{p}.resnets.{l}"), cat, at)?;
-                if let Some(attn) = block.attentions.get(l) {
-                    x = attn.lower(&mut g, &format!("{p}.attentions.{l}"), x, ehs, at, dt)?;
-                }
-            }
-            if let Some(conv) = &block.resample {
-                x = upsampler(&mut g, &p, conv, x)?;
-                at = at.with_size(2 * at.dims.height, 2 * at.dims.width);
-            }
-        }
+        let x = node(&mut g, "conv_in", "", self.conv_in.clone(), &[sample])?;
+        let stack = SkipStack {
+            down: &self.down_blocks,
+            up: &self.up_blocks,
+            context: ehs,
+        };
+        let x = stack.lower(&mut g, x, at, |g, x, at| self.lower_mid(g, x, ehs, at))?;
         let out = output_head(&mut g, "", &self.conv_norm_out, &self.conv_out, x)?;
         g.set_outputs(&[out]);
         Ok(g)
