@@ -173,6 +173,10 @@ mod tests {
         MotionUNetConfig::new(unet, path, adapter, path).unwrap()
     }
 
+    fn why_refused(rule: &SizeRule, height: usize, width: usize) -> String {
+        rule.check(height, width).unwrap_err().why
+    }
+
     #[test]
     fn svd_takes_multiples_of_64_and_says_why() {
         let rule = SizeRule::svd(&svd::UNetConfig::svd(25), &VaeConfig::svd());
@@ -194,11 +198,7 @@ mod tests {
         assert_eq!(SizeRule::svd(&svd_unet(3), &vae(4)).multiple(), 16);
         let small = SizeRule::svd(&svd_unet(2), &vae(2));
         assert_eq!(small.multiple(), 8, "the pipeline's multiples of 8 win");
-        assert!(small
-            .check(12, 16)
-            .unwrap_err()
-            .why
-            .contains("multiples of 8"));
+        assert!(why_refused(&small, 12, 16).contains("multiples of 8"));
         assert_eq!(small.check(16, 24), Ok((8, 12)));
     }
 
@@ -228,11 +228,7 @@ mod tests {
     fn a_vae_scaling_by_more_than_8_needs_whole_latents() {
         let rule = SizeRule::animatediff(&motion_unet(2), &vae(16));
         assert_eq!(rule.multiple(), 16);
-        assert!(rule
-            .check(72, 64)
-            .unwrap_err()
-            .why
-            .contains("whole latents"));
+        assert!(why_refused(&rule, 72, 64).contains("whole latents"));
         assert_eq!(rule.check(64, 32), Ok((4, 2)));
     }
 

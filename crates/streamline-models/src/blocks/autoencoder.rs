@@ -10,7 +10,10 @@ use serde::Deserialize;
 use streamline_ir::{Graph, Layout, Result as IrResult, ValueId, ValueInfo};
 
 use super::{node, output_head, At, ResnetBlock2D};
-use crate::load::{check_groups, load_config, weights_file, ModelError, Result, WeightSource};
+use crate::load::{
+    check_block_lists, check_block_types, check_groups, load_config, weights_file, ModelError,
+    Result, WeightSource,
+};
 use crate::ops::{Add, Attention, Context, Conv2d, GroupNormFrames, PadEnd, Tokens, VideoDims};
 
 /// Fields of a VAE's config.json (both classes); unknown fields are ignored.
@@ -95,31 +98,19 @@ impl VaeConfig {
     /// Reject what the encoder cannot build with `groups` GroupNorm groups (from `source`),
     /// naming the file and the field.
     pub(crate) fn check(&self, path: &Path, (groups, source): (usize, &str)) -> Result<()> {
-        if self.block_out_channels.is_empty()
-            || self.down_block_types.len() != self.block_out_channels.len()
-        {
-            return Err(ModelError::Config {
-                path: path.to_path_buf(),
-                reason: format!(
-                    "`down_block_types` ({}) and `block_out_channels` ({}) must have one entry per block",
-                    self.down_block_types.len(),
-                    self.block_out_channels.len()
-                ),
-            });
-        }
-        if let Some((i, t)) = self
-            .down_block_types
-            .iter()
-            .enumerate()
-            .find(|(_, t)| *t != "DownEncoderBlock2D")
-        {
-            return Err(ModelError::Unsupported {
-                path: path.to_path_buf(),
-                field: format!("down_block_types[{i}]"),
-                value: t.clone(),
-                reason: "the VAE encoder has only DownEncoderBlock2D".into(),
-            });
-        }
+        let blocks = self.block_out_channels.len();
+        check_block_lists(
+            path,
+            blocks,
+            &[("down_block_types", self.down_block_types.len())],
+        )?;
+        check_block_types(
+            path,
+            "down_block_types",
+            &self.down_block_types,
+            "DownEncoderBlock2D",
+            "the VAE encoder has only DownEncoderBlock2D",
+        )?;
         check_groups(path, &self.block_out_channels, groups, source)
     }
 }
@@ -157,8 +148,8 @@ impl VaeAttention {
     }
 }
 
-/// diffusers' `UNetMidBlock2D` as VAEs use it: resnet, attention (unless the config drops
-/// it), resnet.
+/// diffusers' `UNetMidBlock2D` as VAEs use it, on the deepest block's channels: resnet,
+/// attention (unless the config drops it), resnet.
 #[derive(Debug)]
 pub(crate) struct MidBlock2D {
     resnets: [ResnetBlock2D; 2],
@@ -166,17 +157,14 @@ pub(crate) struct MidBlock2D {
 }
 
 impl MidBlock2D {
-    pub fn new(
-        c: usize,
-        attention: bool,
-        groups: usize,
-        vb: VarBuilder,
-    ) -> candle_core::Result<Self> {
+    pub fn new(config: &VaeConfig, groups: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        let c = config.block_out_channels[config.block_out_channels.len() - 1];
         let resnet =
             |l: usize| ResnetBlock2D::new(c, c, None, groups, 1e-6, vb.pp("resnets").pp(l));
         Ok(MidBlock2D {
             resnets: [resnet(0)?, resnet(1)?],
-            attention: attention
+            attention: config
+                .mid_block_add_attention
                 .then(|| VaeAttention::new(c, groups, vb.pp("attentions.0")))
                 .transpose()?,
         })
@@ -255,12 +243,7 @@ impl KlEncoder {
                 vb.pp("conv_in"),
             )?),
             down_blocks,
-            mid_block: MidBlock2D::new(
-                last,
-                c.mid_block_add_attention,
-                groups,
-                vb.pp("mid_block"),
-            )?,
+            mid_block: MidBlock2D::new(c, groups, vb.pp("mid_block"))?,
             conv_norm_out: Arc::new(GroupNormFrames::new(
                 groups,
                 last,

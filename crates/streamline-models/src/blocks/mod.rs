@@ -9,7 +9,7 @@ pub(crate) mod transformer;
 mod unet;
 
 pub(crate) use resnet::{At, ResnetBlock2D};
-pub(crate) use unet::{SkipStack, UNetBlock};
+pub(crate) use unet::{Direction, LayerAt, SkipStack, UNetBlock, UNetLayer};
 
 use std::sync::Arc;
 

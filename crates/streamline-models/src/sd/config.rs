@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::load::{check_groups, ModelError, PerBlock, Result};
+use crate::load::{check_block_lists, check_groups, ModelError, PerBlock, Result};
 
 fn one() -> PerBlock {
     PerBlock::One(1)
@@ -118,17 +118,11 @@ impl UNet2DConfig {
     /// Refuse what `UNetMotionModel.from_unet2d` cannot assemble or streamline does not build,
     /// naming `path`, the field and the value. Fields `from_unet2d` drops are not checked.
     fn check(&self, path: &Path) -> Result<()> {
-        let n = self.block_out_channels.len();
-        if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
-            return Err(ModelError::Config {
-                path: path.to_path_buf(),
-                reason: format!(
-                    "`down_block_types` ({}), `up_block_types` ({}) and `block_out_channels` ({n}) must have one entry per block",
-                    self.down_block_types.len(),
-                    self.up_block_types.len()
-                ),
-            });
-        }
+        let lists = [
+            ("down_block_types", self.down_block_types.len()),
+            ("up_block_types", self.up_block_types.len()),
+        ];
+        check_block_lists(path, self.block_out_channels.len(), &lists)?;
         let debug = |v: &dyn std::fmt::Debug| format!("{v:?}");
         let checks: [(&str, bool, String, &str); 10] = [
             (

@@ -9,7 +9,7 @@ use streamline_ir::{Graph, Result as IrResult, ValueId};
 
 use crate::blocks::autoencoder::{Autoencoder, MidBlock2D, VaeConfig, VaeDecoder};
 use crate::blocks::{node, output_head, upsampler, At, ResnetBlock2D};
-use crate::load::{ModelError, Result};
+use crate::load::{check_block_lists, check_block_types, ModelError, Result};
 use crate::ops::{Conv2d, GroupNormFrames, VideoDims};
 
 #[derive(Debug)]
@@ -61,12 +61,7 @@ impl Decoder {
                 .then(|| Conv2d::new(l, l, 1, 1, 0, post).map(Arc::new))
                 .transpose()?,
             conv_in: Arc::new(Conv2d::new(l, last, 3, 1, 1, vb.pp("conv_in"))?),
-            mid_block: MidBlock2D::new(
-                last,
-                c.mid_block_add_attention,
-                groups,
-                vb.pp("mid_block"),
-            )?,
+            mid_block: MidBlock2D::new(c, groups, vb.pp("mid_block"))?,
             up_blocks,
             conv_norm_out: Arc::new(GroupNormFrames::new(
                 groups,
@@ -135,28 +130,13 @@ fn check(config: &VaeConfig, path: &Path) -> Result<()> {
             reason: "only silu (or its alias swish) is supported".into(),
         });
     }
-    let blocks = config.block_out_channels.len();
-    if config.up_block_types.len() != blocks {
-        return Err(ModelError::Config {
-            path: path.to_path_buf(),
-            reason: format!(
-                "`up_block_types` ({}) must have one entry per block ({blocks})",
-                config.up_block_types.len()
-            ),
-        });
-    }
-    if let Some((i, t)) = config
-        .up_block_types
-        .iter()
-        .enumerate()
-        .find(|(_, t)| *t != "UpDecoderBlock2D")
-    {
-        return Err(ModelError::Unsupported {
-            path: path.to_path_buf(),
-            field: format!("up_block_types[{i}]"),
-            value: t.clone(),
-            reason: "the VAE decoder has only UpDecoderBlock2D".into(),
-        });
-    }
-    Ok(())
+    let lists = [("up_block_types", config.up_block_types.len())];
+    check_block_lists(path, config.block_out_channels.len(), &lists)?;
+    check_block_types(
+        path,
+        "up_block_types",
+        &config.up_block_types,
+        "UpDecoderBlock2D",
+        "the VAE decoder has only UpDecoderBlock2D",
+    )
 }

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::load::{check_groups, ModelError, PerBlock, Result};
+use crate::load::{check_block_lists, check_groups, ModelError, PerBlock, Result};
 
 /// GroupNorm groups of every norm in SVD's UNet and temporal VAE decoder: diffusers'
 /// `UNetSpatioTemporalConditionModel` and `AutoencoderKLTemporalDecoder` fix them at 32 (neither
@@ -125,13 +125,11 @@ impl UNetConfig {
             path: path.to_path_buf(),
             reason,
         };
-        if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
-            return Err(config_err(format!(
-                "`down_block_types` ({}), `up_block_types` ({}) and `block_out_channels` ({n}) must have one entry per block",
-                self.down_block_types.len(),
-                self.up_block_types.len()
-            )));
-        }
+        let lists = [
+            ("down_block_types", self.down_block_types.len()),
+            ("up_block_types", self.up_block_types.len()),
+        ];
+        check_block_lists(path, n, &lists)?;
         check_groups(
             path,
             &self.block_out_channels,

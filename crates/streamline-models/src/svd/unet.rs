@@ -11,7 +11,7 @@ use super::config::{BlockKind, BlockSpec, UNetConfig, SVD_GROUPS};
 use super::resnet::{ResBlockSettings, SpatioTemporalResBlock};
 use super::transformer::TransformerSpatioTemporalModel;
 use crate::blocks::embedding::{sinusoid, TimestepEmbedding};
-use crate::blocks::{node, output_head, At, SkipStack, UNetBlock};
+use crate::blocks::{node, output_head, At, Direction, LayerAt, SkipStack, UNetBlock, UNetLayer};
 use crate::load::{load_config, weights_file, ModelError, PerBlock, Result, WeightSource};
 use crate::ops::{Add, Conv2d, GroupNormFrames, Silu, VideoDims};
 use crate::size::SizeRule;
@@ -25,62 +25,54 @@ fn settings(temb: usize, eps: f64) -> ResBlockSettings {
     }
 }
 
-/// Resnets, optional transformers after each, and an optional resampling conv.
+/// One layer of a down or up block: a spatio-temporal resnet, and a spatio-temporal
+/// transformer in cross-attention blocks.
 #[derive(Debug)]
-struct Block {
-    resnets: Vec<SpatioTemporalResBlock>,
-    attentions: Vec<TransformerSpatioTemporalModel>,
-    /// Downsampling conv (stride 2) or upsampling conv (after the nearest resize).
-    resample: Option<Arc<Conv2d>>,
+struct Layer {
+    resnet: SpatioTemporalResBlock,
+    attention: Option<TransformerSpatioTemporalModel>,
 }
 
-impl Block {
-    fn transformers(
+impl Layer {
+    /// Layer `l` of block `spec`: `in_c` -> `c` channels, resnet settings `s`, `vb` at the
+    /// block.
+    fn new(
         spec: &BlockSpec,
-        c: usize,
+        (l, in_c, c): (usize, usize, usize),
+        s: ResBlockSettings,
         vb: &VarBuilder,
-    ) -> candle_core::Result<Vec<TransformerSpatioTemporalModel>> {
-        match spec.kind {
-            BlockKind::Plain => Ok(Vec::new()),
-            BlockKind::CrossAttn => (0..spec.layers)
-                .map(|i| {
-                    TransformerSpatioTemporalModel::new(
-                        c,
-                        spec.heads,
-                        spec.transformer_layers,
-                        spec.cross_attention_dim,
-                        vb.pp("attentions").pp(i),
-                    )
-                })
-                .collect(),
-        }
+    ) -> candle_core::Result<Self> {
+        let attention = (spec.kind == BlockKind::CrossAttn)
+            .then(|| transformer(spec, c, vb.pp("attentions").pp(l)))
+            .transpose()?;
+        Ok(Layer {
+            resnet: SpatioTemporalResBlock::new(in_c, c, s, vb.pp("resnets").pp(l))?,
+            attention,
+        })
     }
 }
 
-impl UNetBlock for Block {
-    fn layers(&self) -> usize {
-        self.resnets.len()
-    }
+fn transformer(
+    spec: &BlockSpec,
+    c: usize,
+    vb: VarBuilder,
+) -> candle_core::Result<TransformerSpatioTemporalModel> {
+    TransformerSpatioTemporalModel::new(
+        c,
+        spec.heads,
+        spec.transformer_layers,
+        spec.cross_attention_dim,
+        vb,
+    )
+}
 
-    /// Resnet `l`, then its transformer (cross-attention blocks).
-    fn lower_layer(
-        &self,
-        g: &mut Graph,
-        p: &str,
-        l: usize,
-        x: ValueId,
-        context: ValueId,
-        at: At,
-    ) -> IrResult<ValueId> {
-        let x = self.resnets[l].lower(g, &format!("{p}.resnets.{l}"), x, at)?;
-        match self.attentions.get(l) {
-            Some(attn) => attn.lower(g, &format!("{p}.attentions.{l}"), x, context, at),
+impl UNetLayer for Layer {
+    fn lower(&self, g: &mut Graph, x: ValueId, layer: &LayerAt) -> IrResult<ValueId> {
+        let x = self.resnet.lower(g, &layer.name("resnets"), x, layer.at)?;
+        match &self.attention {
+            Some(attn) => attn.lower(g, &layer.name("attentions"), x, layer.context, layer.at),
             None => Ok(x),
         }
-    }
-
-    fn resample(&self) -> Option<&Arc<Conv2d>> {
-        self.resample.as_ref()
     }
 }
 
@@ -104,10 +96,10 @@ pub struct UNetSpatioTemporalConditionModel {
     conv_in: Arc<Conv2d>,
     time_embedding: TimestepEmbedding,
     add_embedding: TimestepEmbedding,
-    down_blocks: Vec<Block>,
+    down_blocks: Vec<UNetBlock<Layer>>,
     mid_resnets: Vec<SpatioTemporalResBlock>,
     mid_attentions: Vec<TransformerSpatioTemporalModel>,
-    up_blocks: Vec<Block>,
+    up_blocks: Vec<UNetBlock<Layer>>,
     conv_norm_out: Arc<GroupNormFrames>,
     conv_out: Arc<Conv2d>,
     dtype: DType,
@@ -134,44 +126,25 @@ impl UNetSpatioTemporalConditionModel {
         let ch = &config.block_out_channels;
         let n = ch.len();
         let temb = config.time_embed_dim();
-        let mut down_blocks = Vec::new();
-        for (i, spec) in down.iter().enumerate() {
-            let vb = vb.pp("down_blocks").pp(i);
-            let in_c = if i == 0 { ch[0] } else { ch[i - 1] };
-            let eps = if spec.kind == BlockKind::CrossAttn {
-                1e-6
-            } else {
-                1e-5
-            };
-            let resnets = (0..spec.layers)
-                .map(|l| {
-                    let c_in = if l == 0 { in_c } else { ch[i] };
-                    SpatioTemporalResBlock::new(
-                        c_in,
-                        ch[i],
-                        settings(temb, eps),
-                        vb.pp("resnets").pp(l),
-                    )
+        let blocks = |direction: Direction, specs: &[BlockSpec]| {
+            specs
+                .iter()
+                .enumerate()
+                .map(|(i, spec)| {
+                    let vb = vb.pp(direction.list()).pp(i);
+                    // diffusers' cross-attention down blocks make their resnets with eps 1e-6.
+                    let cross_down =
+                        direction == Direction::Down && spec.kind == BlockKind::CrossAttn;
+                    let s = settings(temb, if cross_down { 1e-6 } else { 1e-5 });
+                    UNetBlock::new(direction, ch, i, spec.layers, &vb, |l, in_c, c| {
+                        Layer::new(spec, (l, in_c, c), s, &vb)
+                    })
                 })
-                .collect::<candle_core::Result<_>>()?;
-            let resample = (i + 1 < n)
-                .then(|| {
-                    Conv2d::new(ch[i], ch[i], 3, 2, 1, vb.pp("downsamplers.0.conv")).map(Arc::new)
-                })
-                .transpose()?;
-            down_blocks.push(Block {
-                resnets,
-                attentions: Block::transformers(spec, ch[i], &vb)?,
-                resample,
-            });
-        }
-        let mid = vb.pp("mid_block");
-        let last = &down[n - 1];
-        let mid_spec = BlockSpec {
-            kind: BlockKind::CrossAttn,
-            layers: 1,
-            ..last.clone()
+                .collect::<candle_core::Result<Vec<_>>>()
         };
+        let down_blocks = blocks(Direction::Down, &down)?;
+        let up_blocks = blocks(Direction::Up, &up)?;
+        let mid = vb.pp("mid_block");
         let mid_resnets = (0..2)
             .map(|l| {
                 SpatioTemporalResBlock::new(
@@ -182,36 +155,11 @@ impl UNetSpatioTemporalConditionModel {
                 )
             })
             .collect::<candle_core::Result<_>>()?;
-        let mid_attentions = Block::transformers(&mid_spec, ch[n - 1], &mid)?;
-        let mut up_blocks = Vec::new();
-        for (i, spec) in up.iter().enumerate() {
-            let vb = vb.pp("up_blocks").pp(i);
-            let out_c = ch[n - 1 - i];
-            let prev_c = if i == 0 { ch[n - 1] } else { ch[n - i] };
-            let skip_in = ch[(n - 1 - i).saturating_sub(1)];
-            let resnets = (0..spec.layers)
-                .map(|l| {
-                    let skip = if l + 1 == spec.layers { skip_in } else { out_c };
-                    let res_in = if l == 0 { prev_c } else { out_c };
-                    SpatioTemporalResBlock::new(
-                        res_in + skip,
-                        out_c,
-                        settings(temb, 1e-5),
-                        vb.pp("resnets").pp(l),
-                    )
-                })
-                .collect::<candle_core::Result<_>>()?;
-            let resample = (i + 1 < n)
-                .then(|| {
-                    Conv2d::new(out_c, out_c, 3, 1, 1, vb.pp("upsamplers.0.conv")).map(Arc::new)
-                })
-                .transpose()?;
-            up_blocks.push(Block {
-                resnets,
-                attentions: Block::transformers(spec, out_c, &vb)?,
-                resample,
-            });
-        }
+        let mid_attentions = vec![transformer(
+            &down[n - 1],
+            ch[n - 1],
+            mid.pp("attentions.0"),
+        )?];
         Ok(UNetSpatioTemporalConditionModel {
             config: config.clone(),
             conv_in: Arc::new(Conv2d::new(
