@@ -103,6 +103,35 @@ fn motion_unet_at_latents_it_cannot_halve_matches_diffusers() {
     assert!(err <= 1e-4, "relative L2 vs diffusers {err}");
 }
 
+/// `UNetMotionModel.from_unet2d` drops `flip_sin_to_cos`, `freq_shift` and
+/// `center_input_sample` (its time projection is always `Timesteps(c, True, 0)`), and
+/// diffusers' "swish" is SiLU: such UNet configs assemble the same motion UNet.
+#[test]
+fn unet_fields_from_unet2d_drops_change_nothing() {
+    let dir = fixture_dir("animatediff_unet");
+    let io = load_io("animatediff_unet");
+    let mut config = std::fs::read_to_string(dir.join("unet/config.json")).unwrap();
+    for (from, to) in [
+        ("\"act_fn\": \"silu\"", "\"act_fn\": \"swish\""),
+        (
+            "\"center_input_sample\": false",
+            "\"center_input_sample\": true",
+        ),
+        ("\"flip_sin_to_cos\": true", "\"flip_sin_to_cos\": false"),
+        ("\"freq_shift\": 0", "\"freq_shift\": 1"),
+    ] {
+        assert!(config.contains(from), "{config}");
+        config = config.replace(from, to);
+    }
+    let unet = temp_dir("unet-dropped-fields");
+    std::fs::write(unet.join("config.json"), config).unwrap();
+    let weights = "diffusion_pytorch_model.safetensors";
+    std::fs::copy(dir.join("unet").join(weights), unet.join(weights)).unwrap();
+    let adapter = dir.join("motion_adapter");
+    let err = parity(&unet, &adapter, &io, "");
+    assert_eq!(err, parity(&dir.join("unet"), &adapter, &io, ""));
+}
+
 #[test]
 fn groups_that_do_not_split_the_channels_are_refused() {
     let dir = fixture_dir("animatediff_groups");
