@@ -1,13 +1,52 @@
-//! `streamline animatediff` on the tiny AnimateDiff fixture: frames equal diffusers' with the
-//! same latents, prompts that are too long or empty warn, bad input fails clearly.
+//! `streamline animatediff` on the tiny AnimateDiff fixtures: frames equal diffusers' with the
+//! same latents (with 8 GroupNorm groups, and at latents that are not multiples of 2^levels too),
+//! prompts that are too long or empty warn, bad input fails clearly.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/data/animatediff_pipeline")
+/// A pipeline fixture under fixtures/data and the call settings of its config.json.
+struct Fixture {
+    name: &'static str,
+    /// `--num-frames`, `--height`, `--width`, `--num-inference-steps`, `--decode-chunk-size`.
+    sizes: [&'static str; 5],
+    prompt: &'static str,
+    negative_prompt: &'static str,
+}
+
+/// 32 groups, 16x16 pixels.
+const PIPELINE: Fixture = Fixture {
+    name: "animatediff_pipeline",
+    sizes: ["5", "16", "16", "4", "2"],
+    prompt: "A red ball rolls, slowly!",
+    negative_prompt: "blurry, static",
+};
+
+/// 8 GroupNorm groups in the UNet, the motion adapter and the VAE.
+const GROUPS: Fixture = Fixture {
+    name: "animatediff_groups",
+    sizes: ["5", "16", "16", "3", "2"],
+    prompt: "A red ball rolls",
+    negative_prompt: "blurry",
+};
+
+/// 72x40 pixels through a scale-4 VAE: 18x10 latents, which the three-level UNet halves to
+/// 9x5 and 5x3.
+const ODD_SIZE: Fixture = Fixture {
+    name: "animatediff_odd_size",
+    sizes: ["4", "72", "40", "3", "3"],
+    prompt: "A red ball rolls",
+    negative_prompt: "blurry",
+};
+
+impl Fixture {
+    fn dir(&self) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures/data")
+            .join(self.name)
+    }
 }
 
 fn temp(test: &str) -> PathBuf {
@@ -17,17 +56,23 @@ fn temp(test: &str) -> PathBuf {
     dir
 }
 
-/// Run with the fixture's call settings plus `extra`; returns success and stderr.
-fn animatediff(adapter: &Path, output: &Path, extra: &[&str]) -> (bool, String) {
-    let dir = fixture();
+/// Run with the fixture's call settings and latents plus `extra`; returns success and stderr.
+fn animatediff(fixture: &Fixture, adapter: &Path, output: &Path, extra: &[&str]) -> (bool, String) {
+    let dir = fixture.dir();
+    let flags = [
+        "--num-frames",
+        "--height",
+        "--width",
+        "--num-inference-steps",
+        "--decode-chunk-size",
+    ];
     let out = Command::new(env!("CARGO_BIN_EXE_streamline"))
         .arg("animatediff")
         .arg("--model")
         .arg(dir.join("model"))
         .arg("--motion-adapter")
         .arg(adapter)
-        .args(["--num-frames", "5", "--height", "16", "--width", "16"])
-        .args(["--num-inference-steps", "4", "--decode-chunk-size", "2"])
+        .args(flags.iter().zip(fixture.sizes).flat_map(|(f, v)| [*f, v]))
         .arg("--latents")
         .arg(dir.join("io.safetensors"))
         .arg("--output")
@@ -38,37 +83,24 @@ fn animatediff(adapter: &Path, output: &Path, extra: &[&str]) -> (bool, String) 
     (out.status.success(), String::from_utf8(out.stderr).unwrap())
 }
 
-fn frames(path: &Path) -> Tensor {
-    candle_core::safetensors::load(path, &Device::Cpu).unwrap()["frames"].clone()
-}
-
-#[test]
-fn frames_equal_diffusers_and_long_prompts_warn() {
-    let dir = temp("frames");
+/// Run with the fixture's prompts and `extra` flags; returns the largest difference of the
+/// frames from diffusers', and stderr.
+fn frames_vs_diffusers(fixture: &Fixture, extra: &[&str]) -> (f32, String) {
+    let dir = temp(fixture.name);
     let out = dir.join("video.safetensors");
-    let (ok, err) = animatediff(
-        &fixture().join("motion_adapter"),
-        &out,
-        &[
-            "--prompt",
-            "A red ball rolls, slowly!",
-            "--negative-prompt",
-            "blurry, static",
-            "--temporal-chunks",
-            "7",
-            "--spatial-chunks",
-            "7",
-        ],
-    );
-    assert!(ok, "{err}");
-    assert!(
-        err.contains("truncated") && err.contains("slowly!"),
-        "{err}"
-    );
+    let prompts = ["--prompt", fixture.prompt];
+    let negative = ["--negative-prompt", fixture.negative_prompt];
+    let flags: Vec<&str> = prompts
+        .into_iter()
+        .chain(negative)
+        .chain(extra.to_vec())
+        .collect();
+    let (ok, err) = animatediff(fixture, &fixture.dir().join("motion_adapter"), &out, &flags);
+    assert!(ok, "{}: {err}", fixture.name);
     let io =
-        candle_core::safetensors::load(fixture().join("io.safetensors"), &Device::Cpu).unwrap();
-    let reference = io["frames"].squeeze(0).unwrap();
-    let diff = (frames(&out) - reference)
+        candle_core::safetensors::load(fixture.dir().join("io.safetensors"), &Device::Cpu).unwrap();
+    let frames = candle_core::safetensors::load(&out, &Device::Cpu).unwrap()["frames"].clone();
+    let diff = (frames - io["frames"].squeeze(0).unwrap())
         .unwrap()
         .abs()
         .unwrap()
@@ -78,19 +110,52 @@ fn frames_equal_diffusers_and_long_prompts_warn() {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap();
-    assert!(diff <= 2e-3, "frames vs diffusers: max abs {diff}");
     std::fs::remove_dir_all(dir).unwrap();
+    (diff, err)
+}
+
+const PAPER_7_7: [&str; 4] = ["--temporal-chunks", "7", "--spatial-chunks", "7"];
+
+#[test]
+fn frames_equal_diffusers_and_long_prompts_warn() {
+    let (diff, err) = frames_vs_diffusers(&PIPELINE, &PAPER_7_7);
+    assert!(
+        err.contains("truncated") && err.contains("slowly!"),
+        "{err}"
+    );
+    assert!(diff <= 2e-3, "frames vs diffusers: max abs {diff}");
+}
+
+#[test]
+fn frames_equal_diffusers_with_8_groupnorm_groups() {
+    let (diff, _) = frames_vs_diffusers(&GROUPS, &[]);
+    eprintln!("8 groups: frames vs diffusers max abs {diff:.2e}");
+    assert!(diff <= 2e-3, "frames vs diffusers: max abs {diff}");
+}
+
+/// diffusers' UNetMotionModel forwards upsample sizes at 18x10 latents; so does the lowering,
+/// and sliced plans stay exact there.
+#[test]
+fn frames_equal_diffusers_at_latents_the_unet_cannot_halve() {
+    for extra in [&[][..], &PAPER_7_7] {
+        let (diff, _) = frames_vs_diffusers(&ODD_SIZE, extra);
+        eprintln!("72x40 {extra:?}: frames vs diffusers max abs {diff:.2e}");
+        assert!(
+            diff <= 2e-3,
+            "{extra:?}: frames vs diffusers: max abs {diff}"
+        );
+    }
 }
 
 #[test]
 fn bad_input_fails_clearly_and_writes_nothing() {
     let dir = temp("bad");
     let out = dir.join("video.gif");
-    let adapter = fixture().join("motion_adapter");
+    let adapter = PIPELINE.dir().join("motion_adapter");
     let size = Command::new(env!("CARGO_BIN_EXE_streamline"))
         .arg("animatediff")
         .arg("--model")
-        .arg(fixture().join("model"))
+        .arg(PIPELINE.dir().join("model"))
         .arg("--motion-adapter")
         .arg(&adapter)
         .args(["--prompt", "x", "--height", "20", "--output"])
@@ -117,16 +182,21 @@ fn bad_input_fails_clearly_and_writes_nothing() {
         other.join("diffusion_pytorch_model.safetensors"),
     )
     .unwrap();
-    let (ok, err) = animatediff(&other, &out, &["--prompt", "x"]);
+    let (ok, err) = animatediff(&PIPELINE, &other, &out, &["--prompt", "x"]);
     assert!(
         !ok && err.contains("the motion adapter has 3 blocks"),
         "{err}"
     );
-    let (ok, err) = animatediff(&adapter, &out, &["--prompt", ""]);
+    let (ok, err) = animatediff(&PIPELINE, &adapter, &out, &["--prompt", ""]);
     assert!(ok && err.contains("--prompt is empty"), "{err}");
     std::fs::remove_file(&out).unwrap();
     assert!(!out.exists());
-    let (ok, _) = animatediff(&adapter, &out, &["--prompt", "x", "--latents-typo"]);
+    let (ok, _) = animatediff(
+        &PIPELINE,
+        &adapter,
+        &out,
+        &["--prompt", "x", "--latents-typo"],
+    );
     assert!(!ok && !out.exists());
     std::fs::remove_dir_all(dir).unwrap();
 }

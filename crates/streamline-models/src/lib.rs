@@ -12,7 +12,9 @@
 //!   built on the same encoder layers.
 //! - [`svd`]: SVD's UNet and temporal VAE; [`sd`]: AnimateDiff's motion UNet (SD 1.5's UNet
 //!   plus a motion adapter's motion modules) and SD's VAE (`AutoencoderKL`). Both are built
-//!   from shared blocks (the 2D resnet, the VAE encoder and mid block) and lowered to the IR.
+//!   from shared blocks (the 2D resnet, the UNets' skip stack, the VAE encoder and mid block)
+//!   and lowered to the IR.
+//! - [`size`]: the one [`SizeRule`] per model that says which video sizes it takes.
 //!
 //! **Promises:** every lowered model matches diffusers 0.30.1 on the committed fixtures to
 //! relative L2 <= 1e-4 in f32, and declares on every node the axes it is independent of, so
@@ -28,4 +30,7 @@ pub mod clip_text;
 pub mod load;
 pub mod ops;
 pub mod sd;
+pub mod size;
 pub mod svd;
+
+pub use size::{SizeError, SizeRule};

@@ -229,8 +229,19 @@ fn declared_workspace_matches_heap() {
         ),
         case("silu (28,64,64,64)", Silu, vec![feat.clone()]),
         case(
-            "upsample2x (28,128,32,32)",
-            Upsample2x,
+            "upsample_nearest 2x (28,128,32,32)",
+            UpsampleNearest {
+                height: 64,
+                width: 64,
+            },
+            vec![feat128.clone()],
+        ),
+        case(
+            "upsample_nearest to a skip's odd size (28,128,32,32)",
+            UpsampleNearest {
+                height: 63,
+                width: 61,
+            },
             vec![feat128.clone()],
         ),
         case("add", Add, vec![feat.clone(), feat.clone()]),

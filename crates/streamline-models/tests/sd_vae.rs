@@ -57,7 +57,7 @@ fn unsupported_configs_name_file_and_field() {
         ),
         (
             "\"norm_num_groups\": 32",
-            "\"norm_num_groups\": 16",
+            "\"norm_num_groups\": 12",
             "norm_num_groups",
         ),
         ("\"act_fn\": \"silu\"", "\"act_fn\": \"gelu\"", "act_fn"),

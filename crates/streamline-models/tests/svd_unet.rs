@@ -106,3 +106,26 @@ fn fp16_variant_loads_and_f16_compute_stays_close() {
     let err = rel_l2(&half.out.to_dtype(DType::F32).unwrap(), &io["out"]);
     assert!(err <= 2e-2, "f16 compute: relative L2 {err}");
 }
+
+/// diffusers' SVD UNet does not forward upsample sizes, so latents it halves to an odd size
+/// cannot come back; lowering refuses them, stating the rule, before any node exists.
+#[test]
+fn latents_the_unet_cannot_halve_and_double_back_are_refused_at_lowering() {
+    let dir = fixture_dir("svd_unet_b").join("unet");
+    let unet = UNetSpatioTemporalConditionModel::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let shape = |height, width| UNetShape {
+        batch: 1,
+        frames: 2,
+        height,
+        width,
+        context_len: 1,
+    };
+    let err = unet.lower(shape(8, 10)).unwrap_err().to_string();
+    assert!(
+        err.contains("`sample`")
+            && err.contains("latent width 10 must be a positive multiple of 4")
+            && err.contains("halves latents 2 times, without forwarding upsample sizes"),
+        "{err}"
+    );
+    assert!(unet.lower(shape(8, 12)).is_ok());
+}

@@ -72,3 +72,25 @@ fn temporal_decoder_matches_diffusers() {
         "decoded frames: relative L2 vs diffusers {err}"
     );
 }
+
+/// diffusers' `AutoencoderKLTemporalDecoder` takes no `norm_num_groups` or `act_fn`: it builds
+/// 32-group SiLU blocks whatever a config.json says, and so does the loader.
+#[test]
+fn groups_and_activation_in_a_temporal_vae_config_change_nothing() {
+    let src = fixture_dir("svd_vae").join("vae");
+    let config = std::fs::read_to_string(src.join("config.json")).unwrap();
+    let from = "\"in_channels\": 3,";
+    assert!(config.contains(from), "{config}");
+    let dir = temp_dir("svd-vae-groups");
+    let to = format!("{from}\n  \"norm_num_groups\": 16,\n  \"act_fn\": \"gelu\",");
+    std::fs::write(dir.join("config.json"), config.replace(from, &to)).unwrap();
+    let weights = "diffusion_pytorch_model.safetensors";
+    std::fs::copy(src.join(weights), dir.join(weights)).unwrap();
+    let other = AutoencoderKLTemporalDecoder::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let io = load_io("svd_vae");
+    let (n, _, h, w) = io["image"].dims4().unwrap();
+    let encode = |vae: &AutoencoderKLTemporalDecoder| {
+        run(&vae.lower_encoder(n, h, w).unwrap(), io["image"].clone())
+    };
+    assert_eq!(rel_l2(&encode(&other), &encode(&vae())), 0.0);
+}

@@ -1,10 +1,12 @@
 //! Every optimization computes what original inference computes, on the SVD fixtures (UNet
-//! and temporal VAE decoder), AnimateDiff's motion UNet, motion module and SD VAE decoder, for frame chunk counts 1, 2, 3, 7 and B*T and position chunk
-//! counts that do not divide H*W. The naive baseline is measurably not exact.
+//! and temporal VAE decoder), AnimateDiff's motion UNet (at latents that are not multiples of
+//! 2^levels too), motion module and SD VAE decoder, for frame chunk counts 1, 2, 3, 7 and B*T
+//! and position chunk counts that do not divide H*W. The naive baseline is measurably not exact.
 
 mod common;
 
 use std::collections::HashMap;
+use std::path::Path;
 
 use common::{fixture, io, rel_l2};
 
@@ -138,36 +140,56 @@ fn sd_decoder_plans_are_exact() {
     check_all(&g, &[io["latents"].clone()], n);
 }
 
-#[test]
-fn motion_unet_plans_are_exact() {
-    let dir = fixture("animatediff_unet");
-    let io = io("animatediff_unet");
+/// Plans of the motion UNet in `dir` (`unet`, `adapter` below it) on the fixture `io`'s
+/// tensors `{prefix}sample`, `{prefix}timestep` and `{prefix}encoder_hidden_states`.
+fn check_motion_unet(
+    dir: &Path,
+    [unet, adapter]: [&str; 2],
+    io: &HashMap<String, Tensor>,
+    prefix: &str,
+) {
     let model = UNetMotionModel::load(
-        &dir.join("unet"),
-        &dir.join("motion_adapter"),
+        &dir.join(unet),
+        &dir.join(adapter),
         DType::F32,
         &Device::Cpu,
     )
     .unwrap();
-    let (b, c, f, h, w) = io["sample"].dims5().unwrap();
+    let t = |name: &str| io[&format!("{prefix}{name}")].clone();
+    let (b, c, f, h, w) = t("sample").dims5().unwrap();
     let shape = UNetShape {
         batch: b,
         frames: f,
         height: h,
         width: w,
-        context_len: io["encoder_hidden_states"].dim(1).unwrap(),
+        context_len: t("encoder_hidden_states").dim(1).unwrap(),
     };
-    let sample = io["sample"]
+    let sample = t("sample")
         .permute((0, 2, 1, 3, 4))
         .unwrap()
         .reshape((b * f, c, h, w))
         .unwrap();
-    let inputs = [
-        sample,
-        io["timestep"].clone(),
-        io["encoder_hidden_states"].clone(),
-    ];
+    let inputs = [sample, t("timestep"), t("encoder_hidden_states")];
     check_all(&model.lower(shape).unwrap(), &inputs, b * f);
+}
+
+#[test]
+fn motion_unet_plans_are_exact() {
+    let dir = fixture("animatediff_unet");
+    check_motion_unet(
+        &dir,
+        ["unet", "motion_adapter"],
+        &io("animatediff_unet"),
+        "",
+    );
+}
+
+/// 18x10 latents: the upsamplers resize 5x3 to 9x5 and 9x5 to 18x10, frame by frame.
+#[test]
+fn motion_unet_plans_are_exact_at_latents_it_cannot_halve() {
+    let dir = fixture("animatediff_odd_size");
+    let io = io("animatediff_odd_size");
+    check_motion_unet(&dir, ["model/unet", "motion_adapter"], &io, "unet_");
 }
 
 /// Position slices must merge the motion module's GroupNorm statistics across chunks.

@@ -10,7 +10,10 @@ use serde::Deserialize;
 use streamline_ir::{Graph, Layout, Result as IrResult, ValueId, ValueInfo};
 
 use super::{node, output_head, At, ResnetBlock2D};
-use crate::load::{load_config, weights_file, ModelError, Result, WeightSource};
+use crate::load::{
+    check_block_lists, check_block_types, check_groups, load_config, weights_file, ModelError,
+    Result, WeightSource,
+};
 use crate::ops::{Add, Attention, Context, Conv2d, GroupNormFrames, PadEnd, Tokens, VideoDims};
 
 /// Fields of a VAE's config.json (both classes); unknown fields are ignored.
@@ -27,8 +30,11 @@ pub struct VaeConfig {
     pub latent_channels: usize,
     #[serde(default = "default_scaling")]
     pub scaling_factor: f64,
+    /// `AutoencoderKL` only: the temporal VAE's GroupNorms have 32 groups whatever the config
+    /// says, as diffusers builds them.
     #[serde(default = "default_groups")]
     pub norm_num_groups: usize,
+    /// `AutoencoderKL` only, like `norm_num_groups` (the temporal VAE's is SiLU).
     #[serde(default = "default_act")]
     pub act_fn: String,
     #[serde(default = "yes")]
@@ -89,60 +95,23 @@ impl VaeConfig {
         1 << (self.block_out_channels.len().max(1) - 1)
     }
 
-    /// Reject what the encoder cannot build, naming the file and the field.
-    pub(crate) fn check(&self, path: &Path) -> Result<()> {
-        let unsupported = |field: String, value: String, reason: &str| ModelError::Unsupported {
-            path: path.to_path_buf(),
-            field,
-            value,
-            reason: reason.into(),
-        };
-        if self.block_out_channels.is_empty()
-            || self.down_block_types.len() != self.block_out_channels.len()
-        {
-            return Err(ModelError::Config {
-                path: path.to_path_buf(),
-                reason: format!(
-                    "`down_block_types` ({}) and `block_out_channels` ({}) must have one entry per block",
-                    self.down_block_types.len(),
-                    self.block_out_channels.len()
-                ),
-            });
-        }
-        if let Some((i, t)) = self
-            .down_block_types
-            .iter()
-            .enumerate()
-            .find(|(_, t)| *t != "DownEncoderBlock2D")
-        {
-            return Err(unsupported(
-                format!("down_block_types[{i}]"),
-                t.clone(),
-                "the VAE encoder has only DownEncoderBlock2D",
-            ));
-        }
-        if self.norm_num_groups != 32 {
-            return Err(unsupported(
-                "norm_num_groups".into(),
-                self.norm_num_groups.to_string(),
-                "only 32 GroupNorm groups are supported",
-            ));
-        }
-        if self.act_fn != "silu" {
-            return Err(unsupported(
-                "act_fn".into(),
-                self.act_fn.clone(),
-                "only silu is supported",
-            ));
-        }
-        if let Some(c) = self.block_out_channels.iter().find(|c| *c % 32 != 0) {
-            return Err(unsupported(
-                "block_out_channels".into(),
-                c.to_string(),
-                "every entry must be a multiple of the 32 GroupNorm groups",
-            ));
-        }
-        Ok(())
+    /// Reject what the encoder cannot build with `groups` GroupNorm groups (from `source`),
+    /// naming the file and the field.
+    pub(crate) fn check(&self, path: &Path, (groups, source): (usize, &str)) -> Result<()> {
+        let blocks = self.block_out_channels.len();
+        check_block_lists(
+            path,
+            blocks,
+            &[("down_block_types", self.down_block_types.len())],
+        )?;
+        check_block_types(
+            path,
+            "down_block_types",
+            &self.down_block_types,
+            "DownEncoderBlock2D",
+            "the VAE encoder has only DownEncoderBlock2D",
+        )?;
+        check_groups(path, &self.block_out_channels, groups, source)
     }
 }
 
@@ -155,9 +124,9 @@ pub(crate) struct VaeAttention {
 }
 
 impl VaeAttention {
-    pub fn new(c: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+    pub fn new(c: usize, groups: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         Ok(VaeAttention {
-            group_norm: Arc::new(GroupNormFrames::new(32, c, 1e-6, vb.pp("group_norm"))?),
+            group_norm: Arc::new(GroupNormFrames::new(groups, c, 1e-6, vb.pp("group_norm"))?),
             attn: Arc::new(Attention::new(c, 1, c, Context::SelfAttention, true, vb)?),
         })
     }
@@ -179,8 +148,8 @@ impl VaeAttention {
     }
 }
 
-/// diffusers' `UNetMidBlock2D` as VAEs use it: resnet, attention (unless the config drops
-/// it), resnet.
+/// diffusers' `UNetMidBlock2D` as VAEs use it, on the deepest block's channels: resnet,
+/// attention (unless the config drops it), resnet.
 #[derive(Debug)]
 pub(crate) struct MidBlock2D {
     resnets: [ResnetBlock2D; 2],
@@ -188,12 +157,15 @@ pub(crate) struct MidBlock2D {
 }
 
 impl MidBlock2D {
-    pub fn new(c: usize, attention: bool, vb: VarBuilder) -> candle_core::Result<Self> {
-        let resnet = |l: usize| ResnetBlock2D::new(c, c, None, 1e-6, vb.pp("resnets").pp(l));
+    pub fn new(config: &VaeConfig, groups: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        let c = config.block_out_channels[config.block_out_channels.len() - 1];
+        let resnet =
+            |l: usize| ResnetBlock2D::new(c, c, None, groups, 1e-6, vb.pp("resnets").pp(l));
         Ok(MidBlock2D {
             resnets: [resnet(0)?, resnet(1)?],
-            attention: attention
-                .then(|| VaeAttention::new(c, vb.pp("attentions.0")))
+            attention: config
+                .mid_block_add_attention
+                .then(|| VaeAttention::new(c, groups, vb.pp("attentions.0")))
                 .transpose()?,
         })
     }
@@ -228,7 +200,7 @@ pub(crate) struct KlEncoder {
 
 impl KlEncoder {
     /// `vb` at the checkpoint root (`encoder.*`, `quant_conv.*`).
-    pub fn new(c: &VaeConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    pub fn new(c: &VaeConfig, groups: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         let dtype = vb.dtype();
         let (quant, vb) = (vb.pp("quant_conv"), vb.pp("encoder"));
         let ch = &c.block_out_channels;
@@ -245,7 +217,7 @@ impl KlEncoder {
                             (0, _) => ch[i - 1],
                             _ => out,
                         };
-                        ResnetBlock2D::new(c_in, out, None, 1e-6, vb.pp("resnets").pp(l))
+                        ResnetBlock2D::new(c_in, out, None, groups, 1e-6, vb.pp("resnets").pp(l))
                     })
                     .collect::<candle_core::Result<_>>()?;
                 let downsample = (i + 1 < ch.len())
@@ -271,9 +243,9 @@ impl KlEncoder {
                 vb.pp("conv_in"),
             )?),
             down_blocks,
-            mid_block: MidBlock2D::new(last, c.mid_block_add_attention, vb.pp("mid_block"))?,
+            mid_block: MidBlock2D::new(c, groups, vb.pp("mid_block"))?,
             conv_norm_out: Arc::new(GroupNormFrames::new(
-                32,
+                groups,
                 last,
                 1e-6,
                 vb.pp("conv_norm_out"),
@@ -340,6 +312,9 @@ impl KlEncoder {
 /// The decoder half of a VAE class: what differs between SD's `AutoencoderKL` and SVD's
 /// `AutoencoderKLTemporalDecoder` (the encoder half is the same [`KlEncoder`]).
 pub trait VaeDecoder: Sized + std::fmt::Debug {
+    /// The GroupNorm groups of the whole VAE, encoder included, and where they come from (for
+    /// errors).
+    fn groups(config: &VaeConfig) -> (usize, &'static str);
     /// Checks beyond the encoder's, naming `path` and the field.
     fn check(config: &VaeConfig, path: &Path) -> Result<()>;
     /// `vb` at the checkpoint root.
@@ -362,7 +337,7 @@ impl<D: VaeDecoder> Autoencoder<D> {
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let config_path = dir.join("config.json");
         let config: VaeConfig = load_config(&config_path)?;
-        config.check(&config_path)?;
+        config.check(&config_path, D::groups(&config))?;
         D::check(&config, &config_path)?;
         let file = weights_file(dir, "diffusion_pytorch_model")?;
         let vb = WeightSource::open(&file)?.var_builder(dtype, device);
@@ -372,12 +347,12 @@ impl<D: VaeDecoder> Autoencoder<D> {
     pub fn new(config: &VaeConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let path = Path::new("config.json");
         config
-            .check(path)
+            .check(path, D::groups(config))
             .and_then(|()| D::check(config, path))
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         Ok(Autoencoder {
             config: config.clone(),
-            encoder: KlEncoder::new(config, vb.clone())?,
+            encoder: KlEncoder::new(config, D::groups(config).0, vb.clone())?,
             decoder: D::new(config, vb.clone())?,
             dtype: vb.dtype(),
         })

@@ -1,18 +1,21 @@
 //! Building blocks shared by the SVD and Stable Diffusion (AnimateDiff) models: graph helpers,
-//! the 2D residual block, and what SD's VAE and SVD's temporal VAE have in common.
+//! the 2D residual block, the UNets' skip stack, and what SD's VAE and SVD's temporal VAE have
+//! in common.
 
 pub(crate) mod autoencoder;
 pub(crate) mod embedding;
 mod resnet;
 pub(crate) mod transformer;
+mod unet;
 
 pub(crate) use resnet::{At, ResnetBlock2D};
+pub(crate) use unet::{Direction, LayerAt, SkipStack, UNetBlock, UNetLayer};
 
 use std::sync::Arc;
 
 use streamline_ir::{Graph, Op, ValueId};
 
-use crate::ops::{Conv2d, GroupNormFrames, Silu, Upsample2x};
+use crate::ops::{Conv2d, GroupNormFrames, Silu, UpsampleNearest};
 
 /// Push a node named `prefix.name` (or `prefix` alone when `name` is empty).
 pub(crate) fn node(
@@ -44,14 +47,22 @@ pub(crate) fn output_head(
     node(g, prefix, "conv_out", conv.clone(), &[h])
 }
 
-/// diffusers' `Upsample2D` with a conv: nearest 2x, then the 3x3 `prefix.upsamplers.0.conv`.
+/// diffusers' `Upsample2D` with a conv: nearest resize to `(height, width)` (twice the input,
+/// or the size a UNet forwards), then the 3x3 `prefix.upsamplers.0.conv`.
 pub(crate) fn upsampler(
     g: &mut Graph,
     prefix: &str,
     conv: &Arc<Conv2d>,
     x: ValueId,
+    (height, width): (usize, usize),
 ) -> streamline_ir::Result<ValueId> {
     let p = format!("{prefix}.upsamplers.0");
-    let up = node(g, &p, "upsample", Arc::new(Upsample2x), &[x])?;
+    let up = node(
+        g,
+        &p,
+        "upsample",
+        Arc::new(UpsampleNearest { height, width }),
+        &[x],
+    )?;
     node(g, &p, "conv", conv.clone(), &[up])
 }

@@ -45,16 +45,17 @@ impl ResnetBlock2D {
         in_c: usize,
         out_c: usize,
         temb: Option<usize>,
+        groups: usize,
         eps: f64,
         vb: VarBuilder,
     ) -> candle_core::Result<Self> {
         Ok(ResnetBlock2D {
-            norm1: Arc::new(GroupNormFrames::new(32, in_c, eps, vb.pp("norm1"))?),
+            norm1: Arc::new(GroupNormFrames::new(groups, in_c, eps, vb.pp("norm1"))?),
             conv1: Arc::new(Conv2d::new(in_c, out_c, 3, 1, 1, vb.pp("conv1"))?),
             time_emb_proj: temb
                 .map(|t| Linear::new(t, out_c, true, vb.pp("time_emb_proj")).map(Arc::new))
                 .transpose()?,
-            norm2: Arc::new(GroupNormFrames::new(32, out_c, eps, vb.pp("norm2"))?),
+            norm2: Arc::new(GroupNormFrames::new(groups, out_c, eps, vb.pp("norm2"))?),
             conv2: Arc::new(Conv2d::new(out_c, out_c, 3, 1, 1, vb.pp("conv2"))?),
             conv_shortcut: (in_c != out_c)
                 .then(|| Conv2d::new(in_c, out_c, 1, 1, 0, vb.pp("conv_shortcut")).map(Arc::new))

@@ -143,23 +143,30 @@ pub(crate) struct TemporalGroupNorm {
     weight: Tensor,
     bias: Tensor,
     channels: usize,
+    groups: usize,
     eps: f64,
 }
 
 impl TemporalGroupNorm {
-    pub fn new(channels: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<Self> {
+    pub fn new(
+        channels: usize,
+        groups: usize,
+        eps: f64,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
         Ok(TemporalGroupNorm {
             weight: vb.get(channels, "weight")?,
             bias: vb.get(channels, "bias")?,
             channels,
+            groups,
             eps,
         })
     }
 
     pub fn lower(&self, g: &mut Graph, p: &str, x: ValueId, dims: VideoDims) -> Result<ValueId> {
-        let stats = GroupNormStats::new(dims, self.channels, 32)?;
+        let stats = GroupNormStats::new(dims, self.channels, self.groups)?;
         let s = node(g, p, "stats", Arc::new(stats), &[x])?;
-        let apply = GroupNormApply::new(dims, 32, self.eps, &self.weight, &self.bias)?;
+        let apply = GroupNormApply::new(dims, self.groups, self.eps, &self.weight, &self.bias)?;
         node(g, p, "", Arc::new(apply), &[x, s])
     }
 }

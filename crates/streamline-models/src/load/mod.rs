@@ -5,6 +5,7 @@ mod config;
 mod error;
 mod weights;
 
+pub(crate) use config::{check_block_lists, check_block_types, check_groups};
 pub use config::{load_config, PerBlock};
 pub use error::{ModelError, Result};
 pub use weights::{weights_file, Manifest, Usage, WeightSource};

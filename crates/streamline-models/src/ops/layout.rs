@@ -387,26 +387,38 @@ impl Op for Tokens {
     }
 }
 
-/// Nearest-neighbour 2x upsampling of each frame: one candle kernel, no workspace.
+/// Nearest-neighbour resize of each frame to `height x width`, as torch's
+/// `F.interpolate(mode="nearest")`: output pixel `i` reads input pixel `floor(i * in / out)`.
+///
+/// diffusers' `Upsample2D` doubles (`scale_factor=2`), or, when a UNet forwards upsample sizes
+/// because its latents are not multiples of `2^levels`, resizes to its skip connection's size
+/// (`2n - 1` from `n` where a stride-2 conv rounded an odd size up). Frame by frame, one candle
+/// kernel, no workspace.
 #[derive(Debug, Clone, Copy)]
-pub struct Upsample2x;
+pub struct UpsampleNearest {
+    pub height: usize,
+    pub width: usize,
+}
 
-impl Op for Upsample2x {
+impl Op for UpsampleNearest {
     fn kind(&self) -> &'static str {
-        "upsample2x"
+        "upsample_nearest"
     }
     fn independence(&self) -> Independence {
         Independence::Frames
     }
     fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
         match inputs[0].shape.dims() {
-            &[n, c, h, w] => Ok(ValueInfo::new(
-                (n, c, 2 * h, 2 * w),
-                inputs[0].dtype,
-                inputs[0].layout,
-            )),
+            &[n, c, h, w] if h > 0 && w > 0 && self.height > 0 && self.width > 0 => {
+                Ok(ValueInfo::new(
+                    (n, c, self.height, self.width),
+                    inputs[0].dtype,
+                    inputs[0].layout,
+                ))
+            }
             d => Err(IrError::Plan(format!(
-                "upsample2x expects (N, C, H, W), got {d:?}"
+                "upsample_nearest to {}x{} expects non-empty (N, C, H, W), got {d:?}",
+                self.height, self.width
             ))),
         }
     }
@@ -414,8 +426,7 @@ impl Op for Upsample2x {
         0
     }
     fn forward(&self, x: &[&Tensor], _: &SliceCtx) -> Result<Tensor> {
-        let (_, _, h, w) = x[0].dims4()?;
-        Ok(x[0].upsample_nearest2d(2 * h, 2 * w)?)
+        Ok(x[0].upsample_nearest2d(self.height, self.width)?)
     }
 }
 

@@ -19,5 +19,5 @@ pub use elementwise::{Add, AddBatchEmb, AddBroadcast, Blend, ConcatChannels};
 pub use embed::{Const, Sinusoid};
 pub use group_norm::{GroupNormApply, GroupNormStats};
 pub use layout::{FrameLayout, FramesToPositions, PositionsToFrames, Tokens, VideoDims};
-pub use nn::{Conv2d, Geglu, GroupNormFrames, LayerNorm, Linear, PadEnd, Silu, Upsample2x};
+pub use nn::{Conv2d, Geglu, GroupNormFrames, LayerNorm, Linear, PadEnd, Silu, UpsampleNearest};
 pub use temporal::TemporalConv;

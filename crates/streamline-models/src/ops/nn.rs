@@ -21,7 +21,7 @@ use super::layout::{by_row_chunks, info_of, row_chunk, tiles, Tiles};
 
 // Per-frame GroupNorm and the resampling ops live beside their kin; `ops` exports them here.
 pub use super::group_norm::GroupNormFrames;
-pub use super::layout::{PadEnd, Upsample2x};
+pub use super::layout::{PadEnd, UpsampleNearest};
 
 fn elems(v: &ValueInfo) -> u64 {
     v.shape.elem_count() as u64

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::load::{ModelError, PerBlock, Result};
+use crate::load::{check_block_lists, check_groups, ModelError, PerBlock, Result};
 
 fn one() -> PerBlock {
     PerBlock::One(1)
@@ -71,6 +71,8 @@ pub struct UNet2DConfig {
     pub num_attention_heads: Option<PerBlock>,
     #[serde(default = "one")]
     pub transformer_layers_per_block: PerBlock,
+    /// Every GroupNorm of the motion UNet, its motion modules' included: diffusers'
+    /// `from_unet2d` builds them all with this.
     #[serde(default = "groups")]
     pub norm_num_groups: usize,
     #[serde(default = "eps")]
@@ -79,6 +81,9 @@ pub struct UNet2DConfig {
     pub downsample_padding: usize,
     #[serde(default)]
     pub use_linear_projection: bool,
+    /// Read but not used, like `freq_shift` and `center_input_sample`:
+    /// `UNetMotionModel.from_unet2d` drops them (its `time_proj` is always
+    /// `Timesteps(c, True, 0)` and it never centers the sample).
     #[serde(default = "yes")]
     pub flip_sin_to_cos: bool,
     #[serde(default)]
@@ -110,6 +115,93 @@ pub struct UNet2DConfig {
 }
 
 impl UNet2DConfig {
+    /// Refuse what `UNetMotionModel.from_unet2d` cannot assemble or streamline does not build,
+    /// naming `path`, the field and the value. Fields `from_unet2d` drops are not checked.
+    fn check(&self, path: &Path) -> Result<()> {
+        let lists = [
+            ("down_block_types", self.down_block_types.len()),
+            ("up_block_types", self.up_block_types.len()),
+        ];
+        check_block_lists(path, self.block_out_channels.len(), &lists)?;
+        let debug = |v: &dyn std::fmt::Debug| format!("{v:?}");
+        let checks: [(&str, bool, String, &str); 10] = [
+            (
+                "downsample_padding",
+                self.downsample_padding != 1,
+                self.downsample_padding.to_string(),
+                "only 1, SD 1.5's, is supported",
+            ),
+            (
+                "act_fn",
+                !matches!(self.act_fn.as_str(), "silu" | "swish"),
+                self.act_fn.clone(),
+                "only silu (or its alias swish) is supported",
+            ),
+            (
+                "mid_block_type",
+                self.mid_block_type.as_deref() != Some("UNetMidBlock2DCrossAttn"),
+                debug(&self.mid_block_type),
+                "diffusers' UNetMotionModel takes the mid block's resnets and attentions from a UNetMidBlock2DCrossAttn",
+            ),
+            (
+                "mid_block_scale_factor",
+                self.mid_block_scale_factor.is_some_and(|s| s != 1.0),
+                debug(&self.mid_block_scale_factor),
+                "only 1, SD 1.5's, is supported",
+            ),
+            (
+                "resnet_time_scale_shift",
+                self.resnet_time_scale_shift != "default",
+                self.resnet_time_scale_shift.clone(),
+                "diffusers' UNetMotionModel builds \"default\" resnets only",
+            ),
+            (
+                "class_embed_type",
+                self.class_embed_type.is_some(),
+                debug(&self.class_embed_type),
+                "class embeddings are not supported (diffusers' UNetMotionModel drops them)",
+            ),
+            (
+                "addition_embed_type",
+                self.addition_embed_type.is_some(),
+                debug(&self.addition_embed_type),
+                "added embeddings (SDXL) are not supported",
+            ),
+            (
+                "encoder_hid_dim_type",
+                self.encoder_hid_dim_type.is_some(),
+                debug(&self.encoder_hid_dim_type),
+                "encoder projections are not supported",
+            ),
+            (
+                "time_cond_proj_dim",
+                self.time_cond_proj_dim.is_some(),
+                debug(&self.time_cond_proj_dim),
+                "time conditioning projections (LCM-distilled UNets) are not supported",
+            ),
+            (
+                "only_cross_attention",
+                self.only_cross_attention || self.dual_cross_attention,
+                self.only_cross_attention.to_string(),
+                "only_cross_attention / dual_cross_attention are not supported",
+            ),
+        ];
+        if let Some((field, _, value, reason)) = checks.into_iter().find(|c| c.1) {
+            return Err(ModelError::Unsupported {
+                path: path.to_path_buf(),
+                field: field.into(),
+                value,
+                reason: reason.into(),
+            });
+        }
+        check_groups(
+            path,
+            &self.block_out_channels,
+            self.norm_num_groups,
+            "`norm_num_groups`",
+        )
+    }
+
     /// Stable Diffusion 1.5's `unet/config.json`.
     pub fn sd15() -> Self {
         let s = |v: &[&str]| v.iter().map(|t| t.to_string()).collect();
@@ -170,6 +262,8 @@ pub struct MotionAdapterConfig {
     pub motion_transformer_layers_per_mid_block: PerBlock,
     #[serde(default = "motion_heads")]
     pub motion_num_attention_heads: PerBlock,
+    /// The adapter's own modules' groups; not those of a motion UNet built with the adapter
+    /// (see `UNet2DConfig::norm_num_groups`).
     #[serde(default = "groups")]
     pub motion_norm_num_groups: usize,
     #[serde(default = "max_frames")]
@@ -185,6 +279,26 @@ fn one_usize() -> usize {
 }
 
 impl MotionAdapterConfig {
+    /// Refuse PIA adapters and groups that do not split the channels, naming `path`.
+    fn check(&self, path: &Path) -> Result<()> {
+        if let Some(c) = self.conv_in_channels {
+            return Err(ModelError::Unsupported {
+                path: path.to_path_buf(),
+                field: "conv_in_channels".into(),
+                value: c.to_string(),
+                reason: "PIA adapters are not supported (AnimateDiffPipeline feeds the UNet 4 latent channels)".into(),
+            });
+        }
+        // diffusers builds the adapter's own modules with these groups and so refuses ones that
+        // do not split the channels, but a motion UNet's with the UNet's `norm_num_groups`.
+        check_groups(
+            path,
+            &self.block_out_channels,
+            self.motion_norm_num_groups,
+            "`motion_norm_num_groups`",
+        )
+    }
+
     /// `guoyww/animatediff-motion-adapter-v1-5-2`: diffusers' `MotionAdapter` defaults.
     pub fn v1_5_2() -> Self {
         MotionAdapterConfig {
@@ -243,6 +357,8 @@ impl MotionUNetConfig {
         adapter: MotionAdapterConfig,
         adapter_path: &Path,
     ) -> Result<Self> {
+        unet.check(unet_path)?;
+        adapter.check(adapter_path)?;
         let n = unet.block_out_channels.len();
         let config_err = |path: &Path, reason: String| ModelError::Config {
             path: path.to_path_buf(),
@@ -255,113 +371,6 @@ impl MotionUNetConfig {
                 value,
                 reason: reason.into(),
             };
-        if n == 0 || unet.down_block_types.len() != n || unet.up_block_types.len() != n {
-            return Err(config_err(
-                unet_path,
-                format!(
-                    "`down_block_types` ({}), `up_block_types` ({}) and `block_out_channels` ({n}) must have one entry per block",
-                    unet.down_block_types.len(),
-                    unet.up_block_types.len()
-                ),
-            ));
-        }
-        let checks: [(&str, bool, String, &str); 14] = [
-            (
-                "norm_num_groups",
-                unet.norm_num_groups != 32,
-                unet.norm_num_groups.to_string(),
-                "only 32 GroupNorm groups are supported",
-            ),
-            (
-                "downsample_padding",
-                unet.downsample_padding != 1,
-                unet.downsample_padding.to_string(),
-                "only 1 is supported",
-            ),
-            (
-                "flip_sin_to_cos",
-                !unet.flip_sin_to_cos,
-                unet.flip_sin_to_cos.to_string(),
-                "only true is supported",
-            ),
-            (
-                "freq_shift",
-                unet.freq_shift != 0.0,
-                unet.freq_shift.to_string(),
-                "only 0 is supported",
-            ),
-            (
-                "act_fn",
-                unet.act_fn != "silu",
-                unet.act_fn.clone(),
-                "only silu is supported",
-            ),
-            (
-                "mid_block_type",
-                unet.mid_block_type.as_deref() != Some("UNetMidBlock2DCrossAttn"),
-                format!("{:?}", unet.mid_block_type),
-                "only UNetMidBlock2DCrossAttn is supported",
-            ),
-            (
-                "mid_block_scale_factor",
-                unet.mid_block_scale_factor.is_some_and(|s| s != 1.0),
-                format!("{:?}", unet.mid_block_scale_factor),
-                "only 1 is supported",
-            ),
-            (
-                "resnet_time_scale_shift",
-                unet.resnet_time_scale_shift != "default",
-                unet.resnet_time_scale_shift.clone(),
-                "only \"default\" is supported",
-            ),
-            (
-                "class_embed_type",
-                unet.class_embed_type.is_some(),
-                format!("{:?}", unet.class_embed_type),
-                "class embeddings are not supported",
-            ),
-            (
-                "addition_embed_type",
-                unet.addition_embed_type.is_some(),
-                format!("{:?}", unet.addition_embed_type),
-                "added embeddings (SDXL) are not supported",
-            ),
-            (
-                "encoder_hid_dim_type",
-                unet.encoder_hid_dim_type.is_some(),
-                format!("{:?}", unet.encoder_hid_dim_type),
-                "encoder projections are not supported",
-            ),
-            (
-                "time_cond_proj_dim",
-                unet.time_cond_proj_dim.is_some(),
-                format!("{:?}", unet.time_cond_proj_dim),
-                "time conditioning projections are not supported",
-            ),
-            (
-                "only_cross_attention",
-                unet.only_cross_attention || unet.dual_cross_attention,
-                unet.only_cross_attention.to_string(),
-                "only_cross_attention / dual_cross_attention are not supported",
-            ),
-            (
-                "center_input_sample",
-                unet.center_input_sample,
-                unet.center_input_sample.to_string(),
-                "only false is supported",
-            ),
-        ];
-        if let Some((field, _, value, reason)) = checks.into_iter().find(|c| c.1) {
-            return Err(unsupported(unet_path, field, value, reason));
-        }
-        if let Some(c) = unet.block_out_channels.iter().find(|c| *c % 32 != 0) {
-            return Err(config_err(
-                unet_path,
-                format!(
-                    "`block_out_channels` entry {c} is not a multiple of the 32 GroupNorm groups"
-                ),
-            ));
-        }
         if adapter.block_out_channels.len() != n {
             return Err(config_err(
                 adapter_path,
@@ -399,22 +408,6 @@ impl MotionUNetConfig {
                     "`motion_layers_per_block` {motion_layers:?} differ from the UNet's `layers_per_block` {layers:?} ({})",
                     unet_path.display()
                 ),
-            ));
-        }
-        if let Some(c) = adapter.conv_in_channels {
-            return Err(unsupported(
-                adapter_path,
-                "conv_in_channels",
-                c.to_string(),
-                "PIA adapters are not supported",
-            ));
-        }
-        if adapter.motion_norm_num_groups != 32 {
-            return Err(unsupported(
-                adapter_path,
-                "motion_norm_num_groups",
-                adapter.motion_norm_num_groups.to_string(),
-                "only 32 GroupNorm groups are supported",
             ));
         }
         let heads = match (&unet.num_attention_heads, &unet.attention_head_dim) {

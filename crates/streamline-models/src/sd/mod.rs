@@ -12,3 +12,5 @@ pub use config::{MotionAdapterConfig, MotionUNetConfig, UNet2DConfig};
 pub use motion::MotionModule;
 pub use unet::UNetMotionModel;
 pub use vae::AutoencoderKL;
+
+pub use crate::blocks::autoencoder::VaeConfig;

@@ -31,13 +31,28 @@ pub struct MotionModule {
 }
 
 impl MotionModule {
-    /// `vb` at the module (`norm`, `proj_in`, `transformer_blocks.N`, `proj_out`); each block's
-    /// `pos_embed.pe` `(1, max_frames, channels)` is read from the checkpoint.
+    /// A module with GroupNorm's 32 groups, `AnimateDiffTransformer3D`'s default; see
+    /// [`MotionModule::with_groups`].
     pub fn new(
         channels: usize,
         heads: usize,
         layers: usize,
         max_frames: usize,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        Self::with_groups(channels, heads, layers, max_frames, 32, vb)
+    }
+
+    /// `vb` at the module (`norm`, `proj_in`, `transformer_blocks.N`, `proj_out`); each block's
+    /// `pos_embed.pe` `(1, max_frames, channels)` is read from the checkpoint. The GroupNorm's
+    /// `groups` are the UNet's `norm_num_groups` in a motion UNet (diffusers builds the
+    /// modules with them, whatever the adapter's `motion_norm_num_groups`).
+    pub fn with_groups(
+        channels: usize,
+        heads: usize,
+        layers: usize,
+        max_frames: usize,
+        groups: usize,
         vb: VarBuilder,
     ) -> candle_core::Result<Self> {
         let blocks = (0..layers)
@@ -52,7 +67,7 @@ impl MotionModule {
             })
             .collect::<candle_core::Result<_>>()?;
         Ok(MotionModule {
-            norm: TemporalGroupNorm::new(channels, 1e-6, vb.pp("norm"))?,
+            norm: TemporalGroupNorm::new(channels, groups, 1e-6, vb.pp("norm"))?,
             proj_in: Arc::new(Linear::new(channels, channels, true, vb.pp("proj_in"))?),
             blocks,
             proj_out: Arc::new(Linear::new(channels, channels, true, vb.pp("proj_out"))?),

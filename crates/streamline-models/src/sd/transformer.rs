@@ -52,6 +52,7 @@ impl Transformer2DModel {
         layers: usize,
         context_dim: usize,
         linear_projection: bool,
+        groups: usize,
         vb: VarBuilder,
     ) -> candle_core::Result<Self> {
         // Rows per batch item are set when lowered at a size.
@@ -70,7 +71,7 @@ impl Transformer2DModel {
             })
             .collect::<candle_core::Result<_>>()?;
         Ok(Transformer2DModel {
-            norm: Arc::new(GroupNormFrames::new(32, channels, 1e-6, vb.pp("norm"))?),
+            norm: Arc::new(GroupNormFrames::new(groups, channels, 1e-6, vb.pp("norm"))?),
             proj_in: Projection::new(channels, linear_projection, vb.pp("proj_in"))?,
             blocks,
             proj_out: Projection::new(channels, linear_projection, vb.pp("proj_out"))?,

@@ -9,100 +9,86 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
-use streamline_ir::{Graph, IrError, Layout, Result as IrResult, ValueId, ValueInfo};
+use streamline_ir::{Graph, Layout, Result as IrResult, ValueId, ValueInfo};
 
 use super::config::{Block, Kind, MotionAdapterConfig, MotionUNetConfig, UNet2DConfig};
 use super::motion::MotionModule;
 use super::transformer::Transformer2DModel;
 use crate::blocks::embedding::{sinusoid, TimestepEmbedding};
-use crate::blocks::{node, output_head, upsampler, At, ResnetBlock2D};
+use crate::blocks::{
+    node, output_head, At, Direction, LayerAt, ResnetBlock2D, SkipStack, UNetBlock, UNetLayer,
+};
 use crate::load::{load_config, weights_file, ModelError, Result, WeightSource};
-use crate::ops::{ConcatChannels, Conv2d, GroupNormFrames, Silu, VideoDims};
+use crate::ops::{Conv2d, GroupNormFrames, Silu, VideoDims};
 use crate::svd::UNetShape;
 
-/// A down or up block: resnets, a transformer and a motion module after each, and an
-/// optional resampling conv.
+/// One layer of a down or up block: a resnet, a transformer (cross-attention blocks) and a
+/// motion module.
 #[derive(Debug)]
-struct MotionBlock {
-    resnets: Vec<ResnetBlock2D>,
-    attentions: Vec<Transformer2DModel>,
-    motion_modules: Vec<MotionModule>,
-    /// Downsampling conv (stride 2) or upsampling conv (after nearest 2x).
-    resample: Option<Arc<Conv2d>>,
+struct MotionLayer {
+    resnet: ResnetBlock2D,
+    attention: Option<Transformer2DModel>,
+    motion_module: MotionModule,
 }
 
-impl MotionBlock {
-    /// `resnet_in(l)`: input channels of resnet `l`; `vb` / `adapter` at the block.
+impl MotionLayer {
+    /// Layer `l` of the block `spec`, with `in_c` input channels; `vb` / `adapter` at the
+    /// block.
     fn new(
         spec: &Block,
         config: &MotionUNetConfig,
-        resnet_in: impl Fn(usize) -> usize,
-        resample: Option<Arc<Conv2d>>,
+        (l, in_c): (usize, usize),
         vb: &VarBuilder,
         adapter: &VarBuilder,
     ) -> candle_core::Result<Self> {
-        let c = spec.channels;
-        let u = &config.unet;
-        let resnets = (0..spec.layers)
-            .map(|l| {
-                ResnetBlock2D::new(
-                    resnet_in(l),
+        let (c, u) = (spec.channels, &config.unet);
+        let temb = Some(config.time_embed_dim());
+        let resnet = ResnetBlock2D::new(
+            in_c,
+            c,
+            temb,
+            u.norm_num_groups,
+            u.norm_eps,
+            vb.pp("resnets").pp(l),
+        )?;
+        let attention = (spec.kind == Kind::CrossAttn)
+            .then(|| {
+                Transformer2DModel::new(
                     c,
-                    Some(config.time_embed_dim()),
-                    u.norm_eps,
-                    vb.pp("resnets").pp(l),
+                    spec.heads,
+                    spec.transformer_layers,
+                    spec.cross_attention_dim,
+                    u.use_linear_projection,
+                    u.norm_num_groups,
+                    vb.pp("attentions").pp(l),
                 )
             })
-            .collect::<candle_core::Result<_>>()?;
-        let attentions = match spec.kind {
-            Kind::Plain => Vec::new(),
-            Kind::CrossAttn => (0..spec.layers)
-                .map(|l| {
-                    Transformer2DModel::new(
-                        c,
-                        spec.heads,
-                        spec.transformer_layers,
-                        spec.cross_attention_dim,
-                        u.use_linear_projection,
-                        vb.pp("attentions").pp(l),
-                    )
-                })
-                .collect::<candle_core::Result<_>>()?,
-        };
-        let motion_modules = (0..spec.layers)
-            .map(|l| {
-                MotionModule::new(
-                    c,
-                    spec.motion_heads,
-                    spec.motion_layers,
-                    config.adapter.motion_max_seq_length,
-                    adapter.pp("motion_modules").pp(l),
-                )
-            })
-            .collect::<candle_core::Result<_>>()?;
-        Ok(MotionBlock {
-            resnets,
-            attentions,
-            motion_modules,
-            resample,
+            .transpose()?;
+        let motion_module = MotionModule::with_groups(
+            c,
+            spec.motion_heads,
+            spec.motion_layers,
+            config.adapter.motion_max_seq_length,
+            u.norm_num_groups,
+            adapter.pp("motion_modules").pp(l),
+        )?;
+        Ok(MotionLayer {
+            resnet,
+            attention,
+            motion_module,
         })
     }
+}
 
-    /// Resnet `l`'s input is `x` already; transformer and motion module follow it.
-    fn lower_layer(
-        &self,
-        g: &mut Graph,
-        p: &str,
-        l: usize,
-        x: ValueId,
-        context: ValueId,
-        at: At,
-    ) -> IrResult<ValueId> {
-        let mut x = self.resnets[l].lower(g, &format!("{p}.resnets.{l}"), x, at)?;
-        if let Some(attn) = self.attentions.get(l) {
-            x = attn.lower(g, &format!("{p}.attentions.{l}"), x, context, at)?;
+impl UNetLayer for MotionLayer {
+    fn lower(&self, g: &mut Graph, x: ValueId, layer: &LayerAt) -> IrResult<ValueId> {
+        let at = layer.at;
+        let mut x = self.resnet.lower(g, &layer.name("resnets"), x, at)?;
+        if let Some(attn) = &self.attention {
+            x = attn.lower(g, &layer.name("attentions"), x, layer.context, at)?;
         }
-        self.motion_modules[l].lower(g, &format!("{p}.motion_modules.{l}"), x, at.dims)
+        let name = layer.name("motion_modules");
+        self.motion_module.lower(g, &name, x, at.dims)
     }
 }
 
@@ -115,6 +101,63 @@ struct MidBlock {
     motion_module: Option<MotionModule>,
 }
 
+impl MidBlock {
+    /// `vb` / `adapter` at `mid_block`.
+    fn new(
+        config: &MotionUNetConfig,
+        vb: VarBuilder,
+        adapter: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        let u = &config.unet;
+        let last = &config.down[config.down.len() - 1];
+        let c = last.channels;
+        let resnet = |l: usize| {
+            let temb = Some(config.time_embed_dim());
+            let groups = u.norm_num_groups;
+            ResnetBlock2D::new(c, c, temb, groups, u.norm_eps, vb.pp("resnets").pp(l))
+        };
+        let attention = Transformer2DModel::new(
+            c,
+            last.heads,
+            last.transformer_layers,
+            last.cross_attention_dim,
+            u.use_linear_projection,
+            u.norm_num_groups,
+            vb.pp("attentions.0"),
+        )?;
+        let motion_module = config
+            .mid_motion_layers
+            .as_ref()
+            .map(|layers| {
+                MotionModule::with_groups(
+                    c,
+                    last.motion_heads,
+                    layers[0],
+                    config.adapter.motion_max_seq_length,
+                    u.norm_num_groups,
+                    adapter.pp("motion_modules.0"),
+                )
+            })
+            .transpose()?;
+        Ok(MidBlock {
+            resnets: [resnet(0)?, resnet(1)?],
+            attention,
+            motion_module,
+        })
+    }
+
+    fn lower(&self, g: &mut Graph, x: ValueId, context: ValueId, at: At) -> IrResult<ValueId> {
+        let mut x = self.resnets[0].lower(g, "mid_block.resnets.0", x, at)?;
+        x = self
+            .attention
+            .lower(g, "mid_block.attentions.0", x, context, at)?;
+        if let Some(m) = &self.motion_module {
+            x = m.lower(g, "mid_block.motion_modules.0", x, at.dims)?;
+        }
+        self.resnets[1].lower(g, "mid_block.resnets.1", x, at)
+    }
+}
+
 /// The AnimateDiff UNet with weights; [`UNetMotionModel::lower`] turns it into an IR graph for
 /// one video size.
 #[derive(Debug)]
@@ -122,9 +165,9 @@ pub struct UNetMotionModel {
     config: MotionUNetConfig,
     conv_in: Arc<Conv2d>,
     time_embedding: TimestepEmbedding,
-    down_blocks: Vec<MotionBlock>,
+    down_blocks: Vec<UNetBlock<MotionLayer>>,
     mid_block: MidBlock,
-    up_blocks: Vec<MotionBlock>,
+    up_blocks: Vec<UNetBlock<MotionLayer>>,
     conv_norm_out: Arc<GroupNormFrames>,
     conv_out: Arc<Conv2d>,
     dtype: DType,
@@ -170,77 +213,23 @@ impl UNetMotionModel {
     ) -> candle_core::Result<Self> {
         let u = &config.unet;
         let ch = &u.block_out_channels;
-        let n = ch.len();
         let temb = config.time_embed_dim();
-        let mut down_blocks = Vec::new();
-        for (i, spec) in config.down.iter().enumerate() {
-            let (vb, ad) = (vb.pp("down_blocks").pp(i), adapter.pp("down_blocks").pp(i));
-            let in_c = if i == 0 { ch[0] } else { ch[i - 1] };
-            let resample = (i + 1 < n)
-                .then(|| {
-                    Conv2d::new(ch[i], ch[i], 3, 2, 1, vb.pp("downsamplers.0.conv")).map(Arc::new)
+        let blocks = |direction: Direction, specs: &[Block]| {
+            let list = direction.list();
+            specs
+                .iter()
+                .enumerate()
+                .map(|(i, spec)| {
+                    let (vb, ad) = (vb.pp(list).pp(i), adapter.pp(list).pp(i));
+                    UNetBlock::new(direction, ch, i, spec.layers, &vb, |l, in_c, _| {
+                        MotionLayer::new(spec, config, (l, in_c), &vb, &ad)
+                    })
                 })
-                .transpose()?;
-            let resnet_in = |l: usize| if l == 0 { in_c } else { ch[i] };
-            down_blocks.push(MotionBlock::new(
-                spec, config, resnet_in, resample, &vb, &ad,
-            )?);
-        }
-        let last = &config.down[n - 1];
-        let (mid, mid_ad) = (vb.pp("mid_block"), adapter.pp("mid_block"));
-        let mid_resnet = |l: usize| {
-            ResnetBlock2D::new(
-                ch[n - 1],
-                ch[n - 1],
-                Some(temb),
-                u.norm_eps,
-                mid.pp("resnets").pp(l),
-            )
+                .collect::<candle_core::Result<Vec<_>>>()
         };
-        let mid_block = MidBlock {
-            resnets: [mid_resnet(0)?, mid_resnet(1)?],
-            attention: Transformer2DModel::new(
-                ch[n - 1],
-                last.heads,
-                last.transformer_layers,
-                last.cross_attention_dim,
-                u.use_linear_projection,
-                mid.pp("attentions.0"),
-            )?,
-            motion_module: config
-                .mid_motion_layers
-                .as_ref()
-                .map(|layers| {
-                    MotionModule::new(
-                        ch[n - 1],
-                        last.motion_heads,
-                        layers[0],
-                        config.adapter.motion_max_seq_length,
-                        mid_ad.pp("motion_modules.0"),
-                    )
-                })
-                .transpose()?,
-        };
-        let mut up_blocks = Vec::new();
-        for (i, spec) in config.up.iter().enumerate() {
-            let (vb, ad) = (vb.pp("up_blocks").pp(i), adapter.pp("up_blocks").pp(i));
-            let out_c = ch[n - 1 - i];
-            let prev_c = if i == 0 { ch[n - 1] } else { ch[n - i] };
-            let skip_in = ch[(n - 1 - i).saturating_sub(1)];
-            let resnet_in = |l: usize| {
-                let skip = if l + 1 == spec.layers { skip_in } else { out_c };
-                let res_in = if l == 0 { prev_c } else { out_c };
-                res_in + skip
-            };
-            let resample = (i + 1 < n)
-                .then(|| {
-                    Conv2d::new(out_c, out_c, 3, 1, 1, vb.pp("upsamplers.0.conv")).map(Arc::new)
-                })
-                .transpose()?;
-            up_blocks.push(MotionBlock::new(
-                spec, config, resnet_in, resample, &vb, &ad,
-            )?);
-        }
+        let down_blocks = blocks(Direction::Down, &config.down)?;
+        let up_blocks = blocks(Direction::Up, &config.up)?;
+        let mid_block = MidBlock::new(config, vb.pp("mid_block"), adapter.pp("mid_block"))?;
         Ok(UNetMotionModel {
             config: config.clone(),
             conv_in: Arc::new(Conv2d::new(
@@ -256,7 +245,7 @@ impl UNetMotionModel {
             mid_block,
             up_blocks,
             conv_norm_out: Arc::new(GroupNormFrames::new(
-                32,
+                u.norm_num_groups,
                 ch[0],
                 u.norm_eps,
                 vb.pp("conv_norm_out"),
@@ -291,14 +280,6 @@ impl UNetMotionModel {
             context_len,
         } = shape;
         let u = &self.config.unet;
-        let n = u.block_out_channels.len();
-        let factor = 1 << (n - 1);
-        if height % factor != 0 || width % factor != 0 {
-            return Err(IrError::Plan(format!(
-                "latents of {height}x{width}: the UNet halves them {} times, so both must be multiples of {factor}",
-                n - 1
-            )));
-        }
         let dt = self.dtype;
         let mut g = Graph::new();
         let sample = g.input(
@@ -324,7 +305,7 @@ impl UNetMotionModel {
         )?;
         let emb = self.time_embedding.lower(&mut g, "time_embedding", t)?;
         let emb = node(&mut g, "emb.act", "", Arc::new(Silu), &[emb])?;
-        let mut at = At {
+        let at = At {
             dims: VideoDims {
                 batch,
                 frames,
@@ -333,53 +314,15 @@ impl UNetMotionModel {
             },
             emb: Some(emb),
         };
-        let mut x = node(&mut g, "conv_in", "", self.conv_in.clone(), &[sample])?;
-        let mut skips: Vec<ValueId> = vec![x];
-        for (i, block) in self.down_blocks.iter().enumerate() {
-            let p = format!("down_blocks.{i}");
-            for l in 0..block.resnets.len() {
-                x = block.lower_layer(&mut g, &p, l, x, ehs, at)?;
-                skips.push(x);
-            }
-            if let Some(conv) = &block.resample {
-                x = node(
-                    &mut g,
-                    &format!("{p}.downsamplers.0.conv"),
-                    "",
-                    conv.clone(),
-                    &[x],
-                )?;
-                at = at.with_size(at.dims.height / 2, at.dims.width / 2);
-                skips.push(x);
-            }
-        }
-        let mid = &self.mid_block;
-        x = mid.resnets[0].lower(&mut g, "mid_block.resnets.0", x, at)?;
-        x = mid
-            .attention
-            .lower(&mut g, "mid_block.attentions.0", x, ehs, at)?;
-        if let Some(m) = &mid.motion_module {
-            x = m.lower(&mut g, "mid_block.motion_modules.0", x, at.dims)?;
-        }
-        x = mid.resnets[1].lower(&mut g, "mid_block.resnets.1", x, at)?;
-        for (i, block) in self.up_blocks.iter().enumerate() {
-            let p = format!("up_blocks.{i}");
-            for l in 0..block.resnets.len() {
-                let skip = skips.pop().expect("one skip per up resnet");
-                let cat = node(
-                    &mut g,
-                    &format!("{p}.resnets.{l}.concat"),
-                    "",
-                    Arc::new(ConcatChannels),
-                    &[x, skip],
-                )?;
-                x = block.lower_layer(&mut g, &p, l, cat, ehs, at)?;
-            }
-            if let Some(conv) = &block.resample {
-                x = upsampler(&mut g, &p, conv, x)?;
-                at = at.with_size(2 * at.dims.height, 2 * at.dims.width);
-            }
-        }
+        let x = node(&mut g, "conv_in", "", self.conv_in.clone(), &[sample])?;
+        let stack = SkipStack {
+            down: &self.down_blocks,
+            up: &self.up_blocks,
+            context: ehs,
+        };
+        let x = stack.lower(&mut g, x, at, |g, x, at| {
+            self.mid_block.lower(g, x, ehs, at)
+        })?;
         let out = output_head(&mut g, "", &self.conv_norm_out, &self.conv_out, x)?;
         g.set_outputs(&[out]);
         Ok(g)

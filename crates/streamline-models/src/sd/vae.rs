@@ -9,7 +9,7 @@ use streamline_ir::{Graph, Result as IrResult, ValueId};
 
 use crate::blocks::autoencoder::{Autoencoder, MidBlock2D, VaeConfig, VaeDecoder};
 use crate::blocks::{node, output_head, upsampler, At, ResnetBlock2D};
-use crate::load::{ModelError, Result};
+use crate::load::{check_block_lists, check_block_types, ModelError, Result};
 use crate::ops::{Conv2d, GroupNormFrames, VideoDims};
 
 #[derive(Debug)]
@@ -34,7 +34,7 @@ impl Decoder {
     fn build(c: &VaeConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let (post, vb) = (vb.pp("post_quant_conv"), vb.pp("decoder"));
         let ch = &c.block_out_channels;
-        let last = ch[ch.len() - 1];
+        let (last, groups) = (ch[ch.len() - 1], c.norm_num_groups);
         let up_blocks = (0..ch.len())
             .map(|i| {
                 let vb = vb.pp("up_blocks").pp(i);
@@ -43,7 +43,7 @@ impl Decoder {
                 let resnets = (0..c.layers_per_block + 1)
                     .map(|l| {
                         let c_in = if l == 0 { prev } else { out };
-                        ResnetBlock2D::new(c_in, out, None, 1e-6, vb.pp("resnets").pp(l))
+                        ResnetBlock2D::new(c_in, out, None, groups, 1e-6, vb.pp("resnets").pp(l))
                     })
                     .collect::<candle_core::Result<_>>()?;
                 let upsample = (i + 1 < ch.len())
@@ -61,10 +61,10 @@ impl Decoder {
                 .then(|| Conv2d::new(l, l, 1, 1, 0, post).map(Arc::new))
                 .transpose()?,
             conv_in: Arc::new(Conv2d::new(l, last, 3, 1, 1, vb.pp("conv_in"))?),
-            mid_block: MidBlock2D::new(last, c.mid_block_add_attention, vb.pp("mid_block"))?,
+            mid_block: MidBlock2D::new(c, groups, vb.pp("mid_block"))?,
             up_blocks,
             conv_norm_out: Arc::new(GroupNormFrames::new(
-                32,
+                groups,
                 ch[0],
                 1e-6,
                 vb.pp("conv_norm_out"),
@@ -85,6 +85,10 @@ impl Decoder {
 pub type AutoencoderKL = Autoencoder<Decoder>;
 
 impl VaeDecoder for Decoder {
+    fn groups(config: &VaeConfig) -> (usize, &'static str) {
+        (config.norm_num_groups, "`norm_num_groups`")
+    }
+
     fn check(config: &VaeConfig, path: &Path) -> Result<()> {
         check(config, path)
     }
@@ -107,38 +111,32 @@ impl VaeDecoder for Decoder {
                 x = r.lower(g, &format!("{p}.resnets.{l}"), x, at)?;
             }
             if let Some(conv) = &block.upsample {
-                x = upsampler(g, &p, conv, x)?;
                 at = at.with_size(2 * at.dims.height, 2 * at.dims.width);
+                x = upsampler(g, &p, conv, x, (at.dims.height, at.dims.width))?;
             }
         }
         output_head(g, "decoder", &d.conv_norm_out, &d.conv_out, x)
     }
 }
 
-/// The decoder's block types (the encoder checks the rest).
+/// The decoder's block types and the activation (the encoder checks the rest).
 fn check(config: &VaeConfig, path: &Path) -> Result<()> {
-    let blocks = config.block_out_channels.len();
-    if config.up_block_types.len() != blocks {
-        return Err(ModelError::Config {
-            path: path.to_path_buf(),
-            reason: format!(
-                "`up_block_types` ({}) must have one entry per block ({blocks})",
-                config.up_block_types.len()
-            ),
-        });
-    }
-    if let Some((i, t)) = config
-        .up_block_types
-        .iter()
-        .enumerate()
-        .find(|(_, t)| *t != "UpDecoderBlock2D")
-    {
+    // diffusers' `get_activation` makes "swish" a SiLU too.
+    if !matches!(config.act_fn.as_str(), "silu" | "swish") {
         return Err(ModelError::Unsupported {
             path: path.to_path_buf(),
-            field: format!("up_block_types[{i}]"),
-            value: t.clone(),
-            reason: "the VAE decoder has only UpDecoderBlock2D".into(),
+            field: "act_fn".into(),
+            value: config.act_fn.clone(),
+            reason: "only silu (or its alias swish) is supported".into(),
         });
     }
-    Ok(())
+    let lists = [("up_block_types", config.up_block_types.len())];
+    check_block_lists(path, config.block_out_channels.len(), &lists)?;
+    check_block_types(
+        path,
+        "up_block_types",
+        &config.up_block_types,
+        "UpDecoderBlock2D",
+        "the VAE decoder has only UpDecoderBlock2D",
+    )
 }

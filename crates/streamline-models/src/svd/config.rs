@@ -4,7 +4,15 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::load::{ModelError, PerBlock, Result};
+use crate::load::{check_block_lists, check_groups, ModelError, PerBlock, Result};
+
+/// GroupNorm groups of every norm in SVD's UNet and temporal VAE decoder: diffusers'
+/// `UNetSpatioTemporalConditionModel` and `AutoencoderKLTemporalDecoder` fix them at 32 (neither
+/// takes a `norm_num_groups`).
+pub(crate) const SVD_GROUPS: usize = 32;
+
+/// Where [`SVD_GROUPS`] comes from, for errors.
+pub(crate) const SVD_GROUPS_SOURCE: &str = "fixed in diffusers' SVD UNet and temporal VAE";
 
 /// Fields of diffusers' `UNetSpatioTemporalConditionModel` config; unknown fields are ignored.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -117,18 +125,17 @@ impl UNetConfig {
             path: path.to_path_buf(),
             reason,
         };
-        if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
-            return Err(config_err(format!(
-                "`down_block_types` ({}), `up_block_types` ({}) and `block_out_channels` ({n}) must have one entry per block",
-                self.down_block_types.len(),
-                self.up_block_types.len()
-            )));
-        }
-        if let Some(c) = self.block_out_channels.iter().find(|c| *c % 32 != 0) {
-            return Err(config_err(format!(
-                "`block_out_channels` entry {c} is not a multiple of the 32 GroupNorm groups SVD uses"
-            )));
-        }
+        let lists = [
+            ("down_block_types", self.down_block_types.len()),
+            ("up_block_types", self.up_block_types.len()),
+        ];
+        check_block_lists(path, n, &lists)?;
+        check_groups(
+            path,
+            &self.block_out_channels,
+            SVD_GROUPS,
+            SVD_GROUPS_SOURCE,
+        )?;
         let layers = self.layers_per_block.expand(n, "layers_per_block", path)?;
         let cross = self
             .cross_attention_dim

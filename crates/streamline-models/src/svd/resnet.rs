@@ -5,6 +5,7 @@ use std::sync::Arc;
 use candle_nn::VarBuilder;
 use streamline_ir::{Graph, Result, ValueId};
 
+use super::config::SVD_GROUPS;
 use crate::blocks::transformer::TemporalGroupNorm;
 use crate::blocks::{node, At, ResnetBlock2D};
 use crate::ops::{
@@ -31,12 +32,12 @@ impl TemporalResnetBlock {
         vb: VarBuilder,
     ) -> candle_core::Result<Self> {
         Ok(TemporalResnetBlock {
-            norm1: TemporalGroupNorm::new(c, eps, vb.pp("norm1"))?,
+            norm1: TemporalGroupNorm::new(c, SVD_GROUPS, eps, vb.pp("norm1"))?,
             conv1: Arc::new(TemporalConv::new(c, c, 3, vb.pp("conv1"))?),
             time_emb_proj: temb
                 .map(|t| Linear::new(t, c, true, vb.pp("time_emb_proj")).map(Arc::new))
                 .transpose()?,
-            norm2: TemporalGroupNorm::new(c, eps, vb.pp("norm2"))?,
+            norm2: TemporalGroupNorm::new(c, SVD_GROUPS, eps, vb.pp("norm2"))?,
             conv2: Arc::new(TemporalConv::new(c, c, 3, vb.pp("conv2"))?),
         })
     }
@@ -91,6 +92,7 @@ impl SpatioTemporalResBlock {
                 in_c,
                 out_c,
                 s.temb,
+                SVD_GROUPS,
                 s.eps,
                 vb.pp("spatial_res_block"),
             )?,

@@ -7,6 +7,7 @@ use candle_core::DType;
 use candle_nn::VarBuilder;
 use streamline_ir::{Graph, Result, ValueId};
 
+use super::config::SVD_GROUPS;
 use crate::blocks::embedding::{sinusoid, TimestepEmbedding};
 use crate::blocks::transformer::{residual_branch, BasicTransformerBlock, FeedForward};
 use crate::blocks::{node, At};
@@ -61,6 +62,8 @@ pub(crate) struct TransformerSpatioTemporalModel {
     time_mixer: Arc<Blend>,
     proj_out: Arc<Linear>,
     channels: usize,
+    /// Of the frame-index sinusoids made while lowering: the weights'.
+    dtype: DType,
     device: candle_core::Device,
 }
 
@@ -98,7 +101,12 @@ impl TransformerSpatioTemporalModel {
             })
             .collect::<candle_core::Result<_>>()?;
         Ok(TransformerSpatioTemporalModel {
-            norm: Arc::new(GroupNormFrames::new(32, channels, 1e-6, vb.pp("norm"))?),
+            norm: Arc::new(GroupNormFrames::new(
+                SVD_GROUPS,
+                channels,
+                1e-6,
+                vb.pp("norm"),
+            )?),
             proj_in: Arc::new(Linear::new(channels, channels, true, vb.pp("proj_in"))?),
             transformer_blocks: spatial,
             temporal_transformer_blocks: temporal,
@@ -111,6 +119,7 @@ impl TransformerSpatioTemporalModel {
             time_mixer: Arc::new(Blend::learned(false, vb.pp("time_mixer"))?),
             proj_out: Arc::new(Linear::new(channels, channels, true, vb.pp("proj_out"))?),
             channels,
+            dtype: vb.dtype(),
             device: vb.device().clone(),
         })
     }
@@ -123,7 +132,6 @@ impl TransformerSpatioTemporalModel {
         x: ValueId,
         context: ValueId,
         at: At,
-        dtype: DType,
     ) -> Result<ValueId> {
         let d = at.dims;
         let (h_, w_) = (d.height, d.width);
@@ -142,7 +150,13 @@ impl TransformerSpatioTemporalModel {
             Arc::new(Const::arange(d.frames, &self.device)?),
             &[],
         )?;
-        let t = node(g, p, "time_proj", sinusoid(self.channels, dtype), &[frames])?;
+        let t = node(
+            g,
+            p,
+            "time_proj",
+            sinusoid(self.channels, self.dtype),
+            &[frames],
+        )?;
         let pos = self
             .time_pos_embed
             .lower(g, &format!("{p}.time_pos_embed"), t)?;

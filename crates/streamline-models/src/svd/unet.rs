@@ -5,17 +5,16 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
-use streamline_ir::{Graph, Layout, Result as IrResult, ValueId, ValueInfo};
+use streamline_ir::{Graph, IrError, Layout, Result as IrResult, ValueId, ValueInfo};
 
-use super::config::{BlockKind, BlockSpec, UNetConfig};
+use super::config::{BlockKind, BlockSpec, UNetConfig, SVD_GROUPS};
 use super::resnet::{ResBlockSettings, SpatioTemporalResBlock};
 use super::transformer::TransformerSpatioTemporalModel;
 use crate::blocks::embedding::{sinusoid, TimestepEmbedding};
-use crate::blocks::At;
-use crate::blocks::{node, output_head, upsampler};
-use crate::load::PerBlock;
-use crate::load::{load_config, weights_file, ModelError, Result, WeightSource};
-use crate::ops::{Add, ConcatChannels, Conv2d, GroupNormFrames, Silu, VideoDims};
+use crate::blocks::{node, output_head, At, Direction, LayerAt, SkipStack, UNetBlock, UNetLayer};
+use crate::load::{load_config, weights_file, ModelError, PerBlock, Result, WeightSource};
+use crate::ops::{Add, Conv2d, GroupNormFrames, Silu, VideoDims};
+use crate::size::SizeRule;
 
 fn settings(temb: usize, eps: f64) -> ResBlockSettings {
     ResBlockSettings {
@@ -26,34 +25,53 @@ fn settings(temb: usize, eps: f64) -> ResBlockSettings {
     }
 }
 
-/// Resnets, optional transformers after each, and an optional resampling conv.
+/// One layer of a down or up block: a spatio-temporal resnet, and a spatio-temporal
+/// transformer in cross-attention blocks.
 #[derive(Debug)]
-struct Block {
-    resnets: Vec<SpatioTemporalResBlock>,
-    attentions: Vec<TransformerSpatioTemporalModel>,
-    /// Downsampling conv (stride 2) or upsampling conv (after nearest 2x).
-    resample: Option<Arc<Conv2d>>,
+struct Layer {
+    resnet: SpatioTemporalResBlock,
+    attention: Option<TransformerSpatioTemporalModel>,
 }
 
-impl Block {
-    fn transformers(
+impl Layer {
+    /// Layer `l` of block `spec`: `in_c` -> `c` channels, resnet settings `s`, `vb` at the
+    /// block.
+    fn new(
         spec: &BlockSpec,
-        c: usize,
+        (l, in_c, c): (usize, usize, usize),
+        s: ResBlockSettings,
         vb: &VarBuilder,
-    ) -> candle_core::Result<Vec<TransformerSpatioTemporalModel>> {
-        match spec.kind {
-            BlockKind::Plain => Ok(Vec::new()),
-            BlockKind::CrossAttn => (0..spec.layers)
-                .map(|i| {
-                    TransformerSpatioTemporalModel::new(
-                        c,
-                        spec.heads,
-                        spec.transformer_layers,
-                        spec.cross_attention_dim,
-                        vb.pp("attentions").pp(i),
-                    )
-                })
-                .collect(),
+    ) -> candle_core::Result<Self> {
+        let attention = (spec.kind == BlockKind::CrossAttn)
+            .then(|| transformer(spec, c, vb.pp("attentions").pp(l)))
+            .transpose()?;
+        Ok(Layer {
+            resnet: SpatioTemporalResBlock::new(in_c, c, s, vb.pp("resnets").pp(l))?,
+            attention,
+        })
+    }
+}
+
+fn transformer(
+    spec: &BlockSpec,
+    c: usize,
+    vb: VarBuilder,
+) -> candle_core::Result<TransformerSpatioTemporalModel> {
+    TransformerSpatioTemporalModel::new(
+        c,
+        spec.heads,
+        spec.transformer_layers,
+        spec.cross_attention_dim,
+        vb,
+    )
+}
+
+impl UNetLayer for Layer {
+    fn lower(&self, g: &mut Graph, x: ValueId, layer: &LayerAt) -> IrResult<ValueId> {
+        let x = self.resnet.lower(g, &layer.name("resnets"), x, layer.at)?;
+        match &self.attention {
+            Some(attn) => attn.lower(g, &layer.name("attentions"), x, layer.context, layer.at),
+            None => Ok(x),
         }
     }
 }
@@ -78,10 +96,10 @@ pub struct UNetSpatioTemporalConditionModel {
     conv_in: Arc<Conv2d>,
     time_embedding: TimestepEmbedding,
     add_embedding: TimestepEmbedding,
-    down_blocks: Vec<Block>,
+    down_blocks: Vec<UNetBlock<Layer>>,
     mid_resnets: Vec<SpatioTemporalResBlock>,
     mid_attentions: Vec<TransformerSpatioTemporalModel>,
-    up_blocks: Vec<Block>,
+    up_blocks: Vec<UNetBlock<Layer>>,
     conv_norm_out: Arc<GroupNormFrames>,
     conv_out: Arc<Conv2d>,
     dtype: DType,
@@ -108,44 +126,25 @@ impl UNetSpatioTemporalConditionModel {
         let ch = &config.block_out_channels;
         let n = ch.len();
         let temb = config.time_embed_dim();
-        let mut down_blocks = Vec::new();
-        for (i, spec) in down.iter().enumerate() {
-            let vb = vb.pp("down_blocks").pp(i);
-            let in_c = if i == 0 { ch[0] } else { ch[i - 1] };
-            let eps = if spec.kind == BlockKind::CrossAttn {
-                1e-6
-            } else {
-                1e-5
-            };
-            let resnets = (0..spec.layers)
-                .map(|l| {
-                    let c_in = if l == 0 { in_c } else { ch[i] };
-                    SpatioTemporalResBlock::new(
-                        c_in,
-                        ch[i],
-                        settings(temb, eps),
-                        vb.pp("resnets").pp(l),
-                    )
+        let blocks = |direction: Direction, specs: &[BlockSpec]| {
+            specs
+                .iter()
+                .enumerate()
+                .map(|(i, spec)| {
+                    let vb = vb.pp(direction.list()).pp(i);
+                    // diffusers' cross-attention down blocks make their resnets with eps 1e-6.
+                    let cross_down =
+                        direction == Direction::Down && spec.kind == BlockKind::CrossAttn;
+                    let s = settings(temb, if cross_down { 1e-6 } else { 1e-5 });
+                    UNetBlock::new(direction, ch, i, spec.layers, &vb, |l, in_c, c| {
+                        Layer::new(spec, (l, in_c, c), s, &vb)
+                    })
                 })
-                .collect::<candle_core::Result<_>>()?;
-            let resample = (i + 1 < n)
-                .then(|| {
-                    Conv2d::new(ch[i], ch[i], 3, 2, 1, vb.pp("downsamplers.0.conv")).map(Arc::new)
-                })
-                .transpose()?;
-            down_blocks.push(Block {
-                resnets,
-                attentions: Block::transformers(spec, ch[i], &vb)?,
-                resample,
-            });
-        }
-        let mid = vb.pp("mid_block");
-        let last = &down[n - 1];
-        let mid_spec = BlockSpec {
-            kind: BlockKind::CrossAttn,
-            layers: 1,
-            ..last.clone()
+                .collect::<candle_core::Result<Vec<_>>>()
         };
+        let down_blocks = blocks(Direction::Down, &down)?;
+        let up_blocks = blocks(Direction::Up, &up)?;
+        let mid = vb.pp("mid_block");
         let mid_resnets = (0..2)
             .map(|l| {
                 SpatioTemporalResBlock::new(
@@ -156,36 +155,11 @@ impl UNetSpatioTemporalConditionModel {
                 )
             })
             .collect::<candle_core::Result<_>>()?;
-        let mid_attentions = Block::transformers(&mid_spec, ch[n - 1], &mid)?;
-        let mut up_blocks = Vec::new();
-        for (i, spec) in up.iter().enumerate() {
-            let vb = vb.pp("up_blocks").pp(i);
-            let out_c = ch[n - 1 - i];
-            let prev_c = if i == 0 { ch[n - 1] } else { ch[n - i] };
-            let skip_in = ch[(n - 1 - i).saturating_sub(1)];
-            let resnets = (0..spec.layers)
-                .map(|l| {
-                    let skip = if l + 1 == spec.layers { skip_in } else { out_c };
-                    let res_in = if l == 0 { prev_c } else { out_c };
-                    SpatioTemporalResBlock::new(
-                        res_in + skip,
-                        out_c,
-                        settings(temb, 1e-5),
-                        vb.pp("resnets").pp(l),
-                    )
-                })
-                .collect::<candle_core::Result<_>>()?;
-            let resample = (i + 1 < n)
-                .then(|| {
-                    Conv2d::new(out_c, out_c, 3, 1, 1, vb.pp("upsamplers.0.conv")).map(Arc::new)
-                })
-                .transpose()?;
-            up_blocks.push(Block {
-                resnets,
-                attentions: Block::transformers(spec, out_c, &vb)?,
-                resample,
-            });
-        }
+        let mid_attentions = vec![transformer(
+            &down[n - 1],
+            ch[n - 1],
+            mid.pp("attentions.0"),
+        )?];
         Ok(UNetSpatioTemporalConditionModel {
             config: config.clone(),
             conv_in: Arc::new(Conv2d::new(
@@ -208,7 +182,7 @@ impl UNetSpatioTemporalConditionModel {
             mid_attentions,
             up_blocks,
             conv_norm_out: Arc::new(GroupNormFrames::new(
-                32,
+                SVD_GROUPS,
                 ch[0],
                 1e-5,
                 vb.pp("conv_norm_out"),
@@ -229,12 +203,24 @@ impl UNetSpatioTemporalConditionModel {
         &self.config
     }
 
+    /// Resnet, then (attention, resnet) pairs.
+    fn lower_mid(&self, g: &mut Graph, x: ValueId, context: ValueId, at: At) -> IrResult<ValueId> {
+        let mut x = self.mid_resnets[0].lower(g, "mid_block.resnets.0", x, at)?;
+        let pairs = self.mid_attentions.iter().zip(&self.mid_resnets[1..]);
+        for (l, (attn, resnet)) in pairs.enumerate() {
+            x = attn.lower(g, &format!("mid_block.attentions.{l}"), x, context, at)?;
+            x = resnet.lower(g, &format!("mid_block.resnets.{}", l + 1), x, at)?;
+        }
+        Ok(x)
+    }
+
     /// The graph of one UNet evaluation at `shape`.
     ///
     /// Inputs, in order: `sample` `(B*T, in_channels, H, W)` (diffusers' `(B, T, C, H, W)`
     /// flattened), `timestep` `(B,)` f32, `encoder_hidden_states` `(B, L, cross_attention_dim)`,
     /// `added_time_ids` `(B, 3)` f32. Output: `(B*T, out_channels, H, W)`. The value `emb`
-    /// is the time + time-id embedding `(B, 4 * block_out_channels[0])`.
+    /// is the time + time-id embedding `(B, 4 * block_out_channels[0])`. Latents that are not
+    /// multiples of `2^(levels - 1)` are refused, stating the rule (see [`SizeRule::svd`]).
     pub fn lower(&self, shape: UNetShape) -> IrResult<Graph> {
         let UNetShape {
             batch,
@@ -244,6 +230,9 @@ impl UNetSpatioTemporalConditionModel {
             context_len,
         } = shape;
         let c = &self.config;
+        SizeRule::svd_latents(c)
+            .check(height, width)
+            .map_err(|e| IrError::value("sample", e.to_string()))?;
         let dt = self.dtype;
         let mut g = Graph::new();
         let bt = batch * frames;
@@ -286,7 +275,7 @@ impl UNetSpatioTemporalConditionModel {
         let emb = node(&mut g, "emb", "", Arc::new(Add), &[temb, aug])?;
         let emb = node(&mut g, "emb.act", "", Arc::new(Silu), &[emb])?;
 
-        let mut at = At {
+        let at = At {
             dims: VideoDims {
                 batch,
                 frames,
@@ -295,60 +284,13 @@ impl UNetSpatioTemporalConditionModel {
             },
             emb: Some(emb),
         };
-        let mut x = node(&mut g, "conv_in", "", self.conv_in.clone(), &[sample])?;
-        let mut skips: Vec<ValueId> = vec![x];
-        for (i, block) in self.down_blocks.iter().enumerate() {
-            let p = format!("down_blocks.{i}");
-            for (l, resnet) in block.resnets.iter().enumerate() {
-                x = resnet.lower(&mut g, &format!("{p}.resnets.{l}"), x, at)?;
-                if let Some(attn) = block.attentions.get(l) {
-                    x = attn.lower(&mut g, &format!("{p}.attentions.{l}"), x, ehs, at, dt)?;
-                }
-                skips.push(x);
-            }
-            if let Some(conv) = &block.resample {
-                x = node(
-                    &mut g,
-                    &format!("{p}.downsamplers.0.conv"),
-                    "",
-                    conv.clone(),
-                    &[x],
-                )?;
-                at = at.with_size(at.dims.height.div_ceil(2), at.dims.width.div_ceil(2));
-                skips.push(x);
-            }
-        }
-        x = self.mid_resnets[0].lower(&mut g, "mid_block.resnets.0", x, at)?;
-        for (l, (attn, resnet)) in self
-            .mid_attentions
-            .iter()
-            .zip(&self.mid_resnets[1..])
-            .enumerate()
-        {
-            x = attn.lower(&mut g, &format!("mid_block.attentions.{l}"), x, ehs, at, dt)?;
-            x = resnet.lower(&mut g, &format!("mid_block.resnets.{}", l + 1), x, at)?;
-        }
-        for (i, block) in self.up_blocks.iter().enumerate() {
-            let p = format!("up_blocks.{i}");
-            for (l, resnet) in block.resnets.iter().enumerate() {
-                let skip = skips.pop().expect("one skip per up resnet");
-                let cat = node(
-                    &mut g,
-                    &format!("{p}.resnets.{l}.concat"),
-                    "",
-                    Arc::new(ConcatChannels),
-                    &[x, skip],
-                )?;
-                x = resnet.lower(&mut g, &format!("{p}.resnets.{l}"), cat, at)?;
-                if let Some(attn) = block.attentions.get(l) {
-                    x = attn.lower(&mut g, &format!("{p}.attentions.{l}"), x, ehs, at, dt)?;
-                }
-            }
-            if let Some(conv) = &block.resample {
-                x = upsampler(&mut g, &p, conv, x)?;
-                at = at.with_size(2 * at.dims.height, 2 * at.dims.width);
-            }
-        }
+        let x = node(&mut g, "conv_in", "", self.conv_in.clone(), &[sample])?;
+        let stack = SkipStack {
+            down: &self.down_blocks,
+            up: &self.up_blocks,
+            context: ehs,
+        };
+        let x = stack.lower(&mut g, x, at, |g, x, at| self.lower_mid(g, x, ehs, at))?;
         let out = output_head(&mut g, "", &self.conv_norm_out, &self.conv_out, x)?;
         g.set_outputs(&[out]);
         Ok(g)

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use candle_nn::VarBuilder;
 use streamline_ir::{Graph, Result as IrResult, ValueId};
 
+use super::config::{SVD_GROUPS, SVD_GROUPS_SOURCE};
 use super::resnet::{ResBlockSettings, SpatioTemporalResBlock};
 use crate::blocks::autoencoder::{Autoencoder, VaeAttention, VaeConfig, VaeDecoder};
 use crate::blocks::{node, output_head, upsampler, At};
@@ -80,10 +81,10 @@ impl TemporalDecoder {
                     SpatioTemporalResBlock::new(last, last, DECODER_RES, mid.pp("resnets").pp(l))
                 })
                 .collect::<candle_core::Result<_>>()?,
-            mid_attention: VaeAttention::new(last, mid.pp("attentions.0"))?,
+            mid_attention: VaeAttention::new(last, SVD_GROUPS, mid.pp("attentions.0"))?,
             up_blocks,
             conv_norm_out: Arc::new(GroupNormFrames::new(
-                32,
+                SVD_GROUPS,
                 ch[0],
                 1e-6,
                 vb.pp("conv_norm_out"),
@@ -111,6 +112,10 @@ impl TemporalDecoder {
 pub type AutoencoderKLTemporalDecoder = Autoencoder<TemporalDecoder>;
 
 impl VaeDecoder for TemporalDecoder {
+    fn groups(_: &VaeConfig) -> (usize, &'static str) {
+        (SVD_GROUPS, SVD_GROUPS_SOURCE)
+    }
+
     /// The temporal decoder's blocks are fixed by `block_out_channels`; nothing more to check.
     fn check(_: &VaeConfig, _: &Path) -> Result<()> {
         Ok(())
@@ -137,8 +142,8 @@ impl VaeDecoder for TemporalDecoder {
                 x = r.lower(g, &format!("{p}.resnets.{l}"), x, at)?;
             }
             if let Some(conv) = &block.upsample {
-                x = upsampler(g, &p, conv, x)?;
                 at = at.with_size(2 * at.dims.height, 2 * at.dims.width);
+                x = upsampler(g, &p, conv, x, (at.dims.height, at.dims.width))?;
             }
         }
         let h = output_head(g, "decoder", &d.conv_norm_out, &d.conv_out, x)?;
