@@ -12,7 +12,7 @@ use streamline_pipeline::video::write_video;
 use streamline_pipeline::Optimization;
 use streamline_rehash::{Rehash, RehashArg};
 
-use crate::session::{read_latents, summary, Progress};
+use crate::session::{flag_error, read_latents, summary, Progress};
 use crate::{DeviceArg, Dtype, OptimizationArgs};
 
 /// Flags named after diffusers' `AnimateDiffPipeline.__call__`, plus the models, precision,
@@ -75,13 +75,10 @@ pub struct AnimateDiffArgs {
 
 pub fn run(args: AnimateDiffArgs) -> Result<()> {
     let start = Instant::now();
-    for (flag, value) in [("height", args.height), ("width", args.width)] {
-        if value == 0 || value % 8 != 0 {
-            bail!(
-                "--{flag} {value}: must be a positive multiple of 8 (the VAE works in 8x8 blocks)"
-            );
-        }
-    }
+    AnimateDiff::sizes(&args.model, &args.motion_adapter)?
+        .rule
+        .check(args.height, args.width)
+        .map_err(flag_error)?;
     if args.num_frames == 0 {
         bail!("--num-frames 0: at least one frame");
     }

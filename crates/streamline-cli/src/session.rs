@@ -12,7 +12,7 @@ use streamline_pipeline::svd::{
     DEFAULT_MODEL_ENV,
 };
 use streamline_pipeline::video::load_image;
-use streamline_pipeline::Optimization;
+use streamline_pipeline::{Optimization, SizeError};
 use streamline_rehash::Rehash;
 
 use crate::{DeviceArg, Dtype, OptimizationArgs, VideoSize, DIFFUSERS_HEIGHT, DIFFUSERS_WIDTH};
@@ -69,13 +69,6 @@ impl SvdCommon {
             width,
             num_frames,
         } = self.video;
-        for (flag, value) in [("height", height), ("width", width)] {
-            if let Some(value) = value.filter(|v| *v == 0 || v % 8 != 0) {
-                bail!(
-                    "--{flag} {value}: must be a positive multiple of 8 (the VAE works in 8x8 blocks)"
-                );
-            }
-        }
         let optimization = self.optimization.optimization()?;
         let device = self.device.device()?;
         let model = match &self.model {
@@ -91,13 +84,18 @@ impl SvdCommon {
                 dir
             }
         };
+        // The size is checked against the model's rule from its configs, before any weights
+        // load. The built-in model only knows its training size; real checkpoints get
+        // diffusers' defaults.
+        let sizes = StableVideoDiffusion::sizes(&model)?;
+        let native = self.model.is_none().then_some(sizes.native).flatten();
+        let height = height.or(native.map(|n| n.0)).unwrap_or(DIFFUSERS_HEIGHT);
+        let width = width.or(native.map(|n| n.1)).unwrap_or(DIFFUSERS_WIDTH);
+        sizes.rule.check(height, width).map_err(flag_error)?;
         let pipe = StableVideoDiffusion::load(&model, self.dtype.into(), &device)?;
-        // The built-in model only knows its training size; real checkpoints get diffusers'
-        // defaults.
-        let native = self.model.is_none().then(|| pipe.native_size()).flatten();
         let settings = SvdSettings {
-            height: height.or(native.map(|n| n.0)).unwrap_or(DIFFUSERS_HEIGHT),
-            width: width.or(native.map(|n| n.1)).unwrap_or(DIFFUSERS_WIDTH),
+            height,
+            width,
             num_frames,
             num_inference_steps: self.num_inference_steps,
             min_guidance_scale: self.min_guidance_scale,
@@ -115,6 +113,11 @@ impl SvdCommon {
             optimization,
         })
     }
+}
+
+/// A size refusal as the flag it came from: `--height 72 must be ...`.
+pub fn flag_error(e: SizeError) -> anyhow::Error {
+    anyhow::anyhow!("--{e}")
 }
 
 /// Unit-noise latents from `--latents FILE` (tensor `latents` of shape `expected`, described

@@ -206,6 +206,48 @@ fn bad_input_fails_clearly_and_writes_nothing() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The built-in model's UNet halves its latents twice and does not forward upsample sizes:
+/// 72x72 is refused when the arguments are read, stating the rule. The folder here holds the
+/// built-in model's configs without any weights, so a check made after loading would fail on
+/// the missing weights instead.
+#[test]
+fn sizes_the_unet_cannot_take_are_refused_before_weights_load() {
+    let dir = temp("size-rule");
+    let out = dir.join("out.gif");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let model = dir.join("configs-only");
+    for folder in [
+        "unet",
+        "vae",
+        "image_encoder",
+        "scheduler",
+        "feature_extractor",
+    ] {
+        std::fs::create_dir_all(model.join(folder)).unwrap();
+    }
+    for file in ["unet/config.json", "vae/config.json"] {
+        std::fs::copy(root.join("models/default").join(file), model.join(file)).unwrap();
+    }
+    let (ok, err) = svd(
+        &out,
+        &[
+            "--model",
+            model.to_str().unwrap(),
+            "--height",
+            "72",
+            "--width",
+            "64",
+        ],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("--height 72 must be a positive multiple of 16 for this model"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn without_model_uses_the_built_in_model_at_its_size() {
     let dir = temp("default");

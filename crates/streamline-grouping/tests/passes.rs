@@ -78,7 +78,9 @@ fn hoisting_joins_the_runs_a_per_batch_node_splits() {
     let mut g = Graph::new();
     let (x, _, cond) = toy_inputs(&mut g, d);
     let f = g.push("norm", FrameNorm, &[x]).unwrap();
-    let p = g.push("to_positions", ToPositions(d), &[f]).unwrap();
+    let p = g
+        .push("to_positions", Relayout::to_positions(d), &[f])
+        .unwrap();
     let p = g.push("mix", TimeMix, &[p]).unwrap();
     let c = g.push("cond.proj", Squash, &[cond]).unwrap();
     let p = g.push("cond.add", AddCond(d), &[p, c]).unwrap();

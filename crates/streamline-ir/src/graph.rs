@@ -51,6 +51,15 @@ pub struct Graph {
     inputs: Vec<ValueId>,
     outputs: Vec<ValueId>,
     by_name: HashMap<String, ValueId>,
+    /// Values a lowering labels by what they mean, for passes and pipelines to find them
+    /// without knowing which node happens to make them (see [`Graph::mark`]).
+    marks: HashMap<String, ValueId>,
+}
+
+/// The mark a UNet lowering puts on up block `n`'s output and Step Rehash looks up: diffusers'
+/// module path of the block.
+pub fn up_block_mark(n: usize) -> String {
+    format!("up_blocks.{n}")
 }
 
 impl Graph {
@@ -109,6 +118,24 @@ impl Graph {
             output,
         });
         Ok(output)
+    }
+
+    /// Label `value` as `label` (e.g. [`up_block_mark`]); a label names one value.
+    pub fn mark(&mut self, label: &str, value: ValueId) -> Result<()> {
+        if value.0 >= self.values.len() {
+            return Err(IrError::Plan(format!(
+                "mark `{label}` names {value}, which does not exist"
+            )));
+        }
+        if self.marks.insert(label.to_string(), value).is_some() {
+            return Err(IrError::Plan(format!("mark `{label}` is set twice")));
+        }
+        Ok(())
+    }
+
+    /// The value marked `label`.
+    pub fn marked(&self, label: &str) -> Option<ValueId> {
+        self.marks.get(label).copied()
     }
 
     pub fn set_outputs(&mut self, outputs: &[ValueId]) {
@@ -197,6 +224,11 @@ impl Graph {
             );
         }
         g.outputs = self.outputs.iter().map(|v| map[v]).collect();
+        g.marks = self
+            .marks
+            .iter()
+            .map(|(label, v)| (label.clone(), map[v]))
+            .collect();
         Ok(g)
     }
 

@@ -191,49 +191,51 @@ fn gather(
     cat0(parts)
 }
 
-/// Frame-major to position-major, gathering its slice of positions.
+/// Frame-major to position-major (`to` positions) or back (`to` frames), gathering its slice
+/// of the axis it makes.
 #[derive(Debug)]
-pub struct ToPositions(pub Dims);
-impl Op for ToPositions {
-    fn kind(&self) -> &'static str {
-        "to_positions"
+pub struct Relayout {
+    pub to: Axis,
+    pub d: Dims,
+}
+
+impl Relayout {
+    pub fn to_positions(d: Dims) -> Self {
+        Relayout {
+            to: Axis::Positions,
+            d,
+        }
     }
-    fn independence(&self) -> Independence {
-        Independence::Positions
-    }
-    fn gathers_input(&self, input: usize, axis: Axis) -> bool {
-        input == 0 && axis == Axis::Positions
-    }
-    fn infer(&self, _: &[&ValueInfo]) -> Result<ValueInfo> {
-        Ok(self.0.position_info())
-    }
-    fn workspace_bytes(&self, _: &[&ValueInfo], o: &ValueInfo, _: Option<usize>) -> usize {
-        o.bytes()
-    }
-    fn flops(&self, _: &[&ValueInfo], _: &ValueInfo) -> u64 {
-        0
-    }
-    fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
-        let d = self.0;
-        gather(x[0], ctx.rows(d.b * d.s), (d.s, d.t), 2, (2, 0, 1))
+
+    pub fn to_frames(d: Dims) -> Self {
+        Relayout {
+            to: Axis::Frames,
+            d,
+        }
     }
 }
 
-/// Position-major to frame-major, gathering its slice of frames.
-#[derive(Debug)]
-pub struct ToFrames(pub Dims);
-impl Op for ToFrames {
+impl Op for Relayout {
     fn kind(&self) -> &'static str {
-        "to_frames"
+        match self.to {
+            Axis::Positions => "to_positions",
+            Axis::Frames => "to_frames",
+        }
     }
     fn independence(&self) -> Independence {
-        Independence::Frames
+        match self.to {
+            Axis::Positions => Independence::Positions,
+            Axis::Frames => Independence::Frames,
+        }
     }
     fn gathers_input(&self, input: usize, axis: Axis) -> bool {
-        input == 0 && axis == Axis::Frames
+        input == 0 && axis == self.to
     }
     fn infer(&self, _: &[&ValueInfo]) -> Result<ValueInfo> {
-        Ok(self.0.frame_info())
+        Ok(match self.to {
+            Axis::Positions => self.d.position_info(),
+            Axis::Frames => self.d.frame_info(),
+        })
     }
     fn workspace_bytes(&self, _: &[&ValueInfo], o: &ValueInfo, _: Option<usize>) -> usize {
         o.bytes()
@@ -242,8 +244,11 @@ impl Op for ToFrames {
         0
     }
     fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
-        let d = self.0;
-        gather(x[0], ctx.rows(d.b * d.t), (d.t, d.s), 1, (1, 2, 0))
+        let d = self.d;
+        match self.to {
+            Axis::Positions => gather(x[0], ctx.rows(d.b * d.s), (d.s, d.t), 2, (2, 0, 1)),
+            Axis::Frames => gather(x[0], ctx.rows(d.b * d.t), (d.t, d.s), 1, (1, 2, 0)),
+        }
     }
 }
 
@@ -428,12 +433,16 @@ pub fn sample_graph(d: Dims) -> Graph {
     let (x, emb, cond) = toy_inputs(&mut g, d);
     let a = g.push("down.norm", FrameNorm, &[x]).unwrap();
     let a = g.push("down.emb", AddFrameEmb, &[a, emb]).unwrap();
-    let p = g.push("temporal.in", ToPositions(d), &[a]).unwrap();
+    let p = g
+        .push("temporal.in", Relayout::to_positions(d), &[a])
+        .unwrap();
     let s = g.push("temporal.stats", SumSq(d), &[p]).unwrap();
     let p = g.push("temporal.norm", Normalize(d), &[p, s]).unwrap();
     let p = g.push("temporal.mix", TimeMix, &[p]).unwrap();
     let p = g.push("temporal.cond", AddCond(d), &[p, cond]).unwrap();
-    let f = g.push("temporal.out", ToFrames(d), &[p]).unwrap();
+    let f = g
+        .push("temporal.out", Relayout::to_frames(d), &[p])
+        .unwrap();
     let f = g.push("up.skip", Add, &[f, a]).unwrap();
     let f = g.push("up.act", Squash, &[f]).unwrap();
     g.set_outputs(&[f]);
@@ -477,9 +486,15 @@ pub fn random_graph(d: Dims, steps: &[(u8, u16, u16)]) -> Graph {
         let both = |pf: bool| if pf { &ps } else { &fs };
         match kind {
             0 => fs.push(g.push(&name, FrameNorm, &[pick(&fs, a)]).unwrap()),
-            1 => ps.push(g.push(&name, ToPositions(d), &[pick(&fs, a)]).unwrap()),
+            1 => ps.push(
+                g.push(&name, Relayout::to_positions(d), &[pick(&fs, a)])
+                    .unwrap(),
+            ),
             2 => ps.push(g.push(&name, TimeMix, &[pick(&ps, a)]).unwrap()),
-            3 => fs.push(g.push(&name, ToFrames(d), &[pick(&ps, a)]).unwrap()),
+            3 => fs.push(
+                g.push(&name, Relayout::to_frames(d), &[pick(&ps, a)])
+                    .unwrap(),
+            ),
             4 | 5 => {
                 let on_p = b % 2 == 1 && !ps.is_empty();
                 let pool = both(on_p).clone();

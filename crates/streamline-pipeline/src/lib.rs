@@ -38,3 +38,5 @@ pub mod svd;
 pub mod video;
 
 pub use optimize::{optimize, parse_bytes, plan_call, CallError, CallKind, Optimization};
+pub use run::Sizes;
+pub use streamline_models::{SizeError, SizeRule};

@@ -15,6 +15,7 @@ use streamline_models::svd::{
     AutoencoderKLTemporalDecoder, UNetConfig, UNetShape, UNetSpatioTemporalConditionModel,
     VaeConfig,
 };
+use streamline_models::{SizeError, SizeRule};
 use streamline_rehash::CachePoint;
 use thiserror::Error;
 
@@ -159,6 +160,9 @@ pub enum PlanError {
         value: usize,
         reason: String,
     },
+    /// Told whole as the flag it breaks, so not a source.
+    #[error("--{0}")]
+    Size(SizeError),
     #[error(transparent)]
     Model(Box<ModelError>),
     #[error(transparent)]
@@ -172,6 +176,12 @@ pub enum PlanError {
 impl From<ModelError> for PlanError {
     fn from(e: ModelError) -> Self {
         PlanError::Model(Box::new(e))
+    }
+}
+
+impl From<SizeError> for PlanError {
+    fn from(e: SizeError) -> Self {
+        PlanError::Size(e)
     }
 }
 
@@ -286,23 +296,15 @@ pub fn plan_report(request: PlanRequest) -> Result<PlanReport, PlanError> {
     } = request.model.configs()?;
     let dev = Device::Cpu;
     let dtype = request.dtype;
-    let (vae_config, unet_blocks, default_frames, context_len) = match &models {
-        Models::Svd { unet, vae, .. } => (vae, unet.block_out_channels.len(), unet.num_frames, 1),
+    let (rule, default_frames, context_len) = match &models {
+        Models::Svd { unet, vae, .. } => (SizeRule::svd(unet, vae), unet.num_frames, 1),
         Models::AnimateDiff { unet, vae, text } => (
-            vae,
-            unet.unet.block_out_channels.len(),
+            SizeRule::animatediff(unet, vae),
             16,
             text.max_position_embeddings,
         ),
     };
-    let scale: usize = 1 << (vae_config.block_out_channels.len() - 1);
-    let down: usize = 1 << (unet_blocks - 1);
-    let why = format!(
-        "the VAE scales by {scale} and the UNet halves latents {} times",
-        down.trailing_zeros()
-    );
-    multiple("height", request.height, scale * down, &why)?;
-    multiple("width", request.width, scale * down, &why)?;
+    let (h, w) = rule.check(request.height, request.width)?;
     let frames = request.num_frames.unwrap_or(default_frames);
     multiple("num-frames", frames, 1, "at least one frame")?;
     multiple(
@@ -311,7 +313,6 @@ pub fn plan_report(request: PlanRequest) -> Result<PlanReport, PlanError> {
         1,
         "at least one frame",
     )?;
-    let (h, w) = (request.height / scale, request.width / scale);
     let shape = UNetShape {
         batch: request.batch * if request.cfg { 2 } else { 1 },
         frames,

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 use streamline_ir::{Executor, Graph, Plan, Request, Result as IrResult, RunOutput};
 use streamline_models::load::ModelError;
+use streamline_models::{SizeError, SizeRule};
 use streamline_rehash::{Rehash, StepError, StepRehash};
 use thiserror::Error;
 
@@ -25,6 +26,8 @@ pub enum PipelineError {
     },
     #[error("{0}")]
     Input(String),
+    #[error(transparent)]
+    Size(#[from] SizeError),
     #[error(transparent)]
     Model(Box<ModelError>),
     #[error(transparent)]
@@ -55,6 +58,15 @@ impl From<CallError> for PipelineError {
     fn from(e: CallError) -> Self {
         PipelineError::Plan(Box::new(e))
     }
+}
+
+/// The sizes a model folder takes, read from its config.json files alone: no weights load.
+#[derive(Clone, Debug)]
+pub struct Sizes {
+    pub rule: SizeRule,
+    /// The `(height, width)` the model was trained at, when its UNet config records one
+    /// (`sample_size` times the VAE's scale).
+    pub native: Option<(usize, usize)>,
 }
 
 /// Where a run is, for progress displays.

@@ -1,14 +1,14 @@
 //! Cache points: the UNet values a key step keeps and a partial step substitutes.
 //!
 //! A cache point is named by an up-block boundary, `up_blocks.N`: the output of up block `N`,
-//! which is the first input of up block `N + 1`'s first skip concatenation. Resolving it on the
-//! lowered graph (rather than hard-coding a value name) keeps it valid for every UNet lowered
-//! with diffusers' names, whatever each block's last node happens to be.
+//! which feeds up block `N + 1`. The UNet lowerings mark each up block's output
+//! (`streamline_ir::up_block_mark`), so resolving a point on the lowered graph needs no node
+//! name and stays valid whatever each block's last node happens to be.
 
 use std::fmt;
 use std::str::FromStr;
 
-use streamline_ir::Graph;
+use streamline_ir::{up_block_mark, Graph};
 
 /// Where Step Rehash caches features.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -49,16 +49,11 @@ impl fmt::Display for CachePoint {
     }
 }
 
-/// The node that opens up block `n`: its first input is up block `n - 1`'s output.
-fn opener(n: usize) -> String {
-    format!("up_blocks.{n}.resnets.0.concat")
-}
-
 impl CachePoint {
     /// Up-block boundaries of `graph`: `N` such that up block `N` feeds up block `N + 1`.
     pub fn boundaries(graph: &Graph) -> Vec<usize> {
         (0..)
-            .take_while(|&n| graph.find(&opener(n + 1)).is_ok())
+            .take_while(|&n| graph.marked(&up_block_mark(n + 1)).is_some())
             .collect()
     }
 
@@ -81,12 +76,9 @@ impl CachePoint {
     /// The name of the value cached at this point in `graph`.
     pub fn value_name(&self, graph: &Graph) -> Result<String, CacheError> {
         let n = self.block(graph)?;
-        let opener = graph
-            .find(&opener(n + 1))
-            .expect("boundaries() found this node");
-        let node = graph
-            .producer_node(opener)
-            .expect("a concatenation is a node output");
-        Ok(graph.value(graph.node(node).inputs[0]).name.clone())
+        let value = graph
+            .marked(&up_block_mark(n))
+            .expect("boundaries() found this mark");
+        Ok(graph.value(value).name.clone())
     }
 }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use candle_nn::VarBuilder;
-use streamline_ir::{Graph, Result, ValueId};
+use streamline_ir::{up_block_mark, Graph, Result, ValueId};
 
 use super::{node, upsampler, At};
 use crate::ops::{ConcatChannels, Conv2d};
@@ -129,7 +129,7 @@ impl<L: UNetLayer> SkipStack<'_, L> {
         let mut x = mid(g, x, at)?;
         let mut at = at;
         for (i, block) in self.up.iter().enumerate() {
-            let p = format!("up_blocks.{i}");
+            let p = up_block_mark(i);
             for (index, layer) in block.layers.iter().enumerate() {
                 let skip = skips.pop().expect("one skip per up layer");
                 let cat = node(
@@ -148,6 +148,7 @@ impl<L: UNetLayer> SkipStack<'_, L> {
                 x = upsampler(g, &p, conv, x, (height, width))?;
                 at = at.with_size(height, width);
             }
+            g.mark(&up_block_mark(i), x)?;
         }
         Ok(x)
     }

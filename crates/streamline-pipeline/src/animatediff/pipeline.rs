@@ -5,12 +5,16 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
 use streamline_models::clip_text::{ClipTextModel, ClipTokenizer};
-use streamline_models::sd::{AutoencoderKL, UNetMotionModel};
+use streamline_models::load::load_config;
+use streamline_models::sd::{
+    AutoencoderKL, MotionAdapterConfig, MotionUNetConfig, UNet2DConfig, UNetMotionModel, VaeConfig,
+};
 use streamline_models::svd::UNetShape;
+use streamline_models::SizeRule;
 use streamline_rehash::Rehash;
 
 use crate::optimize::Optimization;
-use crate::run::{decode_in_chunks, PipelineError, RunReport, Stage, UNetCalls};
+use crate::run::{decode_in_chunks, PipelineError, RunReport, Sizes, Stage, UNetCalls};
 use crate::scheduler::Scheduler;
 
 /// The arguments of diffusers' call, with its defaults.
@@ -50,18 +54,15 @@ pub struct AnimateDiff {
     pub tokenizer: ClipTokenizer,
     /// Read once at load; each run clones it and sets its own step count.
     scheduler: Scheduler,
+    sizes: Sizes,
     dtype: DType,
     device: Device,
 }
 
 impl AnimateDiff {
-    /// Load an SD 1.5 diffusers folder and a motion adapter folder.
-    pub fn load(
-        model: &Path,
-        motion_adapter: &Path,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self, PipelineError> {
+    /// The sizes an SD folder with `motion_adapter` takes, from their config.json files alone,
+    /// so a size is refused before any weights load.
+    pub fn sizes(model: &Path, motion_adapter: &Path) -> Result<Sizes, PipelineError> {
         for folder in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
             if !model.join(folder).is_dir() {
                 return Err(PipelineError::MissingFolder {
@@ -71,18 +72,40 @@ impl AnimateDiff {
                 });
             }
         }
-        if !motion_adapter.join("config.json").is_file() {
+        let adapter_config = motion_adapter.join("config.json");
+        if !adapter_config.is_file() {
             return Err(PipelineError::Input(format!(
                 "{}: not a motion adapter folder (no config.json)",
                 motion_adapter.display()
             )));
         }
+        let unet_config = model.join("unet/config.json");
+        let unet: UNet2DConfig = load_config(&unet_config)?;
+        let adapter: MotionAdapterConfig = load_config(&adapter_config)?;
+        let config = MotionUNetConfig::new(unet, &unet_config, adapter, &adapter_config)?;
+        let vae: VaeConfig = load_config(&model.join("vae/config.json"))?;
+        let scale = vae.scale_factor();
+        Ok(Sizes {
+            rule: SizeRule::animatediff(&config, &vae),
+            native: config.unet.sample_size.map(|s| (s * scale, s * scale)),
+        })
+    }
+
+    /// Load an SD 1.5 diffusers folder and a motion adapter folder.
+    pub fn load(
+        model: &Path,
+        motion_adapter: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self, PipelineError> {
+        let sizes = Self::sizes(model, motion_adapter)?;
         Ok(AnimateDiff {
             unet: UNetMotionModel::load(&model.join("unet"), motion_adapter, dtype, device)?,
             vae: AutoencoderKL::load(&model.join("vae"), dtype, device)?,
             text_encoder: ClipTextModel::load(&model.join("text_encoder"), dtype, device)?,
             tokenizer: ClipTokenizer::load(&model.join("tokenizer"))?,
             scheduler: Scheduler::load(&model.join("scheduler/scheduler_config.json"))?,
+            sizes,
             dtype,
             device: device.clone(),
         })
@@ -125,6 +148,7 @@ impl AnimateDiff {
         progress: &mut dyn FnMut(Stage),
     ) -> Result<(Tensor, RunReport), PipelineError> {
         let dev = &self.device;
+        self.sizes.rule.check(settings.height, settings.width)?;
         let expected = self.latent_shape(settings);
         if latents.dims() != expected {
             return Err(PipelineError::Input(format!(

@@ -4,15 +4,17 @@ use std::path::Path;
 
 use super::preprocess::{clip_input, Planes};
 use crate::optimize::{CallKind, Optimization};
-use crate::run::{decode_in_chunks, Call, PipelineError, RunReport, Stage, UNetCalls};
+use crate::run::{decode_in_chunks, Call, PipelineError, RunReport, Sizes, Stage, UNetCalls};
 use crate::scheduler::EulerDiscreteScheduler;
 use candle_core::{DType, Device, Module, Tensor};
 use serde::Deserialize;
 use streamline_models::clip::ClipVisionModelWithProjection;
 use streamline_models::load::load_config;
 use streamline_models::svd::{
-    AutoencoderKLTemporalDecoder, LatentDist, UNetShape, UNetSpatioTemporalConditionModel,
+    AutoencoderKLTemporalDecoder, LatentDist, UNetConfig, UNetShape,
+    UNetSpatioTemporalConditionModel, VaeConfig,
 };
+use streamline_models::SizeRule;
 use streamline_rehash::Rehash;
 
 /// The arguments of diffusers' call, with its defaults.
@@ -81,28 +83,50 @@ pub struct StableVideoDiffusion {
     clip_mean: [f32; 3],
     clip_std: [f32; 3],
     clip_size: usize,
+    sizes: Sizes,
     dtype: DType,
     device: Device,
 }
 
+fn check_folders(dir: &Path) -> Result<(), PipelineError> {
+    for folder in [
+        "unet",
+        "vae",
+        "image_encoder",
+        "scheduler",
+        "feature_extractor",
+    ] {
+        if !dir.join(folder).is_dir() {
+            return Err(PipelineError::MissingFolder {
+                path: dir.to_path_buf(),
+                folder,
+                expected: "a diffusers SVD folder has unet/, vae/, image_encoder/, scheduler/ and feature_extractor/",
+            });
+        }
+    }
+    Ok(())
+}
+
 impl StableVideoDiffusion {
+    /// The sizes the SVD folder `dir` takes, from `unet/config.json` and `vae/config.json`
+    /// alone, so a size is refused before any weights load.
+    pub fn sizes(dir: &Path) -> Result<Sizes, PipelineError> {
+        check_folders(dir)?;
+        let unet_config = dir.join("unet/config.json");
+        let unet: UNetConfig = load_config(&unet_config)?;
+        let vae: VaeConfig = load_config(&dir.join("vae/config.json"))?;
+        let scale = vae.scale_factor();
+        Ok(Sizes {
+            rule: SizeRule::svd(&unet, &vae),
+            native: unet
+                .sample_size
+                .map(|size| (size.dims().0 * scale, size.dims().1 * scale)),
+        })
+    }
+
     /// Load a diffusers SVD folder (unet/, vae/, image_encoder/, scheduler/, feature_extractor/).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self, PipelineError> {
-        for folder in [
-            "unet",
-            "vae",
-            "image_encoder",
-            "scheduler",
-            "feature_extractor",
-        ] {
-            if !dir.join(folder).is_dir() {
-                return Err(PipelineError::MissingFolder {
-                    path: dir.to_path_buf(),
-                    folder,
-                    expected: "a diffusers SVD folder has unet/, vae/, image_encoder/, scheduler/ and feature_extractor/",
-                });
-            }
-        }
+        let sizes = Self::sizes(dir)?;
         let fe: FeatureExtractor =
             load_config(&dir.join("feature_extractor/preprocessor_config.json"))?;
         let scheduler = EulerDiscreteScheduler::load(&dir.join("scheduler/scheduler_config.json"))?;
@@ -120,19 +144,15 @@ impl StableVideoDiffusion {
             clip_size: match fe.crop_size {
                 CropSize::Square(s) | CropSize::Sized { height: s } => s,
             },
+            sizes,
             dtype,
             device: device.clone(),
         })
     }
 
-    /// The `(height, width)` the model was trained at (UNet `sample_size` times the VAE's
-    /// scale factor), when its config records one.
+    /// The `(height, width)` the model was trained at, when its config records one.
     pub fn native_size(&self) -> Option<(usize, usize)> {
-        let s = self.vae.scale_factor();
-        self.unet
-            .config()
-            .sample_size
-            .map(|size| (size.dims().0 * s, size.dims().1 * s))
+        self.sizes.native
     }
 
     pub fn num_frames(&self, settings: &SvdSettings) -> usize {
@@ -182,10 +202,7 @@ impl StableVideoDiffusion {
     ) -> Result<(Tensor, RunReport), PipelineError> {
         let dev = &self.device;
         let frames = self.num_frames(settings);
-        let (h, w) = (
-            settings.height / self.vae.scale_factor(),
-            settings.width / self.vae.scale_factor(),
-        );
+        let (h, w) = self.sizes.rule.check(settings.height, settings.width)?;
         let expected = [1, frames, self.vae.config().latent_channels, h, w];
         if latents.dims() != expected {
             return Err(PipelineError::Input(format!(
