@@ -14,7 +14,7 @@ impl Pass for OperatorGrouping {
 
     fn run(&self, graph: Graph, plan: Plan) -> Result<(Graph, Plan)> {
         let mut groups: Vec<Group> = Vec::with_capacity(plan.groups.len());
-        for next in plan.groups {
+        for next in plan.groups.iter().cloned() {
             if let Some(current) = groups.last_mut() {
                 let joinable = current.axis.is_some()
                     && current.axis == next.axis
@@ -31,6 +31,12 @@ impl Pass for OperatorGrouping {
             }
             groups.push(next);
         }
-        Ok((graph, Plan { groups }))
+        Ok((
+            graph,
+            Plan {
+                groups,
+                kernels: plan.kernels,
+            },
+        ))
     }
 }

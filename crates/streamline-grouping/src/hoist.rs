@@ -39,7 +39,13 @@ impl Pass for HoistWhole {
                 ..plan.groups[old].clone()
             })
             .collect();
-        Ok((graph.reordered(&order)?, Plan { groups }))
+        Ok((
+            graph.reordered(&order)?,
+            Plan {
+                groups,
+                kernels: plan.kernels,
+            },
+        ))
     }
 }
 

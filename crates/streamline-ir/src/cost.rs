@@ -50,7 +50,8 @@ impl<'g> PlanCost<'g> {
             .iter()
             .map(|&id| (id, graph.info(id).clone()))
             .collect();
-        let (_, stats) = Engine::new(graph, Dry).run(&plan, &axis_lens, &schedule, initial)?;
+        let (_, stats) =
+            Engine::new(graph, Dry, plan.kernels).run(&plan, &axis_lens, &schedule, initial)?;
         let n = plan.groups.len();
         let (mut peaks, mut entries) = (stats.group_peaks, stats.group_entries);
         peaks.resize(n, 0);
@@ -119,7 +120,7 @@ impl<'g> PlanCost<'g> {
                     }
                 }
             }
-            let mut engine = Engine::new(graph, Dry);
+            let mut engine = Engine::new(graph, Dry, self.plan.kernels);
             engine.ledger.alloc(self.entries[gi]);
             engine.run_group(gi, &setting, len, &nodes, &self.schedule, &mut live)?;
             engine.ledger.peak()

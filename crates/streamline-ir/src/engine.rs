@@ -11,7 +11,7 @@ use candle_core::{Device, Tensor};
 use crate::error::{IrError, Result};
 use crate::graph::{Graph, Node, ValueId};
 use crate::ledger::{Ledger, RunStats};
-use crate::op::SliceCtx;
+use crate::op::{Kernels, SliceCtx};
 use crate::plan::{chunk_ranges, Group, Plan};
 use crate::value::{AxisTag, ValueInfo};
 
@@ -230,6 +230,7 @@ struct SliceState<V> {
 pub(crate) struct Engine<'e, B: Backend> {
     graph: &'e Graph,
     backend: B,
+    kernels: Kernels,
     /// Whether a dry run may cost one slice of each kind for all its equals.
     shortcut: bool,
     pub ledger: Ledger,
@@ -237,10 +238,11 @@ pub(crate) struct Engine<'e, B: Backend> {
 }
 
 impl<'e, B: Backend> Engine<'e, B> {
-    pub fn new(graph: &'e Graph, backend: B) -> Self {
+    pub fn new(graph: &'e Graph, backend: B, kernels: Kernels) -> Self {
         Engine {
             graph,
             backend,
+            kernels,
             shortcut: B::DRY,
             ledger: Ledger::default(),
             stats: RunStats::default(),
@@ -346,17 +348,18 @@ impl<'e, B: Backend> Engine<'e, B> {
                 }
             }
             let flops_before = self.stats.flops;
-            let ctx = match group.axis {
-                Some(axis) => SliceCtx {
-                    axis: Some(axis),
-                    range: range.clone(),
-                    len,
-                    workspace_limit: group.workspace_limit,
-                },
-                None => SliceCtx {
-                    workspace_limit: group.workspace_limit,
-                    ..SliceCtx::whole()
-                },
+            let ctx = SliceCtx {
+                workspace_limit: group.workspace_limit,
+                kernels: self.kernels,
+                ..match group.axis {
+                    Some(axis) => SliceCtx {
+                        axis: Some(axis),
+                        range: range.clone(),
+                        len,
+                        ..SliceCtx::whole()
+                    },
+                    None => SliceCtx::whole(),
+                }
             };
             let slice = Slice {
                 ctx: &ctx,
@@ -519,7 +522,7 @@ impl<'e, B: Backend> Engine<'e, B> {
         if B::DRY {
             let workspace = node
                 .op
-                .workspace_bytes(&in_refs, &expected, ctx.workspace_limit);
+                .workspace_bytes(&in_refs, &expected, ctx.workspace());
             self.ledger.transient(workspace);
         }
         state.local.insert(node.output, out);
@@ -571,8 +574,8 @@ mod tests {
             let initial = || -> HashMap<ValueId, ValueInfo> {
                 g.inputs().iter().map(|&id| (id, g.info(id).clone())).collect()
             };
-            let (_, fast) = Engine::new(&g, Dry).run(&plan, &lens, &schedule, initial()).unwrap();
-            let (_, every) = Engine::new(&g, Dry)
+            let (_, fast) = Engine::new(&g, Dry, plan.kernels).run(&plan, &lens, &schedule, initial()).unwrap();
+            let (_, every) = Engine::new(&g, Dry, plan.kernels)
                 .every_slice()
                 .run(&plan, &lens, &schedule, initial())
                 .unwrap();

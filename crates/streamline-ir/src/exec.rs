@@ -40,6 +40,16 @@ pub struct Executor<'a> {
 
 impl<'a> Executor<'a> {
     pub fn new(graph: &'a Graph, plan: &'a Plan, device: &Device) -> Result<Self> {
+        if !plan.kernels.runs_on(device) {
+            return Err(IrError::Plan(format!(
+                "a plan for the {} kernels cannot run on {device:?}",
+                plan.kernels
+            )));
+        }
+        Executor::build(graph, plan, device)
+    }
+
+    fn build(graph: &'a Graph, plan: &'a Plan, device: &Device) -> Result<Self> {
         plan.validate(graph)?;
         let axis_lens = plan
             .groups
@@ -94,8 +104,12 @@ impl<'a> Executor<'a> {
         let backend = Real {
             device: &self.device,
         };
-        let (mut results, stats) =
-            Engine::new(graph, backend).run(self.plan, &self.axis_lens, &schedule, initial)?;
+        let (mut results, stats) = Engine::new(graph, backend, self.plan.kernels).run(
+            self.plan,
+            &self.axis_lens,
+            &schedule,
+            initial,
+        )?;
         let mut take = |id: &ValueId| {
             results
                 .get(id)
@@ -129,14 +143,20 @@ impl<'a> Executor<'a> {
             .map(|&id| (id, self.graph.info(id).clone()))
             .collect();
         let schedule = self.schedule(&self.ids(keep)?, &supplied);
-        Engine::new(self.graph, Dry)
+        Engine::new(self.graph, Dry, self.plan.kernels)
             .run(self.plan, &self.axis_lens, &schedule, initial)
             .map(|(_, stats)| stats)
     }
 
     /// The planned cost of `plan` from shapes alone, without a device (planners and passes).
     pub fn plan_stats(graph: &Graph, plan: &Plan) -> Result<RunStats> {
-        Executor::new(graph, plan, &Device::Cpu)?.dry_run(&[], &[])
+        Executor::dry(graph, plan)?.dry_run(&[], &[])
+    }
+
+    /// An executor for dry runs alone: no device is needed, whatever the plan's kernels, so a
+    /// plan for a GPU is made on a machine without one.
+    pub fn dry(graph: &'a Graph, plan: &'a Plan) -> Result<Self> {
+        Executor::build(graph, plan, &Device::Cpu)
     }
 
     /// Graph outputs and `keep` are pinned to the end of the run.

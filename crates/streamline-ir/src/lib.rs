@@ -43,7 +43,7 @@ pub use error::{Infeasible, IrError, Result};
 pub use exec::{Executor, Request, RunOutput};
 pub use graph::{up_block_mark, Graph, Node, Producer, Value, ValueId};
 pub use ledger::{human, Ledger, RunStats};
-pub use op::{Independence, Op, SliceCtx};
+pub use op::{Independence, Kernels, Op, SliceCtx, Workspace};
 pub use pass::{Pass, PassPipeline};
 pub use plan::{check_group, chunk_ranges, Group, Plan, PlanDump};
 pub use value::{Axis, AxisTag, Layout, ValueInfo};

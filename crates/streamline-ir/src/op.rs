@@ -3,7 +3,7 @@
 use std::fmt::Debug;
 use std::ops::Range;
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 
 use crate::error::Result;
 use crate::value::{Axis, ValueInfo};
@@ -32,6 +32,50 @@ impl Independence {
     }
 }
 
+/// Which implementation of the ops runs. What an op allocates depends on it, so a plan is made
+/// for one ([`crate::Plan::kernels`]) and every call is told it ([`SliceCtx::kernels`]).
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Kernels {
+    /// streamline-kernels' CPU kernels; CPU tensors only.
+    #[default]
+    Cpu,
+    /// The portable path, built from candle ops and tiled so that no buffer exceeds what the
+    /// plan counts: every device, and the CPU when asked for (so it is tested there).
+    Portable,
+    /// The portable path with attention through flash-attn (CUDA, f16 and bf16).
+    FlashAttn,
+}
+
+impl Kernels {
+    /// Whether these kernels run on tensors of `device`.
+    pub fn runs_on(self, device: &Device) -> bool {
+        match self {
+            Kernels::Cpu => device.is_cpu(),
+            Kernels::Portable => true,
+            Kernels::FlashAttn => device.is_cuda(),
+        }
+    }
+}
+
+impl std::fmt::Display for Kernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Kernels::Cpu => "cpu",
+            Kernels::Portable => "portable",
+            Kernels::FlashAttn => "flash-attn",
+        })
+    }
+}
+
+/// What an op's transient buffers depend on besides shapes: the implementation that runs and
+/// the group's workspace limit.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Workspace {
+    pub kernels: Kernels,
+    /// Bytes of transient workspace one call may use; `None`: ops run untiled.
+    pub limit: Option<usize>,
+}
+
 /// Which part of the sliced axis a forward call computes.
 ///
 /// Most ops ignore it: their inputs arrive already narrowed. Ops that read a value whole (norm
@@ -47,6 +91,8 @@ pub struct SliceCtx {
     pub len: usize,
     /// Bytes of transient workspace the call may use (see [`Op::workspace_bytes`]).
     pub workspace_limit: Option<usize>,
+    /// The implementation to run.
+    pub kernels: Kernels,
 }
 
 impl SliceCtx {
@@ -57,6 +103,15 @@ impl SliceCtx {
             range: 0..0,
             len: 0,
             workspace_limit: None,
+            kernels: Kernels::Cpu,
+        }
+    }
+
+    /// What this call's workspace is planned under.
+    pub fn workspace(&self) -> Workspace {
+        Workspace {
+            kernels: self.kernels,
+            limit: self.workspace_limit,
         }
     }
 
@@ -112,17 +167,13 @@ pub trait Op: Debug + Send + Sync {
     fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo>;
 
     /// Bytes of transient buffers one call allocates besides its output (attention scores,
-    /// im2col columns), for per-slice inputs and output. Under a `limit` (the group's
-    /// workspace limit, also in [`SliceCtx::workspace_limit`]) ops that tile (query chunks,
-    /// im2col row tiles) return what their tiling uses, which is above `limit` only when no
-    /// tiling fits; ops that cannot tile return their untiled figure either way.
-    fn workspace_bytes(
-        &self,
-        inputs: &[&ValueInfo],
-        output: &ValueInfo,
-        limit: Option<usize>,
-    ) -> usize {
-        let _ = (inputs, output, limit);
+    /// im2col columns), for per-slice inputs and output, with `ws.kernels` running. Under a
+    /// limit (`ws.limit`, the group's workspace limit, also in [`SliceCtx::workspace_limit`])
+    /// ops that tile (query chunks, im2col row tiles) return what their tiling uses, which is
+    /// above the limit only when no tiling fits; ops that cannot tile return their untiled
+    /// figure either way.
+    fn workspace_bytes(&self, inputs: &[&ValueInfo], output: &ValueInfo, ws: Workspace) -> usize {
+        let _ = (inputs, output, ws);
         0
     }
 

@@ -5,6 +5,7 @@ use std::ops::Range;
 
 use crate::error::{IrError, Result};
 use crate::graph::{Graph, ValueId};
+use crate::op::Kernels;
 use crate::value::{Axis, AxisTag};
 
 /// A run of consecutive nodes executed slice by slice along one axis.
@@ -44,10 +45,13 @@ impl Group {
     }
 }
 
-/// Ordered groups covering every node of a graph once, in graph order.
+/// Ordered groups covering every node of a graph once, in graph order, for one
+/// implementation of the ops.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Plan {
     pub groups: Vec<Group>,
+    /// What runs the ops; what they allocate, and so the plan's costs, depend on it.
+    pub kernels: Kernels,
 }
 
 /// Split `len` into `chunks` contiguous ranges whose sizes differ by at most one.
@@ -66,13 +70,26 @@ pub fn chunk_ranges(len: usize, chunks: usize) -> Vec<Range<usize>> {
 }
 
 impl Plan {
+    /// `groups` for the CPU kernels.
+    pub fn new(groups: Vec<Group>) -> Plan {
+        Plan {
+            groups,
+            kernels: Kernels::Cpu,
+        }
+    }
+
+    /// This plan for `kernels`.
+    pub fn with_kernels(self, kernels: Kernels) -> Plan {
+        Plan { kernels, ..self }
+    }
+
     /// One node per group, unsliced: original inference.
     pub fn trivial(graph: &Graph) -> Plan {
-        Plan {
-            groups: (0..graph.nodes().len())
+        Plan::new(
+            (0..graph.nodes().len())
                 .map(|i| Group::whole(i..i + 1))
                 .collect(),
-        }
+        )
     }
 
     /// Check that the groups cover the graph in order and that every sliced group is exact.

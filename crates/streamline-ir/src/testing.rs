@@ -11,7 +11,7 @@ use proptest::prelude::*;
 
 use crate::{
     check_group, Axis, AxisTag, Executor, Graph, Group, Independence, IrError, Layout, Op, Plan,
-    Request, Result, SliceCtx, ValueId, ValueInfo,
+    Request, Result, SliceCtx, ValueId, ValueInfo, Workspace,
 };
 
 #[derive(Copy, Clone, Debug)]
@@ -80,7 +80,7 @@ impl Op for FrameNorm {
     fn infer(&self, i: &[&ValueInfo]) -> Result<ValueInfo> {
         same(i)
     }
-    fn workspace_bytes(&self, i: &[&ValueInfo], _: &ValueInfo, _: Option<usize>) -> usize {
+    fn workspace_bytes(&self, i: &[&ValueInfo], _: &ValueInfo, _: Workspace) -> usize {
         i[0].bytes()
     }
     fn flops(&self, i: &[&ValueInfo], _: &ValueInfo) -> u64 {
@@ -105,7 +105,7 @@ impl Op for TimeMix {
     fn infer(&self, i: &[&ValueInfo]) -> Result<ValueInfo> {
         same(i)
     }
-    fn workspace_bytes(&self, i: &[&ValueInfo], _: &ValueInfo, _: Option<usize>) -> usize {
+    fn workspace_bytes(&self, i: &[&ValueInfo], _: &ValueInfo, _: Workspace) -> usize {
         3 * i[0].bytes()
     }
     fn flops(&self, i: &[&ValueInfo], _: &ValueInfo) -> u64 {
@@ -135,7 +135,7 @@ impl Op for Squash {
     fn infer(&self, i: &[&ValueInfo]) -> Result<ValueInfo> {
         same(i)
     }
-    fn workspace_bytes(&self, i: &[&ValueInfo], _: &ValueInfo, _: Option<usize>) -> usize {
+    fn workspace_bytes(&self, i: &[&ValueInfo], _: &ValueInfo, _: Workspace) -> usize {
         3 * i[0].bytes()
     }
     fn flops(&self, i: &[&ValueInfo], _: &ValueInfo) -> u64 {
@@ -237,7 +237,7 @@ impl Op for Relayout {
             Axis::Frames => self.d.frame_info(),
         })
     }
-    fn workspace_bytes(&self, _: &[&ValueInfo], o: &ValueInfo, _: Option<usize>) -> usize {
+    fn workspace_bytes(&self, _: &[&ValueInfo], o: &ValueInfo, _: Workspace) -> usize {
         o.bytes()
     }
     fn flops(&self, _: &[&ValueInfo], _: &ValueInfo) -> u64 {
@@ -271,7 +271,7 @@ impl Op for SumSq {
     fn infer(&self, _: &[&ValueInfo]) -> Result<ValueInfo> {
         Ok(ValueInfo::new((self.0.b, 1), DType::F32, Layout::WHOLE))
     }
-    fn workspace_bytes(&self, i: &[&ValueInfo], _: &ValueInfo, _: Option<usize>) -> usize {
+    fn workspace_bytes(&self, i: &[&ValueInfo], _: &ValueInfo, _: Workspace) -> usize {
         i[0].bytes()
     }
     fn flops(&self, i: &[&ValueInfo], _: &ValueInfo) -> u64 {
@@ -303,7 +303,7 @@ impl Op for Normalize {
     fn infer(&self, i: &[&ValueInfo]) -> Result<ValueInfo> {
         same(i)
     }
-    fn workspace_bytes(&self, _: &[&ValueInfo], o: &ValueInfo, _: Option<usize>) -> usize {
+    fn workspace_bytes(&self, _: &[&ValueInfo], o: &ValueInfo, _: Workspace) -> usize {
         o.bytes()
     }
     fn flops(&self, i: &[&ValueInfo], _: &ValueInfo) -> u64 {
@@ -360,7 +360,7 @@ impl Op for AddCond {
     fn infer(&self, i: &[&ValueInfo]) -> Result<ValueInfo> {
         same(i)
     }
-    fn workspace_bytes(&self, _: &[&ValueInfo], o: &ValueInfo, _: Option<usize>) -> usize {
+    fn workspace_bytes(&self, _: &[&ValueInfo], o: &ValueInfo, _: Workspace) -> usize {
         o.bytes()
     }
     fn flops(&self, i: &[&ValueInfo], _: &ValueInfo) -> u64 {
@@ -566,7 +566,7 @@ pub fn random_plan(g: &Graph, choices: &[u32]) -> Plan {
         });
         i = end;
     }
-    Plan { groups }
+    Plan::new(groups)
 }
 
 /// Small video dimensions: 1-2 videos, 1-4 frames, 1-3 channels, 1-7 positions.

@@ -2,7 +2,7 @@
 
 use candle_core::Device;
 use streamline_ir::testing::*;
-use streamline_ir::{Axis, Executor, Graph, Group, Plan, Request};
+use streamline_ir::{Axis, Executor, Graph, Group, Kernels, Plan, Request};
 
 fn sample() -> (Dims, Graph) {
     let d = Dims::new(2, 3, 2, 5);
@@ -10,7 +10,7 @@ fn sample() -> (Dims, Graph) {
 }
 
 fn rejected(g: &Graph, groups: Vec<Group>) -> String {
-    let plan = Plan { groups };
+    let plan = Plan::new(groups);
     let err = plan.validate(g).unwrap_err().to_string();
     assert!(Executor::new(g, &plan, &Device::Cpu).is_err());
     err
@@ -141,4 +141,26 @@ fn unknown_names_are_errors() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("`no.such.layer`"), "{err}");
+}
+
+/// A plan is made for one implementation of the ops: one that cannot run on the device is
+/// refused before anything runs, while its dry run needs no device at all.
+#[test]
+fn plans_run_only_where_their_kernels_do() {
+    let (_, g) = sample();
+    let plan = Plan::trivial(&g).with_kernels(Kernels::FlashAttn);
+    let err = Executor::new(&g, &plan, &Device::Cpu)
+        .err()
+        .expect("flash-attn does not run on the CPU")
+        .to_string();
+    assert!(err.contains("flash-attn"), "{err}");
+    let planned = Executor::plan_stats(&g, &plan).unwrap();
+    assert_eq!(
+        planned.peak_bytes,
+        Executor::plan_stats(&g, &Plan::trivial(&g))
+            .unwrap()
+            .peak_bytes
+    );
+    let portable = Plan::trivial(&g).with_kernels(Kernels::Portable);
+    assert!(Executor::new(&g, &portable, &Device::Cpu).is_ok());
 }

@@ -15,14 +15,12 @@ static ALLOC: TrackingAllocator = TrackingAllocator;
 fn heap_peak_within_planned_peak() {
     let d = Dims::new(2, 8, 16, 256);
     let g = sample_graph(d);
-    let sliced = Plan {
-        groups: vec![
-            Group::sliced(0..2, Axis::Frames, 7),
-            Group::sliced(2..4, Axis::Positions, 5),
-            Group::sliced(4..7, Axis::Positions, 9),
-            Group::sliced(7..10, Axis::Frames, 3),
-        ],
-    };
+    let sliced = Plan::new(vec![
+        Group::sliced(0..2, Axis::Frames, 7),
+        Group::sliced(2..4, Axis::Positions, 5),
+        Group::sliced(4..7, Axis::Positions, 9),
+        Group::sliced(7..10, Axis::Frames, 3),
+    ]);
     for plan in [Plan::trivial(&g), sliced] {
         let exec = Executor::new(&g, &plan, &Device::Cpu).unwrap();
         let planned = exec.dry_run(&[], &[]).unwrap().peak_bytes;

@@ -73,14 +73,12 @@ proptest! {
 fn sliced_sample_plan() -> (Dims, Graph, Plan) {
     let d = Dims::new(2, 3, 2, 5);
     let g = sample_graph(d);
-    let plan = Plan {
-        groups: vec![
-            Group::sliced(0..2, Axis::Frames, 4),
-            Group::sliced(2..4, Axis::Positions, 3),
-            Group::sliced(4..7, Axis::Positions, 7),
-            Group::sliced(7..10, Axis::Frames, 5),
-        ],
-    };
+    let plan = Plan::new(vec![
+        Group::sliced(0..2, Axis::Frames, 4),
+        Group::sliced(2..4, Axis::Positions, 3),
+        Group::sliced(4..7, Axis::Positions, 7),
+        Group::sliced(7..10, Axis::Frames, 5),
+    ]);
     (d, g, plan)
 }
 
@@ -145,14 +143,12 @@ fn slicing_lowers_the_planned_peak() {
     let g = sample_graph(d);
     let trivial_plan = Plan::trivial(&g);
     let trivial = Executor::new(&g, &trivial_plan, &Device::Cpu).unwrap();
-    let plan = Plan {
-        groups: vec![
-            Group::sliced(0..2, Axis::Frames, 8),
-            Group::sliced(2..4, Axis::Positions, 8),
-            Group::sliced(4..7, Axis::Positions, 8),
-            Group::sliced(7..10, Axis::Frames, 8),
-        ],
-    };
+    let plan = Plan::new(vec![
+        Group::sliced(0..2, Axis::Frames, 8),
+        Group::sliced(2..4, Axis::Positions, 8),
+        Group::sliced(4..7, Axis::Positions, 8),
+        Group::sliced(7..10, Axis::Frames, 8),
+    ]);
     let sliced = Executor::new(&g, &plan, &Device::Cpu).unwrap();
     let (a, b) = (
         trivial.dry_run(&[], &[]).unwrap(),

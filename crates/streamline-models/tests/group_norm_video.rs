@@ -123,13 +123,11 @@ fn every_slicing_is_exact() {
     for stats_chunks in 1..=positions {
         let apply_chunks = positions + 1 - stats_chunks;
         let frame_chunks = 1 + stats_chunks % dims.frames_len();
-        let plan = Plan {
-            groups: vec![
-                Group::sliced(0..2, Axis::Positions, stats_chunks),
-                Group::sliced(2..3, Axis::Positions, apply_chunks),
-                Group::sliced(3..4, Axis::Frames, frame_chunks),
-            ],
-        };
+        let plan = Plan::new(vec![
+            Group::sliced(0..2, Axis::Positions, stats_chunks),
+            Group::sliced(2..3, Axis::Positions, apply_chunks),
+            Group::sliced(3..4, Axis::Frames, frame_chunks),
+        ]);
         let out = Executor::new(&g, &plan, &Device::Cpu)
             .unwrap()
             .run(vec![x.clone()], &Request::default())
@@ -147,9 +145,10 @@ fn every_slicing_is_exact() {
 fn statistics_cannot_be_read_in_their_own_group() {
     let (c, t) = fixture();
     let (_, g) = graph(&c, &t);
-    let plan = Plan {
-        groups: vec![Group::sliced(0..3, Axis::Positions, 2), Group::whole(3..4)],
-    };
+    let plan = Plan::new(vec![
+        Group::sliced(0..3, Axis::Positions, 2),
+        Group::whole(3..4),
+    ]);
     let err = plan.validate(&g).unwrap_err().to_string();
     assert!(
         err.contains("`norm`") && err.contains("norm.stats"),

@@ -114,7 +114,7 @@ fn sliced(
         axis: Some(axis),
         range,
         len,
-        workspace_limit: None,
+        ..SliceCtx::whole()
     };
     c
 }
@@ -136,7 +136,7 @@ fn measure(c: &Case) -> Measured {
     let infos: Vec<ValueInfo> = c.inputs.iter().map(info).collect();
     let in_refs: Vec<&ValueInfo> = infos.iter().collect();
     let declared =
-        c.op.workspace_bytes(&in_refs, &info(&out), c.ctx.workspace_limit);
+        c.op.workspace_bytes(&in_refs, &info(&out), c.ctx.workspace());
     Measured {
         declared,
         measured,

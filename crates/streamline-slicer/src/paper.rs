@@ -55,9 +55,16 @@ impl Pass for PaperSlicer {
     fn run(&self, graph: Graph, plan: Plan) -> Result<(Graph, Plan)> {
         let groups = plan
             .groups
-            .into_iter()
+            .iter()
+            .cloned()
             .map(|g| self.slice(&graph, g))
             .collect();
-        Ok((graph, Plan { groups }))
+        Ok((
+            graph,
+            Plan {
+                groups,
+                kernels: plan.kernels,
+            },
+        ))
     }
 }

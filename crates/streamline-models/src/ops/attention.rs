@@ -18,7 +18,9 @@ use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use streamline_ir::{chunk_ranges, Independence, IrError, Op, Result, SliceCtx, ValueInfo};
+use streamline_ir::{
+    chunk_ranges, Independence, IrError, Op, Result, SliceCtx, ValueInfo, Workspace,
+};
 
 use streamline_kernels::{attention, attention_workspace, AttentionSizes, KvRows};
 
@@ -156,8 +158,8 @@ impl Attention {
     /// workspace that costs: whole rows first, keys and values of a row chunk made once;
     /// when one row does not fit, query chunks of one row, which still see all its keys, so
     /// the softmax is exact.
-    fn tiling(&self, s: &Shapes, out_bytes: usize, limit: Option<usize>) -> (Tiles, usize) {
-        tiles(s.rows, s.queries, out_bytes, limit, |r, q| {
+    fn tiling(&self, s: &Shapes, out_bytes: usize, ws: Workspace) -> (Tiles, usize) {
+        tiles(s.rows, s.queries, out_bytes, ws.limit, |r, q| {
             self.peak(s, r, q)
         })
     }
@@ -254,13 +256,8 @@ impl Op for Attention {
         }
         Ok(x.clone())
     }
-    fn workspace_bytes(
-        &self,
-        inputs: &[&ValueInfo],
-        output: &ValueInfo,
-        limit: Option<usize>,
-    ) -> usize {
-        self.tiling(&self.shapes(inputs), output.bytes(), limit).1
+    fn workspace_bytes(&self, inputs: &[&ValueInfo], output: &ValueInfo, ws: Workspace) -> usize {
+        self.tiling(&self.shapes(inputs), output.bytes(), ws).1
     }
     fn flops(&self, inputs: &[&ValueInfo], _: &ValueInfo) -> u64 {
         let d = inputs[0].shape.dims();
@@ -289,7 +286,7 @@ impl Op for Attention {
         let infos: Vec<ValueInfo> = x.iter().map(|t| info_of(t)).collect();
         let refs: Vec<&ValueInfo> = infos.iter().collect();
         let s = self.shapes(&refs);
-        let (t, _) = self.tiling(&s, infos[0].bytes(), ctx.workspace_limit);
+        let (t, _) = self.tiling(&s, infos[0].bytes(), ctx.workspace());
         let tables = match self.context {
             Context::SelfAttention => None,
             Context::PerBatch { .. } => Some((self.to_k.forward(x[1])?, self.to_v.forward(x[1])?)),

@@ -2,7 +2,7 @@
 
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
-use streamline_ir::{Independence, IrError, Op, Result, SliceCtx, ValueInfo};
+use streamline_ir::{Independence, IrError, Op, Result, SliceCtx, ValueInfo, Workspace};
 
 use super::layout::{batch_ids, by_row_chunks, info_of, row_chunk};
 
@@ -66,10 +66,10 @@ impl Blend {
 
     /// Computed as `alpha * (a - b) + b`: the difference, its scaled copy, then the result,
     /// so one buffer besides the result (the two scaled inputs would be two).
-    fn tiling(&self, x: &ValueInfo, output: &ValueInfo, limit: Option<usize>) -> (usize, usize) {
+    fn tiling(&self, x: &ValueInfo, output: &ValueInfo, ws: Workspace) -> (usize, usize) {
         let rows = x.shape.dims()[0];
         let per = x.bytes() / rows.max(1);
-        row_chunk(rows, output.bytes(), limit, |r| 2 * r * per)
+        row_chunk(rows, output.bytes(), ws.limit, |r| 2 * r * per)
     }
 }
 
@@ -86,20 +86,15 @@ impl Op for Blend {
     fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
         Add.infer(inputs)
     }
-    fn workspace_bytes(
-        &self,
-        inputs: &[&ValueInfo],
-        output: &ValueInfo,
-        limit: Option<usize>,
-    ) -> usize {
-        self.tiling(inputs[0], output, limit).1
+    fn workspace_bytes(&self, inputs: &[&ValueInfo], output: &ValueInfo, ws: Workspace) -> usize {
+        self.tiling(inputs[0], output, ws).1
     }
     fn flops(&self, inputs: &[&ValueInfo], _: &ValueInfo) -> u64 {
         3 * elems(inputs[0])
     }
     fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
         let (a, b) = (x[0], x[1]);
-        let (chunk, _) = self.tiling(&info_of(a), &info_of(a), ctx.workspace_limit);
+        let (chunk, _) = self.tiling(&info_of(a), &info_of(a), ctx.workspace());
         by_row_chunks(a.dims(), a.dtype(), a.device(), chunk, |r| {
             let (a, b) = (
                 a.narrow(0, r.start, r.len())?,
@@ -160,17 +155,12 @@ pub struct AddBatchEmb {
 
 impl AddBatchEmb {
     /// Per chunk of rows: their batch ids and per-row vectors, then the result.
-    fn tiling(
-        &self,
-        inputs: &[&ValueInfo],
-        output: &ValueInfo,
-        limit: Option<usize>,
-    ) -> (usize, usize) {
+    fn tiling(&self, inputs: &[&ValueInfo], output: &ValueInfo, ws: Workspace) -> (usize, usize) {
         let (x, e) = (inputs[0], inputs[1]);
         let rows = x.shape.dims()[0];
         let per_row = std::mem::size_of::<u32>() + e.bytes() / e.shape.dims()[0].max(1);
         let out_row = x.bytes() / rows.max(1);
-        row_chunk(rows, output.bytes(), limit, |r| r * (per_row + out_row))
+        row_chunk(rows, output.bytes(), ws.limit, |r| r * (per_row + out_row))
     }
 }
 
@@ -197,13 +187,8 @@ impl Op for AddBatchEmb {
         }
         Ok(x.clone())
     }
-    fn workspace_bytes(
-        &self,
-        inputs: &[&ValueInfo],
-        output: &ValueInfo,
-        limit: Option<usize>,
-    ) -> usize {
-        self.tiling(inputs, output, limit).1
+    fn workspace_bytes(&self, inputs: &[&ValueInfo], output: &ValueInfo, ws: Workspace) -> usize {
+        self.tiling(inputs, output, ws).1
     }
     fn flops(&self, inputs: &[&ValueInfo], _: &ValueInfo) -> u64 {
         elems(inputs[0])
@@ -211,11 +196,7 @@ impl Op for AddBatchEmb {
     fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
         let (h, e) = (x[0], x[1]);
         let rows = ctx.rows(h.dim(0)?);
-        let (chunk, _) = self.tiling(
-            &[&info_of(h), &info_of(e)],
-            &info_of(h),
-            ctx.workspace_limit,
-        );
+        let (chunk, _) = self.tiling(&[&info_of(h), &info_of(e)], &info_of(h), ctx.workspace());
         by_row_chunks(h.dims(), h.dtype(), h.device(), chunk, |r| {
             let abs = rows.start + r.start..rows.start + r.end;
             let ids = batch_ids(abs, self.rows_per_batch, h.device())?;

@@ -1,7 +1,7 @@
 //! Timestep and frame-index embeddings.
 
 use candle_core::{DType, Device, Tensor};
-use streamline_ir::{Independence, IrError, Layout, Op, Result, SliceCtx, ValueInfo};
+use streamline_ir::{Independence, IrError, Layout, Op, Result, SliceCtx, ValueInfo, Workspace};
 
 /// A value fixed at lowering time (frame indices), seen whole by every slice.
 #[derive(Debug, Clone)]
@@ -81,12 +81,7 @@ impl Op for Sinusoid {
             Layout::WHOLE,
         ))
     }
-    fn workspace_bytes(
-        &self,
-        inputs: &[&ValueInfo],
-        output: &ValueInfo,
-        _: Option<usize>,
-    ) -> usize {
+    fn workspace_bytes(&self, inputs: &[&ValueInfo], output: &ValueInfo, _: Workspace) -> usize {
         // All f32: the flat input (a copy unless f32), the exponents and frequencies, the
         // arguments with their sines and cosines, the embedding (the result unless cast; a
         // padded copy for odd dims).

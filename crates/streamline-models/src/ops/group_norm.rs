@@ -12,7 +12,9 @@ use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use streamline_ir::{chunk_ranges, Independence, IrError, Layout, Op, Result, SliceCtx, ValueInfo};
+use streamline_ir::{
+    chunk_ranges, Independence, IrError, Layout, Op, Result, SliceCtx, ValueInfo, Workspace,
+};
 
 use streamline_kernels::{group_norm, group_norm_workspace, group_sums, group_sums_runs};
 
@@ -144,10 +146,10 @@ impl GroupNormStats {
         }
     }
 
-    fn tiling(&self, x: &ValueInfo, limit: Option<usize>) -> (usize, usize) {
+    fn tiling(&self, x: &ValueInfo, ws: Workspace) -> (usize, usize) {
         let d = x.shape.dims();
         let size = x.dtype.size_in_bytes();
-        row_chunk(d[0], 0, limit, |r| self.peak(r, d[1], size))
+        row_chunk(d[0], 0, ws.limit, |r| self.peak(r, d[1], size))
     }
 }
 
@@ -198,8 +200,8 @@ impl Op for GroupNormStats {
         ))
     }
 
-    fn workspace_bytes(&self, inputs: &[&ValueInfo], _: &ValueInfo, limit: Option<usize>) -> usize {
-        self.tiling(inputs[0], limit).1
+    fn workspace_bytes(&self, inputs: &[&ValueInfo], _: &ValueInfo, ws: Workspace) -> usize {
+        self.tiling(inputs[0], ws).1
     }
 
     fn flops(&self, inputs: &[&ValueInfo], _: &ValueInfo) -> u64 {
@@ -210,7 +212,7 @@ impl Op for GroupNormStats {
         let d = self.dims;
         let x = inputs[0];
         let rows = ctx.rows(d.positions_len());
-        let (chunk, _) = self.tiling(&info_of(x), ctx.workspace_limit);
+        let (chunk, _) = self.tiling(&info_of(x), ctx.workspace());
         let mut moments = vec![Moments::default(); d.batch * self.groups];
         for r in chunk_ranges(rows.len(), rows.len().div_ceil(chunk.max(1))) {
             let abs = rows.start + r.start..rows.start + r.end;
@@ -291,12 +293,12 @@ impl GroupNormApply {
 
     /// Per chunk of rows, with the tables alive: their batch ids, per-row scale and shift,
     /// the scaled rows, then (scale freed) the result.
-    fn tiling(&self, x: &ValueInfo, output: &ValueInfo, limit: Option<usize>) -> (usize, usize) {
+    fn tiling(&self, x: &ValueInfo, output: &ValueInfo, ws: Workspace) -> (usize, usize) {
         let (rows, size) = (x.shape.dims()[0], x.dtype.size_in_bytes());
         let c = self.channels();
         let tables = self.dims.batch * c * (2 * 8 + 2 * size);
         let row = x.bytes() / rows.max(1);
-        row_chunk(rows, output.bytes(), limit, |r| {
+        row_chunk(rows, output.bytes(), ws.limit, |r| {
             let gathered = r * (std::mem::size_of::<u32>() + c * size);
             tables + (gathered + r * c * size + r * row).max(gathered + 2 * r * row)
         })
@@ -336,13 +338,8 @@ impl Op for GroupNormApply {
         Ok(x.clone())
     }
 
-    fn workspace_bytes(
-        &self,
-        inputs: &[&ValueInfo],
-        output: &ValueInfo,
-        limit: Option<usize>,
-    ) -> usize {
-        self.tiling(inputs[0], output, limit).1
+    fn workspace_bytes(&self, inputs: &[&ValueInfo], output: &ValueInfo, ws: Workspace) -> usize {
+        self.tiling(inputs[0], output, ws).1
     }
 
     fn flops(&self, inputs: &[&ValueInfo], _: &ValueInfo) -> u64 {
@@ -358,7 +355,7 @@ impl Op for GroupNormApply {
         let x = inputs[0];
         let (scale, shift) = self.tables(&moments_from_tensor(inputs[1])?, x)?;
         let rows = ctx.rows(d.positions_len());
-        let (chunk, _) = self.tiling(&info_of(x), &info_of(x), ctx.workspace_limit);
+        let (chunk, _) = self.tiling(&info_of(x), &info_of(x), ctx.workspace());
         by_row_chunks(x.dims(), x.dtype(), x.device(), chunk, |r| {
             let ids = batch_ids(rows.start + r.start..rows.start + r.end, d.hw(), x.device())?;
             let per_row = |table: &Tensor| -> Result<Tensor> {
@@ -410,10 +407,10 @@ impl GroupNormFrames {
         group_norm(x, &self.weight, &self.bias, self.groups, self.eps)
     }
 
-    fn tiling(&self, x: &ValueInfo, limit: Option<usize>) -> (usize, usize) {
+    fn tiling(&self, x: &ValueInfo, ws: Workspace) -> (usize, usize) {
         let dims = x.shape.dims();
         let per = x.bytes() / dims[0].max(1);
-        row_chunk(dims[0], x.bytes(), limit, |r| {
+        row_chunk(dims[0], x.bytes(), ws.limit, |r| {
             let mut chunk = dims.to_vec();
             chunk[0] = r;
             r * per + group_norm_workspace(&chunk, self.groups, x.dtype)
@@ -440,8 +437,8 @@ impl Op for GroupNormFrames {
             ))),
         }
     }
-    fn workspace_bytes(&self, inputs: &[&ValueInfo], _: &ValueInfo, limit: Option<usize>) -> usize {
-        self.tiling(inputs[0], limit).1
+    fn workspace_bytes(&self, inputs: &[&ValueInfo], _: &ValueInfo, ws: Workspace) -> usize {
+        self.tiling(inputs[0], ws).1
     }
     fn flops(&self, inputs: &[&ValueInfo], _: &ValueInfo) -> u64 {
         8 * inputs[0].shape.elem_count() as u64
@@ -451,7 +448,7 @@ impl Op for GroupNormFrames {
     }
     fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
         let x = x[0];
-        let (chunk, _) = self.tiling(&info_of(x), ctx.workspace_limit);
+        let (chunk, _) = self.tiling(&info_of(x), ctx.workspace());
         by_row_chunks(x.dims(), x.dtype(), x.device(), chunk, |r| {
             Ok(self.run(&x.narrow(0, r.start, r.len())?)?)
         })

@@ -5,7 +5,7 @@ use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor};
 use streamline_ir::{
-    chunk_ranges, Axis, Independence, IrError, Layout, Op, Result, SliceCtx, ValueInfo,
+    chunk_ranges, Axis, Independence, IrError, Layout, Op, Result, SliceCtx, ValueInfo, Workspace,
 };
 
 /// The video extent a layout change needs to know: batch, frames and the spatial size.
@@ -438,10 +438,10 @@ impl Op for UpsampleNearest {
 pub struct PadEnd;
 
 impl PadEnd {
-    fn tiling(&self, x: &ValueInfo, output: &ValueInfo, limit: Option<usize>) -> (usize, usize) {
+    fn tiling(&self, x: &ValueInfo, output: &ValueInfo, ws: Workspace) -> (usize, usize) {
         let d = x.shape.dims();
         let (c, h, w, size) = (d[1], d[2], d[3], x.dtype.size_in_bytes());
-        row_chunk(d[0], output.bytes(), limit, |r| {
+        row_chunk(d[0], output.bytes(), ws.limit, |r| {
             let wide = r * c * h * (w + 1) * size;
             let col = r * c * h * size;
             let row = r * c * (w + 1) * size;
@@ -470,13 +470,8 @@ impl Op for PadEnd {
             ))),
         }
     }
-    fn workspace_bytes(
-        &self,
-        inputs: &[&ValueInfo],
-        output: &ValueInfo,
-        limit: Option<usize>,
-    ) -> usize {
-        self.tiling(inputs[0], output, limit).1
+    fn workspace_bytes(&self, inputs: &[&ValueInfo], output: &ValueInfo, ws: Workspace) -> usize {
+        self.tiling(inputs[0], output, ws).1
     }
     fn flops(&self, _: &[&ValueInfo], _: &ValueInfo) -> u64 {
         0
@@ -484,7 +479,7 @@ impl Op for PadEnd {
     fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
         let x = x[0];
         let out = self.infer(&[&info_of(x)])?;
-        let (chunk, _) = self.tiling(&info_of(x), &out, ctx.workspace_limit);
+        let (chunk, _) = self.tiling(&info_of(x), &out, ctx.workspace());
         by_row_chunks(out.shape.dims(), x.dtype(), x.device(), chunk, |r| {
             let frames = x.narrow(0, r.start, r.len())?;
             Ok(frames.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?)

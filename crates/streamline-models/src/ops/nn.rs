@@ -12,7 +12,9 @@ use std::ops::Range;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
-use streamline_ir::{chunk_ranges, Independence, IrError, Op, Result, SliceCtx, ValueInfo};
+use streamline_ir::{
+    chunk_ranges, Independence, IrError, Op, Result, SliceCtx, ValueInfo, Workspace,
+};
 use streamline_kernels::{
     conv2d, linear, linear_geglu_workspace, linear_workspace, Compute, ConvGeometry,
 };
@@ -138,9 +140,9 @@ impl Linear {
         x.shape.elem_count() / d0 / self.in_dim.max(1)
     }
 
-    fn tiling(&self, x: &ValueInfo, output: &ValueInfo, limit: Option<usize>) -> (usize, usize) {
+    fn tiling(&self, x: &ValueInfo, output: &ValueInfo, ws: Workspace) -> (usize, usize) {
         let per = self.rows_per_dim0(x);
-        row_chunk(x.shape.dims()[0], output.bytes(), limit, |r| {
+        row_chunk(x.shape.dims()[0], output.bytes(), ws.limit, |r| {
             self.peak(r * per, x.dtype, true)
         })
     }
@@ -160,13 +162,8 @@ impl Op for Linear {
         expect_last_dim(inputs[0], self.in_dim, "linear")?;
         Ok(with_last_dim(inputs[0], self.out_dim))
     }
-    fn workspace_bytes(
-        &self,
-        inputs: &[&ValueInfo],
-        output: &ValueInfo,
-        limit: Option<usize>,
-    ) -> usize {
-        self.tiling(inputs[0], output, limit).1
+    fn workspace_bytes(&self, inputs: &[&ValueInfo], output: &ValueInfo, ws: Workspace) -> usize {
+        self.tiling(inputs[0], output, ws).1
     }
     fn flops(&self, inputs: &[&ValueInfo], _: &ValueInfo) -> u64 {
         self.flops(elems(inputs[0]) / self.in_dim.max(1) as u64)
@@ -177,7 +174,7 @@ impl Op for Linear {
     fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
         let x = x[0];
         let out = self.infer(&[&info_of(x)])?;
-        let (chunk, _) = self.tiling(&info_of(x), &out, ctx.workspace_limit);
+        let (chunk, _) = self.tiling(&info_of(x), &out, ctx.workspace());
         by_row_chunks(out.shape.dims(), x.dtype(), x.device(), chunk, |r| {
             Ok(Linear::forward(self, &x.narrow(0, r.start, r.len())?)?)
         })
@@ -309,9 +306,9 @@ impl Geglu {
         }
     }
 
-    fn tiling(&self, x: &ValueInfo, output: &ValueInfo, limit: Option<usize>) -> (usize, usize) {
+    fn tiling(&self, x: &ValueInfo, output: &ValueInfo, ws: Workspace) -> (usize, usize) {
         let per = self.halves[0].rows_per_dim0(x);
-        row_chunk(x.shape.dims()[0], output.bytes(), limit, |r| {
+        row_chunk(x.shape.dims()[0], output.bytes(), ws.limit, |r| {
             self.peak(r * per, x.dtype)
         })
     }
@@ -331,13 +328,8 @@ impl Op for Geglu {
         expect_last_dim(inputs[0], self.halves[0].in_dim, "geglu")?;
         Ok(with_last_dim(inputs[0], self.inner))
     }
-    fn workspace_bytes(
-        &self,
-        inputs: &[&ValueInfo],
-        output: &ValueInfo,
-        limit: Option<usize>,
-    ) -> usize {
-        self.tiling(inputs[0], output, limit).1
+    fn workspace_bytes(&self, inputs: &[&ValueInfo], output: &ValueInfo, ws: Workspace) -> usize {
+        self.tiling(inputs[0], output, ws).1
     }
     fn flops(&self, inputs: &[&ValueInfo], _: &ValueInfo) -> u64 {
         let rows = elems(inputs[0]) / self.halves[0].in_dim.max(1) as u64;
@@ -349,7 +341,7 @@ impl Op for Geglu {
     fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
         let x = x[0];
         let out = self.infer(&[&info_of(x)])?;
-        let (chunk, _) = self.tiling(&info_of(x), &out, ctx.workspace_limit);
+        let (chunk, _) = self.tiling(&info_of(x), &out, ctx.workspace());
         by_row_chunks(out.shape.dims(), x.dtype(), x.device(), chunk, |r| {
             Ok(self.run(&x.narrow(0, r.start, r.len())?)?)
         })
@@ -465,10 +457,10 @@ impl Conv2d {
         (2 * copy + wide).max(2 * padded).max(padded + conv)
     }
 
-    fn tiling(&self, x: &ValueInfo, output: &ValueInfo, limit: Option<usize>) -> (Tiles, usize) {
+    fn tiling(&self, x: &ValueInfo, output: &ValueInfo, ws: Workspace) -> (Tiles, usize) {
         let d = x.shape.dims();
         let oh = output.shape.dims()[2];
-        tiles(d[0], oh, output.bytes(), limit, |f, r| {
+        tiles(d[0], oh, output.bytes(), ws.limit, |f, r| {
             self.peak(d[2], d[3], x.dtype, f, r)
         })
     }
@@ -516,13 +508,8 @@ impl Op for Conv2d {
             ))),
         }
     }
-    fn workspace_bytes(
-        &self,
-        inputs: &[&ValueInfo],
-        output: &ValueInfo,
-        limit: Option<usize>,
-    ) -> usize {
-        self.tiling(inputs[0], output, limit).1
+    fn workspace_bytes(&self, inputs: &[&ValueInfo], output: &ValueInfo, ws: Workspace) -> usize {
+        self.tiling(inputs[0], output, ws).1
     }
     fn flops(&self, _: &[&ValueInfo], output: &ValueInfo) -> u64 {
         2 * elems(output)
@@ -534,7 +521,7 @@ impl Op for Conv2d {
     fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
         let x = x[0];
         let out = self.infer(&[&info_of(x)])?;
-        let (t, _) = self.tiling(&info_of(x), &out, ctx.workspace_limit);
+        let (t, _) = self.tiling(&info_of(x), &out, ctx.workspace());
         let dims = out.shape.dims();
         if t.inner >= dims[2] {
             return by_row_chunks(dims, x.dtype(), x.device(), t.outer, |r| {

@@ -2,7 +2,7 @@
 
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
-use streamline_ir::{Independence, IrError, Op, Result, SliceCtx, ValueInfo};
+use streamline_ir::{Independence, IrError, Op, Result, SliceCtx, ValueInfo, Workspace};
 use streamline_kernels::{temporal_conv, temporal_conv_workspace};
 
 use super::layout::{by_row_chunks, info_of, row_chunk};
@@ -59,9 +59,11 @@ impl TemporalConv {
             + temporal_conv_workspace(rows, t, cin, cout, self.kernel, dtype)
     }
 
-    fn tiling(&self, x: &ValueInfo, output: &ValueInfo, limit: Option<usize>) -> (usize, usize) {
+    fn tiling(&self, x: &ValueInfo, output: &ValueInfo, ws: Workspace) -> (usize, usize) {
         let d = x.shape.dims();
-        row_chunk(d[0], output.bytes(), limit, |r| self.peak(r, d[1], x.dtype))
+        row_chunk(d[0], output.bytes(), ws.limit, |r| {
+            self.peak(r, d[1], x.dtype)
+        })
     }
 }
 
@@ -91,13 +93,8 @@ impl Op for TemporalConv {
             ))),
         }
     }
-    fn workspace_bytes(
-        &self,
-        inputs: &[&ValueInfo],
-        output: &ValueInfo,
-        limit: Option<usize>,
-    ) -> usize {
-        self.tiling(inputs[0], output, limit).1
+    fn workspace_bytes(&self, inputs: &[&ValueInfo], output: &ValueInfo, ws: Workspace) -> usize {
+        self.tiling(inputs[0], output, ws).1
     }
     fn flops(&self, inputs: &[&ValueInfo], output: &ValueInfo) -> u64 {
         let d = inputs[0].shape.dims();
@@ -111,7 +108,7 @@ impl Op for TemporalConv {
     fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
         let x = x[0];
         let out = self.infer(&[&info_of(x)])?;
-        let (chunk, _) = self.tiling(&info_of(x), &out, ctx.workspace_limit);
+        let (chunk, _) = self.tiling(&info_of(x), &out, ctx.workspace());
         by_row_chunks(out.shape.dims(), x.dtype(), x.device(), chunk, |r| {
             Ok(self.run(&x.narrow(0, r.start, r.len())?)?)
         })
