@@ -1,5 +1,5 @@
 //! Project tasks that are not part of the library: `cargo xtask fixtures`,
-//! `cargo xtask train-default` and `cargo xtask bench`.
+//! `cargo xtask train-default`, `cargo xtask bench` and `cargo xtask check-cuda`.
 //!
 //! Fixtures are made by diffusers itself (design.md, "Reference implementation"): a venv under
 //! `target/` gets the pinned packages of `fixtures/requirements.txt`, then every script in
@@ -32,6 +32,13 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Check that the CUDA build (features cuda and cudnn) compiles, with no GPU or CUDA
+    /// install: nvcc comes from PyPI's CUDA 13 wheels (target/cuda-venv, about 350 MB).
+    CheckCuda {
+        /// Build release binaries (target/cuda/release) to carry to a machine with a GPU.
+        #[arg(long)]
+        build: bool,
+    },
     /// Regenerate fixtures/data from diffusers (creates target/fixtures-venv on first use).
     Fixtures {
         /// Regenerate into target/fixtures-check and compare byte for byte with fixtures/data.
@@ -52,6 +59,7 @@ enum Task {
 }
 
 mod bench;
+mod cuda;
 mod train;
 
 fn root() -> PathBuf {
@@ -188,6 +196,7 @@ fn compare_trees(made_dir: &Path, committed_dir: &Path) -> Result<Vec<String>> {
 fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Bench { quick } => bench::bench(quick),
+        Task::CheckCuda { build } => cuda::check_cuda(build),
         Task::Fixtures { check } => fixtures(check),
         Task::TrainDefault { quick, install } => train::train_default(quick, install),
     }

@@ -72,6 +72,7 @@ pub fn run(out: &Path) -> Result<()> {
                 cfg: true,
                 dtype: DType::F16,
                 optimization,
+                kernels: streamline_pipeline::Kernels::Cpu,
                 decode_chunk_size: 14,
             };
             let start = Instant::now();

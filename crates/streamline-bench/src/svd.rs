@@ -72,6 +72,7 @@ pub fn run(args: &SvdArgs, how: &How) -> Result<(Measurement, Tensor)> {
         cfg: true,
         dtype: DType::F32,
         optimization,
+        kernels: streamline_pipeline::Kernels::Cpu,
         decode_chunk_size: frames,
     })?;
     let generate = || {

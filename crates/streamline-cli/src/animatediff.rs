@@ -59,7 +59,8 @@ pub struct AnimateDiffArgs {
     fps: usize,
     #[arg(long, value_enum, default_value = "f32")]
     dtype: Dtype,
-    #[arg(long, value_enum, default_value = "cpu")]
+    /// `cpu`, `cuda[:N]` or `metal[:N]`.
+    #[arg(long, default_value = "cpu")]
     device: DeviceArg,
     #[command(flatten)]
     optimization: OptimizationArgs,
@@ -91,13 +92,15 @@ pub fn run(args: AnimateDiffArgs) -> Result<()> {
         Some(schedule) => Rehash::Schedule(schedule),
         None => Rehash::Off,
     };
+    let kernels = args.optimization.kernels.kernels(args.device.kind)?;
     let device = args.device.device()?;
-    let pipe = AnimateDiff::load(
+    let mut pipe = AnimateDiff::load(
         &args.model,
         &args.motion_adapter,
         args.dtype.into(),
         &device,
     )?;
+    pipe.set_kernels(kernels)?;
     let settings = AnimateDiffSettings {
         height: args.height,
         width: args.width,

@@ -18,7 +18,9 @@ use anyhow::Result;
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use streamline_pipeline::planner::{group_listing, plan_report, ModelSpec, PlanRequest};
-use streamline_pipeline::{parse_bytes, Optimization};
+use streamline_pipeline::{
+    kernels_for, parse_bytes, DeviceKind, KernelChoice, Kernels, Optimization,
+};
 
 /// Run video diffusion models (SVD, SVD-XT, AnimateDiff) in far less memory and time, with no
 /// retraining: Feature Slicer, Operator Grouping and Step Rehash over one IR.
@@ -43,24 +45,79 @@ enum Command {
     Plan(PlanArgs),
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum DeviceArg {
-    Cpu,
-    Cuda,
-    Metal,
+/// `--device cpu | cuda[:N] | metal[:N]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct DeviceArg {
+    kind: DeviceKind,
+    ordinal: usize,
+}
+
+impl std::str::FromStr for DeviceArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, ordinal) = match s.split_once(':') {
+            Some((name, n)) => {
+                let ordinal = n
+                    .parse()
+                    .map_err(|_| format!("`{n}` is not a device number (e.g. cuda:0)"))?;
+                (name, ordinal)
+            }
+            None => (s, 0),
+        };
+        let kind = match name {
+            "cpu" if ordinal == 0 => DeviceKind::Cpu,
+            "cuda" => DeviceKind::Cuda,
+            "metal" => DeviceKind::Metal,
+            _ => {
+                return Err(format!(
+                    "`{s}`: expected cpu, cuda, cuda:N, metal or metal:N"
+                ))
+            }
+        };
+        Ok(DeviceArg { kind, ordinal })
+    }
 }
 
 impl DeviceArg {
     fn device(self) -> Result<Device> {
-        Ok(match self {
-            DeviceArg::Cpu => Device::Cpu,
-            DeviceArg::Cuda => Device::new_cuda(0).map_err(|e| {
-                anyhow::anyhow!("--device cuda: {e} (this build may lack CUDA support)")
+        let n = self.ordinal;
+        Ok(match self.kind {
+            DeviceKind::Cpu => Device::Cpu,
+            DeviceKind::Cuda => Device::new_cuda(n).map_err(|e| {
+                anyhow::anyhow!(
+                    "--device cuda:{n}: {e} (a CUDA build takes `--features cuda`; README, \"GPUs\")"
+                )
             })?,
-            DeviceArg::Metal => Device::new_metal(0).map_err(|e| {
-                anyhow::anyhow!("--device metal: {e} (this build may lack Metal support)")
+            DeviceKind::Metal => Device::new_metal(n).map_err(|e| {
+                anyhow::anyhow!(
+                    "--device metal:{n}: {e} (a Metal build takes `--features metal`; README, \"GPUs\")"
+                )
             })?,
         })
+    }
+}
+
+/// `--kernels`: which implementation of the ops runs.
+#[derive(Clone, Copy, Debug, Default, ValueEnum)]
+enum KernelsArg {
+    /// streamline's CPU kernels on the CPU, the portable path on a GPU.
+    #[default]
+    Auto,
+    /// streamline's CPU kernels (the CPU only).
+    Cpu,
+    /// The portable path GPUs run (candle ops, tiled to the plan), on any device.
+    Portable,
+}
+
+impl KernelsArg {
+    fn kernels(self, device: DeviceKind) -> Result<Kernels> {
+        let choice = match self {
+            KernelsArg::Auto => KernelChoice::Auto,
+            KernelsArg::Cpu => KernelChoice::Cpu,
+            KernelsArg::Portable => KernelChoice::Portable,
+        };
+        kernels_for(device, choice).map_err(anyhow::Error::msg)
     }
 }
 
@@ -96,6 +153,9 @@ struct OptimizationArgs {
     /// Feature Slicer without Operator Grouping (every node's output materialized).
     #[arg(long, requires = "temporal_chunks")]
     no_grouping: bool,
+    /// Which implementation of the ops runs; plans are made for it.
+    #[arg(long, value_enum, default_value = "auto")]
+    kernels: KernelsArg,
 }
 
 impl OptimizationArgs {
@@ -166,6 +226,10 @@ struct PlanArgs {
     no_cfg: bool,
     #[arg(long, value_enum, default_value = "f16")]
     dtype: Dtype,
+    /// The device to plan for (no such device is needed to plan): `cpu`, `cuda[:N]`,
+    /// `metal[:N]`.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceArg,
     /// Frames per VAE decoder call.
     #[arg(long, default_value_t = 14)]
     decode_chunk_size: usize,
@@ -188,6 +252,7 @@ fn plan(args: PlanArgs) -> Result<()> {
         cfg: !args.no_cfg,
         dtype: args.dtype.into(),
         optimization: args.optimization.optimization()?,
+        kernels: args.optimization.kernels.kernels(args.device.kind)?,
         decode_chunk_size: args.decode_chunk_size,
     })?;
     print!("{report}");

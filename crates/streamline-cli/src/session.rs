@@ -48,7 +48,8 @@ pub struct SvdCommon {
     pub seed: u64,
     #[arg(long, value_enum, default_value = "f32")]
     dtype: Dtype,
-    #[arg(long, value_enum, default_value = "cpu")]
+    /// `cpu`, `cuda[:N]` or `metal[:N]`.
+    #[arg(long, default_value = "cpu")]
     device: DeviceArg,
     #[command(flatten)]
     pub optimization: OptimizationArgs,
@@ -70,6 +71,7 @@ impl SvdCommon {
             num_frames,
         } = self.video;
         let optimization = self.optimization.optimization()?;
+        let kernels = self.optimization.kernels.kernels(self.device.kind)?;
         let device = self.device.device()?;
         let model = match &self.model {
             Some(dir) => dir.clone(),
@@ -92,7 +94,8 @@ impl SvdCommon {
         let height = height.or(native.map(|n| n.0)).unwrap_or(DIFFUSERS_HEIGHT);
         let width = width.or(native.map(|n| n.1)).unwrap_or(DIFFUSERS_WIDTH);
         sizes.rule.check(height, width).map_err(flag_error)?;
-        let pipe = StableVideoDiffusion::load(&model, self.dtype.into(), &device)?;
+        let mut pipe = StableVideoDiffusion::load(&model, self.dtype.into(), &device)?;
+        pipe.set_kernels(kernels)?;
         let settings = SvdSettings {
             height,
             width,

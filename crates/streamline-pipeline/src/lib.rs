@@ -12,6 +12,7 @@
 //! - [`animatediff`]: AnimateDiff text-to-video with diffusers' math (prompt and negative
 //!   prompt through CLIP text, classifier-free guidance, the checkpoint's scheduler, per-frame
 //!   decoding in chunks).
+//! - [`kernels`]: which implementation of the ops runs on which device (`--kernels`);
 //! - [`run`]: what both share (errors, one planned model call, chunked decoding, progress).
 //! - [`scheduler`]: diffusers' Euler (SVD, SD 1.5) and DDIM (AnimateDiff) schedulers,
 //!   reproducing their schedules and steps; `Scheduler::load` picks one by `_class_name`.
@@ -29,6 +30,7 @@
 //! both whole pipelines against diffusers' frames.
 
 pub mod animatediff;
+pub mod kernels;
 pub mod optimize;
 pub mod planner;
 pub mod quality;
@@ -37,6 +39,10 @@ pub mod scheduler;
 pub mod svd;
 pub mod video;
 
-pub use optimize::{optimize, parse_bytes, plan_call, CallError, CallKind, Optimization};
+pub use kernels::{kernels_for, DeviceKind, KernelChoice};
+pub use optimize::{
+    optimize, optimize_for, parse_bytes, plan_call, CallError, CallKind, Optimization,
+};
 pub use run::Sizes;
+pub use streamline_ir::Kernels;
 pub use streamline_models::{SizeError, SizeRule};

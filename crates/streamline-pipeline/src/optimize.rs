@@ -4,7 +4,7 @@ use std::fmt;
 use std::ops::Range;
 
 use streamline_grouping::{HoistWhole, OperatorGrouping};
-use streamline_ir::{human, Graph, IrError, PassPipeline, Plan};
+use streamline_ir::{human, Graph, IrError, Kernels, Pass, PassPipeline, Plan};
 use streamline_slicer::naive::frame_chunks;
 use streamline_slicer::{FitBudget, PaperSlicer};
 
@@ -72,9 +72,19 @@ impl Optimization {
 }
 
 /// The graph to execute (per-batch computations hoisted ahead of the video path, names
-/// unchanged) and its plan under `optimization`.
+/// unchanged) and its plan under `optimization`, for the CPU kernels.
 pub fn optimize(graph: &Graph, optimization: Optimization) -> Result<(Graph, Plan), IrError> {
-    optimization.passes().optimize(graph.clone())
+    optimize_for(graph, optimization, Kernels::Cpu)
+}
+
+/// [`optimize`] for `kernels`: the plan's costs, and so a budget's slicing, are theirs.
+pub fn optimize_for(
+    graph: &Graph,
+    optimization: Optimization,
+    kernels: Kernels,
+) -> Result<(Graph, Plan), IrError> {
+    let plan = Plan::trivial(graph).with_kernels(kernels);
+    optimization.passes().run(graph.clone(), plan)
 }
 
 /// The model calls a pipeline plans, named in errors.
@@ -149,13 +159,14 @@ impl fmt::Display for CallError {
     }
 }
 
-/// [`optimize`] for one call of a pipeline, its errors naming the call.
+/// [`optimize_for`] for one call of a pipeline, its errors naming the call.
 pub fn plan_call(
     graph: &Graph,
     optimization: Optimization,
     call: CallKind,
+    kernels: Kernels,
 ) -> Result<(Graph, Plan), CallError> {
-    optimize(graph, optimization).map_err(|source| CallError {
+    optimize_for(graph, optimization, kernels).map_err(|source| CallError {
         call,
         source: Box::new(source),
     })

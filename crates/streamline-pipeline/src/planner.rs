@@ -4,7 +4,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device};
-use streamline_ir::{human, Executor, Graph, IrError, Plan};
+use streamline_ir::{human, Executor, Graph, IrError, Kernels, Plan};
 use streamline_models::clip::{ClipVisionConfig, ClipVisionModelWithProjection};
 use streamline_models::clip_text::{ClipTextConfig, ClipTextModel};
 use streamline_models::load::{load_config, ModelError, WeightSource};
@@ -148,6 +148,8 @@ pub struct PlanRequest {
     pub cfg: bool,
     pub dtype: DType,
     pub optimization: Optimization,
+    /// What runs the ops on the device planned for (see [`crate::kernels_for`]).
+    pub kernels: Kernels,
     /// Frames per VAE decoder call.
     pub decode_chunk_size: usize,
 }
@@ -200,8 +202,8 @@ pub struct CallPlan {
 }
 
 impl CallPlan {
-    fn new(graph: &Graph, optimization: Optimization, kind: CallKind) -> Result<Self, CallError> {
-        let (graph, plan) = plan_call(graph, optimization, kind)?;
+    fn new(graph: &Graph, request: &PlanRequest, kind: CallKind) -> Result<Self, CallError> {
+        let (graph, plan) = plan_call(graph, request.optimization, kind, request.kernels)?;
         let stats = Executor::plan_stats(&graph, &plan).map_err(|source| CallError {
             call: kind,
             source: Box::new(source),
@@ -236,7 +238,7 @@ impl RehashPlan {
         let Ok(value) = CachePoint::default().value_name(&call.graph) else {
             return Ok(None);
         };
-        let exec = Executor::new(&call.graph, &call.plan, &Device::Cpu)?;
+        let exec = Executor::dry(&call.graph, &call.plan)?;
         let names = std::slice::from_ref(&value);
         let key = exec.dry_run(names, &[])?;
         let partial = exec.dry_run(&[], names)?;
@@ -373,12 +375,12 @@ pub fn plan_report(request: PlanRequest) -> Result<PlanReport, PlanError> {
         (&unet_graph, CallKind::UNetStep),
         (&decoder_graph, CallKind::Decode),
     ];
-    let planned = calls.map(|(g, kind)| CallPlan::new(g, request.optimization, kind));
+    let planned = calls.map(|(g, kind)| CallPlan::new(g, &request, kind));
     if planned
         .iter()
         .any(|p| p.as_ref().is_err_and(|e| e.source.infeasible().is_some()))
     {
-        return Err(smallest_feasible(&calls, request.optimization).into());
+        return Err(smallest_feasible(&calls, &request).into());
     }
     let [unet_call, decoder] = planned;
     let (unet_call, decoder) = (unet_call?, decoder?);
@@ -399,12 +401,13 @@ pub fn plan_report(request: PlanRequest) -> Result<PlanReport, PlanError> {
 
 /// A budget some call cannot meet, refused with the one figure that holds for every budget:
 /// the largest of the calls' smallest feasible peaks, naming the call and group that set it.
-fn smallest_feasible(calls: &[(&Graph, CallKind)], optimization: Optimization) -> CallError {
-    let Optimization::Budget { bytes } = optimization else {
+fn smallest_feasible(calls: &[(&Graph, CallKind)], request: &PlanRequest) -> CallError {
+    let Optimization::Budget { bytes } = request.optimization else {
         unreachable!("only a budget can be infeasible")
     };
     let floors = calls.iter().filter_map(|&(graph, kind)| {
-        let err = plan_call(graph, Optimization::Budget { bytes: 0 }, kind).err()?;
+        let zero = Optimization::Budget { bytes: 0 };
+        let err = plan_call(graph, zero, kind, request.kernels).err()?;
         let floor = err.source.infeasible()?.clone();
         Some((kind, floor))
     });

@@ -6,7 +6,7 @@ use std::ops::Range;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use streamline_ir::{Executor, Graph, Plan, Request, Result as IrResult, RunOutput};
+use streamline_ir::{Executor, Graph, Kernels, Plan, Request, Result as IrResult, RunOutput};
 use streamline_models::load::ModelError;
 use streamline_models::{SizeError, SizeRule};
 use streamline_rehash::{Rehash, StepError, StepRehash};
@@ -76,6 +76,13 @@ pub enum Stage {
     Decode { chunk: usize, of: usize },
 }
 
+/// How a pipeline plans its model calls: the memory mode and the kernels that run them.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Planning {
+    pub optimization: Optimization,
+    pub kernels: Kernels,
+}
+
 /// One model call, planned once and run at every step.
 pub(crate) struct Call {
     pub graph: Graph,
@@ -83,12 +90,8 @@ pub(crate) struct Call {
 }
 
 impl Call {
-    pub fn new(
-        graph: &Graph,
-        optimization: Optimization,
-        kind: CallKind,
-    ) -> Result<Self, PipelineError> {
-        let (graph, plan) = plan_call(graph, optimization, kind)?;
+    pub fn new(graph: &Graph, planning: Planning, kind: CallKind) -> Result<Self, PipelineError> {
+        let (graph, plan) = plan_call(graph, planning.optimization, kind, planning.kernels)?;
         Ok(Call { graph, plan })
     }
 
@@ -137,7 +140,7 @@ pub(crate) fn decode_in_chunks(
     latents: &Tensor,
     chunk: usize,
     lower: impl Fn(usize) -> IrResult<Graph>,
-    optimization: Optimization,
+    planning: Planning,
     device: &Device,
     progress: &mut dyn FnMut(Stage),
 ) -> Result<(Tensor, usize), PipelineError> {
@@ -156,7 +159,7 @@ pub(crate) fn decode_in_chunks(
         let call = match calls.entry(len) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert(Call::new(&lower(len)?, optimization, CallKind::Decode)?)
+                e.insert(Call::new(&lower(len)?, planning, CallKind::Decode)?)
             }
         };
         let (out, p) = call.run(vec![latents.narrow(0, start, len)?], device)?;
@@ -181,12 +184,12 @@ impl UNetCalls {
     /// `lower(n)`: the UNet graph for a call of `n` frames.
     pub fn new(
         frames: usize,
-        optimization: Optimization,
+        planning: Planning,
         rehash: &Rehash,
         steps: usize,
         lower: impl Fn(usize) -> IrResult<Graph>,
     ) -> Result<Self, PipelineError> {
-        let chunks = optimization.frame_runs(frames);
+        let chunks = planning.optimization.frame_runs(frames);
         if chunks.len() > 1 && matches!(rehash, Rehash::Record(_)) {
             return Err(PipelineError::Input(
                 "calibration records one UNet call per step; naive slicing makes several".into(),
@@ -194,7 +197,7 @@ impl UNetCalls {
         }
         let calls = chunks
             .iter()
-            .map(|r| Call::new(&lower(r.len())?, optimization, CallKind::UNetStep))
+            .map(|r| Call::new(&lower(r.len())?, planning, CallKind::UNetStep))
             .collect::<Result<Vec<_>, PipelineError>>()?;
         let rehash = calls
             .iter()

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
+use streamline_ir::Kernels;
 use streamline_models::clip_text::{ClipTextModel, ClipTokenizer};
 use streamline_models::load::load_config;
 use streamline_models::sd::{
@@ -13,8 +14,9 @@ use streamline_models::svd::UNetShape;
 use streamline_models::SizeRule;
 use streamline_rehash::Rehash;
 
+use crate::kernels::{kernels_for, DeviceKind, KernelChoice};
 use crate::optimize::Optimization;
-use crate::run::{decode_in_chunks, PipelineError, RunReport, Sizes, Stage, UNetCalls};
+use crate::run::{decode_in_chunks, PipelineError, Planning, RunReport, Sizes, Stage, UNetCalls};
 use crate::scheduler::Scheduler;
 
 /// The arguments of diffusers' call, with its defaults.
@@ -55,6 +57,8 @@ pub struct AnimateDiff {
     /// Read once at load; each run clones it and sets its own step count.
     scheduler: Scheduler,
     sizes: Sizes,
+    /// What runs the ops; every call is planned for it.
+    kernels: Kernels,
     dtype: DType,
     device: Device,
 }
@@ -106,9 +110,30 @@ impl AnimateDiff {
             tokenizer: ClipTokenizer::load(&model.join("tokenizer"))?,
             scheduler: Scheduler::load(&model.join("scheduler/scheduler_config.json"))?,
             sizes,
+            kernels: kernels_for(DeviceKind::of(device), KernelChoice::Auto)
+                .map_err(PipelineError::Input)?,
             dtype,
             device: device.clone(),
         })
+    }
+
+    /// Run on `kernels` instead of the device's default ([`KernelChoice::Auto`]).
+    pub fn set_kernels(&mut self, kernels: Kernels) -> Result<(), PipelineError> {
+        if !kernels.runs_on(&self.device) {
+            return Err(PipelineError::Input(format!(
+                "the {kernels} kernels cannot run on {:?}",
+                self.device
+            )));
+        }
+        self.kernels = kernels;
+        Ok(())
+    }
+
+    fn planning(&self, optimization: Optimization) -> Planning {
+        Planning {
+            optimization,
+            kernels: self.kernels,
+        }
     }
 
     /// Pixels per latent along each side.
@@ -175,15 +200,21 @@ impl AnimateDiff {
 
         let steps = scheduler.timesteps().len();
         let context_len = context.dim(1)?;
-        let mut calls = UNetCalls::new(frames, optimization, &settings.rehash, steps, |n| {
-            self.unet.lower(UNetShape {
-                batch,
-                frames: n,
-                height: h,
-                width: w,
-                context_len,
-            })
-        })?;
+        let mut calls = UNetCalls::new(
+            frames,
+            self.planning(optimization),
+            &settings.rehash,
+            steps,
+            |n| {
+                self.unet.lower(UNetShape {
+                    batch,
+                    frames: n,
+                    height: h,
+                    width: w,
+                    context_len,
+                })
+            },
+        )?;
         let mut report = RunReport::default();
         let started = std::time::Instant::now();
         for i in 0..steps {
@@ -231,7 +262,7 @@ impl AnimateDiff {
             &latents,
             settings.decode_chunk_size,
             |len| self.vae.lower_decoder(1, len, h, w),
-            optimization,
+            self.planning(optimization),
             dev,
             progress,
         )?;

@@ -3,11 +3,15 @@
 use std::path::Path;
 
 use super::preprocess::{clip_input, Planes};
+use crate::kernels::{kernels_for, DeviceKind, KernelChoice};
 use crate::optimize::{CallKind, Optimization};
-use crate::run::{decode_in_chunks, Call, PipelineError, RunReport, Sizes, Stage, UNetCalls};
+use crate::run::{
+    decode_in_chunks, Call, PipelineError, Planning, RunReport, Sizes, Stage, UNetCalls,
+};
 use crate::scheduler::EulerDiscreteScheduler;
 use candle_core::{DType, Device, Module, Tensor};
 use serde::Deserialize;
+use streamline_ir::Kernels;
 use streamline_models::clip::ClipVisionModelWithProjection;
 use streamline_models::load::load_config;
 use streamline_models::svd::{
@@ -84,6 +88,8 @@ pub struct StableVideoDiffusion {
     clip_std: [f32; 3],
     clip_size: usize,
     sizes: Sizes,
+    /// What runs the ops; every call is planned for it.
+    kernels: Kernels,
     dtype: DType,
     device: Device,
 }
@@ -145,9 +151,30 @@ impl StableVideoDiffusion {
                 CropSize::Square(s) | CropSize::Sized { height: s } => s,
             },
             sizes,
+            kernels: kernels_for(DeviceKind::of(device), KernelChoice::Auto)
+                .map_err(PipelineError::Input)?,
             dtype,
             device: device.clone(),
         })
+    }
+
+    /// Run on `kernels` instead of the device's default ([`KernelChoice::Auto`]).
+    pub fn set_kernels(&mut self, kernels: Kernels) -> Result<(), PipelineError> {
+        if !kernels.runs_on(&self.device) {
+            return Err(PipelineError::Input(format!(
+                "the {kernels} kernels cannot run on {:?}",
+                self.device
+            )));
+        }
+        self.kernels = kernels;
+        Ok(())
+    }
+
+    fn planning(&self, optimization: Optimization) -> Planning {
+        Planning {
+            optimization,
+            kernels: self.kernels,
+        }
     }
 
     /// The `(height, width)` the model was trained at, when its config records one.
@@ -181,7 +208,7 @@ impl StableVideoDiffusion {
         let (_, _, h, w) = x.dims4()?;
         let call = Call::new(
             &self.vae.lower_encoder(1, h, w)?,
-            optimization,
+            self.planning(optimization),
             CallKind::Encode,
         )?;
         let (moments, _) = call.run(vec![x], &self.device)?;
@@ -262,15 +289,21 @@ impl StableVideoDiffusion {
 
         let c = latents.dim(2)?;
         let steps = scheduler.timesteps().len();
-        let mut calls = UNetCalls::new(frames, optimization, &settings.rehash, steps, |n| {
-            self.unet.lower(UNetShape {
-                batch: 2,
-                frames: n,
-                height: h,
-                width: w,
-                context_len: 1,
-            })
-        })?;
+        let mut calls = UNetCalls::new(
+            frames,
+            self.planning(optimization),
+            &settings.rehash,
+            steps,
+            |n| {
+                self.unet.lower(UNetShape {
+                    batch: 2,
+                    frames: n,
+                    height: h,
+                    width: w,
+                    context_len: 1,
+                })
+            },
+        )?;
         let mut report = RunReport::default();
         let started = std::time::Instant::now();
         for i in 0..steps {
@@ -324,7 +357,7 @@ impl StableVideoDiffusion {
             &latents,
             chunk,
             |len| self.vae.lower_decoder(1, len, h, w),
-            optimization,
+            self.planning(optimization),
             &self.device,
             progress,
         )

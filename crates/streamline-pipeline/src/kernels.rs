@@ -1,0 +1,59 @@
+//! Which implementation of the ops a run uses (`--kernels`), for which device.
+//!
+//! The CPU kernels serve the CPU; every other device runs the portable path (candle ops,
+//! tiled so that nothing exceeds the plan), with attention through flash-attn on CUDA when the
+//! build has it. The portable path can be asked for on the CPU too, so that what a GPU runs is
+//! tested here. A plan is made for the kernels that will run, so planning needs the choice
+//! even without the device (`streamline plan --device cuda`).
+
+use candle_core::Device;
+use streamline_ir::Kernels;
+
+/// The kind of device a run is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+    Metal,
+}
+
+impl DeviceKind {
+    pub fn of(device: &Device) -> DeviceKind {
+        match device {
+            Device::Cpu => DeviceKind::Cpu,
+            Device::Cuda(_) => DeviceKind::Cuda,
+            Device::Metal(_) => DeviceKind::Metal,
+        }
+    }
+}
+
+/// What `--kernels` asks for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KernelChoice {
+    /// The CPU kernels on the CPU, the portable path elsewhere (flash-attn on CUDA when built
+    /// with the `flash-attn` feature).
+    #[default]
+    Auto,
+    /// The CPU kernels; the CPU only.
+    Cpu,
+    /// The portable path, on any device.
+    Portable,
+}
+
+/// The kernels `choice` means on `device`, or why it cannot run there.
+pub fn kernels_for(device: DeviceKind, choice: KernelChoice) -> Result<Kernels, String> {
+    Ok(match (choice, device) {
+        (KernelChoice::Cpu, DeviceKind::Cpu) | (KernelChoice::Auto, DeviceKind::Cpu) => {
+            Kernels::Cpu
+        }
+        (KernelChoice::Cpu, other) => {
+            return Err(format!(
+                "--kernels cpu runs on the CPU only, not on {other:?}; use auto or portable"
+            ))
+        }
+        (KernelChoice::Auto, DeviceKind::Cuda) if cfg!(feature = "flash-attn") => {
+            Kernels::FlashAttn
+        }
+        (KernelChoice::Auto, _) | (KernelChoice::Portable, _) => Kernels::Portable,
+    })
+}
