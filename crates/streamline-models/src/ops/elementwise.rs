@@ -50,10 +50,12 @@ pub struct Blend {
 
 impl Blend {
     pub fn learned(switch_spatial_to_temporal: bool, vb: VarBuilder) -> candle_core::Result<Self> {
-        let mix = vb
-            .get(1, "mix_factor")?
-            .to_dtype(DType::F64)?
-            .to_vec1::<f64>()?[0];
+        // Read once at load, in f32: no f64 tensor exists on any device (Metal has none).
+        let mix = f64::from(
+            vb.get(1, "mix_factor")?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?[0],
+        );
         let alpha = 1.0 / (1.0 + (-mix).exp());
         Ok(Blend {
             alpha: if switch_spatial_to_temporal {

@@ -44,19 +44,24 @@ impl Moments {
     }
 }
 
+/// The moments as the graph carries them: f32, which every device has (Metal has no f64).
 fn moments_to_tensor(m: &[Moments], batch: usize, groups: usize) -> Result<Tensor> {
-    let flat: Vec<f64> = m.iter().flat_map(|m| [m.count, m.mean, m.m2]).collect();
+    let flat: Vec<f32> = m
+        .iter()
+        .flat_map(|m| [m.count, m.mean, m.m2])
+        .map(|v| v as f32)
+        .collect();
     Ok(Tensor::from_vec(flat, (batch, groups, 3), &Device::Cpu)?)
 }
 
 fn moments_from_tensor(t: &Tensor) -> Result<Vec<Moments>> {
-    let flat = t.flatten_all()?.to_vec1::<f64>()?;
+    let flat = t.flatten_all()?.to_vec1::<f32>()?;
     Ok(flat
         .chunks_exact(3)
         .map(|c| Moments {
-            count: c[0],
-            mean: c[1],
-            m2: c[2],
+            count: c[0].into(),
+            mean: c[1].into(),
+            m2: c[2].into(),
         })
         .collect())
 }
@@ -71,7 +76,7 @@ fn check_groups(channels: usize, groups: usize) -> Result<usize> {
 }
 
 /// Per-(batch item, group) moments of a position-major `(B*H*W, T, C)` feature: a `(B, G, 3)`
-/// f64 tensor of count, mean and centered sum of squares.
+/// f32 tensor of count, mean and centered sum of squares (accumulated in f64 on the CPU).
 #[derive(Debug, Clone)]
 pub struct GroupNormStats {
     pub dims: VideoDims,
@@ -195,7 +200,7 @@ impl Op for GroupNormStats {
         }
         Ok(ValueInfo::new(
             (d.batch, self.groups, 3),
-            DType::F64,
+            DType::F32,
             Layout::WHOLE,
         ))
     }
