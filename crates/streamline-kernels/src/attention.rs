@@ -30,7 +30,7 @@ pub enum KvRows {
 }
 
 impl KvRows {
-    fn row(self, r: usize) -> usize {
+    pub(crate) fn row(self, r: usize) -> usize {
         match self {
             KvRows::Own => r,
             KvRows::Grouped { first, per } => (first + r) / per,
@@ -113,6 +113,26 @@ pub fn attention_reference(
         .reshape((n, lq, c))
 }
 
+/// Errors unless queries `(n, Lq, C)`, keys and values `(nk, Lk, C)` with `Lk > 0` split into
+/// `heads` heads and every query row has a row of keys to read.
+pub(crate) fn check_shapes(
+    q: &Shape,
+    k: &Shape,
+    v: &Shape,
+    heads: usize,
+    kv: KvRows,
+) -> Result<()> {
+    let (n, _, c) = q.dims3()?;
+    let (nk, lk, ck) = k.dims3()?;
+    if v != k || ck != c || lk == 0 || heads == 0 || c % heads != 0 {
+        candle_core::bail!("attention: queries {q:?}, keys {k:?}, values {v:?} with {heads} heads")
+    }
+    if matches!(kv, KvRows::Grouped { per: 0, .. }) || (n > 0 && kv.row(n - 1) >= nk) {
+        candle_core::bail!("attention: query rows {n} have no key rows in {nk} by {kv:?}")
+    }
+    Ok(())
+}
+
 struct Flash {
     heads: usize,
     scale: f64,
@@ -133,20 +153,9 @@ impl CustomOp3 for Flash {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        check_shapes(l1.shape(), l2.shape(), l3.shape(), self.heads, self.kv)?;
         let (n, lq, c) = l1.shape().dims3()?;
-        let (nk, lk, ck) = l2.shape().dims3()?;
-        if l3.shape() != l2.shape() || ck != c || self.heads == 0 || c % self.heads != 0 {
-            candle_core::bail!(
-                "attention: queries {:?}, keys {:?}, values {:?} with {} heads",
-                l1.shape(),
-                l2.shape(),
-                l3.shape(),
-                self.heads
-            )
-        }
-        if n > 0 && self.kv.row(n - 1) >= nk {
-            candle_core::bail!("attention: query row {} has no key row in {nk}", n - 1)
-        }
+        let lk = l2.shape().dims3()?.1;
         let (q, k, v) = (as_f32(s1, l1)?, as_f32(s2, l2)?, as_f32(s3, l3)?);
         let mut out = vec![0f32; n * lq * c];
         let dims = Dims {

@@ -5,6 +5,8 @@
 //! accumulation, LayerNorm, attention with query tiles and an online softmax (no tokens x tokens
 //! buffer), GEGLU's gate and SiLU in vectorized passes, and products with the bias fused (linear
 //! layers, the temporal `(k, 1, 1)` convolution).
+//! [`portable`] is the path for every other device, from candle's tensor ops alone: attention
+//! in query tiles and key blocks with an online softmax (flash-attn behind `flash-attn`).
 //!
 //! **Promises** every kernel equals candle's reference ops (also exported here, and used on
 //! other devices and dtypes) within 1e-5 relative L2; f16 and bf16 compute in f32 inside.
@@ -22,6 +24,7 @@ mod group_norm;
 mod layer_norm;
 mod linear;
 mod par;
+pub mod portable;
 mod simd;
 mod storage;
 

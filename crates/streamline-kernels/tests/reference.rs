@@ -33,6 +33,22 @@ fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
     (diff.to_scalar::<f64>().unwrap() / norm.to_scalar::<f64>().unwrap().max(1e-300)).sqrt()
 }
 
+/// Queries `(rows, queries, H*dh)`, keys (scaled up, for peaked softmaxes) and values
+/// `(kv rows, keys, H*dh)` with as many kv rows as `kv` reads.
+fn attention_inputs(dims: [usize; 5], kv: KvRows, seed: u64) -> [Tensor; 3] {
+    let [rows, queries, keys, heads, head_dim] = dims;
+    let kv_rows = match kv {
+        KvRows::Own => rows,
+        KvRows::Grouped { first, per } => (first + rows - 1) / per + 1,
+    };
+    let c = heads * head_dim;
+    [
+        randn(&[rows, queries, c], seed),
+        (randn(&[kv_rows, keys, c], seed + 1) * 2.0).unwrap(),
+        randn(&[kv_rows, keys, c], seed + 2),
+    ]
+}
+
 /// LayerNorm in f64 with centered moments: the exact figure. candle-nn's CPU op takes the
 /// variance as E[x^2] - E[x]^2 in f32, which cancels when a row's values nearly agree (two
 /// close values of a 2-wide row were 2e-5 off in relative L2), so it cannot be the judge.
@@ -154,18 +170,43 @@ proptest! {
         grouped in any::<bool>(),
         seed in 0u64..1000,
     ) {
-        let c = heads * head_dim;
-        let q = randn(&[rows, queries, c], seed);
-        let (kv_rows, kv) = if grouped {
+        let kv = if grouped {
             // Rows 1.. of a call whose rows pair up per batch item.
-            ((rows + 2) / 2, KvRows::Grouped { first: 1, per: 2 })
+            KvRows::Grouped { first: 1, per: 2 }
         } else {
-            (rows, KvRows::Own)
+            KvRows::Own
         };
-        let k = (randn(&[kv_rows, keys, c], seed + 1) * 2.0).unwrap();
-        let v = randn(&[kv_rows, keys, c], seed + 2);
+        let [q, k, v] = attention_inputs([rows, queries, keys, heads, head_dim], kv, seed);
         let scale = 1.0 / (head_dim as f64).sqrt();
         let got = attention(&q, &k, &v, heads, scale, kv).unwrap();
+        let want = attention_reference(&q, &k, &v, heads, scale, kv).unwrap();
+        prop_assert!(rel_l2(&got, &want) <= 1e-5, "{:e}", rel_l2(&got, &want));
+    }
+
+    /// The portable path: budgets from one block of the whole call down to a few scores per
+    /// block (many query tiles and key blocks, counts that do not divide), own and grouped
+    /// rows (runs that cross tile boundaries), any head count.
+    #[test]
+    fn portable_attention_matches_candle(
+        rows in 1usize..5,
+        queries in 1usize..80,
+        keys in 1usize..120,
+        heads in 1usize..4,
+        head_dim in 1usize..12,
+        grouped in any::<bool>(),
+        per in 1usize..4,
+        first in 0usize..6,
+        cut in prop::sample::select(vec![0usize, 1, 2, 3, 5, 8, 13, 21, 34]),
+        seed in 0u64..1000,
+    ) {
+        let kv = if grouped { KvRows::Grouped { first, per } } else { KvRows::Own };
+        let block_bytes = match cut {
+            0 => portable::attention::BLOCK_BYTES,
+            cut => (4 * rows * heads * queries * keys / cut).max(16),
+        };
+        let [q, k, v] = attention_inputs([rows, queries, keys, heads, head_dim], kv, seed);
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let got = portable::attention::attention_tiled(&q, &k, &v, heads, scale, kv, block_bytes).unwrap();
         let want = attention_reference(&q, &k, &v, heads, scale, kv).unwrap();
         prop_assert!(rel_l2(&got, &want) <= 1e-5, "{:e}", rel_l2(&got, &want));
     }
@@ -353,6 +394,16 @@ fn half_inputs_compute_in_f32() {
         let got = attention(&half(&q), &half(&q), &half(&q), 2, 0.3, KvRows::Own).unwrap();
         assert_eq!(got.dtype(), dtype);
         assert!(rel_l2(&got, &want) < tol, "attention {dtype:?}");
+        // The portable path in one block, and in query tiles and key blocks.
+        for block_bytes in [portable::attention::BLOCK_BYTES, 256] {
+            let (q, kv) = (half(&q), KvRows::Own);
+            let got =
+                portable::attention::attention_tiled(&q, &q, &q, 2, 0.3, kv, block_bytes).unwrap();
+            assert_eq!(got.dtype(), dtype);
+            let err = rel_l2(&got, &want);
+            eprintln!("portable attention {dtype:?}, {block_bytes} B blocks: relative L2 {err:e}");
+            assert!(err < tol, "portable attention {dtype:?}: {err:e}");
+        }
 
         let (h, gate) = (randn(&[5, 7], 7), randn(&[5, 7], 8));
         let want = geglu(widened(&h), &widened(&gate), None, None).unwrap();
@@ -366,6 +417,37 @@ fn half_inputs_compute_in_f32() {
         let got = temporal_conv(&half(&x), &half(&taps), &half(&b), 3).unwrap();
         assert_eq!(got.dtype(), dtype);
         assert!(rel_l2(&got, &want) < tol, "temporal_conv {dtype:?}");
+    }
+}
+
+/// The portable path on the shapes its tiling has to get right, each printed with its error:
+/// one block of everything, many query tiles and key blocks that do not divide, a single
+/// key, and grouped rows whose runs cross tile boundaries (runs of 1, 3, 3 and 1 rows in
+/// tiles of 2).
+#[test]
+fn portable_attention_edge_cases() {
+    let grouped = KvRows::Grouped { first: 2, per: 3 };
+    let cases = [
+        (
+            "one block",
+            [2, 30, 40, 2, 8],
+            KvRows::Own,
+            portable::attention::BLOCK_BYTES,
+        ),
+        ("tiles and blocks", [2, 37, 53, 3, 5], KvRows::Own, 300),
+        ("one key", [3, 50, 1, 2, 4], KvRows::Own, 64),
+        ("grouped runs", [8, 5, 9, 2, 3], grouped, 800),
+        ("grouped blocks", [8, 5, 9, 2, 3], grouped, 40),
+    ];
+    for (name, dims, kv, block_bytes) in cases {
+        let [q, k, v] = attention_inputs(dims, kv, 1);
+        let (heads, scale) = (dims[3], 1.0 / (dims[4] as f64).sqrt());
+        let got = portable::attention::attention_tiled(&q, &k, &v, heads, scale, kv, block_bytes)
+            .unwrap();
+        let want = attention_reference(&q, &k, &v, heads, scale, kv).unwrap();
+        let err = rel_l2(&got, &want);
+        eprintln!("portable attention, {name}: relative L2 {err:e}");
+        assert!(err <= 1e-5, "{name}: {err:e}");
     }
 }
 
