@@ -1,0 +1,4 @@
+pub mod conv;
+pub mod linear;
+pub mod norm;
+mod tiles;
