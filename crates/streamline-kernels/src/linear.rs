@@ -83,7 +83,7 @@ pub fn linear_workspace(rows: usize, in_dim: usize, out_dim: usize, dtype: DType
 /// the f32 kernel's rows (one depth block `kc` deep) when it spans at most two row blocks
 /// `mc`. Both sizes come from gemm's own cache model, so the figure follows the machine.
 pub(crate) fn weight_packing(out_dim: usize, tile_rows: usize, in_dim: usize) -> usize {
-    let (mr, nr) = gemm_f32_kernel();
+    let (mr, nr, _) = gemm_f32_kernel();
     let params = if out_dim <= 64 && tile_rows <= 64 {
         let kc = in_dim.min(512);
         let l2 = gemm_common::cache::CACHE_INFO[1].cache_bytes;
@@ -102,13 +102,13 @@ pub(crate) fn weight_packing(out_dim: usize, tile_rows: usize, in_dim: usize) ->
     }
 }
 
-/// Rows and columns of the f32 micro-kernel gemm dispatches to on this CPU.
-fn gemm_f32_kernel() -> (usize, usize) {
+/// Rows, columns and SIMD lanes of the f32 micro-kernel gemm dispatches to on this CPU.
+pub(crate) fn gemm_f32_kernel() -> (usize, usize, usize) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
-        return (64, 6);
+        return (64, 6, 16);
     }
-    (16, 6)
+    (16, 6, 8)
 }
 
 struct Linear {

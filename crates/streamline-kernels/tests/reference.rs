@@ -1,37 +1,13 @@
-//! Every kernel equals candle's reference op within 1e-5 relative L2, on random shapes,
-//! strides, paddings, head counts and group counts, in f32 and (inside the kernels, f32)
-//! for half inputs.
+//! Every kernel, and every op of the portable path, equals candle's reference op within
+//! 1e-5 relative L2, on random shapes, strides, paddings, head counts and group counts, in
+//! f32 and (inside the kernels, f32) for half inputs.
+
+mod common;
 
 use candle_core::{DType, Device, Tensor};
+use common::{config, layer_norm_f64, randn, rel_l2};
 use proptest::prelude::*;
 use streamline_kernels::*;
-
-/// Roughly normal values (a sum of uniforms) from a seeded xorshift, so cases replay.
-fn randn(dims: &[usize], seed: u64) -> Tensor {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut uniform = || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state >> 40) as f32 / (1u64 << 24) as f32
-    };
-    let n: usize = dims.iter().product();
-    let values: Vec<f32> = (0..n)
-        .map(|_| (0..4).map(|_| uniform()).sum::<f32>() * 1.7 - 3.4)
-        .collect();
-    Tensor::from_vec(values, dims, &Device::Cpu).unwrap()
-}
-
-fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
-    let (a, b) = (
-        a.to_dtype(DType::F64).unwrap(),
-        b.to_dtype(DType::F64).unwrap(),
-    );
-    assert_eq!(a.dims(), b.dims());
-    let diff = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap();
-    let norm = b.sqr().unwrap().sum_all().unwrap();
-    (diff.to_scalar::<f64>().unwrap() / norm.to_scalar::<f64>().unwrap().max(1e-300)).sqrt()
-}
 
 /// Queries `(rows, queries, H*dh)`, keys (scaled up, for peaked softmaxes) and values
 /// `(kv rows, keys, H*dh)` with as many kv rows as `kv` reads.
@@ -49,37 +25,6 @@ fn attention_inputs(dims: [usize; 5], kv: KvRows, seed: u64) -> [Tensor; 3] {
     ]
 }
 
-/// LayerNorm in f64 with centered moments: the exact figure. candle-nn's CPU op takes the
-/// variance as E[x^2] - E[x]^2 in f32, which cancels when a row's values nearly agree (two
-/// close values of a 2-wide row were 2e-5 off in relative L2), so it cannot be the judge.
-fn layer_norm_f64(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Tensor {
-    let wide = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
-    let x = wide(x);
-    let centered = x
-        .broadcast_sub(&x.mean_keepdim(candle_core::D::Minus1).unwrap())
-        .unwrap();
-    let var = centered
-        .sqr()
-        .unwrap()
-        .mean_keepdim(candle_core::D::Minus1)
-        .unwrap();
-    let normed = centered
-        .broadcast_div(&(var + eps).unwrap().sqrt().unwrap())
-        .unwrap();
-    normed
-        .broadcast_mul(&wide(w))
-        .unwrap()
-        .broadcast_add(&wide(b))
-        .unwrap()
-}
-
-fn config() -> ProptestConfig {
-    ProptestConfig {
-        cases: 48,
-        ..ProptestConfig::default()
-    }
-}
-
 proptest! {
     #![proptest_config(config())]
 
@@ -93,6 +38,7 @@ proptest! {
         padding in 0usize..2,
         h in 3usize..23,
         w in 3usize..40,
+        units in 0usize..70,
         seed in 0u64..1000,
     ) {
         let g = ConvGeometry { in_channels: cin, out_channels: cout, kernel, stride, padding };
@@ -102,6 +48,11 @@ proptest! {
         let got = conv2d(&x, &wt, &b, g).unwrap();
         let want = conv2d_reference(&x, &wt, &b, g).unwrap();
         prop_assert!(rel_l2(&got, &want) <= 1e-5, "{g:?}: {:e}", rel_l2(&got, &want));
+        // The portable path with `units` output rows' worth of columns as its bound: 0 makes
+        // one-row bands, more than a frame's rows puts several whole frames in a call.
+        let bound = units * 4 * cin * kernel * kernel * g.out_size(w);
+        let banded = portable::conv::conv2d_bounded(&x, &wt, &b, g, bound).unwrap();
+        prop_assert!(rel_l2(&banded, &want) <= 1e-5, "{g:?}: {:e}", rel_l2(&banded, &want));
     }
 
     #[test]
@@ -122,6 +73,11 @@ proptest! {
         let got = group_norm(&x, &wt, &b, groups, 1e-5).unwrap();
         let want = group_norm_reference(&x, &wt, &b, groups, 1e-5).unwrap();
         prop_assert!(rel_l2(&got, &want) <= 1e-5, "{:e}", rel_l2(&got, &want));
+        // The portable path, judged in f64.
+        let wide = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        let exact = group_norm_reference(&wide(&x), &wide(&wt), &wide(&b), groups, 1e-5).unwrap();
+        let portable = portable::norm::group_norm(&x, &wt, &b, groups, 1e-5).unwrap();
+        prop_assert!(rel_l2(&portable, &exact) <= 1e-5, "{:e}", rel_l2(&portable, &exact));
     }
 
     #[test]
@@ -227,6 +183,8 @@ proptest! {
         let got = linear(&x, &w, b.as_ref()).unwrap();
         let want = linear_reference(&x, &w, b.as_ref()).unwrap();
         prop_assert!(rel_l2(&got, &want) <= 1e-5, "{:e}", rel_l2(&got, &want));
+        let portable = portable::linear::linear(&x, &w, b.as_ref()).unwrap();
+        prop_assert!(rel_l2(&portable, &want) <= 1e-5, "{:e}", rel_l2(&portable, &want));
     }
 
     #[test]
@@ -244,6 +202,8 @@ proptest! {
         let got = temporal_conv(&x, &taps, &b, kernel).unwrap();
         let want = temporal_conv_reference(&x, &taps, &b, kernel).unwrap();
         prop_assert!(rel_l2(&got, &want) <= 1e-5, "{:e}", rel_l2(&got, &want));
+        let portable = portable::linear::temporal_conv(&x, &taps, &b, kernel).unwrap();
+        prop_assert!(rel_l2(&portable, &want) <= 1e-5, "{:e}", rel_l2(&portable, &want));
     }
 
     #[test]
@@ -300,6 +260,8 @@ proptest! {
         prop_assert!(rel_l2(&got, &want) <= 1e-5, "{:e}", rel_l2(&got, &want));
         let reference = layer_norm_reference(&x, &w, &b, 1e-5).unwrap();
         prop_assert!(rel_l2(&reference, &want) <= 1e-5, "{:e}", rel_l2(&reference, &want));
+        let portable = portable::norm::layer_norm(&x, &w, &b, 1e-5).unwrap();
+        prop_assert!(rel_l2(&portable, &want) <= 1e-5, "{:e}", rel_l2(&portable, &want));
     }
 
     #[test]
@@ -344,6 +306,8 @@ proptest! {
         let want = (h * g.gelu_erf().unwrap()).unwrap();
         let got = linear_geglu(&x, [&wh, &wg], [bh, bg]).unwrap();
         prop_assert!(rel_l2(&got, &want) <= 1e-5, "{:e}", rel_l2(&got, &want));
+        let portable = portable::linear::linear_geglu(&x, [&wh, &wg], [bh, bg]).unwrap();
+        prop_assert!(rel_l2(&portable, &want) <= 1e-5, "{:e}", rel_l2(&portable, &want));
     }
 }
 
