@@ -126,6 +126,37 @@ fn frames_equal_diffusers_and_long_prompts_warn() {
     assert!(diff <= 2e-3, "frames vs diffusers: max abs {diff}");
 }
 
+/// The portable path (what a GPU runs) on the CPU matches diffusers too, and the default CPU
+/// kernels' frames.
+#[test]
+fn portable_kernels_give_the_default_frames() {
+    let run = |extra: &[&str]| {
+        let dir = temp("portable").join(extra.len().to_string());
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("video.safetensors");
+        let mut flags = vec!["--prompt", PIPELINE.prompt];
+        flags.extend(extra);
+        let (ok, err) = animatediff(
+            &PIPELINE,
+            &PIPELINE.dir().join("motion_adapter"),
+            &out,
+            &flags,
+        );
+        assert!(ok, "{err}");
+        candle_core::safetensors::load(&out, &Device::Cpu).unwrap()["frames"].clone()
+    };
+    let default = run(&[]);
+    let portable = run(&["--kernels", "portable"]);
+    let diff = streamline_pipeline::quality::max_abs(&default, &portable).unwrap();
+    eprintln!("portable vs CPU kernels: frames max abs {diff:.2e}");
+    assert!(
+        diff <= 2e-3,
+        "portable vs CPU kernels: frames max abs {diff}"
+    );
+    let (diff, _) = frames_vs_diffusers(&PIPELINE, &["--kernels", "portable"]);
+    assert!(diff <= 2e-3, "portable frames vs diffusers: max abs {diff}");
+}
+
 #[test]
 fn frames_equal_diffusers_with_8_groupnorm_groups() {
     let (diff, _) = frames_vs_diffusers(&GROUPS, &[]);

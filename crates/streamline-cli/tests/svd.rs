@@ -131,6 +131,36 @@ fn writes_gif_png_frames_and_safetensors() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The portable path (what a GPU runs) on the CPU gives the frames of the default CPU kernels,
+/// and a plan for the CPU kernels is refused where they cannot run.
+#[test]
+fn portable_kernels_give_the_default_frames() {
+    let dir = temp("portable");
+    let (default, portable) = (dir.join("a.safetensors"), dir.join("b.safetensors"));
+    let (ok, err) = svd(&default, &[]);
+    assert!(ok, "{err}");
+    let (ok, err) = svd(
+        &portable,
+        &["--kernels", "portable", "--memory-budget", "2MiB"],
+    );
+    assert!(ok, "{err}");
+    let diff = max_abs(&frames(&default), &frames(&portable));
+    eprintln!("portable vs CPU kernels: frames max abs {diff:.2e}");
+    assert!(
+        diff <= 2e-3,
+        "portable vs CPU kernels: frames max abs {diff}"
+    );
+    let (ok, err) = svd(
+        &dir.join("c.gif"),
+        &["--device", "cuda", "--kernels", "cpu"],
+    );
+    assert!(
+        !ok && err.contains("--kernels cpu runs on the CPU only"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn same_seed_same_frames_and_latents_file_is_used() {
     let dir = temp("seed");

@@ -5,7 +5,7 @@
 use proptest::prelude::*;
 use streamline_grouping::{HoistWhole, OperatorGrouping};
 use streamline_ir::testing::*;
-use streamline_ir::{check_group, Executor, Graph, Group, Pass, PassPipeline, Plan};
+use streamline_ir::{check_group, Executor, Graph, Group, Kernels, Pass, PassPipeline, Plan};
 use streamline_slicer::PaperSlicer;
 
 fn sliced(t: usize, s: usize) -> PaperSlicer {
@@ -113,4 +113,19 @@ fn hoisting_joins_the_runs_a_per_batch_node_splits() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("pass `hoist-whole`"), "{err}");
+}
+
+/// Grouping and hoisting keep the implementation a plan is made for.
+#[test]
+fn passes_keep_the_plans_kernels() {
+    let d = Dims::new(2, 3, 2, 6);
+    let g = sample_graph(d);
+    let portable = Kernels::Portable { gpu: false };
+    let start = Plan::trivial(&g).with_kernels(portable);
+    let passes = PassPipeline::new()
+        .then(HoistWhole)
+        .then(sliced(2, 3))
+        .then(OperatorGrouping);
+    let (_, plan) = passes.run(g, start).unwrap();
+    assert_eq!(plan.kernels, portable);
 }

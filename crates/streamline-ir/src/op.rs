@@ -40,18 +40,25 @@ pub enum Kernels {
     #[default]
     Cpu,
     /// The portable path, built from candle ops and tiled so that no buffer exceeds what the
-    /// plan counts: every device, and the CPU when asked for (so it is tested there).
-    Portable,
+    /// plan counts: on a GPU (`gpu`), or on the CPU when asked for, so that what a GPU runs is
+    /// tested there. Where it runs changes a few costs (candle's CPU backend lacks some half
+    /// precision products, which then run in f32).
+    Portable { gpu: bool },
     /// The portable path with attention through flash-attn (CUDA, f16 and bf16).
     FlashAttn,
 }
 
 impl Kernels {
+    /// Whether candle's CPU backend runs these kernels.
+    pub fn on_cpu(self) -> bool {
+        matches!(self, Kernels::Cpu | Kernels::Portable { gpu: false })
+    }
+
     /// Whether these kernels run on tensors of `device`.
     pub fn runs_on(self, device: &Device) -> bool {
         match self {
-            Kernels::Cpu => device.is_cpu(),
-            Kernels::Portable => true,
+            Kernels::Cpu | Kernels::Portable { gpu: false } => device.is_cpu(),
+            Kernels::Portable { gpu: true } => !device.is_cpu(),
             Kernels::FlashAttn => device.is_cuda(),
         }
     }
@@ -61,7 +68,8 @@ impl std::fmt::Display for Kernels {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Kernels::Cpu => "cpu",
-            Kernels::Portable => "portable",
+            Kernels::Portable { gpu: false } => "portable (CPU)",
+            Kernels::Portable { gpu: true } => "portable (GPU)",
             Kernels::FlashAttn => "flash-attn",
         })
     }

@@ -161,6 +161,7 @@ fn plans_run_only_where_their_kernels_do() {
             .unwrap()
             .peak_bytes
     );
-    let portable = Plan::trivial(&g).with_kernels(Kernels::Portable);
-    assert!(Executor::new(&g, &portable, &Device::Cpu).is_ok());
+    let portable = |gpu| Plan::trivial(&g).with_kernels(Kernels::Portable { gpu });
+    assert!(Executor::new(&g, &portable(false), &Device::Cpu).is_ok());
+    assert!(Executor::new(&g, &portable(true), &Device::Cpu).is_err());
 }

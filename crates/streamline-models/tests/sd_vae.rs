@@ -5,30 +5,25 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use streamline_ir::{Executor, Graph, Plan, Request};
+use streamline_ir::{Graph, Kernels};
 use streamline_models::sd::AutoencoderKL;
 
 fn vae() -> AutoencoderKL {
     AutoencoderKL::load(&fixture_dir("sd_vae").join("vae"), DType::F32, &Device::Cpu).unwrap()
 }
 
-fn run(g: &Graph, input: Tensor) -> Tensor {
-    let plan = Plan::trivial(g);
-    Executor::new(g, &plan, &Device::Cpu)
-        .unwrap()
-        .run(vec![input], &Request::default())
-        .unwrap()
-        .outputs
-        .remove(0)
+fn run(g: &Graph, input: Tensor) -> Vec<(Kernels, Tensor)> {
+    run_each(g, vec![input])
 }
 
 #[test]
 fn encoder_matches_diffusers() {
     let io = load_io("sd_vae");
     let (n, _, h, w) = io["image"].dims4().unwrap();
-    let moments = run(&vae().lower_encoder(n, h, w).unwrap(), io["image"].clone());
-    let err = rel_l2(&moments, &io["moments"]);
-    assert!(err <= 1e-4, "moments: relative L2 vs diffusers {err}");
+    for (k, moments) in run(&vae().lower_encoder(n, h, w).unwrap(), io["image"].clone()) {
+        let err = rel_l2(&moments, &io["moments"]);
+        assert!(err <= 1e-4, "{k} moments: relative L2 vs diffusers {err}");
+    }
 }
 
 #[test]
@@ -36,13 +31,12 @@ fn decoder_matches_diffusers() {
     let io = load_io("sd_vae");
     let vae = vae();
     let (n, _, h, w) = io["latents"].dims4().unwrap();
-    let decoded = run(
-        &vae.lower_decoder(2, n / 2, h, w).unwrap(),
-        io["latents"].clone(),
-    );
-    assert_eq!(decoded.dims()[2], vae.scale_factor() * h);
-    let err = rel_l2(&decoded, &io["decoded"]);
-    assert!(err <= 1e-4, "decoded: relative L2 vs diffusers {err}");
+    let g = vae.lower_decoder(2, n / 2, h, w).unwrap();
+    for (k, decoded) in run(&g, io["latents"].clone()) {
+        assert_eq!(decoded.dims()[2], vae.scale_factor() * h);
+        let err = rel_l2(&decoded, &io["decoded"]);
+        assert!(err <= 1e-4, "{k} decoded: relative L2 vs diffusers {err}");
+    }
 }
 
 #[test]

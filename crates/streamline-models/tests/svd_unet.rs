@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use streamline_ir::{Executor, Plan, Request};
+use streamline_ir::{Executor, Kernels, Plan, Request};
 use streamline_models::svd::{UNetShape, UNetSpatioTemporalConditionModel};
 
 struct Run {
@@ -20,7 +20,7 @@ struct Run {
 }
 
 /// Run the trivial plan of a fixture's UNet on its inputs, with the encoder state `ehs`.
-fn run(fixture: &str, unet_dir: &str, dtype: DType, ehs: &str) -> Run {
+fn run(fixture: &str, unet_dir: &str, dtype: DType, ehs: &str, kernels: Kernels) -> Run {
     let io = load_io(fixture);
     let dev = Device::Cpu;
     let dir = fixture_dir(fixture).join(unet_dir);
@@ -34,7 +34,7 @@ fn run(fixture: &str, unet_dir: &str, dtype: DType, ehs: &str) -> Run {
         context_len: io[ehs].dim(1).unwrap(),
     };
     let g = unet.lower(shape).unwrap();
-    let plan = Plan::trivial(&g);
+    let plan = Plan::trivial(&g).with_kernels(kernels);
     let exec = Executor::new(&g, &plan, &dev).unwrap();
     let inputs = vec![
         io["sample"]
@@ -57,17 +57,25 @@ fn run(fixture: &str, unet_dir: &str, dtype: DType, ehs: &str) -> Run {
     }
 }
 
-fn check(fixture: &str) -> HashMap<&'static str, f64> {
+/// Errors against diffusers, named `{kernels} {output}`, with the CPU kernels and with the
+/// portable path.
+fn check(fixture: &str) -> HashMap<String, f64> {
     let io = load_io(fixture);
-    let one = run(fixture, "unet", DType::F32, "encoder_hidden_states");
-    // SVD's context is one token, so attn2's queries and keys cannot matter there; the
-    // 3-token run exercises them.
-    let three = run(fixture, "unet", DType::F32, "encoder_hidden_states_seq3");
-    HashMap::from([
-        ("out", rel_l2(&one.out, &io["out"])),
-        ("emb", rel_l2(&one.emb, &io["emb"])),
-        ("out_seq3", rel_l2(&three.out, &io["out_seq3"])),
-    ])
+    let mut errors = HashMap::new();
+    for k in KERNELS {
+        let one = run(fixture, "unet", DType::F32, "encoder_hidden_states", k);
+        // SVD's context is one token, so attn2's queries and keys cannot matter there; the
+        // 3-token run exercises them.
+        let three = run(fixture, "unet", DType::F32, "encoder_hidden_states_seq3", k);
+        for (what, err) in [
+            ("out", rel_l2(&one.out, &io["out"])),
+            ("emb", rel_l2(&one.emb, &io["emb"])),
+            ("out_seq3", rel_l2(&three.out, &io["out_seq3"])),
+        ] {
+            errors.insert(format!("{k} {what}"), err);
+        }
+    }
+    errors
 }
 
 #[test]
@@ -94,6 +102,7 @@ fn fp16_variant_loads_and_f16_compute_stays_close() {
         "unet_fp16",
         DType::F32,
         "encoder_hidden_states",
+        Kernels::Cpu,
     );
     let err = rel_l2(&weights_only.out, &io["out"]);
     assert!(err <= 1e-2, "fp16 weights, f32 compute: relative L2 {err}");
@@ -102,6 +111,7 @@ fn fp16_variant_loads_and_f16_compute_stays_close() {
         "unet_fp16",
         DType::F16,
         "encoder_hidden_states",
+        Kernels::Cpu,
     );
     let err = rel_l2(&half.out.to_dtype(DType::F32).unwrap(), &io["out"]);
     assert!(err <= 2e-2, "f16 compute: relative L2 {err}");

@@ -54,6 +54,7 @@ pub fn kernels_for(device: DeviceKind, choice: KernelChoice) -> Result<Kernels, 
         (KernelChoice::Auto, DeviceKind::Cuda) if cfg!(feature = "flash-attn") => {
             Kernels::FlashAttn
         }
-        (KernelChoice::Auto, _) | (KernelChoice::Portable, _) => Kernels::Portable,
+        (KernelChoice::Portable, DeviceKind::Cpu) => Kernels::Portable { gpu: false },
+        (KernelChoice::Auto, _) | (KernelChoice::Portable, _) => Kernels::Portable { gpu: true },
     })
 }

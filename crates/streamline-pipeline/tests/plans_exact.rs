@@ -1,7 +1,8 @@
 //! Every optimization computes what original inference computes, on the SVD fixtures (UNet
 //! and temporal VAE decoder), AnimateDiff's motion UNet (at latents that are not multiples of
 //! 2^levels too), motion module and SD VAE decoder, for frame chunk counts 1, 2, 3, 7 and B*T
-//! and position chunk counts that do not divide H*W. The naive baseline is measurably not exact.
+//! and position chunk counts that do not divide H*W, with streamline's CPU kernels and with the
+//! portable path GPUs run. The naive baseline is measurably not exact.
 
 mod common;
 
@@ -11,13 +12,13 @@ use std::path::Path;
 use common::{fixture, io, rel_l2};
 
 use candle_core::{DType, Device, Tensor};
-use streamline_ir::{Executor, Graph, Plan, Request};
+use streamline_ir::{Executor, Graph, Kernels, Plan, Request};
 use streamline_models::load::WeightSource;
 use streamline_models::sd::{AutoencoderKL, MotionModule, UNetMotionModel};
 use streamline_models::svd::{
     AutoencoderKLTemporalDecoder, UNetShape, UNetSpatioTemporalConditionModel,
 };
-use streamline_pipeline::{optimize, Optimization};
+use streamline_pipeline::{optimize, optimize_for, Optimization};
 
 fn run(graph: &Graph, plan: &Plan, inputs: &[Tensor]) -> (Tensor, usize) {
     let exec = Executor::new(graph, plan, &Device::Cpu).unwrap();
@@ -25,10 +26,18 @@ fn run(graph: &Graph, plan: &Plan, inputs: &[Tensor]) -> (Tensor, usize) {
     (out.outputs.remove(0), out.stats.peak_bytes)
 }
 
-/// Original, slicer-only, slicer + grouping at several chunk counts, and a budget halfway
-/// between the smallest feasible peak and the original one: all within 1e-5 of original.
+/// [`check_kernels`] with streamline's CPU kernels and with the portable path GPUs run.
 fn check_all(graph: &Graph, inputs: &[Tensor], frames_len: usize) {
-    let (g0, p0) = optimize(graph, Optimization::Original).unwrap();
+    for kernels in [Kernels::Cpu, Kernels::Portable { gpu: false }] {
+        check_kernels(graph, inputs, frames_len, kernels);
+    }
+}
+
+/// Original, slicer-only, slicer + grouping at several chunk counts, and the tightest budget
+/// budget mode can meet, all run by `kernels`: all within 1e-5 of original.
+fn check_kernels(graph: &Graph, inputs: &[Tensor], frames_len: usize, kernels: Kernels) {
+    let optimize = |opt| optimize_for(graph, opt, kernels);
+    let (g0, p0) = optimize(Optimization::Original).unwrap();
     let (reference, _) = run(&g0, &p0, inputs);
     for t in [1, 2, 3, 7, frames_len] {
         for s in [7, 11, 13] {
@@ -42,26 +51,27 @@ fn check_all(graph: &Graph, inputs: &[Tensor], frames_len: usize) {
                     spatial_chunks: s,
                 },
             ] {
-                let (g, p) = optimize(graph, opt).unwrap();
+                let (g, p) = optimize(opt).unwrap();
                 let (out, _) = run(&g, &p, inputs);
                 let err = rel_l2(&out, &reference);
-                assert!(err <= 1e-5, "{opt:?}: relative L2 {err}");
+                assert!(err <= 1e-5, "{kernels} {opt:?}: relative L2 {err}");
             }
         }
     }
     // The tightest budget budget mode can meet forces the most slicing; it must stay exact.
-    let smallest = match optimize(graph, Optimization::Budget { bytes: 1 }) {
+    let smallest = match optimize(Optimization::Budget { bytes: 1 }) {
         Err(e) => e.infeasible().expect("a budget refusal").smallest,
         Ok(_) => panic!("a 1-byte budget cannot be met"),
     };
     let budget = smallest;
-    let (g, p) = optimize(graph, Optimization::Budget { bytes: budget }).unwrap();
+    let (g, p) = optimize(Optimization::Budget { bytes: budget }).unwrap();
     assert!(
         p.groups.iter().any(|g| g.chunks > 1),
         "the budget forced no slicing"
     );
     let (out, measured) = run(&g, &p, inputs);
-    assert!(rel_l2(&out, &reference) <= 1e-5);
+    let err = rel_l2(&out, &reference);
+    assert!(err <= 1e-5, "{kernels} budget {budget}: relative L2 {err}");
     let planned = Executor::plan_stats(&g, &p).unwrap().peak_bytes;
     assert!(
         planned <= budget && measured <= planned,

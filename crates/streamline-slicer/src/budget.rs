@@ -19,7 +19,7 @@ impl Pass for FitBudget {
     }
 
     fn run(&self, graph: Graph, plan: Plan) -> Result<(Graph, Plan)> {
-        let trivial = Plan::trivial(&graph);
+        let trivial = Plan::trivial(&graph).with_kernels(plan.kernels);
         if Executor::plan_stats(&graph, &trivial)?.peak_bytes <= self.bytes {
             return Ok((graph, trivial));
         }

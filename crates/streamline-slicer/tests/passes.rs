@@ -3,7 +3,7 @@
 
 use proptest::prelude::*;
 use streamline_ir::testing::*;
-use streamline_ir::{check_group, Axis, Executor, Graph, Pass, Plan};
+use streamline_ir::{check_group, Axis, Executor, Graph, Kernels, Pass, Plan};
 use streamline_slicer::{fit_budget, FitBudget, PaperSlicer};
 
 fn slicer(temporal_chunks: usize, spatial_chunks: usize) -> PaperSlicer {
@@ -133,4 +133,23 @@ fn a_refusal_names_the_group_at_the_floor() {
         text.contains(&refusal.first) && text.contains("cannot be met"),
         "{text}"
     );
+}
+
+/// A plan is made for one implementation of the ops: every pass keeps it, the budget's
+/// shortcut to original inference included.
+#[test]
+fn passes_keep_the_plans_kernels() {
+    let d = Dims::new(2, 4, 3, 64);
+    let g = sample_graph(d);
+    let portable = Kernels::Portable { gpu: true };
+    let start = Plan::trivial(&g).with_kernels(portable);
+    let (_, sliced) = slicer(3, 5).run(g.clone(), start.clone()).unwrap();
+    assert_eq!(sliced.kernels, portable);
+    let original = Executor::plan_stats(&g, &start).unwrap().peak_bytes;
+    for budget in [original, original * 3 / 4] {
+        let (_, fitted) = FitBudget { bytes: budget }
+            .run(g.clone(), sliced.clone())
+            .unwrap();
+        assert_eq!(fitted.kernels, portable, "budget {budget}");
+    }
 }

@@ -16,14 +16,15 @@
 
 use std::ops::Range;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use streamline_ir::{
-    chunk_ranges, Independence, IrError, Op, Result, SliceCtx, ValueInfo, Workspace,
+    chunk_ranges, Independence, IrError, Kernels, Op, Result, SliceCtx, ValueInfo, Workspace,
 };
 
-use streamline_kernels::{attention, attention_workspace, AttentionSizes, KvRows};
+use streamline_kernels::{AttentionSizes, KvRows};
 
+use super::kernels;
 use super::layout::{info_of, tiles, Tiles};
 use super::nn::Linear;
 
@@ -114,7 +115,7 @@ impl Attention {
 
     /// Peak transient bytes of a chunk of `rows` rows and `queries` queries per row, its
     /// result included (see [`Attention::attend`] for the order things live and die).
-    fn peak(&self, s: &Shapes, rows: usize, queries: usize) -> usize {
+    fn peak(&self, s: &Shapes, rows: usize, queries: usize, kernels: Kernels) -> usize {
         let (size, inner) = (s.size, self.heads * self.head_dim);
         // Keys and values of the chunk's rows, or tables of every batch item's (made once
         // per call, read per row by the kernel).
@@ -123,13 +124,13 @@ impl Attention {
                 let one = rows * s.keys * inner * size;
                 (
                     rows,
-                    one + self.to_v.peak(rows * s.keys, s.dtype, true),
+                    one + self.to_v.peak(rows * s.keys, s.dtype, true, kernels),
                     2 * one,
                 )
             }
             Context::PerBatch { .. } => {
                 let table = s.batch * s.keys * inner * size;
-                let make = table + self.to_v.peak(s.batch * s.keys, s.dtype, true);
+                let make = table + self.to_v.peak(s.batch * s.keys, s.dtype, true, kernels);
                 (s.batch, make, 2 * table)
             }
         };
@@ -142,11 +143,11 @@ impl Attention {
             channels: inner,
             heads: self.heads,
         };
-        let kernel = attention_workspace(sizes, s.dtype, &Device::Cpu);
+        let kernel = kernels::attention_workspace(kernels, sizes, s.dtype);
         let attend = [
-            self.to_q.peak(rows * queries, s.dtype, true),
+            self.to_q.peak(rows * queries, s.dtype, true, kernels),
             2 * q + kernel,
-            q + self.to_out.peak(rows * queries, s.dtype, true),
+            q + self.to_out.peak(rows * queries, s.dtype, true, kernels),
         ]
         .into_iter()
         .max()
@@ -160,7 +161,7 @@ impl Attention {
     /// the softmax is exact.
     fn tiling(&self, s: &Shapes, out_bytes: usize, ws: Workspace) -> (Tiles, usize) {
         tiles(s.rows, s.queries, out_bytes, ws.limit, |r, q| {
-            self.peak(s, r, q)
+            self.peak(s, r, q, ws.kernels)
         })
     }
 
@@ -172,6 +173,7 @@ impl Attention {
         x: &Tensor,
         rows: Range<usize>,
         tables: Option<&(Tensor, Tensor)>,
+        kernels: Kernels,
     ) -> Result<(Tensor, Tensor, KvRows)> {
         match (self.context, tables) {
             (Context::PerBatch { rows_per_batch, .. }, Some((k, v))) => Ok((
@@ -182,7 +184,11 @@ impl Attention {
                     per: rows_per_batch,
                 },
             )),
-            _ => Ok((self.to_k.forward(x)?, self.to_v.forward(x)?, KvRows::Own)),
+            _ => Ok((
+                self.to_k.forward(x, kernels)?,
+                self.to_v.forward(x, kernels)?,
+                KvRows::Own,
+            )),
         }
     }
 
@@ -192,15 +198,14 @@ impl Attention {
     fn attend(
         &self,
         x: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        kv: KvRows,
+        (k, v, kv): (&Tensor, &Tensor, KvRows),
+        kernels: Kernels,
     ) -> candle_core::Result<Tensor> {
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let q = self.to_q.forward(&x.contiguous()?)?;
-        let attended = attention(&q, k, v, self.heads, scale, kv)?;
+        let q = self.to_q.forward(&x.contiguous()?, kernels)?;
+        let attended = kernels::attention(kernels, [&q, k, v], self.heads, scale, kv)?;
         drop(q);
-        self.to_out.forward_owned(attended)
+        self.to_out.forward_owned(attended, kernels)
     }
 }
 
@@ -289,21 +294,25 @@ impl Op for Attention {
         let (t, _) = self.tiling(&s, infos[0].bytes(), ctx.workspace());
         let tables = match self.context {
             Context::SelfAttention => None,
-            Context::PerBatch { .. } => Some((self.to_k.forward(x[1])?, self.to_v.forward(x[1])?)),
+            Context::PerBatch { .. } => Some((
+                self.to_k.forward(x[1], ctx.kernels)?,
+                self.to_v.forward(x[1], ctx.kernels)?,
+            )),
         };
         let rows = ctx.rows(s.rows);
         let abs = |r: &Range<usize>| rows.start + r.start..rows.start + r.end;
         if t.outer == s.rows && t.inner == s.queries {
-            let (k, v, kv) = self.keys_values(h, abs(&(0..s.rows)), tables.as_ref())?;
-            return Ok(self.attend(h, &k, &v, kv)?);
+            let (k, v, kv) =
+                self.keys_values(h, abs(&(0..s.rows)), tables.as_ref(), ctx.kernels)?;
+            return Ok(self.attend(h, (&k, &v, kv), ctx.kernels)?);
         }
         let out = Tensor::zeros(h.dims(), h.dtype(), h.device())?;
         for r in chunk_ranges(s.rows, s.rows.div_ceil(t.outer)) {
             let xr = h.narrow(0, r.start, r.len())?;
-            let (k, v, kv) = self.keys_values(&xr, abs(&r), tables.as_ref())?;
+            let (k, v, kv) = self.keys_values(&xr, abs(&r), tables.as_ref(), ctx.kernels)?;
             let target = out.narrow(0, r.start, r.len())?;
             for q in chunk_ranges(s.queries, s.queries.div_ceil(t.inner)) {
-                let y = self.attend(&xr.narrow(1, q.start, q.len())?, &k, &v, kv)?;
+                let y = self.attend(&xr.narrow(1, q.start, q.len())?, (&k, &v, kv), ctx.kernels)?;
                 target.slice_set(&y, 1, q.start)?;
             }
         }

@@ -13,11 +13,14 @@ use std::ops::Range;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use streamline_ir::{
-    chunk_ranges, Independence, IrError, Layout, Op, Result, SliceCtx, ValueInfo, Workspace,
+    chunk_ranges, Independence, IrError, Kernels, Layout, Op, Result, SliceCtx, ValueInfo,
+    Workspace,
 };
 
-use streamline_kernels::{group_norm, group_norm_workspace, group_sums, group_sums_runs};
+use streamline_kernels::portable::{self, norm::BatchRows};
+use streamline_kernels::{group_norm_workspace, group_sums, group_sums_runs};
 
+use super::kernels;
 use super::layout::{batch_ids, batch_pieces, by_row_chunks, info_of, row_chunk};
 use super::VideoDims;
 
@@ -154,7 +157,28 @@ impl GroupNormStats {
     fn tiling(&self, x: &ValueInfo, ws: Workspace) -> (usize, usize) {
         let d = x.shape.dims();
         let size = x.dtype.size_in_bytes();
-        row_chunk(d[0], 0, ws.limit, |r| self.peak(r, d[1], size))
+        row_chunk(d[0], 0, ws.limit, |r| match ws.kernels {
+            Kernels::Cpu => self.peak(r, d[1], size),
+            _ => {
+                // Where a slice starts is not known here; the pieces of one from row 0 cost
+                // the same as any other's, up to one more batch boundary (a few values).
+                let pieces = self.rows(0).pieces(r);
+                portable::norm::moments_workspace(
+                    &pieces,
+                    d[1],
+                    self.channels,
+                    self.groups,
+                    x.dtype,
+                )
+            }
+        })
+    }
+
+    fn rows(&self, first: usize) -> BatchRows {
+        BatchRows {
+            per_batch: self.dims.hw(),
+            first,
+        }
     }
 }
 
@@ -175,15 +199,10 @@ impl Op for GroupNormStats {
         true
     }
 
+    /// Chan et al.'s update as tensor ops, on the moments' device (whichever kernels made
+    /// them): no host round trip between slices.
     fn merge(&self, acc: &Tensor, partial: &Tensor) -> Result<Tensor> {
-        let merged: Vec<Moments> = moments_from_tensor(acc)?
-            .into_iter()
-            .zip(moments_from_tensor(partial)?)
-            .map(|(a, b)| a.merge(b))
-            .collect();
-        moments_to_tensor(&merged, self.dims.batch, self.groups)?
-            .to_device(acc.device())
-            .map_err(IrError::from)
+        Ok(portable::norm::merge_moments(acc, partial)?)
     }
 
     fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
@@ -218,8 +237,22 @@ impl Op for GroupNormStats {
         let x = inputs[0];
         let rows = ctx.rows(d.positions_len());
         let (chunk, _) = self.tiling(&info_of(x), ctx.workspace());
+        let chunks = chunk_ranges(rows.len(), rows.len().div_ceil(chunk.max(1)));
+        if ctx.kernels != Kernels::Cpu {
+            let mut acc: Option<Tensor> = None;
+            for r in chunks {
+                let part = x.narrow(0, r.start, r.len())?;
+                let pieces = self.rows(rows.start + r.start).pieces(r.len());
+                let m = portable::norm::group_moments(&part, self.groups, &pieces, d.batch)?;
+                acc = Some(match acc {
+                    Some(a) => portable::norm::merge_moments(&a, &m)?,
+                    None => m,
+                });
+            }
+            return acc.ok_or_else(|| IrError::Plan("group_norm_stats of no rows".into()));
+        }
         let mut moments = vec![Moments::default(); d.batch * self.groups];
-        for r in chunk_ranges(rows.len(), rows.len().div_ceil(chunk.max(1))) {
+        for r in chunks {
             let abs = rows.start + r.start..rows.start + r.end;
             self.add_moments(&x.narrow(0, r.start, r.len())?, abs, &mut moments)?;
         }
@@ -236,8 +269,11 @@ pub struct GroupNormApply {
     pub dims: VideoDims,
     pub groups: usize,
     pub eps: f64,
+    /// Host copies for the CPU kernels' tables, and the checkpoint's tensors for the
+    /// portable path, which builds its tables on the device.
     weight: Vec<f64>,
     bias: Vec<f64>,
+    tensors: [Tensor; 2],
     param_dtype: DType,
 }
 
@@ -250,7 +286,8 @@ impl GroupNormApply {
         bias: &Tensor,
     ) -> Result<Self> {
         let host = |t: &Tensor| -> Result<Vec<f64>> {
-            Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?)
+            let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            Ok(values.into_iter().map(f64::from).collect())
         };
         let (w, b) = (host(weight)?, host(bias)?);
         if w.len() != b.len() {
@@ -267,6 +304,7 @@ impl GroupNormApply {
             eps,
             weight: w,
             bias: b,
+            tensors: [weight.clone(), bias.clone()],
             param_dtype: weight.dtype(),
         })
     }
@@ -301,6 +339,18 @@ impl GroupNormApply {
     fn tiling(&self, x: &ValueInfo, output: &ValueInfo, ws: Workspace) -> (usize, usize) {
         let (rows, size) = (x.shape.dims()[0], x.dtype.size_in_bytes());
         let c = self.channels();
+        if ws.kernels != Kernels::Cpu {
+            // The portable apply tiles itself; chunks here only obey a group's limit.
+            let (t, batch) = (x.shape.dims()[1], self.dims.batch);
+            let at = BatchRows {
+                per_batch: self.dims.hw(),
+                first: 0,
+            };
+            return row_chunk(rows, output.bytes(), ws.limit, |r| {
+                r * (output.bytes() / rows.max(1))
+                    + portable::norm::group_norm_apply_workspace(r, at, t, c, batch, x.dtype)
+            });
+        }
         let tables = self.dims.batch * c * (2 * 8 + 2 * size);
         let row = x.bytes() / rows.max(1);
         row_chunk(rows, output.bytes(), ws.limit, |r| {
@@ -358,9 +408,22 @@ impl Op for GroupNormApply {
     fn forward(&self, inputs: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
         let d = self.dims;
         let x = inputs[0];
-        let (scale, shift) = self.tables(&moments_from_tensor(inputs[1])?, x)?;
         let rows = ctx.rows(d.positions_len());
         let (chunk, _) = self.tiling(&info_of(x), &info_of(x), ctx.workspace());
+        if ctx.kernels != Kernels::Cpu {
+            let [w, b] = &self.tensors;
+            return by_row_chunks(x.dims(), x.dtype(), x.device(), chunk, |r| {
+                let at = BatchRows {
+                    per_batch: d.hw(),
+                    first: rows.start + r.start,
+                };
+                let part = x.narrow(0, r.start, r.len())?;
+                Ok(portable::norm::group_norm_apply(
+                    &part, inputs[1], w, b, self.eps, at,
+                )?)
+            });
+        }
+        let (scale, shift) = self.tables(&moments_from_tensor(inputs[1])?, x)?;
         by_row_chunks(x.dims(), x.dtype(), x.device(), chunk, |r| {
             let ids = batch_ids(rows.start + r.start..rows.start + r.end, d.hw(), x.device())?;
             let per_row = |table: &Tensor| -> Result<Tensor> {
@@ -408,8 +471,8 @@ impl GroupNormFrames {
         })
     }
 
-    fn run(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        group_norm(x, &self.weight, &self.bias, self.groups, self.eps)
+    fn run(&self, x: &Tensor, k: Kernels) -> candle_core::Result<Tensor> {
+        kernels::group_norm(k, x, [&self.weight, &self.bias], self.groups, self.eps)
     }
 
     fn tiling(&self, x: &ValueInfo, ws: Workspace) -> (usize, usize) {
@@ -418,7 +481,11 @@ impl GroupNormFrames {
         row_chunk(dims[0], x.bytes(), ws.limit, |r| {
             let mut chunk = dims.to_vec();
             chunk[0] = r;
-            r * per + group_norm_workspace(&chunk, self.groups, x.dtype)
+            let scratch = match ws.kernels {
+                Kernels::Cpu => group_norm_workspace(&chunk, self.groups, x.dtype),
+                _ => portable::norm::group_norm_workspace(&chunk, self.groups, x.dtype),
+            };
+            r * per + scratch
         })
     }
 }
@@ -455,7 +522,7 @@ impl Op for GroupNormFrames {
         let x = x[0];
         let (chunk, _) = self.tiling(&info_of(x), ctx.workspace());
         by_row_chunks(x.dims(), x.dtype(), x.device(), chunk, |r| {
-            Ok(self.run(&x.narrow(0, r.start, r.len())?)?)
+            Ok(self.run(&x.narrow(0, r.start, r.len())?, ctx.kernels)?)
         })
     }
 }

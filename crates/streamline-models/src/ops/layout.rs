@@ -5,8 +5,11 @@ use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor};
 use streamline_ir::{
-    chunk_ranges, Axis, Independence, IrError, Layout, Op, Result, SliceCtx, ValueInfo, Workspace,
+    chunk_ranges, Axis, Independence, IrError, Kernels, Layout, Op, Result, SliceCtx, ValueInfo,
+    Workspace,
 };
+
+use super::kernels;
 
 /// The video extent a layout change needs to know: batch, frames and the spatial size.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -52,10 +55,10 @@ pub(crate) fn batch_pieces(range: Range<usize>, per_batch: usize) -> Vec<(usize,
 /// The views may be strided (permuted gathers): the kernel copies each straight into the
 /// result, so no per-piece copy exists and the result is the only allocation, whichever way
 /// the rows fall across batch items.
-pub(crate) fn cat_views(parts: Vec<Tensor>) -> Result<Tensor> {
+pub(crate) fn cat_views(parts: Vec<Tensor>, k: Kernels) -> Result<Tensor> {
     Ok(match parts.len() {
-        1 => streamline_kernels::contiguous(&parts.into_iter().next().expect("one part"))?,
-        _ => streamline_kernels::cat0(&parts)?,
+        1 => kernels::contiguous(k, &parts.into_iter().next().expect("one part"))?,
+        _ => kernels::cat0(k, &parts)?,
     })
 }
 
@@ -256,7 +259,7 @@ impl Op for FramesToPositions {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        cat_views(parts)
+        cat_views(parts, ctx.kernels)
     }
 }
 
@@ -316,7 +319,7 @@ impl Op for PositionsToFrames {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let out = cat_views(parts)?;
+        let out = cat_views(parts, ctx.kernels)?;
         Ok(match self.to {
             FrameLayout::ChannelsFirst => {
                 out.reshape((rows_len, self.channels, d.height, d.width))?
@@ -370,19 +373,15 @@ impl Op for Tokens {
         0
     }
 
-    fn forward(&self, inputs: &[&Tensor], _: &SliceCtx) -> Result<Tensor> {
+    fn forward(&self, inputs: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
         let x = inputs[0];
+        let k = ctx.kernels;
         Ok(if self.to_tokens {
             let (n, c, h, w) = x.dims4()?;
-            streamline_kernels::contiguous(&x.reshape((n, c, h * w))?.transpose(1, 2)?)?
+            kernels::contiguous(k, &x.reshape((n, c, h * w))?.transpose(1, 2)?)?
         } else {
             let (n, _, c) = x.dims3()?;
-            streamline_kernels::contiguous(&x.transpose(1, 2)?)?.reshape((
-                n,
-                c,
-                self.height,
-                self.width,
-            ))?
+            kernels::contiguous(k, &x.transpose(1, 2)?)?.reshape((n, c, self.height, self.width))?
         })
     }
 }

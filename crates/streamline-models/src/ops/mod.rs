@@ -10,6 +10,7 @@ mod attention;
 mod elementwise;
 mod embed;
 mod group_norm;
+mod kernels;
 mod layout;
 mod nn;
 mod temporal;

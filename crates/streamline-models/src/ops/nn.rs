@@ -13,12 +13,13 @@ use std::ops::Range;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use streamline_ir::{
-    chunk_ranges, Independence, IrError, Op, Result, SliceCtx, ValueInfo, Workspace,
+    chunk_ranges, Independence, IrError, Kernels, Op, Result, SliceCtx, ValueInfo, Workspace,
 };
 use streamline_kernels::{
-    conv2d, linear, linear_geglu_workspace, linear_workspace, Compute, ConvGeometry,
+    linear_geglu_workspace, linear_workspace, portable, Compute, ConvGeometry,
 };
 
+use super::kernels;
 use super::layout::{by_row_chunks, info_of, row_chunk, tiles, Tiles};
 
 // Per-frame GroupNorm and the resampling ops live beside their kin; `ops` exports them here.
@@ -100,21 +101,27 @@ impl Linear {
         })
     }
 
-    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        linear(x, &self.weight, self.bias.as_ref())
+    pub(crate) fn forward(&self, x: &Tensor, kernels: Kernels) -> candle_core::Result<Tensor> {
+        kernels::linear(kernels, x, &self.weight, self.bias.as_ref())
     }
 
     /// [`Linear::forward`] that frees `x` once the result exists.
-    pub(crate) fn forward_owned(&self, x: Tensor) -> candle_core::Result<Tensor> {
-        self.forward(&x)
+    pub(crate) fn forward_owned(&self, x: Tensor, kernels: Kernels) -> candle_core::Result<Tensor> {
+        self.forward(&x, kernels)
     }
 
     /// Peak transient bytes of [`Linear::forward`] on `rows` rows of `dtype`, the result
     /// included, with the bias (`biased`) or without: streamline's kernel writes the biased
-    /// result once (f32 on the CPU); candle's product is followed by a biased copy.
-    pub(crate) fn peak(&self, rows: usize, dtype: DType, biased: bool) -> usize {
+    /// result once (f32 on the CPU); candle's product is followed by a biased copy; the
+    /// portable path works in bounded tiles of rows.
+    pub(crate) fn peak(&self, rows: usize, dtype: DType, biased: bool, kernels: Kernels) -> usize {
         let size = dtype.size_in_bytes();
         let out = rows * self.out_dim * size;
+        if kernels != Kernels::Cpu {
+            let biased = biased && self.bias.is_some();
+            let (i, o, cpu) = (self.in_dim, self.out_dim, kernels.on_cpu());
+            return out + portable::linear::linear_workspace(rows, i, o, biased, dtype, cpu);
+        }
         if let Some(ws) = linear_workspace(rows, self.in_dim, self.out_dim, dtype) {
             return out + ws;
         }
@@ -143,7 +150,7 @@ impl Linear {
     fn tiling(&self, x: &ValueInfo, output: &ValueInfo, ws: Workspace) -> (usize, usize) {
         let per = self.rows_per_dim0(x);
         row_chunk(x.shape.dims()[0], output.bytes(), ws.limit, |r| {
-            self.peak(r * per, x.dtype, true)
+            self.peak(r * per, x.dtype, true, ws.kernels)
         })
     }
 }
@@ -176,15 +183,21 @@ impl Op for Linear {
         let out = self.infer(&[&info_of(x)])?;
         let (chunk, _) = self.tiling(&info_of(x), &out, ctx.workspace());
         by_row_chunks(out.shape.dims(), x.dtype(), x.device(), chunk, |r| {
-            Ok(Linear::forward(self, &x.narrow(0, r.start, r.len())?)?)
+            Ok(Linear::forward(
+                self,
+                &x.narrow(0, r.start, r.len())?,
+                ctx.kernels,
+            )?)
         })
     }
 }
 
 /// LayerNorm over the last dim.
 ///
-/// streamline's kernel on the CPU (candle-nn's fused op elsewhere) allocates only its result,
-/// so the op has no workspace and nothing to tile.
+/// streamline's kernel on the CPU allocates only its result, so that path has no workspace
+/// and nothing to tile; the portable path (centered statistics in f32, in bounded tiles of
+/// rows) declares its tiles. candle-nn's fused GPU op is not used: it takes the variance as
+/// E[x^2] - E[x]^2, which cancels.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     inner: candle_nn::LayerNorm,
@@ -219,11 +232,32 @@ impl Op for LayerNorm {
     fn param_bytes(&self) -> usize {
         2 * self.dim * self.inner.weight().dtype().size_in_bytes()
     }
-    fn forward(&self, x: &[&Tensor], _: &SliceCtx) -> Result<Tensor> {
+    fn workspace_bytes(&self, inputs: &[&ValueInfo], _: &ValueInfo, ws: Workspace) -> usize {
+        match ws.kernels {
+            Kernels::Cpu => 0,
+            _ => {
+                let rows = inputs[0].shape.elem_count() / self.dim.max(1);
+                portable::norm::layer_norm_workspace(rows, self.dim, inputs[0].dtype)
+            }
+        }
+    }
+    fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
+        let weight = self.inner.weight();
+        if ctx.kernels != Kernels::Cpu {
+            let zeros;
+            let bias = match self.inner.bias() {
+                Some(b) => b,
+                None => {
+                    zeros = weight.zeros_like()?;
+                    &zeros
+                }
+            };
+            return Ok(portable::norm::layer_norm(x[0], weight, bias, self.eps)?);
+        }
         let x = x[0].contiguous()?;
         Ok(match (Compute::of(&x), self.inner.bias()) {
             (Compute::F32, Some(bias)) => {
-                streamline_kernels::layer_norm(&x, self.inner.weight(), bias, self.eps)?
+                streamline_kernels::layer_norm(&x, weight, bias, self.eps)?
             }
             _ => self.inner.forward(&x)?,
         })
@@ -247,8 +281,8 @@ impl Op for Silu {
     fn flops(&self, inputs: &[&ValueInfo], _: &ValueInfo) -> u64 {
         4 * elems(inputs[0])
     }
-    fn forward(&self, x: &[&Tensor], _: &SliceCtx) -> Result<Tensor> {
-        Ok(streamline_kernels::silu(x[0])?)
+    fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
+        Ok(kernels::silu(ctx.kernels, x[0])?)
     }
 }
 
@@ -285,9 +319,10 @@ impl Geglu {
         })
     }
 
-    fn run(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    fn run(&self, x: &Tensor, kernels: Kernels) -> candle_core::Result<Tensor> {
         let [h, g] = &self.halves;
-        streamline_kernels::linear_geglu(
+        kernels::linear_geglu(
+            kernels,
             x,
             [&h.weight, &g.weight],
             [h.bias.as_ref(), g.bias.as_ref()],
@@ -295,21 +330,34 @@ impl Geglu {
     }
 
     /// Peak transient bytes on `rows` rows, result included. The f32 CPU kernel: the result
-    /// and its per-thread tile scratch. Otherwise the hidden half's product, then the gate's
-    /// beside it, the result written over the hidden half.
-    fn peak(&self, rows: usize, dtype: DType) -> usize {
+    /// and its per-thread tile scratch. Otherwise on the CPU the hidden half's product, then
+    /// the gate's beside it, the result written over the hidden half; the portable path in
+    /// bounded tiles of rows.
+    fn peak(&self, rows: usize, dtype: DType, kernels: Kernels) -> usize {
         let out = rows * self.inner * dtype.size_in_bytes();
         let [_, gate] = &self.halves;
+        if kernels != Kernels::Cpu {
+            let biased = gate.bias.is_some();
+            return out
+                + portable::linear::linear_geglu_workspace(
+                    rows,
+                    gate.in_dim,
+                    self.inner,
+                    biased,
+                    dtype,
+                    kernels.on_cpu(),
+                );
+        }
         match linear_geglu_workspace(rows, gate.in_dim, self.inner, dtype) {
             Some(ws) => out + ws,
-            None => out + gate.peak(rows, dtype, false),
+            None => out + gate.peak(rows, dtype, false, kernels),
         }
     }
 
     fn tiling(&self, x: &ValueInfo, output: &ValueInfo, ws: Workspace) -> (usize, usize) {
         let per = self.halves[0].rows_per_dim0(x);
         row_chunk(x.shape.dims()[0], output.bytes(), ws.limit, |r| {
-            self.peak(r * per, x.dtype)
+            self.peak(r * per, x.dtype, ws.kernels)
         })
     }
 }
@@ -343,9 +391,16 @@ impl Op for Geglu {
         let out = self.infer(&[&info_of(x)])?;
         let (chunk, _) = self.tiling(&info_of(x), &out, ctx.workspace());
         by_row_chunks(out.shape.dims(), x.dtype(), x.device(), chunk, |r| {
-            Ok(self.run(&x.narrow(0, r.start, r.len())?)?)
+            Ok(self.run(&x.narrow(0, r.start, r.len())?, ctx.kernels)?)
         })
     }
+}
+
+/// What a convolution's cost depends on besides its sizes.
+#[derive(Clone, Copy)]
+struct At {
+    dtype: DType,
+    kernels: Kernels,
 }
 
 /// 2D convolution of each frame `(N, C, H, W)`, with bias.
@@ -388,22 +443,27 @@ impl Conv2d {
         self.geometry.out_size(x)
     }
 
-    fn run(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        conv2d(x, &self.weight, &self.bias, self.geometry)
+    fn run(&self, x: &Tensor, kernels: Kernels) -> candle_core::Result<Tensor> {
+        kernels::conv2d(kernels, x, &self.weight, &self.bias, self.geometry)
     }
 
-    fn run_unpadded(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    fn run_unpadded(&self, x: &Tensor, kernels: Kernels) -> candle_core::Result<Tensor> {
         let geometry = ConvGeometry {
             padding: 0,
             ..self.geometry
         };
-        conv2d(x, &self.weight, &self.bias, geometry)
+        kernels::conv2d(kernels, x, &self.weight, &self.bias, geometry)
     }
 
     /// Output rows `rows` of one frame `(1, C, H, W)`: the input rows they read, copied and
     /// zero-padded explicitly (the frame's edges only), then convolved with no padding. The
     /// same products as the whole frame's, so the same numbers.
-    fn run_band(&self, frame: &Tensor, rows: Range<usize>) -> candle_core::Result<Tensor> {
+    fn run_band(
+        &self,
+        frame: &Tensor,
+        rows: Range<usize>,
+        kernels: Kernels,
+    ) -> candle_core::Result<Tensor> {
         let g = self.geometry;
         let (k, s, p) = (g.kernel as isize, g.stride as isize, g.padding as isize);
         let h = frame.dim(2)? as isize;
@@ -417,51 +477,57 @@ impl Conv2d {
         drop(band);
         let padded = wide.pad_with_zeros(2, (lo - start) as usize, (end - hi) as usize)?;
         drop(wide);
-        self.run_unpadded(&padded)
+        self.run_unpadded(&padded, kernels)
     }
 
-    /// One convolution of `frames` frames of `h x w` padded by `pad`, of `dtype` on the CPU:
-    /// its peak transient bytes (its result included), and the result's bytes.
+    /// One convolution of `frames` frames of `h x w` padded by `pad`, of `dtype`, by
+    /// `kernels`: its peak transient bytes (its result included), and the result's bytes.
     fn call_peak(
         &self,
-        frames: usize,
-        h: usize,
-        w: usize,
+        (frames, h, w): (usize, usize, usize),
         pad: usize,
-        dtype: DType,
+        at: At,
     ) -> (usize, usize) {
         let g = ConvGeometry {
             padding: pad,
             ..self.geometry
         };
-        let out = frames * g.out_channels * g.out_size(h) * g.out_size(w) * dtype.size_in_bytes();
-        let compute = Compute::for_dtype(dtype, &Device::Cpu);
-        (out + g.workspace(frames, h, w, compute), out)
+        let out =
+            frames * g.out_channels * g.out_size(h) * g.out_size(w) * at.dtype.size_in_bytes();
+        let ws = match at.kernels {
+            Kernels::Cpu => g.workspace(frames, h, w, Compute::for_dtype(at.dtype, &Device::Cpu)),
+            k => portable::conv::conv2d_workspace(&g, frames, h, w, at.dtype, k.on_cpu()),
+        };
+        (out + ws, out)
     }
 
     /// Peak transient bytes of a chunk, its result included: `frames` whole frames of
     /// `h x w`, or (`rows` below the output height) a band of `rows` output rows of one
     /// frame, with its copied input rows, their width-padded copy, then the fully padded one
     /// alive through the convolution.
-    fn peak(&self, h: usize, w: usize, dtype: DType, frames: usize, rows: usize) -> usize {
+    fn peak(&self, (h, w): (usize, usize), at: At, frames: usize, rows: usize) -> usize {
         let g = self.geometry;
         if rows >= self.out_size(h) {
-            return self.call_peak(frames, h, w, g.padding, dtype).0;
+            return self.call_peak((frames, h, w), g.padding, at).0;
         }
         let (padded_h, padded_w) = ((rows - 1) * g.stride + g.kernel, w + 2 * g.padding);
-        let plane = g.in_channels * dtype.size_in_bytes();
+        let plane = g.in_channels * at.dtype.size_in_bytes();
         let copy = plane * padded_h.min(h) * w;
         let wide = plane * padded_h.min(h) * padded_w;
         let padded = plane * padded_h * padded_w;
-        let (conv, _) = self.call_peak(1, padded_h, padded_w, 0, dtype);
+        let (conv, _) = self.call_peak((1, padded_h, padded_w), 0, at);
         (2 * copy + wide).max(2 * padded).max(padded + conv)
     }
 
     fn tiling(&self, x: &ValueInfo, output: &ValueInfo, ws: Workspace) -> (Tiles, usize) {
         let d = x.shape.dims();
         let oh = output.shape.dims()[2];
+        let at = At {
+            dtype: x.dtype,
+            kernels: ws.kernels,
+        };
         tiles(d[0], oh, output.bytes(), ws.limit, |f, r| {
-            self.peak(d[2], d[3], x.dtype, f, r)
+            self.peak((d[2], d[3]), at, f, r)
         })
     }
 }
@@ -525,7 +591,7 @@ impl Op for Conv2d {
         let dims = out.shape.dims();
         if t.inner >= dims[2] {
             return by_row_chunks(dims, x.dtype(), x.device(), t.outer, |r| {
-                Ok(self.run(&x.narrow(0, r.start, r.len())?)?)
+                Ok(self.run(&x.narrow(0, r.start, r.len())?, ctx.kernels)?)
             });
         }
         let y = Tensor::zeros(dims, x.dtype(), x.device())?;
@@ -533,7 +599,7 @@ impl Op for Conv2d {
             let (frame, target) = (x.narrow(0, f, 1)?, y.narrow(0, f, 1)?);
             for rows in chunk_ranges(dims[2], dims[2].div_ceil(t.inner)) {
                 let start = rows.start;
-                target.slice_set(&self.run_band(&frame, rows)?, 2, start)?;
+                target.slice_set(&self.run_band(&frame, rows, ctx.kernels)?, 2, start)?;
             }
         }
         Ok(y)

@@ -2,9 +2,10 @@
 
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
-use streamline_ir::{Independence, IrError, Op, Result, SliceCtx, ValueInfo, Workspace};
-use streamline_kernels::{temporal_conv, temporal_conv_workspace};
+use streamline_ir::{Independence, IrError, Kernels, Op, Result, SliceCtx, ValueInfo, Workspace};
+use streamline_kernels::{portable, temporal_conv_workspace};
 
+use super::kernels;
 use super::layout::{by_row_chunks, info_of, row_chunk};
 
 /// A `(k, 1, 1)` Conv3d on position-major `(P, T, C)` features, zero-padded by `k / 2` frames
@@ -48,21 +49,32 @@ impl TemporalConv {
 }
 
 impl TemporalConv {
-    fn run(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        temporal_conv(x, &self.taps, &self.bias, self.kernel)
+    fn run(&self, x: &Tensor, kernels: Kernels) -> candle_core::Result<Tensor> {
+        kernels::temporal_conv(kernels, x, &self.taps, &self.bias, self.kernel)
     }
 
     /// Peak transient bytes on `rows` positions of `t` frames, result included.
-    fn peak(&self, rows: usize, t: usize, dtype: DType) -> usize {
-        let (cin, cout) = (self.in_channels, self.out_channels);
-        rows * t * cout * dtype.size_in_bytes()
-            + temporal_conv_workspace(rows, t, cin, cout, self.kernel, dtype)
+    fn peak(&self, rows: usize, t: usize, dtype: DType, kernels: Kernels) -> usize {
+        let (cin, cout, k) = (self.in_channels, self.out_channels, self.kernel);
+        let ws = match kernels {
+            Kernels::Cpu => temporal_conv_workspace(rows, t, cin, cout, k, dtype),
+            _ => portable::linear::temporal_conv_workspace(
+                rows,
+                t,
+                cin,
+                cout,
+                k,
+                dtype,
+                kernels.on_cpu(),
+            ),
+        };
+        rows * t * cout * dtype.size_in_bytes() + ws
     }
 
     fn tiling(&self, x: &ValueInfo, output: &ValueInfo, ws: Workspace) -> (usize, usize) {
         let d = x.shape.dims();
         row_chunk(d[0], output.bytes(), ws.limit, |r| {
-            self.peak(r, d[1], x.dtype)
+            self.peak(r, d[1], x.dtype, ws.kernels)
         })
     }
 }
@@ -110,7 +122,7 @@ impl Op for TemporalConv {
         let out = self.infer(&[&info_of(x)])?;
         let (chunk, _) = self.tiling(&info_of(x), &out, ctx.workspace());
         by_row_chunks(out.shape.dims(), x.dtype(), x.device(), chunk, |r| {
-            Ok(self.run(&x.narrow(0, r.start, r.len())?)?)
+            Ok(self.run(&x.narrow(0, r.start, r.len())?, ctx.kernels)?)
         })
     }
 }

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
+use streamline_ir::{Executor, Graph, Kernels, Plan, Request};
 use streamline_models::load::{Manifest, WeightSource};
 
 pub fn fixture_dir(name: &str) -> PathBuf {
@@ -18,6 +19,25 @@ pub fn fixture_dir(name: &str) -> PathBuf {
 pub fn load_io(name: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture_dir(name).join("io.safetensors"), &Device::Cpu)
         .unwrap_or_else(|e| panic!("fixture {name}: {e}"))
+}
+
+/// Every implementation of the ops a CPU run can use: streamline's CPU kernels, and the
+/// portable path that GPUs run (so that what a GPU runs is checked against diffusers here).
+pub const KERNELS: [Kernels; 2] = [Kernels::Cpu, Kernels::Portable { gpu: false }];
+
+/// The first output of the trivial plan of `g` on `inputs`, under each of [`KERNELS`].
+pub fn run_each(g: &Graph, inputs: Vec<Tensor>) -> Vec<(Kernels, Tensor)> {
+    KERNELS
+        .iter()
+        .map(|&k| {
+            let plan = Plan::trivial(g).with_kernels(k);
+            let mut out = Executor::new(g, &plan, &Device::Cpu)
+                .unwrap()
+                .run(inputs.clone(), &Request::default())
+                .unwrap();
+            (k, out.outputs.remove(0))
+        })
+        .collect()
 }
 
 /// ||a - b|| / ||b||, in f64.
