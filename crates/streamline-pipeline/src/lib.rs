@@ -13,6 +13,8 @@
 //!   prompt through CLIP text, classifier-free guidance, the checkpoint's scheduler, per-frame
 //!   decoding in chunks).
 //! - [`kernels`]: which implementation of the ops runs on which device (`--kernels`);
+//! - [`memory`]: whether a run's sizes fit the machine, from its plan, before anything is
+//!   allocated;
 //! - [`run`]: what both share (errors, one planned model call, chunked decoding, progress).
 //! - [`scheduler`]: diffusers' Euler (SVD, SD 1.5) and DDIM (AnimateDiff) schedulers,
 //!   reproducing their schedules and steps; `Scheduler::load` picks one by `_class_name`.
@@ -31,6 +33,7 @@
 
 pub mod animatediff;
 pub mod kernels;
+pub mod memory;
 pub mod optimize;
 pub mod planner;
 pub mod quality;
