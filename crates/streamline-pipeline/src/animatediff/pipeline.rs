@@ -70,6 +70,10 @@ pub struct AnimateDiff {
 /// [`AnimateDiff::configs`]).
 pub struct AnimateDiffConfigs {
     pub sizes: Sizes,
+    /// The UNet's input channels and the VAE's scale (pixels per latent along each side): the
+    /// latents of a run are `(1, latent_channels, frames, height / scale, width / scale)`.
+    pub latent_channels: usize,
+    pub scale_factor: usize,
     scheduler: Scheduler,
 }
 
@@ -122,6 +126,8 @@ impl AnimateDiff {
                 rule: SizeRule::animatediff(&config, &vae),
                 native: config.unet.sample_size.map(|s| (s * scale, s * scale)),
             },
+            latent_channels: config.unet.in_channels,
+            scale_factor: scale,
             scheduler: Scheduler::load(&model.join("scheduler/scheduler_config.json"))?,
         })
     }
@@ -139,7 +145,9 @@ impl AnimateDiff {
         dtype: DType,
         device: &Device,
     ) -> Result<Self, PipelineError> {
-        let AnimateDiffConfigs { sizes, scheduler } = Self::configs(model, motion_adapter)?;
+        let AnimateDiffConfigs {
+            sizes, scheduler, ..
+        } = Self::configs(model, motion_adapter)?;
         Ok(AnimateDiff {
             unet: UNetMotionModel::load(&model.join("unet"), motion_adapter, dtype, device)?,
             vae: AutoencoderKL::load(&model.join("vae"), dtype, device)?,

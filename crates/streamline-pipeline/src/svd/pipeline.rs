@@ -101,6 +101,10 @@ pub struct SvdConfigs {
     pub sizes: Sizes,
     /// `unet/config.json`'s `num_frames`: the frames of a run that asks for none.
     pub num_frames: usize,
+    /// The VAE's latent channels and its scale (pixels per latent along each side): the
+    /// latents of a run are `(1, frames, latent_channels, height / scale, width / scale)`.
+    pub latent_channels: usize,
+    pub scale_factor: usize,
     scheduler: EulerDiscreteScheduler,
     feature_extractor: FeatureExtractor,
     unet_config: PathBuf,
@@ -180,6 +184,8 @@ impl StableVideoDiffusion {
                     .map(|size| (size.dims().0 * scale, size.dims().1 * scale)),
             },
             num_frames: unet.num_frames,
+            latent_channels: vae.latent_channels,
+            scale_factor: scale,
             scheduler: EulerDiscreteScheduler::from_config(&scheduler)?,
             feature_extractor: load_config(
                 &dir.join("feature_extractor/preprocessor_config.json"),

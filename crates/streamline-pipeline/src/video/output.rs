@@ -121,16 +121,12 @@ impl VideoOutput {
     /// Whether writing this output would replace the existing file `input`: it is the output
     /// file itself, or a frame file the output directory would receive.
     pub fn overwrites(&self, input: &Path) -> bool {
-        let Ok(input) = input.canonicalize() else {
-            return false;
-        };
-        let output = self.path.canonicalize().ok();
         match self.target {
-            Target::Frames { .. } => {
-                input.parent().map(Path::to_path_buf) == output
+            Target::Frames { .. } => input.canonicalize().is_ok_and(|input| {
+                input.parent().map(Path::to_path_buf) == self.path.canonicalize().ok()
                     && input.file_name().is_some_and(|n| frame_number(n).is_some())
-            }
-            Target::File { .. } => output == Some(input),
+            }),
+            Target::File { .. } => same_file(&self.path, input),
         }
     }
 
@@ -248,6 +244,14 @@ fn write_staged(mut file: File, bytes: &[u8], path: &Path) -> Result<(), VideoEr
         .map_err(|error| io_error(path, "writing", error))
 }
 
+/// Whether `a` and `b` name one existing file.
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
 /// A plain file output (a Step Rehash schedule), checked and staged like a video's.
 #[derive(Debug)]
 pub struct FileOutput {
@@ -270,6 +274,15 @@ impl FileOutput {
             staged,
             file,
         })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether writing this output would replace the existing file `input`.
+    pub fn overwrites(&self, input: &Path) -> bool {
+        same_file(&self.path, input)
     }
 
     /// Writes `bytes` and moves the file into place.
