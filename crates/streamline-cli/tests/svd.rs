@@ -225,7 +225,13 @@ fn sizes_the_unet_cannot_take_are_refused_before_weights_load() {
     ] {
         std::fs::create_dir_all(model.join(folder)).unwrap();
     }
-    for file in ["unet/config.json", "vae/config.json"] {
+    for file in [
+        "unet/config.json",
+        "vae/config.json",
+        "image_encoder/config.json",
+        "scheduler/scheduler_config.json",
+        "feature_extractor/preprocessor_config.json",
+    ] {
         std::fs::copy(root.join("models/default").join(file), model.join(file)).unwrap();
     }
     let (ok, err) = svd(

@@ -211,15 +211,20 @@ fn warn_about_later_frames(dir: &Path, count: usize) {
         .filter(|&n| n >= count)
         .collect();
     later.sort_unstable();
-    if let (Some(first), Some(last)) = (later.first(), later.last()) {
-        tracing::warn!(
-            "{}: {} and {} other frame file(s) up to {} were already there past this video's {count} frames; they were left as they are",
-            dir.display(),
+    let files = match later.as_slice() {
+        [] => return,
+        [one] => frame_name(*one),
+        [first, .., last] => format!(
+            "{} .. {} ({} files)",
             frame_name(*first),
-            later.len() - 1,
             frame_name(*last),
-        );
-    }
+            later.len()
+        ),
+    };
+    tracing::warn!(
+        "{}: {files}, past this video's {count} frames, were already there and are left as they are",
+        dir.display()
+    );
 }
 
 /// The staging directory of PNG frames: inside an existing directory (which keeps the moves
