@@ -10,6 +10,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use streamline_ir::human;
 use streamline_pipeline::planner::{ModelSpec, PlanRequest};
+use streamline_pipeline::run::all_finite;
 use streamline_pipeline::svd::{
     default_model_dir, unit_noise, Planes, RunReport, StableVideoDiffusion, Stage, SvdConfigs,
     SvdSettings, DEFAULT_MODEL_ENV,
@@ -226,8 +227,7 @@ pub fn read_latents(path: &Path, expected: &[usize], layout: &str) -> Result<Ten
         );
     }
     let latents = latents.to_dtype(DType::F32)?;
-    let finite = (&latents - &latents)?.sum_all()?.to_scalar::<f32>()?;
-    if !finite.is_finite() {
+    if !all_finite(&latents)? {
         bail!("{}: tensor `latents` holds NaN or infinite values", named());
     }
     Ok(latents)

@@ -14,6 +14,8 @@ use std::process::{Command, ExitStatus, Stdio};
 
 use candle_core::{DType, Device, Tensor};
 
+mod common;
+
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/data")
 }
@@ -105,14 +107,7 @@ fn svd_args(model: &Path, output: &Path, extra: &[&str]) -> Vec<String> {
         ("--num-inference-steps", "2"),
         ("--output", output.as_str()),
     ];
-    let mut args = vec!["svd".to_string()];
-    for (flag, value) in defaults {
-        if !extra.contains(&flag) {
-            args.extend([flag.to_string(), value.to_string()]);
-        }
-    }
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
+    common::with_defaults(&["svd"], &defaults, extra)
 }
 
 /// A cause told twice in a row, as in "X: X" (or "X: Y: X: Y"), anywhere in `message`.
@@ -172,113 +167,97 @@ fn the_repeat_detector_finds_causes_told_twice() {
     );
 }
 
-/// Flags, sizes, budgets, inputs and outputs, each refused before any weights load.
-#[test]
-fn svd_arguments_are_refused_before_weights_load() {
-    let scratch = Scratch::new("svd-args");
+/// A model folder of the SVD fixture's configs with garbage weights, in `scratch`.
+fn configs_only(scratch: &Scratch) -> PathBuf {
     let model = scratch.path("model");
     copy_model(&svd_fixture().join("model"), &model, true);
+    model
+}
+
+/// Flag values, sizes and budgets, each refused before any weights load: `(flags, what the
+/// message names)`, space- and `|`-separated.
+#[test]
+fn svd_flags_are_refused_before_weights_load() {
+    let scratch = Scratch::new("svd-flags");
+    let model = configs_only(&scratch);
+    let out = scratch.path("out.gif");
+    let cases = [
+        // Abort: the video alone could not be allocated.
+        (
+            "--height 100000 --width 100000",
+            "--height 100000 --width 100000|of memory this machine has",
+        ),
+        // Silent NaN videos.
+        ("--min-guidance-scale NaN", "--min-guidance-scale|finite"),
+        ("--max-guidance-scale inf", "--max-guidance-scale|finite"),
+        ("--noise-aug-strength NaN", "--noise-aug-strength|finite"),
+        // Checks that came after the inference.
+        ("--fps 0", "out.gif|frame rate must be positive"),
+        (
+            "--memory-budget 100KiB",
+            "100.0 KiB cannot be met|VAE decode|--decode-chunk-size",
+        ),
+        // Late or cryptic.
+        ("--num-frames 0", "--num-frames|at least 1"),
+        (
+            "--num-inference-steps 0",
+            "--num-inference-steps|at least 1",
+        ),
+        ("--dtype bf16", "--dtype bf16|--dtype f32"),
+        // Unclear.
+        ("--decode-chunk-size 0", "--decode-chunk-size|at least 1"),
+    ];
+    for (flags, needles) in cases {
+        let flags: Vec<&str> = flags.split(' ').collect();
+        let needles: Vec<&str> = needles.split('|').collect();
+        let outcome = streamline(&svd_args(&model, &out, &flags));
+        assert_refused(&format!("{flags:?}"), &outcome, &needles, &out);
+    }
+}
+
+/// Latents, model folders and outputs, each refused before any weights load.
+#[test]
+fn svd_files_are_refused_before_weights_load() {
+    let scratch = Scratch::new("svd-files");
+    let model = configs_only(&scratch);
     let out = scratch.path("out.gif");
     let nan_latents = scratch.path("nan.safetensors");
     let mut values = vec![0f32; 3 * 4 * 8 * 12];
     values[17] = f32::NAN;
-    save_latents(
-        &nan_latents,
-        Tensor::from_vec(values, (1, 3, 4, 8, 12), &Device::Cpu).unwrap(),
-    );
+    let nan = Tensor::from_vec(values, (1, 3, 4, 8, 12), &Device::Cpu).unwrap();
+    save_latents(&nan_latents, nan);
     let wrong_latents = scratch.path("wrong.safetensors");
-    save_latents(
-        &wrong_latents,
-        Tensor::zeros((1, 3, 4, 4, 6), DType::F32, &Device::Cpu).unwrap(),
-    );
-    let file = scratch.path("file");
-    std::fs::write(&file, "a file, not a folder").unwrap();
-    let under_file = file.join("out.gif");
-    let path = |p: &Path| p.display().to_string();
-    let (nan, wrong, missing) = (
-        path(&nan_latents),
-        path(&wrong_latents),
-        path(&scratch.path("none")),
-    );
-    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
-        // Abort: the video alone could not be allocated.
+    let wrong = Tensor::zeros((1, 3, 4, 4, 6), DType::F32, &Device::Cpu).unwrap();
+    save_latents(&wrong_latents, wrong);
+    let missing = scratch.path("none");
+    let cases: [(&str, &Path, &[&str]); 3] = [
         (
-            vec!["--height", "100000", "--width", "100000"],
-            vec![
-                "--height 100000 --width 100000",
-                "of memory this machine has",
-            ],
-        ),
-        // Silent NaN videos.
-        (
-            vec!["--min-guidance-scale", "NaN"],
-            vec!["--min-guidance-scale", "finite"],
+            "--latents",
+            &nan_latents,
+            &["--latents", "nan.safetensors", "NaN or infinite"],
         ),
         (
-            vec!["--max-guidance-scale", "inf"],
-            vec!["--max-guidance-scale", "finite"],
+            "--latents",
+            &wrong_latents,
+            &["expected [1, 3, 4, 8, 12]", "height/2, width/2"],
         ),
-        (
-            vec!["--noise-aug-strength", "NaN"],
-            vec!["--noise-aug-strength", "finite"],
-        ),
-        (
-            vec!["--latents", &nan],
-            vec!["--latents", "nan.safetensors", "NaN or infinite"],
-        ),
-        // Checks that came after the inference.
-        (
-            vec!["--fps", "0"],
-            vec!["out.gif", "frame rate must be positive"],
-        ),
-        (
-            vec!["--memory-budget", "100KiB"],
-            vec![
-                "100.0 KiB cannot be met",
-                "VAE decode",
-                "--decode-chunk-size",
-            ],
-        ),
-        // Late or cryptic.
-        (
-            vec!["--num-frames", "0"],
-            vec!["--num-frames", "at least 1"],
-        ),
-        (
-            vec!["--num-inference-steps", "0"],
-            vec!["--num-inference-steps", "at least 1"],
-        ),
-        (vec!["--dtype", "bf16"], vec!["--dtype bf16", "--dtype f32"]),
-        // Unclear.
-        (
-            vec!["--latents", &wrong],
-            vec!["expected [1, 3, 4, 8, 12]", "height/2, width/2"],
-        ),
-        (
-            vec!["--model", &missing],
-            vec!["none", "no such model folder"],
-        ),
-        (
-            vec!["--decode-chunk-size", "0"],
-            vec!["--decode-chunk-size", "at least 1"],
-        ),
+        ("--model", &missing, &["none", "no such model folder"]),
     ];
-    for (flags, needles) in cases {
-        let outcome = streamline(&svd_args(&model, &out, &flags));
-        assert_refused(&format!("{flags:?}"), &outcome, &needles, &out);
+    for (flag, path, needles) in cases {
+        let outcome = streamline(&svd_args(&model, &out, &[flag, path.to_str().unwrap()]));
+        assert_refused(flag, &outcome, needles, &out);
     }
     for name in ["out.mp4", "out.avi", "out.txt", "out.png"] {
         let output = scratch.path(name);
         let outcome = streamline(&svd_args(&model, &output, &[]));
         assert_refused(name, &outcome, &[name, "unsupported video output"], &output);
     }
+    let file = scratch.path("file");
+    std::fs::write(&file, "a file, not a folder").unwrap();
+    let under_file = file.join("out.gif");
     let outcome = streamline(&svd_args(&model, &under_file, &[]));
-    assert_refused(
-        "under a file",
-        &outcome,
-        &["file/out.gif", "beside it"],
-        &under_file,
-    );
+    let needles = ["file/out.gif", "beside it"];
+    assert_refused("under a file", &outcome, &needles, &under_file);
     assert_eq!(
         std::fs::read_to_string(&file).unwrap(),
         "a file, not a folder"
@@ -378,8 +357,7 @@ fn nan_weights_and_overflowing_steps_never_make_a_video() {
 #[test]
 fn an_output_over_an_input_is_refused() {
     let scratch = Scratch::new("overwrite");
-    let model = scratch.path("model");
-    copy_model(&svd_fixture().join("model"), &model, true);
+    let model = configs_only(&scratch);
     let gif = scratch.path("image.gif");
     image::open(svd_fixture().join("image.png"))
         .unwrap()
@@ -534,8 +512,7 @@ fn plan_and_rehash_refuse_before_planning_or_calibrating() {
         let outcome = streamline(&["plan".into(), flag.into(), "0".into()]);
         assert_refused(flag, &outcome, &[flag, "at least 1"], &none);
     }
-    let model = scratch.path("model");
-    copy_model(&svd_fixture().join("model"), &model, true);
+    let model = configs_only(&scratch);
     let dir = scratch.path("schedules");
     std::fs::create_dir(&dir).unwrap();
     let mut args = svd_args(&model, &none, &[]);

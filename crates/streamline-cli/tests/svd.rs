@@ -6,6 +6,8 @@ use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
 
+mod common;
+
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/data/svd_pipeline")
 }
@@ -32,15 +34,8 @@ fn streamline(command: &[&str], extra: &[&str]) -> (bool, String, String) {
         ("--decode-chunk-size", "2"),
         ("--seed", "7"),
     ];
-    let mut args: Vec<String> = command.iter().map(|s| s.to_string()).collect();
-    for (flag, value) in defaults {
-        if !extra.contains(&flag) {
-            args.extend([flag.to_string(), value.to_string()]);
-        }
-    }
-    args.extend(extra.iter().map(|s| s.to_string()));
     let out = Command::new(env!("CARGO_BIN_EXE_streamline"))
-        .args(&args)
+        .args(common::with_defaults(command, &defaults, extra))
         .output()
         .unwrap();
     (

@@ -145,18 +145,21 @@ pub(crate) fn ensure_frames(frames: usize) -> Result<(), PipelineError> {
     }
 }
 
+/// Whether every element of `t` is finite. `0 * x` is zero exactly where `x` is finite (NaN
+/// for NaN and infinities), so its sum is finite exactly when every element is, whatever their
+/// magnitude; one scalar comes back to the host.
+pub fn all_finite(t: &Tensor) -> candle_core::Result<bool> {
+    let sum = t.affine(0.0, 0.0)?.sum_all()?.to_dtype(DType::F32)?;
+    Ok(sum.to_scalar::<f32>()?.is_finite())
+}
+
 /// Refuses `t` if any element is NaN or infinite; `what` names it ("the latents after step 3
-/// of 25"). `t - t` is zero exactly where `t` is finite, so its sum is finite exactly when
-/// every element is, whatever their magnitude; one scalar comes back to the host.
+/// of 25").
 pub(crate) fn ensure_finite(
     t: &Tensor,
     what: impl FnOnce() -> String,
 ) -> Result<(), PipelineError> {
-    let sum = (t - t)?
-        .sum_all()?
-        .to_dtype(DType::F32)?
-        .to_scalar::<f32>()?;
-    if sum.is_finite() {
+    if all_finite(t)? {
         Ok(())
     } else {
         Err(PipelineError::NonFinite(what()))
