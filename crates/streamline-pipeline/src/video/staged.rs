@@ -138,7 +138,9 @@ impl Staged {
         })
     }
 
-    /// Renames the staged path to `target`, which keeps the parents made for it.
+    /// Renames the staged path to `target`, which keeps the parents made for it: they leave
+    /// the registry, so dropping `self` afterwards (once the lock is released, as locals go
+    /// before arguments) removes nothing.
     pub fn commit(self, target: &Path) -> io::Result<()> {
         let mut registry = registry();
         if registry.closed {
@@ -148,8 +150,6 @@ impl Staged {
         registry
             .paths
             .retain(|(p, _)| *p != self.path && !self.parents.contains(p));
-        drop(registry);
-        std::mem::forget(self);
         Ok(())
     }
 }
