@@ -4,14 +4,17 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
+use candle_core::{DType, Device};
 use clap::Args;
 use streamline_pipeline::animatediff::{AnimateDiff, AnimateDiffSettings};
+use streamline_pipeline::planner::{ModelSpec, PlanRequest};
 use streamline_pipeline::svd::unit_noise;
-use streamline_pipeline::video::write_video;
-use streamline_pipeline::Optimization;
+use streamline_pipeline::video::VideoOutput;
+use streamline_pipeline::{Kernels, Optimization};
 use streamline_rehash::{Rehash, RehashArg};
 
+use crate::checks::{check_run, compute_dtype, finite, positive, refuse_overwriting};
 use crate::session::{flag_error, read_latents, summary, Progress};
 use crate::{DeviceArg, Dtype, OptimizationArgs};
 
@@ -30,19 +33,19 @@ pub struct AnimateDiffArgs {
     /// What to steer away from under guidance (diffusers' default: the empty prompt).
     #[arg(long)]
     negative_prompt: Option<String>,
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = positive)]
     num_frames: usize,
     #[arg(long, default_value_t = 512)]
     height: usize,
     #[arg(long, default_value_t = 512)]
     width: usize,
-    #[arg(long, default_value_t = 25)]
+    #[arg(long, default_value_t = 25, value_parser = positive)]
     num_inference_steps: usize,
     /// Classifier-free guidance; 1 or less turns it off.
-    #[arg(long, default_value_t = 7.5)]
+    #[arg(long, default_value_t = 7.5, value_parser = finite)]
     guidance_scale: f64,
     /// Frames per VAE decoder call.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = positive)]
     decode_chunk_size: usize,
     /// Seed of the initial latents.
     #[arg(long, default_value_t = 0)]
@@ -57,6 +60,7 @@ pub struct AnimateDiffArgs {
     /// Frames per second of the GIF.
     #[arg(long, default_value_t = 8)]
     fps: usize,
+    /// Precision of weights and compute (bf16 needs a GPU).
     #[arg(long, value_enum, default_value = "f32")]
     dtype: Dtype,
     /// `cpu`, `cuda[:N]` or `metal[:N]`.
@@ -74,33 +78,92 @@ pub struct AnimateDiffArgs {
     rehash: RehashArg,
 }
 
-pub fn run(args: AnimateDiffArgs) -> Result<()> {
-    let start = Instant::now();
-    AnimateDiff::sizes(&args.model, &args.motion_adapter)?
+/// What the flags and configs give a run, checked (with its plan and memory) before any
+/// weights load.
+struct Checked {
+    /// `(1, C, F, h, w)`, and its layout for errors.
+    latent_shape: [usize; 5],
+    layout: String,
+    dtype: DType,
+    kernels: Kernels,
+    optimization: Optimization,
+    rehash: Rehash,
+}
+
+fn check(args: &AnimateDiffArgs) -> Result<Checked> {
+    let configs = AnimateDiff::configs(&args.model, &args.motion_adapter)?;
+    let (h, w) = configs
+        .sizes
         .rule
         .check(args.height, args.width)
         .map_err(flag_error)?;
-    if args.num_frames == 0 {
-        bail!("--num-frames 0: at least one frame");
-    }
+    let steps = args.num_inference_steps;
+    configs
+        .check_steps(steps)
+        .map_err(|e| anyhow::anyhow!("--num-inference-steps {steps}: {e}"))?;
     let mut optimization = args.optimization.optimization()?;
+    let rehash = match args.rehash.schedule(steps)? {
+        Some(schedule) => Rehash::Schedule(schedule),
+        None => Rehash::Off,
+    };
+    let kind = args.device.kind;
+    let kernels = args.optimization.kernels.kernels(kind)?;
+    let dtype = compute_dtype(args.dtype, kind)?;
+    check_run(
+        PlanRequest {
+            model: ModelSpec::AnimateDiffFolders {
+                model: args.model.clone(),
+                adapter: args.motion_adapter.clone(),
+            },
+            height: args.height,
+            width: args.width,
+            num_frames: Some(args.num_frames),
+            batch: 1,
+            cfg: args.guidance_scale > 1.0,
+            dtype,
+            optimization,
+            kernels,
+            decode_chunk_size: args.decode_chunk_size,
+        },
+        kind,
+    )?;
     if args.naive_slicing {
         let temporal_chunks = args.optimization.temporal_chunks.unwrap_or(1);
         optimization = Optimization::Naive { temporal_chunks };
     }
-    let rehash = match args.rehash.schedule(args.num_inference_steps)? {
-        Some(schedule) => Rehash::Schedule(schedule),
-        None => Rehash::Off,
-    };
-    let kernels = args.optimization.kernels.kernels(args.device.kind)?;
-    let device = args.device.device()?;
-    let mut pipe = AnimateDiff::load(
-        &args.model,
-        &args.motion_adapter,
-        args.dtype.into(),
-        &device,
+    let s = configs.scale_factor;
+    Ok(Checked {
+        latent_shape: [1, configs.latent_channels, args.num_frames, h, w],
+        layout: format!("1, channels, frames, height/{s}, width/{s}"),
+        dtype,
+        kernels,
+        optimization,
+        rehash,
+    })
+}
+
+pub fn run(args: AnimateDiffArgs) -> Result<()> {
+    let start = Instant::now();
+    let checked = check(&args)?;
+    let output = VideoOutput::create(&args.output, args.fps as f64)?;
+    let latents_flag = args.latents.as_deref().map(|l| ("--latents", l));
+    refuse_overwriting(
+        ("--output", output.path()),
+        |p| output.overwrites(p),
+        latents_flag,
     )?;
-    pipe.set_kernels(kernels)?;
+    let shape = checked.latent_shape;
+    let latents = match &args.latents {
+        Some(path) => read_latents(path, &shape, &checked.layout)?,
+        None => unit_noise(shape.as_slice(), args.seed, &Device::Cpu)?,
+    };
+    if args.prompt.trim().is_empty() {
+        tracing::warn!("--prompt is empty: the video is unconditioned (guided only away from the negative prompt)");
+    }
+    let device = args.device.device()?;
+    let latents = latents.to_device(&device)?;
+    let mut pipe = AnimateDiff::load(&args.model, &args.motion_adapter, checked.dtype, &device)?;
+    pipe.set_kernels(checked.kernels)?;
     let settings = AnimateDiffSettings {
         height: args.height,
         width: args.width,
@@ -108,28 +171,19 @@ pub fn run(args: AnimateDiffArgs) -> Result<()> {
         num_inference_steps: args.num_inference_steps,
         guidance_scale: args.guidance_scale,
         decode_chunk_size: args.decode_chunk_size,
-        rehash,
+        rehash: checked.rehash,
     };
-    if args.prompt.trim().is_empty() {
-        tracing::warn!("--prompt is empty: the video is unconditioned (guided only away from the negative prompt)");
-    }
-    let shape = pipe.latent_shape(&settings);
-    let latents = match &args.latents {
-        Some(path) => read_latents(path, &shape, "1, channels, frames, height/8, width/8")?,
-        None => unit_noise(shape.as_slice(), args.seed, &candle_core::Device::Cpu)?,
-    }
-    .to_device(&device)?;
     let mut progress = Progress::new("");
     let (video, report) = pipe.generate(
         &args.prompt,
         args.negative_prompt.as_deref(),
         &settings,
         &latents,
-        optimization,
+        checked.optimization,
         &mut |stage| progress.update(stage),
     )?;
     progress.finish();
-    write_video(&video, &args.output, args.fps as f64)?;
+    output.write(&video)?;
     eprintln!(
         "{}",
         summary(

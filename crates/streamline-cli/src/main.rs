@@ -4,14 +4,22 @@
 //! for the jobs the other crates implement: `streamline svd`, `streamline animatediff`,
 //! `streamline plan` and `streamline rehash search | evaluate`.
 //!
-//! **Promises:** bad input exits non-zero with a message naming the file, tensor or flag, and
-//! leaves no half-written output.
+//! **Promises:** bad input exits non-zero with one message naming the file, tensor or flag and
+//! the rule, each cause told once; every argument, size, output path and budget is checked,
+//! and the run's plan against the machine's memory, before any weights load; NaN or infinite
+//! numbers are refused where they enter, and a run whose latents stop being finite stops
+//! naming the step, so no job writes a blank video; no half-written output is left behind,
+//! not even by SIGINT / SIGTERM (exit 130 / 143); outputs get the process umask, nothing the
+//! run did not write is deleted, and an output that would overwrite an input is refused.
 //!
-//! **Tests:** `cargo test -p streamline-cli` runs the binary and snapshots its output.
+//! **Tests:** `cargo test -p streamline-cli` runs the binary and snapshots its output;
+//! `tests/bad_input.rs` is the corpus of bad and edge inputs, each refused before inference.
 
 mod animatediff;
+mod checks;
 mod rehash;
 mod session;
+mod signals;
 mod svd;
 
 use anyhow::Result;
@@ -197,16 +205,18 @@ const DIFFUSERS_WIDTH: usize = 1024;
 /// The video size flags every job shares.
 #[derive(Args, Debug)]
 struct VideoSize {
-    /// Defaults to 576 (diffusers' SVD default; 512 for `plan --model animatediff`), or the
-    /// built-in model's training size.
+    /// Defaults to 576 (diffusers' SVD default; 512 for `plan --model animatediff`); `svd`
+    /// and `rehash` default to the model's training size instead when its config records one
+    /// of another pixel count (the built-in model: 64).
     #[arg(long)]
     height: Option<usize>,
-    /// Defaults to 1024 (diffusers' SVD default; 512 for `plan --model animatediff`), or the
-    /// built-in model's training size.
+    /// Defaults to 1024 (diffusers' SVD default; 512 for `plan --model animatediff`); `svd`
+    /// and `rehash` default to the model's training size instead when its config records one
+    /// of another pixel count (the built-in model: 64).
     #[arg(long)]
     width: Option<usize>,
     /// Defaults to the UNet config's `num_frames` (14 for SVD, 25 for SVD-XT).
-    #[arg(long)]
+    #[arg(long, value_parser = checks::positive)]
     num_frames: Option<usize>,
 }
 
@@ -219,7 +229,7 @@ struct PlanArgs {
     #[command(flatten)]
     video: VideoSize,
     /// Videos generated at once.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = checks::positive)]
     batch: usize,
     /// Plan without classifier-free guidance (UNet batch not doubled).
     #[arg(long)]
@@ -231,7 +241,7 @@ struct PlanArgs {
     #[arg(long, default_value = "cpu")]
     device: DeviceArg,
     /// Frames per VAE decoder call.
-    #[arg(long, default_value_t = 14)]
+    #[arg(long, default_value_t = 14, value_parser = checks::positive)]
     decode_chunk_size: usize,
     /// Also list every group of both plans.
     #[arg(long)]
@@ -273,12 +283,13 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    let result = match Cli::parse().command {
+    let cli = Cli::parse();
+    let result = signals::install().and_then(|()| match cli.command {
         Command::Svd(args) => svd::run(args),
         Command::Animatediff(args) => animatediff::run(args),
         Command::Plan(args) => plan(args),
         Command::Rehash(command) => rehash::run(command),
-    };
+    });
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -7,12 +7,13 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use streamline_pipeline::quality::{psnr, ssim};
 use streamline_pipeline::svd::{example_images, RunReport};
-use streamline_pipeline::video::write_atomically;
+use streamline_pipeline::video::FileOutput;
 use streamline_rehash::{
     greedy, mean, optimal, similarity, CachePoint, Method, Metric, Rehash, RehashArg, Schedule,
 };
 
-use crate::session::{Inputs, Session, SvdCommon};
+use crate::checks::{positive, refuse_overwriting};
+use crate::session::{Checked, Inputs, SvdCommon};
 
 #[derive(Subcommand, Debug)]
 pub enum RehashCommand {
@@ -41,7 +42,7 @@ pub struct SearchArgs {
     #[arg(long = "image")]
     images: Vec<PathBuf>,
     /// Full UNet evaluations in the schedule (the first step is always one).
-    #[arg(long)]
+    #[arg(long, value_parser = positive)]
     key_steps: usize,
     #[arg(long, value_enum, default_value = "dp")]
     method: SearchMethod,
@@ -76,8 +77,16 @@ pub fn run(command: RehashCommand) -> Result<()> {
     }
 }
 
+/// Each image's inputs, read (and so checked) before any weights load.
+fn read_inputs(checked: &Checked, images: &[PathBuf], seed: u64) -> Result<Vec<Inputs>> {
+    images
+        .iter()
+        .map(|image| checked.inputs(image, seed, None))
+        .collect()
+}
+
 fn search(args: SearchArgs) -> Result<()> {
-    let session = args.common.load()?;
+    let checked = args.common.check()?;
     let steps = args.common.num_inference_steps;
     anyhow::ensure!(
         (1..=steps).contains(&args.key_steps),
@@ -91,12 +100,16 @@ fn search(args: SearchArgs) -> Result<()> {
     } else {
         args.images.clone()
     };
+    let out = FileOutput::create(&args.out)?;
+    let inputs = images.iter().map(|i| ("--image", i.as_path()));
+    refuse_overwriting(("--out", out.path()), |p| out.overwrites(p), inputs)?;
+    let all_inputs = read_inputs(&checked, &images, args.common.seed)?;
+    let session = checked.load()?;
     let mut runs = Vec::new();
-    for (n, image) in images.iter().enumerate() {
-        let inputs = session.inputs(image, args.common.seed, None)?;
+    for (n, inputs) in all_inputs.iter().enumerate() {
         let label = format!("calib {}/{} ", n + 1, images.len());
         let (_, report) =
-            session.generate(&inputs, session.optimization, Rehash::Record(point), &label)?;
+            session.generate(inputs, session.optimization, Rehash::Record(point), &label)?;
         runs.push(similarity(&report.recorded, metric)?);
     }
     let sim = mean(&runs)?;
@@ -113,7 +126,7 @@ fn search(args: SearchArgs) -> Result<()> {
         metric: Some(metric),
     };
     schedule.validate(None)?;
-    write_atomically(&args.out, schedule.to_toml().as_bytes())?;
+    out.write(schedule.to_toml().as_bytes())?;
     let adjacent: Vec<String> = (1..steps)
         .map(|j| format!("{:.4}", sim.get(j - 1, j)))
         .collect();
@@ -140,7 +153,7 @@ struct Tally {
 }
 
 fn evaluate(args: EvaluateArgs) -> Result<()> {
-    let session: Session = args.common.load()?;
+    let checked = args.common.check()?;
     let steps = args.common.num_inference_steps;
     let schedules = args
         .schedules
@@ -153,17 +166,18 @@ fn evaluate(args: EvaluateArgs) -> Result<()> {
             ))
         })
         .collect::<Result<Vec<_>>>()?;
+    let all_inputs = read_inputs(&checked, &args.images, args.common.seed)?;
+    let session = checked.load()?;
     let mut reference = Tally::default();
     let mut tallies: Vec<Tally> = schedules.iter().map(|_| Tally::default()).collect();
-    for (n, image) in args.images.iter().enumerate() {
-        let inputs: Inputs = session.inputs(image, args.common.seed, None)?;
+    for (n, inputs) in all_inputs.iter().enumerate() {
         let label = format!("{}/{} ", n + 1, args.images.len());
         let (original, report) =
-            session.generate(&inputs, session.optimization, Rehash::Off, &label)?;
+            session.generate(inputs, session.optimization, Rehash::Off, &label)?;
         reference.add(&report);
         for ((_, schedule), tally) in schedules.iter().zip(&mut tallies) {
             let (frames, report) = session.generate(
-                &inputs,
+                inputs,
                 session.optimization,
                 Rehash::Schedule(schedule.clone()),
                 &label,

@@ -1,4 +1,5 @@
-//! What every SVD job shares: the model and sampling flags, loading, noise, and a generation
+//! What every SVD job shares: the model and sampling flags, their checks against the model's
+//! configs and the run's plan (all before any weights load), loading, noise, and a generation
 //! with progress bars.
 
 use std::path::{Path, PathBuf};
@@ -7,14 +8,18 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use streamline_ir::human;
+use streamline_pipeline::planner::{ModelSpec, PlanRequest};
+use streamline_pipeline::run::all_finite;
 use streamline_pipeline::svd::{
-    default_model_dir, unit_noise, Planes, RunReport, StableVideoDiffusion, Stage, SvdSettings,
-    DEFAULT_MODEL_ENV,
+    default_model_dir, unit_noise, Planes, RunReport, StableVideoDiffusion, Stage, SvdConfigs,
+    SvdSettings, DEFAULT_MODEL_ENV,
 };
 use streamline_pipeline::video::load_image;
-use streamline_pipeline::{Optimization, SizeError};
+use streamline_pipeline::{Kernels, Optimization, SizeError};
 use streamline_rehash::Rehash;
 
+use crate::checks::{check_run, compute_dtype, finite, non_negative, positive};
 use crate::{DeviceArg, Dtype, OptimizationArgs, VideoSize, DIFFUSERS_HEIGHT, DIFFUSERS_WIDTH};
 
 /// Flags named after diffusers' `StableVideoDiffusionPipeline.__call__`, plus the model,
@@ -27,25 +32,26 @@ pub struct SvdCommon {
     model: Option<PathBuf>,
     #[command(flatten)]
     video: VideoSize,
-    #[arg(long, default_value_t = 25)]
+    #[arg(long, default_value_t = 25, value_parser = positive)]
     pub num_inference_steps: usize,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = finite)]
     min_guidance_scale: f64,
-    #[arg(long, default_value_t = 3.0)]
+    #[arg(long, default_value_t = 3.0, value_parser = finite)]
     max_guidance_scale: f64,
     /// Frames per second: conditions the model (fps - 1) and times the GIF.
     #[arg(long, default_value_t = 7)]
     pub fps: usize,
     #[arg(long, default_value_t = 127)]
     motion_bucket_id: usize,
-    #[arg(long, default_value_t = 0.02)]
+    #[arg(long, default_value_t = 0.02, value_parser = non_negative)]
     noise_aug_strength: f64,
     /// Frames per VAE decoder call (defaults to all frames).
-    #[arg(long)]
+    #[arg(long, value_parser = positive)]
     decode_chunk_size: Option<usize>,
     /// Seed of the initial latents and the noise augmentation.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Precision of weights and compute (bf16 needs a GPU).
     #[arg(long, value_enum, default_value = "f32")]
     dtype: Dtype,
     /// `cpu`, `cuda[:N]` or `metal[:N]`.
@@ -55,52 +61,92 @@ pub struct SvdCommon {
     pub optimization: OptimizationArgs,
 }
 
-/// A loaded model and the settings of its runs.
-pub struct Session {
-    pub pipe: StableVideoDiffusion,
-    pub device: Device,
+/// A run whose flags, configs, plan and memory have been checked; no weights loaded yet.
+pub struct Checked {
+    model: PathBuf,
+    configs: SvdConfigs,
+    dtype: DType,
+    kernels: Kernels,
+    device: Device,
     pub settings: SvdSettings,
     pub optimization: Optimization,
 }
 
+/// A loaded model and the settings of its runs.
+pub struct Session {
+    pub pipe: StableVideoDiffusion,
+    pub settings: SvdSettings,
+    pub optimization: Optimization,
+}
+
+/// The size of a run that names none: the model's training size when its config records one
+/// of another pixel count than diffusers' 576x1024 (the built-in model and copies of it,
+/// 64x64), else 576x1024 (SVD and SVD-XT record 96x96 latents, 768x768 pixels: the same count,
+/// and diffusers' default).
+fn default_size(native: Option<(usize, usize)>) -> (usize, usize) {
+    match native {
+        Some((h, w)) if h * w != DIFFUSERS_HEIGHT * DIFFUSERS_WIDTH => (h, w),
+        _ => (DIFFUSERS_HEIGHT, DIFFUSERS_WIDTH),
+    }
+}
+
 impl SvdCommon {
-    pub fn load(&self) -> Result<Session> {
-        let VideoSize {
-            height,
-            width,
-            num_frames,
-        } = self.video;
+    fn model_dir(&self) -> Result<PathBuf> {
+        if let Some(dir) = &self.model {
+            return Ok(dir.clone());
+        }
+        let dir = default_model_dir();
+        if !dir.is_dir() {
+            bail!(
+                "no --model given and the built-in default model is not at {} (it ships in the source tree; pass --model or set {DEFAULT_MODEL_ENV})",
+                dir.display()
+            );
+        }
+        Ok(dir)
+    }
+
+    /// Checks every flag against the model's configs and the run's plan against the budget
+    /// and the machine's memory, before any weights load.
+    pub fn check(&self) -> Result<Checked> {
         let optimization = self.optimization.optimization()?;
-        let kernels = self.optimization.kernels.kernels(self.device.kind)?;
-        let device = self.device.device()?;
-        let model = match &self.model {
-            Some(dir) => dir.clone(),
-            None => {
-                let dir = default_model_dir();
-                if !dir.is_dir() {
-                    bail!(
-                        "no --model given and the built-in default model is not at {} (it ships in the source tree; pass --model or set {DEFAULT_MODEL_ENV})",
-                        dir.display()
-                    );
-                }
-                dir
-            }
-        };
-        // The size is checked against the model's rule from its configs, before any weights
-        // load. The built-in model only knows its training size; real checkpoints get
-        // diffusers' defaults.
-        let sizes = StableVideoDiffusion::sizes(&model)?;
-        let native = self.model.is_none().then_some(sizes.native).flatten();
-        let height = height.or(native.map(|n| n.0)).unwrap_or(DIFFUSERS_HEIGHT);
-        let width = width.or(native.map(|n| n.1)).unwrap_or(DIFFUSERS_WIDTH);
-        sizes.rule.check(height, width).map_err(flag_error)?;
-        let mut pipe = StableVideoDiffusion::load(&model, self.dtype.into(), &device)?;
-        pipe.set_kernels(kernels)?;
+        let kind = self.device.kind;
+        let kernels = self.optimization.kernels.kernels(kind)?;
+        let dtype = compute_dtype(self.dtype, kind)?;
+        let model = self.model_dir()?;
+        let configs = StableVideoDiffusion::configs(&model)?;
+        let (default_height, default_width) = default_size(configs.sizes.native);
+        let height = self.video.height.unwrap_or(default_height);
+        let width = self.video.width.unwrap_or(default_width);
+        configs
+            .sizes
+            .rule
+            .check(height, width)
+            .map_err(flag_error)?;
+        let frames = configs.frames(self.video.num_frames)?;
+        let steps = self.num_inference_steps;
+        configs
+            .check_steps(steps)
+            .map_err(|e| anyhow::anyhow!("--num-inference-steps {steps}: {e}"))?;
+        check_run(
+            PlanRequest {
+                model: ModelSpec::Path(model.clone()),
+                height,
+                width,
+                num_frames: Some(frames),
+                batch: 1,
+                cfg: true,
+                dtype,
+                optimization,
+                kernels,
+                decode_chunk_size: self.decode_chunk_size.unwrap_or(frames),
+            },
+            kind,
+        )?;
         let settings = SvdSettings {
             height,
             width,
-            num_frames,
-            num_inference_steps: self.num_inference_steps,
+            num_frames: Some(frames),
+            num_inference_steps: steps,
             min_guidance_scale: self.min_guidance_scale,
             max_guidance_scale: self.max_guidance_scale,
             fps: self.fps,
@@ -109,11 +155,52 @@ impl SvdCommon {
             decode_chunk_size: self.decode_chunk_size,
             rehash: Rehash::Off,
         };
-        Ok(Session {
-            pipe,
-            device,
+        Ok(Checked {
+            device: self.device.device()?,
+            model,
+            configs,
+            dtype,
+            kernels,
             settings,
             optimization,
+        })
+    }
+}
+
+impl Checked {
+    /// The image at the run's size, and noise from `seed` (or unit-noise `latents` from a
+    /// file, checked against the configs' latent shape).
+    pub fn inputs(&self, image: &Path, seed: u64, latents: Option<&Path>) -> Result<Inputs> {
+        let SvdSettings { height, width, .. } = self.settings;
+        let planes = Planes::from_tensor(&load_image(image, Some((height, width)))?)?;
+        let c = &self.configs;
+        let s = c.scale_factor;
+        let frames = self.settings.num_frames.unwrap_or(c.num_frames);
+        let shape = [1, frames, c.latent_channels, height / s, width / s];
+        let latents = match latents {
+            Some(path) => {
+                let layout = format!("1, frames, channels, height/{s}, width/{s}");
+                read_latents(path, &shape, &layout)?
+            }
+            None => unit_noise(shape.as_slice(), seed, &Device::Cpu)?,
+        }
+        .to_device(&self.device)?;
+        let image_noise = unit_noise((1, 3, height, width), seed.wrapping_add(1), &self.device)?;
+        Ok(Inputs {
+            image: planes,
+            latents,
+            image_noise,
+        })
+    }
+
+    /// Loads the weights.
+    pub fn load(self) -> Result<Session> {
+        let mut pipe = StableVideoDiffusion::load(&self.model, self.dtype, &self.device)?;
+        pipe.set_kernels(self.kernels)?;
+        Ok(Session {
+            pipe,
+            settings: self.settings,
+            optimization: self.optimization,
         })
     }
 }
@@ -124,25 +211,26 @@ pub fn flag_error(e: SizeError) -> anyhow::Error {
 }
 
 /// Unit-noise latents from `--latents FILE` (tensor `latents` of shape `expected`, described
-/// as `layout` in errors), in f32.
+/// as `layout` in errors), in f32; NaN or infinite values are refused here, where they enter.
 pub fn read_latents(path: &Path, expected: &[usize], layout: &str) -> Result<Tensor> {
-    let tensors = candle_core::safetensors::load(path, &Device::Cpu).with_context(|| {
-        format!(
-            "--latents {}: not a readable safetensors file",
-            path.display()
-        )
-    })?;
+    let named = || format!("--latents {}", path.display());
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("{}: not a readable safetensors file", named()))?;
     let latents = tensors
         .get("latents")
-        .with_context(|| format!("--latents {}: no tensor named `latents`", path.display()))?;
+        .with_context(|| format!("{}: no tensor named `latents`", named()))?;
     if latents.dims() != expected {
         bail!(
-            "--latents {}: tensor `latents` has shape {:?}, expected {expected:?} ({layout})",
-            path.display(),
+            "{}: tensor `latents` has shape {:?}, expected {expected:?} ({layout})",
+            named(),
             latents.dims()
         );
     }
-    Ok(latents.to_dtype(DType::F32)?)
+    let latents = latents.to_dtype(DType::F32)?;
+    if !all_finite(&latents)? {
+        bail!("{}: tensor `latents` holds NaN or infinite values", named());
+    }
+    Ok(latents)
 }
 
 pub fn bar(len: usize, what: &str) -> ProgressBar {
@@ -210,9 +298,8 @@ pub fn summary(
     seconds: f64,
     report: &RunReport,
 ) -> String {
-    let mib = |b: usize| b as f64 / (1u64 << 20) as f64;
     format!(
-        "wrote {} ({frames} frames {height}x{width}) in {seconds:.1} s; UNet: {} full{} evaluations, {:.2} GFLOP; peak live tensors: UNet step {:.1} MiB, decode {:.1} MiB{}",
+        "wrote {} ({frames} frames {height}x{width}) in {seconds:.1} s; UNet: {} full{} evaluations, {:.2} GFLOP; peak live tensors: UNet step {}, decode {}{}",
         output.display(),
         report.full_steps,
         if report.partial_steps > 0 {
@@ -221,9 +308,9 @@ pub fn summary(
             String::new()
         },
         report.unet_flops as f64 / 1e9,
-        mib(report.unet_peak_bytes),
-        mib(report.decode_peak_bytes),
-        peak_rss().map_or(String::new(), |b| format!("; process peak RSS {:.1} MiB", mib(b as usize)))
+        human(report.unet_peak_bytes),
+        human(report.decode_peak_bytes),
+        peak_rss().map_or(String::new(), |b| format!("; process peak RSS {}", human(b as usize)))
     )
 }
 
@@ -237,31 +324,6 @@ pub struct Inputs {
 impl Session {
     pub fn frames(&self) -> usize {
         self.pipe.num_frames(&self.settings)
-    }
-
-    /// The image at the run's size, and noise from `seed` (or unit-noise `latents` from a file).
-    pub fn inputs(&self, image: &Path, seed: u64, latents: Option<&Path>) -> Result<Inputs> {
-        let SvdSettings { height, width, .. } = self.settings;
-        let planes = Planes::from_tensor(&load_image(image, Some((height, width)))?)?;
-        let s = self.pipe.vae.scale_factor();
-        let shape = [
-            1,
-            self.frames(),
-            self.pipe.vae.config().latent_channels,
-            height / s,
-            width / s,
-        ];
-        let latents = match latents {
-            Some(path) => read_latents(path, &shape, "1, frames, channels, height/8, width/8")?,
-            None => unit_noise(shape.as_slice(), seed, &Device::Cpu)?,
-        }
-        .to_device(&self.device)?;
-        let image_noise = unit_noise((1, 3, height, width), seed.wrapping_add(1), &self.device)?;
-        Ok(Inputs {
-            image: planes,
-            latents,
-            image_noise,
-        })
     }
 
     /// Generate with progress bars (`label` prefixes them when several runs share a screen).

@@ -5,10 +5,11 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::Args;
-use streamline_pipeline::video::write_video;
+use streamline_pipeline::video::VideoOutput;
 use streamline_pipeline::Optimization;
 use streamline_rehash::{Rehash, RehashArg};
 
+use crate::checks::refuse_overwriting;
 use crate::session::{summary, SvdCommon};
 
 #[derive(Args, Debug)]
@@ -18,8 +19,9 @@ pub struct SvdArgs {
     /// The conditioning image (PNG, JPEG, ...); resized to --height x --width.
     #[arg(long)]
     image: PathBuf,
-    /// Unit-noise latents (safetensors, tensor `latents`, shape (1, F, 4, H/8, W/8)), used like
-    /// diffusers' `latents` argument instead of noise from --seed.
+    /// Unit-noise latents (safetensors, tensor `latents`, shape (1, F, C, H/s, W/s) with the
+    /// VAE's latent channels C and scale s: 4 and 8 for SVD, 4 and 4 for the built-in model),
+    /// used like diffusers' `latents` argument instead of noise from --seed.
     #[arg(long)]
     latents: Option<PathBuf>,
     /// `.gif` (animated GIF at --fps), a directory (PNG frames) or `.safetensors` (raw frames).
@@ -37,8 +39,8 @@ pub struct SvdArgs {
 
 pub fn run(args: SvdArgs) -> Result<()> {
     let start = Instant::now();
-    let session = args.common.load()?;
-    let mut optimization = session.optimization;
+    let checked = args.common.check()?;
+    let mut optimization = checked.optimization;
     if args.naive_slicing {
         let temporal_chunks = args.common.optimization.temporal_chunks.unwrap_or(1);
         optimization = Optimization::Naive { temporal_chunks };
@@ -47,9 +49,20 @@ pub fn run(args: SvdArgs) -> Result<()> {
         Some(schedule) => Rehash::Schedule(schedule),
         None => Rehash::Off,
     };
-    let inputs = session.inputs(&args.image, args.common.seed, args.latents.as_deref())?;
+    let output = VideoOutput::create(&args.output, args.common.fps as f64)?;
+    let inputs = [
+        Some(("--image", args.image.as_path())),
+        args.latents.as_deref().map(|l| ("--latents", l)),
+    ];
+    refuse_overwriting(
+        ("--output", output.path()),
+        |p| output.overwrites(p),
+        inputs.into_iter().flatten(),
+    )?;
+    let inputs = checked.inputs(&args.image, args.common.seed, args.latents.as_deref())?;
+    let session = checked.load()?;
     let (video, report) = session.generate(&inputs, optimization, rehash, "")?;
-    write_video(&video, &args.output, args.common.fps as f64)?;
+    output.write(&video)?;
     let settings = &session.settings;
     eprintln!(
         "{}",

@@ -6,6 +6,8 @@ use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
 
+mod common;
+
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/data/svd_pipeline")
 }
@@ -32,15 +34,8 @@ fn streamline(command: &[&str], extra: &[&str]) -> (bool, String, String) {
         ("--decode-chunk-size", "2"),
         ("--seed", "7"),
     ];
-    let mut args: Vec<String> = command.iter().map(|s| s.to_string()).collect();
-    for (flag, value) in defaults {
-        if !extra.contains(&flag) {
-            args.extend([flag.to_string(), value.to_string()]);
-        }
-    }
-    args.extend(extra.iter().map(|s| s.to_string()));
     let out = Command::new(env!("CARGO_BIN_EXE_streamline"))
-        .args(&args)
+        .args(common::with_defaults(command, &defaults, extra))
         .output()
         .unwrap();
     (
@@ -255,7 +250,13 @@ fn sizes_the_unet_cannot_take_are_refused_before_weights_load() {
     ] {
         std::fs::create_dir_all(model.join(folder)).unwrap();
     }
-    for file in ["unet/config.json", "vae/config.json"] {
+    for file in [
+        "unet/config.json",
+        "vae/config.json",
+        "image_encoder/config.json",
+        "scheduler/scheduler_config.json",
+        "feature_extractor/preprocessor_config.json",
+    ] {
         std::fs::copy(root.join("models/default").join(file), model.join(file)).unwrap();
     }
     let (ok, err) = svd(

@@ -64,9 +64,9 @@ impl Backend for Real<'_> {
         ctx: &SliceCtx,
     ) -> Result<Tensor> {
         let out = node.op.forward(inputs, ctx).map_err(|e| match e {
-            IrError::Tensor(source) => IrError::Candle {
+            IrError::Tensor(error) => IrError::Candle {
                 node: node.name.clone(),
-                source,
+                error,
             },
             other => other,
         })?;

@@ -14,22 +14,22 @@ pub enum IrError {
     Plan(String),
     #[error("value `{name}`: {reason}")]
     Value { name: String, reason: String },
-    #[error("node `{node}`: {source}")]
+    /// The cause is told in the message, so it is not also a `source()` (a reported chain
+    /// would print it twice); the same holds for [`IrError::Pass`].
+    #[error("node `{node}`: {error}")]
     Candle {
         node: String,
-        #[source]
-        source: candle_core::Error,
+        error: candle_core::Error,
     },
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
     #[error("{0}")]
     Infeasible(Box<Infeasible>),
     /// A pass of a [`crate::PassPipeline`] failed or emitted an invalid plan.
-    #[error("pass `{pass}`: {source}")]
+    #[error("pass `{pass}`: {error}")]
     Pass {
         pass: &'static str,
-        #[source]
-        source: Box<IrError>,
+        error: Box<IrError>,
     },
 }
 
@@ -86,7 +86,7 @@ impl IrError {
     pub fn infeasible(&self) -> Option<&Infeasible> {
         match self {
             IrError::Infeasible(i) => Some(i),
-            IrError::Pass { source, .. } => source.infeasible(),
+            IrError::Pass { error, .. } => error.infeasible(),
             _ => None,
         }
     }

@@ -61,9 +61,9 @@ impl Pass for PassPipeline {
         plan.validate(&graph)?;
         let (mut graph, mut plan) = (graph, plan);
         for pass in &self.passes {
-            let blame = |source: IrError| IrError::Pass {
+            let blame = |error: IrError| IrError::Pass {
                 pass: pass.name(),
-                source: Box::new(source),
+                error: Box::new(error),
             };
             (graph, plan) = pass.run(graph, plan).map_err(blame)?;
             plan.validate(&graph).map_err(blame)?;

@@ -272,9 +272,9 @@ pub(crate) fn load_checkpoint<T>(
     let source = WeightSource::open(&path)?;
     let held = source.tensors()?;
     let usage = source.usage();
-    let model = build(source.var_builder(dtype, device)).map_err(|source| ModelError::Weights {
+    let model = build(source.var_builder(dtype, device)).map_err(|error| ModelError::Weights {
         path: path.clone(),
-        source,
+        error,
     })?;
     let requested = usage.requested();
     let unused: Vec<&String> = held

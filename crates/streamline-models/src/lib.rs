@@ -16,12 +16,14 @@
 //!   and lowered to the IR.
 //! - [`size`]: the one [`SizeRule`] per model that says which video sizes it takes.
 //!
-//! **Promises:** every lowered model matches diffusers 0.30.1 on the committed fixtures to
+//! **Promises:** a checkpoint with a NaN or infinite weight (or one past f16's range, loaded
+//! as f16) is refused as it loads, naming the file and the tensor; every lowered model matches diffusers 0.30.1 on the committed fixtures to
 //! relative L2 <= 1e-4 in f32, and declares on every node the axes it is independent of, so
 //! the slicing passes stay exact.
 //!
 //! **Tests:** `cargo test -p streamline-models` compares against the fixtures under
-//! `fixtures/data/` (made by `cargo xtask fixtures`; no Python needed to test).
+//! `fixtures/data/` (made by `cargo xtask fixtures`; no Python needed to test); unit tests
+//! cover the load-time scan for non-finite weights.
 
 mod blocks;
 pub mod clip;

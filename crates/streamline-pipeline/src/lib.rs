@@ -13,24 +13,34 @@
 //!   prompt through CLIP text, classifier-free guidance, the checkpoint's scheduler, per-frame
 //!   decoding in chunks).
 //! - [`kernels`]: which implementation of the ops runs on which device (`--kernels`);
+//! - [`memory`]: whether a run's sizes fit the machine, from its plan, before anything is
+//!   allocated;
 //! - [`run`]: what both share (errors, one planned model call, chunked decoding, progress).
 //! - [`scheduler`]: diffusers' Euler (SVD, SD 1.5) and DDIM (AnimateDiff) schedulers,
 //!   reproducing their schedules and steps; `Scheduler::load` picks one by `_class_name`.
 //! - [`video`] reads the conditioning image and writes frames as a GIF, PNG files or
-//!   safetensors, atomically; [`quality`] scores frames against a reference (PSNR, SSIM).
+//!   safetensors: an output is checked and staged before a run and renamed into place after
+//!   it, and [`video::remove_staged`] removes every unfinished one (for signal handlers);
+//!   [`quality`] scores frames against a reference (PSNR, SSIM).
+//! - Both pipelines read and check every config before any weights load (`configs`), and
+//!   stop a run whose latents stop being finite, naming the step.
 //! - Step Rehash runs inside both denoising loops: `SvdSettings::rehash` and
 //!   `AnimateDiffSettings::rehash` pick, per step, the whole UNet or the partial plan that
 //!   reuses cached features (streamline-rehash).
 //!
 //! **Promises:** every optimization except the naive baseline computes what original
-//! inference computes, to float rounding.
+//! inference computes, to float rounding; no run returns non-finite frames (it stops with an
+//! error naming the step or the decode call); no output is left half-written.
 //!
 //! **Tests:** `cargo test -p streamline-pipeline` checks every optimization against original
 //! inference on the SVD and AnimateDiff fixtures, the naive baseline for being measurably different, and
-//! both whole pipelines against diffusers' frames.
+//! both whole pipelines against diffusers' frames; `tests/video_io.rs` every output form and
+//! what a failed write leaves (nothing); unit tests the memory checks and the staging. The
+//! CLI's `tests/bad_input.rs` drives the refusals end to end.
 
 pub mod animatediff;
 pub mod kernels;
+pub mod memory;
 pub mod optimize;
 pub mod planner;
 pub mod quality;

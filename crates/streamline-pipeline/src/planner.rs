@@ -34,6 +34,9 @@ pub enum ModelSpec {
     /// A UNet `config.json`, or a diffusers model folder with `unet/config.json` (and
     /// `vae/config.json`, else SVD's VAE).
     Path(PathBuf),
+    /// An SD 1.5 diffusers folder (`unet/`, `vae/`, `text_encoder/` configs) with a motion
+    /// adapter folder: what `streamline animatediff` runs.
+    AnimateDiffFolders { model: PathBuf, adapter: PathBuf },
 }
 
 impl ModelSpec {
@@ -49,7 +52,7 @@ impl ModelSpec {
     /// diffusers' default video size for the model: 576x1024 for SVD, 512x512 for AnimateDiff.
     pub fn default_size(&self) -> (usize, usize) {
         match self {
-            ModelSpec::AnimateDiff => (512, 512),
+            ModelSpec::AnimateDiff | ModelSpec::AnimateDiffFolders { .. } => (512, 512),
             _ => (576, 1024),
         }
     }
@@ -79,6 +82,22 @@ impl ModelSpec {
                         )?),
                         vae: VaeConfig::sd(),
                         text: ClipTextConfig::vit_l14(),
+                    },
+                }
+            }
+            ModelSpec::AnimateDiffFolders { model, adapter } => {
+                let (unet, adapter) = (model.join("unet/config.json"), adapter.join("config.json"));
+                Configs {
+                    name: model.display().to_string(),
+                    models: Models::AnimateDiff {
+                        unet: Box::new(MotionUNetConfig::new(
+                            load_config(&unet)?,
+                            &unet,
+                            load_config(&adapter)?,
+                            &adapter,
+                        )?),
+                        vae: load_config(&model.join("vae/config.json"))?,
+                        text: ClipTextConfig::load(&model.join("text_encoder/config.json"))?,
                     },
                 }
             }
@@ -165,13 +184,15 @@ pub enum PlanError {
     /// Told whole as the flag it breaks, so not a source.
     #[error("--{0}")]
     Size(SizeError),
+    #[error("{0}")]
+    Config(String),
     #[error(transparent)]
     Model(Box<ModelError>),
     #[error(transparent)]
     Call(Box<CallError>),
     #[error(transparent)]
     Ir(#[from] streamline_ir::IrError),
-    #[error("building the model from its config: {0}")]
+    #[error("building the model from its config")]
     Build(#[from] candle_core::Error),
 }
 
@@ -308,7 +329,13 @@ pub fn plan_report(request: PlanRequest) -> Result<PlanReport, PlanError> {
     };
     let (h, w) = rule.check(request.height, request.width)?;
     let frames = request.num_frames.unwrap_or(default_frames);
+    if request.num_frames.is_none() && frames == 0 {
+        return Err(PlanError::Config(format!(
+            "{model_name}: the UNet config's `num_frames` is 0 (pass --num-frames)"
+        )));
+    }
     multiple("num-frames", frames, 1, "at least one frame")?;
+    multiple("batch", request.batch, 1, "at least one video")?;
     multiple(
         "decode-chunk-size",
         request.decode_chunk_size,

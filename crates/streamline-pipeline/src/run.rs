@@ -26,6 +26,9 @@ pub enum PipelineError {
     },
     #[error("{0}")]
     Input(String),
+    /// NaN or infinite values where finite ones are needed; says where (the step, the call).
+    #[error("{0} are not finite (NaN or infinite): stopped rather than write a blank video")]
+    NonFinite(String),
     #[error(transparent)]
     Size(#[from] SizeError),
     #[error(transparent)]
@@ -132,6 +135,49 @@ pub struct RunReport {
     pub recorded: Vec<Tensor>,
 }
 
+/// A run's frame count: a video needs at least one frame.
+pub(crate) fn ensure_frames(frames: usize) -> Result<(), PipelineError> {
+    match frames {
+        0 => Err(PipelineError::Input(
+            "num_frames 0: a video needs at least one frame".into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Whether every element of `t` is finite. `0 * x` is zero exactly where `x` is finite (NaN
+/// for NaN and infinities), so its sum is finite exactly when every element is, whatever their
+/// magnitude; one scalar comes back to the host.
+pub fn all_finite(t: &Tensor) -> candle_core::Result<bool> {
+    let sum = t.affine(0.0, 0.0)?.sum_all()?.to_dtype(DType::F32)?;
+    Ok(sum.to_scalar::<f32>()?.is_finite())
+}
+
+/// Refuses `t` if any element is NaN or infinite; `what` names it ("the latents after step 3
+/// of 25").
+pub(crate) fn ensure_finite(
+    t: &Tensor,
+    what: impl FnOnce() -> String,
+) -> Result<(), PipelineError> {
+    if all_finite(t)? {
+        Ok(())
+    } else {
+        Err(PipelineError::NonFinite(what()))
+    }
+}
+
+/// The check after every denoising step: the run stops at the first step whose latents are
+/// not finite (NaN guidance, overflowing half precision, ...), naming it.
+pub(crate) fn ensure_finite_step(
+    latents: &Tensor,
+    step: usize,
+    steps: usize,
+) -> Result<(), PipelineError> {
+    ensure_finite(latents, || {
+        format!("the latents after denoising step {} of {steps}", step + 1)
+    })
+}
+
 /// `decode_latents` + `postprocess_video` of both pipelines: `latents` `(N, C, h, w)` (already
 /// divided by the scaling factor) through the decoder `chunk` frames per call, then
 /// `[-1, 1]` -> `[0, 1]` in f32. `lower(len)` is the decoder graph of a call of `len` frames
@@ -145,7 +191,12 @@ pub(crate) fn decode_in_chunks(
     progress: &mut dyn FnMut(Stage),
 ) -> Result<(Tensor, usize), PipelineError> {
     let frames = latents.dim(0)?;
-    let chunk = chunk.clamp(1, frames.max(1));
+    if chunk == 0 {
+        return Err(PipelineError::Input(
+            "decode_chunk_size 0: a decoder call needs at least one frame".into(),
+        ));
+    }
+    let chunk = chunk.min(frames.max(1));
     let starts: Vec<usize> = (0..frames).step_by(chunk).collect();
     let mut calls: HashMap<usize, Call> = HashMap::new();
     let mut parts = Vec::new();
@@ -163,6 +214,14 @@ pub(crate) fn decode_in_chunks(
             }
         };
         let (out, p) = call.run(vec![latents.narrow(0, start, len)?], device)?;
+        ensure_finite(&out, || {
+            format!(
+                "the frames {start}..{} of VAE decode call {} of {}",
+                start + len,
+                k + 1,
+                starts.len()
+            )
+        })?;
         peak = peak.max(p);
         parts.push(out);
     }

@@ -40,15 +40,17 @@ pub struct Schedule {
 pub enum ScheduleError {
     #[error("--rehash {0:?}: expected `off`, `uniform:K` or a .toml schedule file")]
     Flag(String),
-    #[error("cannot read rehash schedule {path}: {source}")]
+    /// Causes are told in the message, so they are not also a `source()` (a reported chain
+    /// would print them twice).
+    #[error("cannot read rehash schedule {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("rehash schedule {path}: {source}")]
+    #[error("rehash schedule {path}: {error}")]
     Parse {
         path: PathBuf,
-        source: toml::de::Error,
+        error: toml::de::Error,
     },
     #[error("rehash schedule{}: {reason}", origin.as_ref().map(|p| format!(" {}", p.display())).unwrap_or_default())]
     Invalid {
@@ -124,13 +126,13 @@ impl Schedule {
     }
 
     pub fn read(path: &Path) -> Result<Self, ScheduleError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ScheduleError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ScheduleError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
-        let schedule: Schedule = toml::from_str(&text).map_err(|source| ScheduleError::Parse {
+        let schedule: Schedule = toml::from_str(&text).map_err(|error| ScheduleError::Parse {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         schedule.validate(Some(path))?;
         Ok(schedule)

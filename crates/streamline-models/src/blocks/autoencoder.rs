@@ -96,8 +96,19 @@ impl VaeConfig {
     }
 
     /// Reject what the encoder cannot build with `groups` GroupNorm groups (from `source`),
-    /// naming the file and the field.
+    /// and a `scaling_factor` the latents cannot be divided by, naming the file and the field.
     pub(crate) fn check(&self, path: &Path, (groups, source): (usize, &str)) -> Result<()> {
+        let scaling = self.scaling_factor;
+        if !(scaling.is_finite() && scaling > 0.0) {
+            return Err(ModelError::Unsupported {
+                path: path.to_path_buf(),
+                field: "scaling_factor".into(),
+                value: scaling.to_string(),
+                reason: "latents are divided by it before decoding, so it must be positive and \
+                         finite"
+                    .into(),
+            });
+        }
         let blocks = self.block_out_channels.len();
         check_block_lists(
             path,
@@ -335,13 +346,20 @@ pub struct Autoencoder<D> {
 impl<D: VaeDecoder> Autoencoder<D> {
     /// Load a diffusers `vae/` folder (`config.json`, `diffusion_pytorch_model[.fp16].safetensors`).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let config = Self::read_config(dir)?;
+        let file = weights_file(dir, "diffusion_pytorch_model")?;
+        let vb = WeightSource::open(&file)?.var_builder(dtype, device);
+        Self::new(&config, vb).map_err(|error| ModelError::Weights { path: file, error })
+    }
+
+    /// The checked `config.json` of a `vae/` folder, without its weights (a pipeline reads
+    /// every config before any weights load).
+    pub fn read_config(dir: &Path) -> Result<VaeConfig> {
         let config_path = dir.join("config.json");
         let config: VaeConfig = load_config(&config_path)?;
         config.check(&config_path, D::groups(&config))?;
         D::check(&config, &config_path)?;
-        let file = weights_file(dir, "diffusion_pytorch_model")?;
-        let vb = WeightSource::open(&file)?.var_builder(dtype, device);
-        Self::new(&config, vb).map_err(|source| ModelError::Weights { path: file, source })
+        Ok(config)
     }
 
     pub fn new(config: &VaeConfig, vb: VarBuilder) -> candle_core::Result<Self> {

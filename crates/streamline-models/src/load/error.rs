@@ -17,13 +17,13 @@ pub enum ModelError {
         value: String,
         reason: String,
     },
-    /// Raised while building modules from the weights file `path`; the source names the
-    /// tensor (see [`super::WeightSource`]).
-    #[error("{path}: {source}")]
+    /// Raised while building modules from the weights file `path`; `error` names the tensor
+    /// (see [`super::WeightSource`]). Told in the message, so not also a `source()`, which
+    /// would print it twice in a reported chain.
+    #[error("{path}: {error}")]
     Weights {
         path: PathBuf,
-        #[source]
-        source: candle_core::Error,
+        error: candle_core::Error,
     },
     #[error(transparent)]
     Ir(#[from] streamline_ir::IrError),

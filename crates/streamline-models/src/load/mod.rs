@@ -1,8 +1,9 @@
 //! Loading diffusers checkpoints: config.json into serde `Config`s, safetensors into a
-//! candle `VarBuilder` that checks names and shapes and records what was used.
+//! candle `VarBuilder` that checks names, shapes and finite values and records what was used.
 
 mod config;
 mod error;
+mod finite;
 mod weights;
 
 pub(crate) use config::{check_block_lists, check_block_types, check_groups};

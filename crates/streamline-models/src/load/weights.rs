@@ -8,6 +8,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 
 use super::error::{ModelError, Result};
+use super::finite;
 
 /// The weights file of a diffusers component folder: `<stem>.safetensors`, else the
 /// `<stem>.fp16.safetensors` variant (real checkpoints ship either).
@@ -79,9 +80,9 @@ enum Store {
 
 /// A `SimpleBackend` for candle's `VarBuilder` over one checkpoint file (or a manifest).
 ///
-/// Missing tensors and wrong shapes are errors that name the tensor ([`ModelError::Weights`]
-/// adds the file); tensors are converted to the requested dtype, so fp16, bf16 and fp32
-/// checkpoints all load.
+/// Missing tensors, wrong shapes and NaN or infinite values (or, loaded as f16, values past
+/// f16's range) are errors that name the tensor ([`ModelError::Weights`] adds the file);
+/// tensors are converted to the requested dtype, so fp16, bf16 and fp32 checkpoints all load.
 pub struct WeightSource {
     path: PathBuf,
     store: Store,
@@ -178,6 +179,13 @@ impl WeightSource {
     fn load(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         match &self.store {
             Store::Safetensors(st) => {
+                if let Some(reason) = st
+                    .get(name)
+                    .ok()
+                    .and_then(|view| finite::problem(name, &view, dtype))
+                {
+                    return Err(candle_core::Error::Msg(reason));
+                }
                 let t = st.load(name, dev).map_err(|e| match st.get(name) {
                     Err(_) => self.missing(name),
                     Ok(_) => {

@@ -200,7 +200,10 @@ impl UNetMotionModel {
             } else {
                 unet_file.clone()
             };
-            ModelError::Weights { path, source }
+            ModelError::Weights {
+                path,
+                error: source,
+            }
         })
     }
 

@@ -114,7 +114,7 @@ impl UNetSpatioTemporalConditionModel {
         config.blocks(&config_path)?;
         let file = weights_file(dir, "diffusion_pytorch_model")?;
         let vb = WeightSource::open(&file)?.var_builder(dtype, device);
-        Self::new(&config, vb).map_err(|source| ModelError::Weights { path: file, source })
+        Self::new(&config, vb).map_err(|error| ModelError::Weights { path: file, error })
     }
 
     /// Build from a checked config (see [`UNetConfig`]) and a `VarBuilder` at the checkpoint

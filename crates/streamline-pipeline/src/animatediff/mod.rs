@@ -3,4 +3,4 @@
 
 mod pipeline;
 
-pub use pipeline::{AnimateDiff, AnimateDiffSettings};
+pub use pipeline::{AnimateDiff, AnimateDiffConfigs, AnimateDiffSettings};

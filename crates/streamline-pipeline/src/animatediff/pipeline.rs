@@ -8,7 +8,7 @@ use streamline_ir::Kernels;
 use streamline_models::clip_text::{ClipTextModel, ClipTokenizer};
 use streamline_models::load::load_config;
 use streamline_models::sd::{
-    AutoencoderKL, MotionAdapterConfig, MotionUNetConfig, UNet2DConfig, UNetMotionModel, VaeConfig,
+    AutoencoderKL, MotionAdapterConfig, MotionUNetConfig, UNet2DConfig, UNetMotionModel,
 };
 use streamline_models::svd::UNetShape;
 use streamline_models::SizeRule;
@@ -16,7 +16,10 @@ use streamline_rehash::Rehash;
 
 use crate::kernels::{kernels_for, DeviceKind, KernelChoice};
 use crate::optimize::Optimization;
-use crate::run::{decode_in_chunks, PipelineError, Planning, RunReport, Sizes, Stage, UNetCalls};
+use crate::run::{
+    decode_in_chunks, ensure_finite_step, ensure_frames, PipelineError, Planning, RunReport, Sizes,
+    Stage, UNetCalls,
+};
 use crate::scheduler::Scheduler;
 
 /// The arguments of diffusers' call, with its defaults.
@@ -63,10 +66,39 @@ pub struct AnimateDiff {
     device: Device,
 }
 
+/// An SD folder's and a motion adapter's configs, read and checked without any weights (see
+/// [`AnimateDiff::configs`]).
+pub struct AnimateDiffConfigs {
+    pub sizes: Sizes,
+    /// The UNet's input channels and the VAE's scale (pixels per latent along each side): the
+    /// latents of a run are `(1, latent_channels, frames, height / scale, width / scale)`.
+    pub latent_channels: usize,
+    pub scale_factor: usize,
+    scheduler: Scheduler,
+}
+
+impl AnimateDiffConfigs {
+    /// Refuses a step count the scheduler cannot make (none, or more than its training
+    /// timesteps).
+    pub fn check_steps(&self, num_inference_steps: usize) -> Result<(), PipelineError> {
+        Ok(self.scheduler.clone().set_timesteps(num_inference_steps)?)
+    }
+}
+
 impl AnimateDiff {
-    /// The sizes an SD folder with `motion_adapter` takes, from their config.json files alone,
-    /// so a size is refused before any weights load.
-    pub fn sizes(model: &Path, motion_adapter: &Path) -> Result<Sizes, PipelineError> {
+    /// The configs of an SD folder with `motion_adapter` (UNet, adapter, VAE, scheduler), read
+    /// and checked without any weights: a size, a step count or a config value is refused
+    /// before anything loads.
+    pub fn configs(
+        model: &Path,
+        motion_adapter: &Path,
+    ) -> Result<AnimateDiffConfigs, PipelineError> {
+        if !model.is_dir() {
+            return Err(PipelineError::Input(format!(
+                "{}: no such model folder (an SD 1.5 diffusers folder is expected)",
+                model.display()
+            )));
+        }
         for folder in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
             if !model.join(folder).is_dir() {
                 return Err(PipelineError::MissingFolder {
@@ -87,12 +119,23 @@ impl AnimateDiff {
         let unet: UNet2DConfig = load_config(&unet_config)?;
         let adapter: MotionAdapterConfig = load_config(&adapter_config)?;
         let config = MotionUNetConfig::new(unet, &unet_config, adapter, &adapter_config)?;
-        let vae: VaeConfig = load_config(&model.join("vae/config.json"))?;
+        let vae = AutoencoderKL::read_config(&model.join("vae"))?;
         let scale = vae.scale_factor();
-        Ok(Sizes {
-            rule: SizeRule::animatediff(&config, &vae),
-            native: config.unet.sample_size.map(|s| (s * scale, s * scale)),
+        Ok(AnimateDiffConfigs {
+            sizes: Sizes {
+                rule: SizeRule::animatediff(&config, &vae),
+                native: config.unet.sample_size.map(|s| (s * scale, s * scale)),
+            },
+            latent_channels: config.unet.in_channels,
+            scale_factor: scale,
+            scheduler: Scheduler::load(&model.join("scheduler/scheduler_config.json"))?,
         })
+    }
+
+    /// The sizes an SD folder with `motion_adapter` takes, from their configs alone (see
+    /// [`Self::configs`]).
+    pub fn sizes(model: &Path, motion_adapter: &Path) -> Result<Sizes, PipelineError> {
+        Ok(Self::configs(model, motion_adapter)?.sizes)
     }
 
     /// Load an SD 1.5 diffusers folder and a motion adapter folder.
@@ -102,13 +145,15 @@ impl AnimateDiff {
         dtype: DType,
         device: &Device,
     ) -> Result<Self, PipelineError> {
-        let sizes = Self::sizes(model, motion_adapter)?;
+        let AnimateDiffConfigs {
+            sizes, scheduler, ..
+        } = Self::configs(model, motion_adapter)?;
         Ok(AnimateDiff {
             unet: UNetMotionModel::load(&model.join("unet"), motion_adapter, dtype, device)?,
             vae: AutoencoderKL::load(&model.join("vae"), dtype, device)?,
             text_encoder: ClipTextModel::load(&model.join("text_encoder"), dtype, device)?,
             tokenizer: ClipTokenizer::load(&model.join("tokenizer"))?,
-            scheduler: Scheduler::load(&model.join("scheduler/scheduler_config.json"))?,
+            scheduler,
             sizes,
             kernels: kernels_for(DeviceKind::of(device), KernelChoice::Auto)
                 .map_err(PipelineError::Input)?,
@@ -173,6 +218,7 @@ impl AnimateDiff {
         progress: &mut dyn FnMut(Stage),
     ) -> Result<(Tensor, RunReport), PipelineError> {
         let dev = &self.device;
+        ensure_frames(settings.num_frames)?;
         self.sizes.rule.check(settings.height, settings.width)?;
         let expected = self.latent_shape(settings);
         if latents.dims() != expected {
@@ -252,6 +298,7 @@ impl AnimateDiff {
                 pred
             };
             latents = scheduler.step(&guided, i, &latents)?;
+            ensure_finite_step(&latents, i, steps)?;
         }
         report.denoise_seconds = started.elapsed().as_secs_f64();
         calls.finish(&mut report);

@@ -3,13 +3,10 @@
 
 use std::path::Path;
 
-use candle_core::Tensor;
-use streamline_models::load::load_config;
-
 use super::{
-    DdimScheduler, EulerDiscreteScheduler, RawConfig, SchedulerClass, SchedulerConfig,
-    SchedulerError, Unsupported,
+    DdimScheduler, EulerDiscreteScheduler, SchedulerClass, SchedulerConfig, SchedulerError,
 };
+use candle_core::Tensor;
 
 /// Any supported scheduler; the methods delegate to the variant's.
 #[derive(Clone, Debug)]
@@ -31,18 +28,11 @@ macro_rules! delegate {
 impl Scheduler {
     /// Reads a diffusers `scheduler_config.json` and builds the class its `_class_name`
     /// names, with that class's defaults. An absent or unsupported class is an error naming
-    /// the file and the class: a config of another class (say SD 1.5's `PNDMScheduler`) runs
-    /// with a supported one through [`SchedulerConfig::load`], as diffusers' `from_config` does.
+    /// the file and the class (see [`SchedulerConfig::load_named`]): a config of another class
+    /// (say SD 1.5's `PNDMScheduler`) runs with a supported one through
+    /// [`SchedulerConfig::load`], as diffusers' `from_config` does.
     pub fn load(path: &Path) -> Result<Self, SchedulerError> {
-        let raw: RawConfig = load_config(path)?;
-        let named = raw.class_name.as_deref();
-        let Some(class) = named.and_then(SchedulerClass::from_class_name) else {
-            let names: Vec<&str> = SchedulerClass::ALL.iter().map(|c| c.class_name()).collect();
-            let reason = format!("expected one of {}", names.join(", "));
-            let value = named.unwrap_or("(absent)");
-            return Err(Unsupported::new("_class_name", value, reason).in_file(path));
-        };
-        let config = raw.parse(class).map_err(|u| u.in_file(path))?;
+        let (class, config) = SchedulerConfig::load_named(path, &SchedulerClass::ALL)?;
         Self::from_config(class, &config)
     }
 

@@ -198,6 +198,29 @@ impl SchedulerConfig {
         raw.parse(class).map_err(|u| u.in_file(path))
     }
 
+    /// Reads a diffusers `scheduler_config.json` whose `_class_name` must be one of
+    /// `supported` (a pipeline that samples with one class only passes that one): an absent
+    /// or other class is an error naming the file, the class and the supported ones, since
+    /// running a checkpoint with a scheduler it does not name changes its videos silently.
+    pub fn load_named(
+        path: &Path,
+        supported: &[SchedulerClass],
+    ) -> Result<(SchedulerClass, Self), SchedulerError> {
+        let raw: RawConfig = load_config(path)?;
+        let named = raw.class_name.as_deref();
+        let Some(class) = named
+            .and_then(SchedulerClass::from_class_name)
+            .filter(|c| supported.contains(c))
+        else {
+            let names: Vec<&str> = supported.iter().map(|c| c.class_name()).collect();
+            let reason = format!("expected one of {}", names.join(", "));
+            let value = named.unwrap_or("(absent)");
+            return Err(Unsupported::new("_class_name", value, reason).in_file(path));
+        };
+        let config = raw.parse(class).map_err(|u| u.in_file(path))?;
+        Ok((class, config))
+    }
+
     /// The numeric preconditions of `class`'s schedule math (string fields are checked by
     /// parsing).
     fn check(&self, class: SchedulerClass) -> Result<(), Unsupported> {

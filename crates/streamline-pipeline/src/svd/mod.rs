@@ -7,7 +7,7 @@ mod pipeline;
 mod preprocess;
 
 pub use noise::unit_noise;
-pub use pipeline::{StableVideoDiffusion, SvdSettings};
+pub use pipeline::{StableVideoDiffusion, SvdConfigs, SvdSettings};
 
 pub use crate::run::{PipelineError, RunReport, Stage};
 

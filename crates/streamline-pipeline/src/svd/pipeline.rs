@@ -1,14 +1,15 @@
 //! The denoising loop and the decode, as `StableVideoDiffusionPipeline.__call__` runs them.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::preprocess::{clip_input, Planes};
 use crate::kernels::{kernels_for, DeviceKind, KernelChoice};
 use crate::optimize::{CallKind, Optimization};
 use crate::run::{
-    decode_in_chunks, Call, PipelineError, Planning, RunReport, Sizes, Stage, UNetCalls,
+    decode_in_chunks, ensure_finite_step, ensure_frames, Call, PipelineError, Planning, RunReport,
+    Sizes, Stage, UNetCalls,
 };
-use crate::scheduler::EulerDiscreteScheduler;
+use crate::scheduler::{EulerDiscreteScheduler, SchedulerClass, SchedulerConfig};
 use candle_core::{DType, Device, Module, Tensor};
 use serde::Deserialize;
 use streamline_ir::Kernels;
@@ -16,7 +17,7 @@ use streamline_models::clip::ClipVisionModelWithProjection;
 use streamline_models::load::load_config;
 use streamline_models::svd::{
     AutoencoderKLTemporalDecoder, LatentDist, UNetConfig, UNetShape,
-    UNetSpatioTemporalConditionModel, VaeConfig,
+    UNetSpatioTemporalConditionModel,
 };
 use streamline_models::SizeRule;
 use streamline_rehash::Rehash;
@@ -58,7 +59,7 @@ impl Default for SvdSettings {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 struct FeatureExtractor {
     image_mean: [f32; 3],
     image_std: [f32; 3],
@@ -66,7 +67,7 @@ struct FeatureExtractor {
     crop_size: CropSize,
 }
 
-#[derive(Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(untagged)]
 enum CropSize {
     Square(usize),
@@ -94,7 +95,55 @@ pub struct StableVideoDiffusion {
     device: Device,
 }
 
+/// An SVD folder's configs, read and checked without any weights, so that everything a config
+/// can refuse is refused before loading (see [`StableVideoDiffusion::configs`]).
+pub struct SvdConfigs {
+    pub sizes: Sizes,
+    /// `unet/config.json`'s `num_frames`: the frames of a run that asks for none.
+    pub num_frames: usize,
+    /// The VAE's latent channels and its scale (pixels per latent along each side): the
+    /// latents of a run are `(1, frames, latent_channels, height / scale, width / scale)`.
+    pub latent_channels: usize,
+    pub scale_factor: usize,
+    scheduler: EulerDiscreteScheduler,
+    feature_extractor: FeatureExtractor,
+    unet_config: PathBuf,
+}
+
+impl SvdConfigs {
+    /// The frames of a run asking for `requested` (else the UNet config's), at least one.
+    pub fn frames(&self, requested: Option<usize>) -> Result<usize, PipelineError> {
+        match requested {
+            Some(n) => ensure_frames(n).map(|()| n),
+            None if self.num_frames == 0 => Err(PipelineError::Input(format!(
+                "{}: `num_frames` is 0, and the run asks for no frame count: a video needs at \
+                 least one frame",
+                self.unet_config.display()
+            ))),
+            None => Ok(self.num_frames),
+        }
+    }
+
+    /// Refuses a step count the scheduler cannot make (none, or more than its training
+    /// timesteps).
+    pub fn check_steps(&self, num_inference_steps: usize) -> Result<(), PipelineError> {
+        Ok(self.scheduler.clone().set_timesteps(num_inference_steps)?)
+    }
+}
+
+/// The folder itself, then its five subfolders.
 fn check_folders(dir: &Path) -> Result<(), PipelineError> {
+    if !dir.is_dir() {
+        return Err(PipelineError::Input(format!(
+            "{}: {}",
+            dir.display(),
+            if dir.exists() {
+                "is not a folder (a diffusers SVD folder is expected)"
+            } else {
+                "no such model folder"
+            }
+        )));
+    }
     for folder in [
         "unet",
         "vae",
@@ -114,28 +163,51 @@ fn check_folders(dir: &Path) -> Result<(), PipelineError> {
 }
 
 impl StableVideoDiffusion {
-    /// The sizes the SVD folder `dir` takes, from `unet/config.json` and `vae/config.json`
-    /// alone, so a size is refused before any weights load.
-    pub fn sizes(dir: &Path) -> Result<Sizes, PipelineError> {
+    /// The configs of the SVD folder `dir` (unet, vae, scheduler, feature extractor), read and
+    /// checked without any weights: a size, a frame count, a step count or a config value is
+    /// refused before anything loads. The scheduler must be `EulerDiscreteScheduler`, the one
+    /// SVD samples with (its UNet is conditioned on Euler's continuous timesteps).
+    pub fn configs(dir: &Path) -> Result<SvdConfigs, PipelineError> {
         check_folders(dir)?;
         let unet_config = dir.join("unet/config.json");
         let unet: UNetConfig = load_config(&unet_config)?;
-        let vae: VaeConfig = load_config(&dir.join("vae/config.json"))?;
+        let vae = AutoencoderKLTemporalDecoder::read_config(&dir.join("vae"))?;
         let scale = vae.scale_factor();
-        Ok(Sizes {
-            rule: SizeRule::svd(&unet, &vae),
-            native: unet
-                .sample_size
-                .map(|size| (size.dims().0 * scale, size.dims().1 * scale)),
+        let scheduler_config = dir.join("scheduler/scheduler_config.json");
+        let euler = [SchedulerClass::EulerDiscrete];
+        let (_, scheduler) = SchedulerConfig::load_named(&scheduler_config, &euler)?;
+        Ok(SvdConfigs {
+            sizes: Sizes {
+                rule: SizeRule::svd(&unet, &vae),
+                native: unet
+                    .sample_size
+                    .map(|size| (size.dims().0 * scale, size.dims().1 * scale)),
+            },
+            num_frames: unet.num_frames,
+            latent_channels: vae.latent_channels,
+            scale_factor: scale,
+            scheduler: EulerDiscreteScheduler::from_config(&scheduler)?,
+            feature_extractor: load_config(
+                &dir.join("feature_extractor/preprocessor_config.json"),
+            )?,
+            unet_config,
         })
     }
 
-    /// Load a diffusers SVD folder (unet/, vae/, image_encoder/, scheduler/, feature_extractor/).
+    /// The sizes the SVD folder `dir` takes, from its configs alone (see [`Self::configs`]).
+    pub fn sizes(dir: &Path) -> Result<Sizes, PipelineError> {
+        Ok(Self::configs(dir)?.sizes)
+    }
+
+    /// Load a diffusers SVD folder (unet/, vae/, image_encoder/, scheduler/, feature_extractor/),
+    /// its configs first.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self, PipelineError> {
-        let sizes = Self::sizes(dir)?;
-        let fe: FeatureExtractor =
-            load_config(&dir.join("feature_extractor/preprocessor_config.json"))?;
-        let scheduler = EulerDiscreteScheduler::load(&dir.join("scheduler/scheduler_config.json"))?;
+        let SvdConfigs {
+            sizes,
+            scheduler,
+            feature_extractor: fe,
+            ..
+        } = Self::configs(dir)?;
         Ok(StableVideoDiffusion {
             unet: UNetSpatioTemporalConditionModel::load(&dir.join("unet"), dtype, device)?,
             vae: AutoencoderKLTemporalDecoder::load(&dir.join("vae"), dtype, device)?,
@@ -186,6 +258,11 @@ impl StableVideoDiffusion {
         settings.num_frames.unwrap_or(self.unet.config().num_frames)
     }
 
+    /// Pixels per latent along each side (the VAE's scale).
+    pub fn scale_factor(&self) -> usize {
+        self.vae.scale_factor()
+    }
+
     /// `image_embeds` of the conditioning image (`_encode_image`), `(1, 1, D)`.
     pub fn image_embeddings(&self, image: &Planes) -> Result<Tensor, PipelineError> {
         let pixels = clip_input(image, self.clip_size, self.clip_mean, self.clip_std)
@@ -229,6 +306,7 @@ impl StableVideoDiffusion {
     ) -> Result<(Tensor, RunReport), PipelineError> {
         let dev = &self.device;
         let frames = self.num_frames(settings);
+        ensure_frames(frames)?;
         let (h, w) = self.sizes.rule.check(settings.height, settings.width)?;
         let expected = [1, frames, self.vae.config().latent_channels, h, w];
         if latents.dims() != expected {
@@ -333,6 +411,7 @@ impl StableVideoDiffusion {
             let (uncond, cond) = (pred.narrow(0, 0, 1)?, pred.narrow(0, 1, 1)?);
             let guided = (&uncond + guidance.broadcast_mul(&(&cond - &uncond)?)?)?;
             latents = scheduler.step(&guided, i, &latents)?;
+            ensure_finite_step(&latents, i, steps)?;
         }
         report.denoise_seconds = started.elapsed().as_secs_f64();
         calls.finish(&mut report);
