@@ -1,6 +1,6 @@
 """The diffusers peer of `cargo xtask bench`: one measurement per process, like streamline-bench.
 
-    python diffusers_peer.py unet --dir DIR [--chunking] --runs N --out M.json --output O.safetensors
+    python diffusers_peer.py unet --dir DIR [--chunking] [--device cuda] --runs N --out M.json --output O.safetensors
     python diffusers_peer.py svd --model DIR --image PNG --inputs I.safetensors --steps 25 ...
     python diffusers_peer.py kernels --cases bench/scenarios.toml --runs N --out K.json
 
@@ -64,18 +64,31 @@ def unet(args):
     model, call = load_unet(args.dir)
     if args.chunking:
         model.enable_forward_chunking()
-    io = load_file(f"{args.dir}/inputs.safetensors")
+    device = torch.device(args.device)
+    model.to(device)
+    io = {k: v.to(device) for k, v in load_file(f"{args.dir}/inputs.safetensors").items()}
+    cuda = device.type == "cuda"
 
     def step():
         start = time.perf_counter()
         out = call(io)
+        if cuda:
+            torch.cuda.synchronize()
         return out, time.perf_counter() - start
 
     base = take_baseline()
+    if cuda:
+        # The device peak above what the weights and inputs hold, from torch's allocator.
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        held = torch.cuda.memory_allocated()
     output, _ = step()
     rss = status_bytes("VmHWM") - base
-    times = [step()[1] for _ in range(args.runs)]
-    return {"step_seconds": times, "denoise_seconds": [], "peak_rss_above_baseline_bytes": rss}, output
+    measurement = {"denoise_seconds": [], "peak_rss_above_baseline_bytes": rss}
+    if cuda:
+        measurement["device_peak_bytes"] = torch.cuda.max_memory_allocated() - held
+    measurement["step_seconds"] = [step()[1] for _ in range(args.runs)]
+    return measurement, output.cpu()
 
 
 def svd(args):
@@ -182,6 +195,7 @@ def main():
         p.add_argument("--out", required=True)
         p.add_argument("--output", required=True)
     sub.choices["unet"].add_argument("--dir", required=True)
+    sub.choices["unet"].add_argument("--device", default="cpu")
     for flag in ("--model", "--image", "--inputs"):
         sub.choices["svd"].add_argument(flag, required=True)
     sub.choices["svd"].add_argument("--steps", type=int, default=25)

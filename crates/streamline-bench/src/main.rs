@@ -19,6 +19,7 @@
 //! shows in both peaks, a fresh baseline forgets it); `cargo xtask bench --quick` runs the whole
 //! harness. The optimizations it measures are tested in their own crates.
 
+mod device;
 mod kernels;
 mod measure;
 mod planning;
@@ -30,11 +31,13 @@ use std::fs;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use streamline_ir::alloc::TrackingAllocator;
 use streamline_models::svd::{UNetConfig, UNetShape};
-use streamline_pipeline::{parse_bytes, Optimization};
+use streamline_pipeline::{
+    kernels_for, parse_bytes, DeviceSpec, KernelChoice, Kernels, Optimization,
+};
 use streamline_rehash::{RehashArg, Schedule};
 
 #[global_allocator]
@@ -138,6 +141,12 @@ struct How {
     /// Timed runs after the measured first run.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// `cpu` or `cuda[:N]` (in a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+    /// Which implementation of the ops runs: `auto`, `cpu` or `portable`.
+    #[arg(long, default_value = "auto")]
+    kernels: KernelChoice,
     /// The measurement, as JSON.
     #[arg(long)]
     out: PathBuf,
@@ -175,6 +184,14 @@ impl How {
                     .context("--optimization budget needs --memory-budget")?,
             },
         })
+    }
+
+    fn device(&self) -> Result<Device> {
+        self.device.device().map_err(anyhow::Error::msg)
+    }
+
+    fn kernels(&self) -> Result<Kernels> {
+        kernels_for(self.device.kind, self.kernels).map_err(anyhow::Error::msg)
     }
 
     fn schedule(&self) -> Result<Option<Schedule>> {

@@ -87,6 +87,9 @@ pub struct Measurement {
     pub peak_rss_above_baseline_bytes: u64,
     pub live_peak_bytes: u64,
     pub planned_peak_bytes: u64,
+    /// On a GPU: the device memory in use at the peak of the measured run, above what was in
+    /// use when it began (from the driver).
+    pub device_peak_bytes: Option<u64>,
     /// Whole-UNet and partial (Step Rehash) evaluations per run, end to end.
     pub full_steps: usize,
     pub partial_steps: usize,

@@ -5,13 +5,14 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use clap::Args;
 use streamline_pipeline::planner::{plan_report, ModelSpec, PlanRequest};
 use streamline_pipeline::svd::{unit_noise, Planes, StableVideoDiffusion, SvdSettings};
 use streamline_pipeline::video::load_image;
 use streamline_rehash::Rehash;
 
+use crate::device::DevicePeak;
 use crate::measure::{Baseline, Measurement};
 use crate::How;
 
@@ -30,8 +31,10 @@ pub struct SvdArgs {
 }
 
 pub fn run(args: &SvdArgs, how: &How) -> Result<(Measurement, Tensor)> {
-    let dev = Device::Cpu;
-    let pipe = StableVideoDiffusion::load(&args.model, DType::F32, &dev)?;
+    let dev = how.device()?;
+    let kernels = how.kernels()?;
+    let mut pipe = StableVideoDiffusion::load(&args.model, DType::F32, &dev)?;
+    pipe.set_kernels(kernels)?;
     let (height, width) = pipe.native_size().ok_or_else(|| {
         anyhow::anyhow!(
             "{}: the UNet config has no sample_size to take the size from",
@@ -72,7 +75,7 @@ pub fn run(args: &SvdArgs, how: &How) -> Result<(Measurement, Tensor)> {
         cfg: true,
         dtype: DType::F32,
         optimization,
-        kernels: streamline_pipeline::Kernels::Cpu,
+        kernels,
         decode_chunk_size: frames,
     })?;
     let generate = || {
@@ -87,7 +90,9 @@ pub fn run(args: &SvdArgs, how: &How) -> Result<(Measurement, Tensor)> {
     };
 
     let baseline = Baseline::take()?;
+    let device_peak = DevicePeak::start(&dev)?;
     let (output, report) = generate()?;
+    let device_peak_bytes = device_peak.map(DevicePeak::finish).transpose()?;
     let (rss, live) = baseline.peaks()?;
     let mut denoise_seconds = Vec::new();
     for _ in 0..how.runs {
@@ -101,6 +106,7 @@ pub fn run(args: &SvdArgs, how: &How) -> Result<(Measurement, Tensor)> {
             peak_rss_above_baseline_bytes: rss,
             live_peak_bytes: live,
             planned_peak_bytes: plan.unet.activations.max(plan.decoder.activations) as u64,
+            device_peak_bytes,
             full_steps: report.full_steps,
             partial_steps: report.partial_steps,
         },

@@ -12,10 +12,11 @@ use streamline_ir::{Executor, Graph, Request};
 use streamline_models::load::{PerBlock, Usage, WeightSource};
 use streamline_models::sd::{MotionAdapterConfig, MotionUNetConfig, UNet2DConfig, UNetMotionModel};
 use streamline_models::svd::{UNetConfig, UNetShape, UNetSpatioTemporalConditionModel};
-use streamline_pipeline::optimize;
+use streamline_pipeline::optimize_for;
 use streamline_pipeline::svd::unit_noise;
 use streamline_rehash::{Rehash, StepRehash};
 
+use crate::device::DevicePeak;
 use crate::measure::{timed, Baseline, Measurement};
 use crate::How;
 
@@ -158,21 +159,20 @@ enum Model {
 }
 
 impl Model {
-    fn load(dir: &Path) -> Result<Self> {
-        let dev = Device::Cpu;
+    fn load(dir: &Path, dev: &Device) -> Result<Self> {
         let adapter = dir.join("motion_adapter");
         Ok(if adapter.is_dir() {
             Model::Motion(Box::new(UNetMotionModel::load(
                 &dir.join("unet"),
                 &adapter,
                 DType::F32,
-                &dev,
+                dev,
             )?))
         } else {
             Model::Svd(Box::new(UNetSpatioTemporalConditionModel::load(
                 &dir.join("unet"),
                 DType::F32,
-                &dev,
+                dev,
             )?))
         })
     }
@@ -218,8 +218,9 @@ fn step_inputs(
 /// Run the step under `mode`: the first run is measured for memory, then `runs` timed runs.
 /// Returns the measurement and the step's output (B, T, 4, H, W).
 pub fn run(dir: &Path, how: &How) -> Result<(Measurement, Tensor)> {
-    let dev = Device::Cpu;
-    let unet = Model::load(dir)?;
+    let dev = how.device()?;
+    let kernels = how.kernels()?;
+    let unet = Model::load(dir, &dev)?;
     let file = dir.join("inputs.safetensors");
     let io = candle_core::safetensors::load(&file, &dev)
         .with_context(|| format!("cannot read {}", file.display()))?;
@@ -241,7 +242,7 @@ pub fn run(dir: &Path, how: &How) -> Result<(Measurement, Tensor)> {
                 width: w,
                 context_len,
             };
-            Ok(optimize(&unet.lower(shape)?, optimization)?)
+            Ok(optimize_for(&unet.lower(shape)?, optimization, kernels)?)
         })
         .collect::<Result<Vec<_>>>()?;
     let execs = calls
@@ -270,7 +271,11 @@ pub fn run(dir: &Path, how: &How) -> Result<(Measurement, Tensor)> {
                 out.clear();
                 for (range, exec) in chunks.iter().zip(&execs) {
                     let inputs = step_inputs(&io, false, range.clone())?;
-                    let (mut o, s) = timed(|| Ok(exec.run(inputs, &Request::default())?))?;
+                    let (mut o, s) = timed(|| {
+                        let o = exec.run(inputs, &Request::default())?;
+                        dev.synchronize()?;
+                        Ok(o)
+                    })?;
                     secs += s;
                     out.push(o.outputs.remove(0).reshape((b, range.len(), (), h, w))?);
                 }
@@ -302,7 +307,9 @@ pub fn run(dir: &Path, how: &How) -> Result<(Measurement, Tensor)> {
     };
     let mut out = Vec::new();
     let baseline = Baseline::take()?;
+    let device_peak = DevicePeak::start(&dev)?;
     step(&mut out)?;
+    let device_peak_bytes = device_peak.map(DevicePeak::finish).transpose()?;
     let (rss, live) = baseline.peaks()?;
     let output = Tensor::cat(&out, 1)?;
     let step_seconds = (0..how.runs)
@@ -321,6 +328,7 @@ pub fn run(dir: &Path, how: &How) -> Result<(Measurement, Tensor)> {
             peak_rss_above_baseline_bytes: rss,
             live_peak_bytes: live,
             planned_peak_bytes: planned as u64,
+            device_peak_bytes,
             ..Measurement::default()
         },
         output,

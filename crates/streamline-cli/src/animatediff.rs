@@ -160,7 +160,7 @@ pub fn run(args: AnimateDiffArgs) -> Result<()> {
     if args.prompt.trim().is_empty() {
         tracing::warn!("--prompt is empty: the video is unconditioned (guided only away from the negative prompt)");
     }
-    let device = args.device.device()?;
+    let device = args.device.device().map_err(anyhow::Error::msg)?;
     let latents = latents.to_device(&device)?;
     let mut pipe = AnimateDiff::load(&args.model, &args.motion_adapter, checked.dtype, &device)?;
     pipe.set_kernels(checked.kernels)?;

@@ -23,9 +23,11 @@ mod signals;
 mod svd;
 
 use anyhow::Result;
-use candle_core::{DType, Device};
+use candle_core::DType;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use streamline_pipeline::planner::{group_listing, plan_report, ModelSpec, PlanRequest};
+/// `--device cpu | cuda[:N] | metal[:N]`.
+pub(crate) use streamline_pipeline::DeviceSpec as DeviceArg;
 use streamline_pipeline::{
     kernels_for, parse_bytes, DeviceKind, KernelChoice, Kernels, Optimization,
 };
@@ -51,59 +53,6 @@ enum Command {
     /// Plan memory without weights: groups, slicing and planned peaks of a UNet step and a VAE
     /// decode call, from the model's config alone.
     Plan(PlanArgs),
-}
-
-/// `--device cpu | cuda[:N] | metal[:N]`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct DeviceArg {
-    kind: DeviceKind,
-    ordinal: usize,
-}
-
-impl std::str::FromStr for DeviceArg {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (name, ordinal) = match s.split_once(':') {
-            Some((name, n)) => {
-                let ordinal = n
-                    .parse()
-                    .map_err(|_| format!("`{n}` is not a device number (e.g. cuda:0)"))?;
-                (name, ordinal)
-            }
-            None => (s, 0),
-        };
-        let kind = match name {
-            "cpu" if ordinal == 0 => DeviceKind::Cpu,
-            "cuda" => DeviceKind::Cuda,
-            "metal" => DeviceKind::Metal,
-            _ => {
-                return Err(format!(
-                    "`{s}`: expected cpu, cuda, cuda:N, metal or metal:N"
-                ))
-            }
-        };
-        Ok(DeviceArg { kind, ordinal })
-    }
-}
-
-impl DeviceArg {
-    fn device(self) -> Result<Device> {
-        let n = self.ordinal;
-        Ok(match self.kind {
-            DeviceKind::Cpu => Device::Cpu,
-            DeviceKind::Cuda => Device::new_cuda(n).map_err(|e| {
-                anyhow::anyhow!(
-                    "--device cuda:{n}: {e} (a CUDA build takes `--features cuda`; README, \"GPUs\")"
-                )
-            })?,
-            DeviceKind::Metal => Device::new_metal(n).map_err(|e| {
-                anyhow::anyhow!(
-                    "--device metal:{n}: {e} (a Metal build takes `--features metal`; README, \"GPUs\")"
-                )
-            })?,
-        })
-    }
 }
 
 /// `--kernels`: which implementation of the ops runs.

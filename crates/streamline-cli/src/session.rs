@@ -156,7 +156,7 @@ impl SvdCommon {
             rehash: Rehash::Off,
         };
         Ok(Checked {
-            device: self.device.device()?,
+            device: self.device.device().map_err(anyhow::Error::msg)?,
             model,
             configs,
             dtype,

@@ -343,7 +343,7 @@ impl<'e, B: Backend> Engine<'e, B> {
         for (k, range) in ranges.into_iter().enumerate() {
             if self.shortcut && k > 0 {
                 if let Some(&(_, flops)) = costed.iter().find(|(l, _)| *l == range.len()) {
-                    self.stats.flops += flops;
+                    self.stats.flops = self.stats.flops.saturating_add(flops);
                     continue;
                 }
             }
@@ -507,7 +507,10 @@ impl<'e, B: Backend> Engine<'e, B> {
             slice_info(node.output)
         };
         let in_refs: Vec<&ValueInfo> = in_infos.iter().collect();
-        self.stats.flops += node.op.flops(&in_refs, &expected);
+        self.stats.flops = self
+            .stats
+            .flops
+            .saturating_add(node.op.flops(&in_refs, &expected));
         self.stats.nodes_run += usize::from(ctx.range.start == 0);
         let inputs: Vec<&B::V> = node
             .inputs

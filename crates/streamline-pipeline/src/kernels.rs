@@ -27,6 +27,74 @@ impl DeviceKind {
     }
 }
 
+/// `--device cpu | cuda[:N] | metal[:N]`: the device kind and its ordinal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceSpec {
+    pub kind: DeviceKind,
+    pub ordinal: usize,
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, ordinal) = match s.split_once(':') {
+            Some((name, n)) => {
+                let ordinal = n
+                    .parse()
+                    .map_err(|_| format!("`{n}` is not a device number (e.g. cuda:0)"))?;
+                (name, ordinal)
+            }
+            None => (s, 0),
+        };
+        let kind = match name {
+            "cpu" if ordinal == 0 => DeviceKind::Cpu,
+            "cuda" => DeviceKind::Cuda,
+            "metal" => DeviceKind::Metal,
+            _ => {
+                return Err(format!(
+                    "`{s}`: expected cpu, cuda, cuda:N, metal or metal:N"
+                ))
+            }
+        };
+        Ok(DeviceSpec { kind, ordinal })
+    }
+}
+
+impl DeviceSpec {
+    /// The device, or why this build cannot open it.
+    pub fn device(self) -> Result<Device, String> {
+        let n = self.ordinal;
+        let (name, feature) = match self.kind {
+            DeviceKind::Cpu => return Ok(Device::Cpu),
+            DeviceKind::Cuda => ("cuda", "cuda"),
+            DeviceKind::Metal => ("metal", "metal"),
+        };
+        let opened = match self.kind {
+            DeviceKind::Cuda => Device::new_cuda(n),
+            _ => Device::new_metal(n),
+        };
+        opened.map_err(|e| {
+            format!(
+                "--device {name}:{n}: {e} (a build for it takes `--features {feature}`; README, \"GPUs\")"
+            )
+        })
+    }
+}
+
+impl std::str::FromStr for KernelChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(KernelChoice::Auto),
+            "cpu" => Ok(KernelChoice::Cpu),
+            "portable" => Ok(KernelChoice::Portable),
+            _ => Err(format!("`{s}`: expected auto, cpu or portable")),
+        }
+    }
+}
+
 /// What `--kernels` asks for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KernelChoice {

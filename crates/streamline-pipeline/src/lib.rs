@@ -49,7 +49,7 @@ pub mod scheduler;
 pub mod svd;
 pub mod video;
 
-pub use kernels::{kernels_for, DeviceKind, KernelChoice};
+pub use kernels::{kernels_for, DeviceKind, DeviceSpec, KernelChoice};
 pub use optimize::{
     optimize, optimize_for, parse_bytes, plan_call, CallError, CallKind, Optimization,
 };

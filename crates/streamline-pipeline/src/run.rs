@@ -86,6 +86,26 @@ pub(crate) struct Planning {
     pub kernels: Kernels,
 }
 
+impl Planning {
+    pub fn new(optimization: Optimization, kernels: Kernels) -> Self {
+        Planning {
+            optimization,
+            kernels,
+        }
+    }
+
+    /// `kernels`, if they run on `device`.
+    pub fn kernels_on(kernels: Kernels, device: &Device) -> Result<Kernels, PipelineError> {
+        if kernels.runs_on(device) {
+            Ok(kernels)
+        } else {
+            Err(PipelineError::Input(format!(
+                "the {kernels} kernels cannot run on {device:?}"
+            )))
+        }
+    }
+}
+
 /// One model call, planned once and run at every step.
 pub(crate) struct Call {
     pub graph: Graph,

@@ -275,10 +275,20 @@ impl Op for Attention {
             }
         };
         let inner = (self.heads * self.head_dim) as u64;
-        self.to_q.flops(n * l)
-            + 2 * self.to_k.flops(kv_rows * lk)
-            + self.to_out.flops(n * l)
-            + 4 * n * l * lk * inner
+        // Saturating: a plan for an absurd size must say so, not overflow.
+        let scores = [4, n, l, lk, inner]
+            .into_iter()
+            .fold(1u64, u64::saturating_mul);
+        [
+            self.to_q.flops(n.saturating_mul(l)),
+            self.to_k
+                .flops(kv_rows.saturating_mul(lk))
+                .saturating_mul(2),
+            self.to_out.flops(n.saturating_mul(l)),
+            scores,
+        ]
+        .into_iter()
+        .fold(0, u64::saturating_add)
     }
     fn param_bytes(&self) -> usize {
         [&self.to_q, &self.to_k, &self.to_v, &self.to_out]

@@ -138,7 +138,7 @@ impl Linear {
     }
 
     pub(crate) fn flops(&self, rows: u64) -> u64 {
-        2 * rows * (self.in_dim * self.out_dim) as u64
+        rows.saturating_mul(2 * (self.in_dim * self.out_dim) as u64)
     }
 
     /// Rows of the last dim per dim-0 row of `x`.

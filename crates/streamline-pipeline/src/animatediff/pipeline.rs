@@ -164,21 +164,8 @@ impl AnimateDiff {
 
     /// Run on `kernels` instead of the device's default ([`KernelChoice::Auto`]).
     pub fn set_kernels(&mut self, kernels: Kernels) -> Result<(), PipelineError> {
-        if !kernels.runs_on(&self.device) {
-            return Err(PipelineError::Input(format!(
-                "the {kernels} kernels cannot run on {:?}",
-                self.device
-            )));
-        }
-        self.kernels = kernels;
+        self.kernels = Planning::kernels_on(kernels, &self.device)?;
         Ok(())
-    }
-
-    fn planning(&self, optimization: Optimization) -> Planning {
-        Planning {
-            optimization,
-            kernels: self.kernels,
-        }
     }
 
     /// Pixels per latent along each side.
@@ -248,7 +235,7 @@ impl AnimateDiff {
         let context_len = context.dim(1)?;
         let mut calls = UNetCalls::new(
             frames,
-            self.planning(optimization),
+            Planning::new(optimization, self.kernels),
             &settings.rehash,
             steps,
             |n| {
@@ -309,7 +296,7 @@ impl AnimateDiff {
             &latents,
             settings.decode_chunk_size,
             |len| self.vae.lower_decoder(1, len, h, w),
-            self.planning(optimization),
+            Planning::new(optimization, self.kernels),
             dev,
             progress,
         )?;

@@ -232,21 +232,8 @@ impl StableVideoDiffusion {
 
     /// Run on `kernels` instead of the device's default ([`KernelChoice::Auto`]).
     pub fn set_kernels(&mut self, kernels: Kernels) -> Result<(), PipelineError> {
-        if !kernels.runs_on(&self.device) {
-            return Err(PipelineError::Input(format!(
-                "the {kernels} kernels cannot run on {:?}",
-                self.device
-            )));
-        }
-        self.kernels = kernels;
+        self.kernels = Planning::kernels_on(kernels, &self.device)?;
         Ok(())
-    }
-
-    fn planning(&self, optimization: Optimization) -> Planning {
-        Planning {
-            optimization,
-            kernels: self.kernels,
-        }
     }
 
     /// The `(height, width)` the model was trained at, when its config records one.
@@ -285,7 +272,7 @@ impl StableVideoDiffusion {
         let (_, _, h, w) = x.dims4()?;
         let call = Call::new(
             &self.vae.lower_encoder(1, h, w)?,
-            self.planning(optimization),
+            Planning::new(optimization, self.kernels),
             CallKind::Encode,
         )?;
         let (moments, _) = call.run(vec![x], &self.device)?;
@@ -369,7 +356,7 @@ impl StableVideoDiffusion {
         let steps = scheduler.timesteps().len();
         let mut calls = UNetCalls::new(
             frames,
-            self.planning(optimization),
+            Planning::new(optimization, self.kernels),
             &settings.rehash,
             steps,
             |n| {
@@ -436,7 +423,7 @@ impl StableVideoDiffusion {
             &latents,
             chunk,
             |len| self.vae.lower_decoder(1, len, h, w),
-            self.planning(optimization),
+            Planning::new(optimization, self.kernels),
             &self.device,
             progress,
         )
