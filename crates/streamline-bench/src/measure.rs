@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 use streamline_ir::alloc::{peak_bytes, release_freed_memory, reset_peak};
 use streamline_pipeline::quality::psnr;
+use streamline_pipeline::residency::PhaseMeasure;
 
 /// One field of `/proc/self/status`, in bytes.
 fn status_bytes(field: &str) -> Result<u64> {
@@ -93,6 +94,10 @@ pub struct Measurement {
     /// Whole-UNet and partial (Step Rehash) evaluations per run, end to end.
     pub full_steps: usize,
     pub partial_steps: usize,
+    /// End to end on the CPU: each phase's planned whole-run peak beside its measured one
+    /// (heap bytes above the run's baseline, the bench's tracking allocator counting).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<PhaseMeasure>,
 }
 
 fn read_output(path: &Path) -> Result<Tensor> {

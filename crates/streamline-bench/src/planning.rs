@@ -74,6 +74,7 @@ pub fn run(out: &Path) -> Result<()> {
                 optimization,
                 kernels: streamline_pipeline::Kernels::Cpu,
                 decode_chunk_size: 14,
+                rehash: false,
             };
             let start = Instant::now();
             let result = plan_report(request);

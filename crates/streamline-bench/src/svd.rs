@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use anyhow::Result;
 use candle_core::{DType, Tensor};
 use clap::Args;
-use streamline_pipeline::planner::{plan_report, ModelSpec, PlanRequest};
 use streamline_pipeline::svd::{unit_noise, Planes, StableVideoDiffusion, SvdSettings};
 use streamline_pipeline::video::load_image;
 use streamline_rehash::Rehash;
@@ -50,8 +49,8 @@ pub fn run(args: &SvdArgs, how: &How) -> Result<(Measurement, Tensor)> {
         ..SvdSettings::default()
     };
     let frames = pipe.num_frames(&settings);
-    let s = pipe.vae.scale_factor();
-    let latent_channels = pipe.vae.config().latent_channels;
+    let s = pipe.scale_factor();
+    let latent_channels = pipe.latent_channels();
     let latents = unit_noise(
         (1, frames, latent_channels, height / s, width / s),
         args.seed,
@@ -66,18 +65,7 @@ pub fn run(args: &SvdArgs, how: &How) -> Result<(Measurement, Tensor)> {
         candle_core::safetensors::save(&tensors, path)?;
     }
     let image = Planes::from_tensor(&load_image(&args.image, Some((height, width)))?)?;
-    let plan = plan_report(PlanRequest {
-        model: ModelSpec::Path(args.model.clone()),
-        height,
-        width,
-        num_frames: Some(frames),
-        batch: 1,
-        cfg: true,
-        dtype: DType::F32,
-        optimization,
-        kernels,
-        decode_chunk_size: frames,
-    })?;
+    let plan = pipe.plan(&settings, optimization)?;
     let generate = || {
         pipe.generate(
             &image,
@@ -109,6 +97,7 @@ pub fn run(args: &SvdArgs, how: &How) -> Result<(Measurement, Tensor)> {
             device_peak_bytes,
             full_steps: report.full_steps,
             partial_steps: report.partial_steps,
+            phases: report.phases,
         },
         output,
     ))

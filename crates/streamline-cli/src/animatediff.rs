@@ -124,6 +124,7 @@ fn check(args: &AnimateDiffArgs) -> Result<Checked> {
             optimization,
             kernels,
             decode_chunk_size: args.decode_chunk_size,
+            rehash: rehash != Rehash::Off,
         },
         kind,
     )?;

@@ -50,8 +50,8 @@ enum Command {
     /// Step Rehash: search key-step schedules by calibration, and evaluate them.
     #[command(subcommand)]
     Rehash(rehash::RehashCommand),
-    /// Plan memory without weights: groups, slicing and planned peaks of a UNet step and a VAE
-    /// decode call, from the model's config alone.
+    /// Plan memory without weights, from the model's configs alone: each call's groups and
+    /// slicing, and each phase's weights, held values and activations (`--json` for scripts).
     Plan(PlanArgs),
 }
 
@@ -195,6 +195,12 @@ struct PlanArgs {
     /// Also list every group of both plans.
     #[arg(long)]
     groups: bool,
+    /// Count Step Rehash's cache in the denoise phase (it is held from step to step).
+    #[arg(long)]
+    rehash: bool,
+    /// Print the report as JSON (bytes as integers), for scripts.
+    #[arg(long, conflicts_with = "groups")]
+    json: bool,
     #[command(flatten)]
     optimization: OptimizationArgs,
 }
@@ -213,7 +219,12 @@ fn plan(args: PlanArgs) -> Result<()> {
         optimization: args.optimization.optimization()?,
         kernels: args.optimization.kernels.kernels(args.device.kind)?,
         decode_chunk_size: args.decode_chunk_size,
+        rehash: args.rehash,
     })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report.json())?);
+        return Ok(());
+    }
     print!("{report}");
     if args.groups {
         println!("\nUNet step groups:\n{}", group_listing(&report.unet));
@@ -221,6 +232,11 @@ fn plan(args: PlanArgs) -> Result<()> {
     }
     Ok(())
 }
+
+/// Counts heap bytes so that a run's summary can give each phase's measured peak beside the
+/// planned one (relaxed atomic counters: no measurable cost next to tensor work).
+#[global_allocator]
+static ALLOC: streamline_ir::alloc::TrackingAllocator = streamline_ir::alloc::TrackingAllocator;
 
 fn main() {
     streamline_ir::alloc::keep_freed_memory();

@@ -139,6 +139,7 @@ impl SvdCommon {
                 optimization,
                 kernels,
                 decode_chunk_size: self.decode_chunk_size.unwrap_or(frames),
+                rehash: false,
             },
             kind,
         )?;
@@ -311,7 +312,27 @@ pub fn summary(
         human(report.unet_peak_bytes),
         human(report.decode_peak_bytes),
         peak_rss().map_or(String::new(), |b| format!("; process peak RSS {}", human(b as usize)))
-    )
+    ) + &phases(report)
+}
+
+/// Each phase's planned peak beside its measured one (heap bytes above the run's baseline,
+/// on the CPU).
+fn phases(report: &RunReport) -> String {
+    let phases: Vec<String> = report
+        .phases
+        .iter()
+        .map(|p| {
+            let measured = p.measured.map_or("not measured".to_string(), |m| {
+                format!("measured {}", human(m))
+            });
+            format!("{} planned {}, {measured}", p.phase, human(p.planned))
+        })
+        .collect();
+    if phases.is_empty() {
+        String::new()
+    } else {
+        format!("\nphases: {}", phases.join("; "))
+    }
 }
 
 /// The conditioning image and the noise of one generation.

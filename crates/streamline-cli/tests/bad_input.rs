@@ -195,7 +195,7 @@ fn svd_flags_are_refused_before_weights_load() {
         ("--fps 0", "out.gif|frame rate must be positive"),
         (
             "--memory-budget 100KiB",
-            "100.0 KiB cannot be met|VAE decode|--decode-chunk-size",
+            "100.0 KiB cannot be met|smallest whole-run peak|denoise phase|UNet weights|--num-frames",
         ),
         // Late or cryptic.
         ("--num-frames 0", "--num-frames|at least 1"),

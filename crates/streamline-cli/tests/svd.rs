@@ -136,7 +136,7 @@ fn portable_kernels_give_the_default_frames() {
     assert!(ok, "{err}");
     let (ok, err) = svd(
         &portable,
-        &["--kernels", "portable", "--memory-budget", "2MiB"],
+        &["--kernels", "portable", "--memory-budget", "34MiB"],
     );
     assert!(ok, "{err}");
     let diff = max_abs(&frames(&default), &frames(&portable));

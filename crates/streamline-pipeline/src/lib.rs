@@ -12,6 +12,9 @@
 //! - [`animatediff`]: AnimateDiff text-to-video with diffusers' math (prompt and negative
 //!   prompt through CLIP text, classifier-free guidance, the checkpoint's scheduler, per-frame
 //!   decoding in chunks).
+//! - [`phases`]: one memory budget for the whole run: the encode, denoise and decode phases,
+//!   each with its weights, held values and activations, and the residency that fits them;
+//!   [`residency`]: models on the device only in their phases, each phase's peak measured;
 //! - [`kernels`]: which implementation of the ops runs on which device (`--kernels`);
 //! - [`memory`]: whether a run's sizes fit the machine, from its plan, before anything is
 //!   allocated;
@@ -33,7 +36,9 @@
 //! error naming the step or the decode call); no output is left half-written.
 //!
 //! **Tests:** `cargo test -p streamline-pipeline` checks every optimization against original
-//! inference on the SVD and AnimateDiff fixtures, the naive baseline for being measurably different, and
+//! inference on the SVD and AnimateDiff fixtures (whole-run budgets with either residency bit
+//! for bit), each phase's measured peak within 10% of its plan on the built-in model
+//! (`tests/phase_memory.rs`), the naive baseline for being measurably different, and
 //! both whole pipelines against diffusers' frames; `tests/video_io.rs` every output form and
 //! what a failed write leaves (nothing); unit tests the memory checks and the staging. The
 //! CLI's `tests/bad_input.rs` drives the refusals end to end.
@@ -42,8 +47,10 @@ pub mod animatediff;
 pub mod kernels;
 pub mod memory;
 pub mod optimize;
+pub mod phases;
 pub mod planner;
 pub mod quality;
+pub mod residency;
 pub mod run;
 pub mod scheduler;
 pub mod svd;

@@ -4,11 +4,12 @@
 //!
 //! Two checks, cheapest first: [`check_video`], the frames the run must hold whatever its
 //! plan (it also keeps sizes whose plans could not even be counted from being planned), then
-//! [`check_plan`], the planned peak of the run from configs alone (weights plus the larger of
-//! a UNet step's and a decode call's activations, see [`PlanReport::total`]).
+//! [`check_plan`], the planned peak of the run from configs alone (its largest phase, see
+//! [`PlanReport::total`]).
 
 use streamline_ir::human;
 
+use crate::phases::Phase;
 use crate::planner::PlanReport;
 use crate::run::PipelineError;
 
@@ -64,31 +65,28 @@ pub fn check_video(
     ))
 }
 
-/// The run's planned peak (weights and the larger activation peak) against `memory`.
+/// The run's planned peak (its largest phase: weights, held values and activations) against
+/// `memory`.
 pub fn check_plan(report: &PlanReport, memory: usize) -> Result<(), PipelineError> {
     let total = report.total();
     if total <= memory {
         return Ok(());
     }
-    let (call, activations, remedy) = if report.unet.activations >= report.decoder.activations {
-        (
-            "a UNet step's",
-            report.unet.activations,
-            "--memory-budget, fewer --num-frames or a smaller --height/--width lowers it",
-        )
-    } else {
-        (
-            "a VAE decode call's",
-            report.decoder.activations,
-            "--memory-budget, a smaller --decode-chunk-size or a smaller --height/--width lowers it",
-        )
+    let phase = report.peak_phase();
+    let remedy = match phase.phase {
+        Phase::Decode => {
+            "--memory-budget, a smaller --decode-chunk-size or a smaller --height/--width lowers it"
+        }
+        _ => "--memory-budget, fewer --num-frames or a smaller --height/--width lowers it",
     };
     let needs = format!(
-        "{} frames are planned to need {} ({} of weights and {call} {} of activations)",
+        "{} frames are planned to need {} in the {} phase ({} of weights, {} handed on and {} of activations)",
         report.frames,
         human(total),
-        human(total - activations),
-        human(activations)
+        phase.phase,
+        human(phase.weights),
+        human(phase.held),
+        human(phase.activations)
     );
     let size = format!(
         "--height {} --width {}",
@@ -130,6 +128,7 @@ mod tests {
             optimization: crate::Optimization::Original,
             kernels: crate::Kernels::Cpu,
             decode_chunk_size: 14,
+            rehash: false,
         })
         .unwrap();
         assert!(check_plan(&report, report.total()).is_ok());

@@ -100,7 +100,7 @@ pub enum CallKind {
 
 impl CallKind {
     /// What would lower this call's smallest feasible peak, for a refused budget.
-    fn remedy(self) -> &'static str {
+    pub(crate) fn remedy(self) -> &'static str {
         match self {
             CallKind::Encode => "a smaller --height/--width lowers it",
             CallKind::UNetStep => "fewer --num-frames or a smaller --height/--width lowers it",

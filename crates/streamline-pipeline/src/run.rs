@@ -13,6 +13,8 @@ use streamline_rehash::{Rehash, StepError, StepRehash};
 use thiserror::Error;
 
 use crate::optimize::{plan_call, CallError, CallKind, Optimization};
+use crate::planner::PlanError;
+use crate::residency::PhaseMeasure;
 use crate::scheduler::SchedulerError;
 
 #[derive(Debug, Error)]
@@ -35,6 +37,9 @@ pub enum PipelineError {
     Model(Box<ModelError>),
     #[error(transparent)]
     Plan(Box<CallError>),
+    /// Planning the run from the folder's configs (a whole-run budget refused, ...).
+    #[error(transparent)]
+    Planning(Box<PlanError>),
     #[error(transparent)]
     Scheduler(Box<SchedulerError>),
     #[error(transparent)]
@@ -48,6 +53,12 @@ pub enum PipelineError {
 impl From<ModelError> for PipelineError {
     fn from(e: ModelError) -> Self {
         PipelineError::Model(Box::new(e))
+    }
+}
+
+impl From<PlanError> for PipelineError {
+    fn from(e: PlanError) -> Self {
+        PipelineError::Planning(Box::new(e))
     }
 }
 
@@ -153,6 +164,9 @@ pub struct RunReport {
     pub denoise_seconds: f64,
     /// With [`Rehash::Record`]: the cached features of every step, in step order.
     pub recorded: Vec<Tensor>,
+    /// Each phase's planned peak, and its measured one where it is measured (see
+    /// [`crate::residency::PhaseMeasure`]).
+    pub phases: Vec<PhaseMeasure>,
 }
 
 /// A run's frame count: a video needs at least one frame.
@@ -202,6 +216,9 @@ pub(crate) fn ensure_finite_step(
 /// divided by the scaling factor) through the decoder `chunk` frames per call, then
 /// `[-1, 1]` -> `[0, 1]` in f32. `lower(len)` is the decoder graph of a call of `len` frames
 /// (planned once per length). Returns the frames and the largest call's live peak.
+///
+/// Each decoded frame is mapped to `[0, 1]` alone and written into the one f32 video, so the
+/// phase holds the video once, not the decoded chunks and their f32 copies beside it.
 pub(crate) fn decode_in_chunks(
     latents: &Tensor,
     chunk: usize,
@@ -219,7 +236,7 @@ pub(crate) fn decode_in_chunks(
     let chunk = chunk.min(frames.max(1));
     let starts: Vec<usize> = (0..frames).step_by(chunk).collect();
     let mut calls: HashMap<usize, Call> = HashMap::new();
-    let mut parts = Vec::new();
+    let mut video: Option<Tensor> = None;
     let mut peak = 0;
     for (k, &start) in starts.iter().enumerate() {
         progress(Stage::Decode {
@@ -243,10 +260,19 @@ pub(crate) fn decode_in_chunks(
             )
         })?;
         peak = peak.max(p);
-        parts.push(out);
+        let (_, c, h, w) = out.dims4()?;
+        let video = match &mut video {
+            Some(v) => v,
+            None => video.insert(Tensor::zeros((frames, c, h, w), DType::F32, device)?),
+        };
+        for i in 0..len {
+            let frame = out.narrow(0, i, 1)?.to_dtype(DType::F32)?;
+            video.slice_set(&((frame / 2.0)? + 0.5)?.clamp(0f32, 1f32)?, 0, start + i)?;
+        }
     }
-    let frames = Tensor::cat(&parts, 0)?.to_dtype(DType::F32)?;
-    Ok((((frames / 2.0)? + 0.5)?.clamp(0f32, 1f32)?, peak))
+    video
+        .ok_or_else(|| PipelineError::Input("no frames to decode".into()))
+        .map(|v| (v, peak))
 }
 
 /// The UNet calls of one denoising loop: one per run of frames (several only for the naive

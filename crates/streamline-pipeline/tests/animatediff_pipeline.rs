@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use common::{fixture, io};
 use serde::Deserialize;
 use streamline_pipeline::animatediff::{AnimateDiff, AnimateDiffSettings};
+use streamline_pipeline::phases::Residency;
 use streamline_pipeline::quality::max_abs;
 use streamline_pipeline::run::RunReport;
 use streamline_pipeline::Optimization;
@@ -160,4 +161,46 @@ fn wrong_latents_and_folders_are_clear_errors() {
         .unwrap()
         .to_string();
     assert!(err.contains("not a motion adapter folder"), "{err}");
+}
+
+/// A whole-run budget that only each model in its own phases meets: every phase within it,
+/// and the frames of original inference, bit for bit (the text encoder, the UNet and the VAE
+/// are read again from their files as the phases need them).
+#[test]
+fn a_budget_met_by_per_phase_residency_keeps_the_frames() {
+    let (pipe, call, latents, _) = setup();
+    let settings = AnimateDiffSettings {
+        height: call.height,
+        width: call.width,
+        num_frames: call.num_frames,
+        num_inference_steps: call.num_inference_steps,
+        guidance_scale: call.guidance_scale,
+        decode_chunk_size: call.decode_chunk_size,
+        rehash: Rehash::Off,
+    };
+    let original = pipe.plan(&settings, Optimization::Original).unwrap();
+    // Each phase with only its own models and original inference's activations.
+    let budget = original
+        .phases
+        .iter()
+        .map(|p| original.footprint.fixed(p.phase, Residency::PerPhase) + p.activations)
+        .max()
+        .unwrap();
+    assert!(
+        budget < original.total(),
+        "the fixture's models are too small"
+    );
+    let opt = Optimization::Budget { bytes: budget };
+    assert_eq!(
+        pipe.plan(&settings, opt).unwrap().run.residency,
+        Residency::PerPhase
+    );
+    let expected = generate(&pipe, &call, &latents, Optimization::Original);
+    for _ in 0..2 {
+        let (frames, report) = run(&pipe, &call, &latents, opt, Rehash::Off);
+        assert_eq!(max_abs(&frames, &expected).unwrap(), 0.0);
+        assert!(report.phases.iter().all(|p| p.planned <= budget));
+    }
+    let again = generate(&pipe, &call, &latents, Optimization::Original);
+    assert_eq!(max_abs(&again, &expected).unwrap(), 0.0);
 }

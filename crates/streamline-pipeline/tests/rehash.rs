@@ -100,7 +100,12 @@ fn partial_steps_compute_less_and_compose_with_slicing() {
         max_abs(&frames, &original) > 0.0,
         "partial steps reuse stale features"
     );
-    for optimization in [PAPER, Optimization::Budget { bytes: 2 << 20 }] {
+    // A whole-run budget that slices the UNet step with each model only in its phases
+    // (3.3 MiB for this fixture, Step Rehash's cache counted; 6.0 MiB for original inference).
+    let budget = Optimization::Budget {
+        bytes: (33 << 20) / 10,
+    };
+    for optimization in [PAPER, budget] {
         let (sliced, _) = f.run(optimization, rehash.clone());
         let diff = max_abs(&sliced, &frames);
         assert!(

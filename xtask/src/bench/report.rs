@@ -19,6 +19,17 @@ pub struct Measurement {
     pub full_steps: Option<usize>,
     #[serde(default)]
     pub partial_steps: Option<usize>,
+    /// Ours, end to end on the CPU: each phase's planned and measured whole-run peak.
+    #[serde(default)]
+    pub phases: Vec<PhaseFigures>,
+}
+
+/// One phase of an end-to-end run (streamline-bench's `PhaseMeasure`).
+#[derive(Debug, Deserialize, Serialize)]
+pub struct PhaseFigures {
+    pub phase: String,
+    pub planned: u64,
+    pub measured: Option<u64>,
 }
 
 /// Error of an output against our original inference's.
@@ -50,6 +61,7 @@ pub struct Record {
     /// UNet evaluations that ran the whole network, and partial ones (Step Rehash).
     pub full_steps: Option<usize>,
     pub partial_steps: Option<usize>,
+    pub phases: Vec<PhaseFigures>,
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -89,6 +101,7 @@ impl Record {
             psnr_vs_original: error.psnr,
             full_steps: m.full_steps,
             partial_steps: m.partial_steps,
+            phases: m.phases,
         }
     }
 
@@ -129,13 +142,13 @@ pub fn table(records: &[Record], scenario: &str, end_to_end: bool) -> String {
     writeln!(
         t,
         "| implementation | mode | {time} | min-max | time / diffusers | peak RSS MiB | RSS / diffusers | live peak MiB | planned MiB | UNet evals full+partial | rel. L2 vs original |{}",
-        if end_to_end { " PSNR dB |" } else { "" }
+        if end_to_end { " PSNR dB | phases: planned / measured MiB |" } else { "" }
     )
     .unwrap();
     writeln!(
         t,
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|{}",
-        if end_to_end { "---:|" } else { "" }
+        if end_to_end { "---:|---|" } else { "" }
     )
     .unwrap();
     for r in records.iter().filter(|r| r.scenario == scenario) {
@@ -179,11 +192,23 @@ pub fn table(records: &[Record], scenario: &str, end_to_end: bool) -> String {
                     format!("{p:.1}")
                 }
             });
-            write!(t, " {psnr} |").unwrap();
+            write!(t, " {psnr} | {} |", phases(&r.phases)).unwrap();
         }
         t.push('\n');
     }
     t
+}
+
+/// `encode 7.1 / 7.3, denoise ...`: each phase's planned and measured whole-run peak.
+fn phases(phases: &[PhaseFigures]) -> String {
+    if phases.is_empty() {
+        return "-".into();
+    }
+    let one = |p: &PhaseFigures| {
+        let measured = p.measured.map_or("-".into(), mib);
+        format!("{} {} / {measured}", p.phase, mib(p.planned))
+    };
+    phases.iter().map(one).collect::<Vec<_>>().join(", ")
 }
 
 #[cfg(test)]
@@ -198,6 +223,7 @@ mod tests {
             live_peak_bytes: None,
             planned_peak_bytes: None,
             full_steps: None,
+            phases: Vec::new(),
             partial_steps: None,
         };
         let error = Error {

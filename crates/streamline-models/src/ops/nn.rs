@@ -302,11 +302,16 @@ pub struct Geglu {
 impl Geglu {
     pub fn new(dim: usize, inner: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         let proj = Linear::new(dim, 2 * inner, true, vb.pp("proj"))?;
+        // `force_contiguous` copies the half alone; `copy` would clone the whole projection's
+        // storage into each half, holding it twice.
         let half = |i: usize| -> candle_core::Result<Linear> {
             Ok(Linear {
-                weight: proj.weight.narrow(0, i * inner, inner)?.copy()?,
+                weight: proj
+                    .weight
+                    .narrow(0, i * inner, inner)?
+                    .force_contiguous()?,
                 bias: match &proj.bias {
-                    Some(b) => Some(b.narrow(0, i * inner, inner)?.copy()?),
+                    Some(b) => Some(b.narrow(0, i * inner, inner)?.force_contiguous()?),
                     None => None,
                 },
                 in_dim: dim,

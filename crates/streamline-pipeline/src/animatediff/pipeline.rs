@@ -1,7 +1,7 @@
 //! The prompt encoding, the denoising loop with classifier-free guidance and the per-frame
 //! decode, as `AnimateDiffPipeline.__call__` runs them.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Tensor};
 use streamline_ir::Kernels;
@@ -10,12 +10,15 @@ use streamline_models::load::load_config;
 use streamline_models::sd::{
     AutoencoderKL, MotionAdapterConfig, MotionUNetConfig, UNet2DConfig, UNetMotionModel,
 };
-use streamline_models::svd::UNetShape;
+use streamline_models::svd::{UNetShape, VaeConfig};
 use streamline_models::SizeRule;
 use streamline_rehash::Rehash;
 
 use crate::kernels::{kernels_for, DeviceKind, KernelChoice};
 use crate::optimize::Optimization;
+use crate::phases::{Phase, RunPlan};
+use crate::planner::{plan_report, ModelSpec, PlanReport, PlanRequest};
+use crate::residency::{enter, PhaseMeter, Planned, Slot, SlotControl};
 use crate::run::{
     decode_in_chunks, ensure_finite_step, ensure_frames, PipelineError, Planning, RunReport, Sizes,
     Stage, UNetCalls,
@@ -51,12 +54,18 @@ impl Default for AnimateDiffSettings {
     }
 }
 
-/// AnimateDiff with its models loaded once.
+/// AnimateDiff with its models loaded once; under a whole-run budget that needs it, each model
+/// is on the device only in the phases that run it (see [`crate::phases`]).
 pub struct AnimateDiff {
-    pub unet: UNetMotionModel,
-    pub vae: AutoencoderKL,
-    pub text_encoder: ClipTextModel,
+    unet: Slot<UNetMotionModel>,
+    vae: Slot<AutoencoderKL>,
+    text_encoder: Slot<ClipTextModel>,
     pub tokenizer: ClipTokenizer,
+    unet_config: MotionUNetConfig,
+    vae_config: VaeConfig,
+    /// The SD folder and the motion adapter folder: configs for planning, weights for
+    /// loading again.
+    dirs: (PathBuf, PathBuf),
     /// Read once at load; each run clones it and sets its own step count.
     scheduler: Scheduler,
     sizes: Sizes,
@@ -148,11 +157,30 @@ impl AnimateDiff {
         let AnimateDiffConfigs {
             sizes, scheduler, ..
         } = Self::configs(model, motion_adapter)?;
+        let (unet_dir, adapter, dev) = (
+            model.join("unet"),
+            motion_adapter.to_path_buf(),
+            device.clone(),
+        );
+        let unet = Slot::new("UNet", &[Phase::Denoise], move || {
+            Ok(UNetMotionModel::load(&unet_dir, &adapter, dtype, &dev)?)
+        })?;
+        let (vae_dir, dev) = (model.join("vae"), device.clone());
+        let vae = Slot::new("VAE", &[Phase::Decode], move || {
+            Ok(AutoencoderKL::load(&vae_dir, dtype, &dev)?)
+        })?;
+        let (text_dir, dev) = (model.join("text_encoder"), device.clone());
+        let text_encoder = Slot::new("text encoder", &[Phase::Encode], move || {
+            Ok(ClipTextModel::load(&text_dir, dtype, &dev)?)
+        })?;
         Ok(AnimateDiff {
-            unet: UNetMotionModel::load(&model.join("unet"), motion_adapter, dtype, device)?,
-            vae: AutoencoderKL::load(&model.join("vae"), dtype, device)?,
-            text_encoder: ClipTextModel::load(&model.join("text_encoder"), dtype, device)?,
+            unet_config: unet.get()?.config().clone(),
+            vae_config: vae.get()?.config().clone(),
+            unet,
+            vae,
+            text_encoder,
             tokenizer: ClipTokenizer::load(&model.join("tokenizer"))?,
+            dirs: (model.to_path_buf(), motion_adapter.to_path_buf()),
             scheduler,
             sizes,
             kernels: kernels_for(DeviceKind::of(device), KernelChoice::Auto)
@@ -170,7 +198,7 @@ impl AnimateDiff {
 
     /// Pixels per latent along each side.
     pub fn scale_factor(&self) -> usize {
-        self.vae.scale_factor()
+        self.vae_config.scale_factor()
     }
 
     /// The shape of the unit-noise latents a run takes: `(1, C, F, H/s, W/s)`, as diffusers'.
@@ -178,7 +206,7 @@ impl AnimateDiff {
         let s = self.scale_factor();
         [
             1,
-            self.unet.config().unet.in_channels,
+            self.unet_config.unet.in_channels,
             settings.num_frames,
             settings.height / s,
             settings.width / s,
@@ -190,7 +218,34 @@ impl AnimateDiff {
     pub fn encode_prompt(&self, prompt: &str) -> Result<Tensor, PipelineError> {
         let encoding = self.tokenizer.encode(prompt)?;
         let ids = Tensor::new(encoding.ids.as_slice(), &self.device)?.unsqueeze(0)?;
-        Ok(self.text_encoder.forward(&ids)?.to_dtype(self.dtype)?)
+        Ok(self
+            .text_encoder
+            .get()?
+            .forward(&ids)?
+            .to_dtype(self.dtype)?)
+    }
+
+    /// The run's plan from the folders' configs: each phase's call plans and where the
+    /// weights are between phases (a budget is for the whole run).
+    pub fn plan(
+        &self,
+        settings: &AnimateDiffSettings,
+        optimization: Optimization,
+    ) -> Result<PlanReport, PipelineError> {
+        let (model, adapter) = self.dirs.clone();
+        Ok(plan_report(PlanRequest {
+            model: ModelSpec::AnimateDiffFolders { model, adapter },
+            height: settings.height,
+            width: settings.width,
+            num_frames: Some(settings.num_frames),
+            batch: 1,
+            cfg: settings.guidance_scale > 1.0,
+            dtype: self.dtype,
+            optimization,
+            kernels: self.kernels,
+            decode_chunk_size: settings.decode_chunk_size,
+            rehash: settings.rehash != Rehash::Off,
+        })?)
     }
 
     /// Generate frames `(F, 3, H, W)` in `[0, 1]` from `prompt` and unit-noise `latents`
@@ -204,7 +259,6 @@ impl AnimateDiff {
         optimization: Optimization,
         progress: &mut dyn FnMut(Stage),
     ) -> Result<(Tensor, RunReport), PipelineError> {
-        let dev = &self.device;
         ensure_frames(settings.num_frames)?;
         self.sizes.rule.check(settings.height, settings.width)?;
         let expected = self.latent_shape(settings);
@@ -215,7 +269,11 @@ impl AnimateDiff {
                 s = self.scale_factor()
             )));
         }
-        let [_, c, frames, h, w] = expected;
+        let planned = Planned::new(self.plan(settings, optimization)?);
+        let run = planned.run;
+        let slots: [&dyn SlotControl; 3] = [&self.text_encoder, &self.unet, &self.vae];
+        let mut meter = PhaseMeter::new(&planned, &slots, self.device.is_cpu());
+        enter(&slots, Phase::Encode, run.residency, &mut meter)?;
         let cfg = settings.guidance_scale > 1.0;
         let prompt_embeds = self.encode_prompt(prompt)?;
         let context = if cfg {
@@ -224,22 +282,57 @@ impl AnimateDiff {
         } else {
             prompt_embeds
         };
+        enter(&slots, Phase::Denoise, run.residency, &mut meter)?;
+        let (latents, mut report) = self.denoise(latents, &context, settings, run, progress)?;
+        drop(context);
+        enter(&slots, Phase::Decode, run.residency, &mut meter)?;
+        let [_, _, _, h, w] = expected;
+        // `decode_latents`: every frame alone through the 2D decoder.
+        let latents =
+            (latents.squeeze(0)?.permute((1, 0, 2, 3))? / self.vae_config.scaling_factor)?;
+        let vae = self.vae.get()?;
+        let (video, peak) = decode_in_chunks(
+            &latents,
+            settings.decode_chunk_size,
+            |len| vae.lower_decoder(1, len, h, w),
+            Planning::new(run.call(Phase::Decode), self.kernels),
+            &self.device,
+            progress,
+        )?;
+        report.decode_peak_bytes = peak;
+        report.phases = meter.finish();
+        Ok((video, report))
+    }
+
+    /// The denoise phase: the scheduler's steps with classifier-free guidance when
+    /// `context` holds both prompts, each UNet call planned once.
+    fn denoise(
+        &self,
+        latents: &Tensor,
+        context: &Tensor,
+        settings: &AnimateDiffSettings,
+        run: RunPlan,
+        progress: &mut dyn FnMut(Stage),
+    ) -> Result<(Tensor, RunReport), PipelineError> {
+        let dev = &self.device;
+        let [_, c, frames, h, w] = self.latent_shape(settings);
+        let cfg = settings.guidance_scale > 1.0;
         let batch = context.dim(0)?;
         let mut scheduler = self.scheduler.clone();
         scheduler.set_timesteps(settings.num_inference_steps)?;
         let mut latents = (latents.to_dtype(DType::F32)?
             * f64::from(scheduler.init_noise_sigma()))?
         .to_dtype(self.dtype)?;
-
         let steps = scheduler.timesteps().len();
         let context_len = context.dim(1)?;
+        let unet = self.unet.get()?;
         let mut calls = UNetCalls::new(
             frames,
-            Planning::new(optimization, self.kernels),
+            Planning::new(run.call(Phase::Denoise), self.kernels),
             &settings.rehash,
             steps,
             |n| {
-                self.unet.lower(UNetShape {
+                unet.lower(UNetShape {
                     batch,
                     frames: n,
                     height: h,
@@ -248,6 +341,7 @@ impl AnimateDiff {
                 })
             },
         )?;
+        drop(unet);
         let mut report = RunReport::default();
         let started = std::time::Instant::now();
         for i in 0..steps {
@@ -289,18 +383,6 @@ impl AnimateDiff {
         }
         report.denoise_seconds = started.elapsed().as_secs_f64();
         calls.finish(&mut report);
-        // `decode_latents`: every frame alone through the 2D decoder.
-        let latents =
-            (latents.squeeze(0)?.permute((1, 0, 2, 3))? / self.vae.config().scaling_factor)?;
-        let (video, peak) = decode_in_chunks(
-            &latents,
-            settings.decode_chunk_size,
-            |len| self.vae.lower_decoder(1, len, h, w),
-            Planning::new(optimization, self.kernels),
-            dev,
-            progress,
-        )?;
-        report.decode_peak_bytes = peak;
-        Ok((video, report))
+        Ok((latents, report))
     }
 }

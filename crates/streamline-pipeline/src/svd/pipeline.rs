@@ -5,6 +5,9 @@ use std::path::{Path, PathBuf};
 use super::preprocess::{clip_input, Planes};
 use crate::kernels::{kernels_for, DeviceKind, KernelChoice};
 use crate::optimize::{CallKind, Optimization};
+use crate::phases::{Phase, RunPlan};
+use crate::planner::{plan_report, ModelSpec, PlanReport, PlanRequest};
+use crate::residency::{enter, PhaseMeter, Planned, Slot, SlotControl};
 use crate::run::{
     decode_in_chunks, ensure_finite_step, ensure_frames, Call, PipelineError, Planning, RunReport,
     Sizes, Stage, UNetCalls,
@@ -17,7 +20,7 @@ use streamline_models::clip::ClipVisionModelWithProjection;
 use streamline_models::load::load_config;
 use streamline_models::svd::{
     AutoencoderKLTemporalDecoder, LatentDist, UNetConfig, UNetShape,
-    UNetSpatioTemporalConditionModel,
+    UNetSpatioTemporalConditionModel, VaeConfig,
 };
 use streamline_models::SizeRule;
 use streamline_rehash::Rehash;
@@ -78,11 +81,16 @@ fn clip_size() -> CropSize {
     CropSize::Square(224)
 }
 
-/// SVD / SVD-XT with its models loaded once.
+/// SVD / SVD-XT with its models loaded once; under a whole-run budget that needs it, each
+/// model is on the device only in the phases that run it (see [`crate::phases`]).
 pub struct StableVideoDiffusion {
-    pub unet: UNetSpatioTemporalConditionModel,
-    pub vae: AutoencoderKLTemporalDecoder,
-    pub image_encoder: ClipVisionModelWithProjection,
+    unet: Slot<UNetSpatioTemporalConditionModel>,
+    vae: Slot<AutoencoderKLTemporalDecoder>,
+    image_encoder: Slot<ClipVisionModelWithProjection>,
+    unet_config: UNetConfig,
+    vae_config: VaeConfig,
+    /// The model folder: configs for planning, weights for loading again.
+    dir: PathBuf,
     /// Read once at load; each run clones it and sets its own step count.
     scheduler: EulerDiscreteScheduler,
     clip_mean: [f32; 3],
@@ -94,6 +102,11 @@ pub struct StableVideoDiffusion {
     dtype: DType,
     device: Device,
 }
+
+/// The phases each model runs in.
+const IMAGE_ENCODER_PHASES: &[Phase] = &[Phase::Encode];
+const VAE_PHASES: &[Phase] = &[Phase::Encode, Phase::Decode];
+const UNET_PHASES: &[Phase] = &[Phase::Denoise];
 
 /// An SVD folder's configs, read and checked without any weights, so that everything a config
 /// can refuse is refused before loading (see [`StableVideoDiffusion::configs`]).
@@ -206,16 +219,31 @@ impl StableVideoDiffusion {
             sizes,
             scheduler,
             feature_extractor: fe,
+            unet_config,
             ..
         } = Self::configs(dir)?;
+        let folder = |name: &str| (dir.join(name), device.clone());
+        let (unet_dir, dev) = folder("unet");
+        let unet = Slot::new("UNet", UNET_PHASES, move || {
+            Ok(UNetSpatioTemporalConditionModel::load(
+                &unet_dir, dtype, &dev,
+            )?)
+        })?;
+        let (vae_dir, dev) = folder("vae");
+        let vae = Slot::new("VAE", VAE_PHASES, move || {
+            Ok(AutoencoderKLTemporalDecoder::load(&vae_dir, dtype, &dev)?)
+        })?;
+        let (clip_dir, dev) = folder("image_encoder");
+        let image_encoder = Slot::new("image encoder", IMAGE_ENCODER_PHASES, move || {
+            Ok(ClipVisionModelWithProjection::load(&clip_dir, dtype, &dev)?)
+        })?;
         Ok(StableVideoDiffusion {
-            unet: UNetSpatioTemporalConditionModel::load(&dir.join("unet"), dtype, device)?,
-            vae: AutoencoderKLTemporalDecoder::load(&dir.join("vae"), dtype, device)?,
-            image_encoder: ClipVisionModelWithProjection::load(
-                &dir.join("image_encoder"),
-                dtype,
-                device,
-            )?,
+            unet_config: load_config(&unet_config)?,
+            vae_config: vae.get()?.config().clone(),
+            unet,
+            vae,
+            image_encoder,
+            dir: dir.to_path_buf(),
             scheduler,
             clip_mean: fe.image_mean,
             clip_std: fe.image_std,
@@ -242,12 +270,17 @@ impl StableVideoDiffusion {
     }
 
     pub fn num_frames(&self, settings: &SvdSettings) -> usize {
-        settings.num_frames.unwrap_or(self.unet.config().num_frames)
+        settings.num_frames.unwrap_or(self.unet_config.num_frames)
     }
 
     /// Pixels per latent along each side (the VAE's scale).
     pub fn scale_factor(&self) -> usize {
-        self.vae.scale_factor()
+        self.vae_config.scale_factor()
+    }
+
+    /// The VAE's latent channels: latents are `(1, frames, channels, h, w)`.
+    pub fn latent_channels(&self) -> usize {
+        self.vae_config.latent_channels
     }
 
     /// `image_embeds` of the conditioning image (`_encode_image`), `(1, 1, D)`.
@@ -256,7 +289,7 @@ impl StableVideoDiffusion {
             .to_tensor(&self.device)?
             .unsqueeze(0)?
             .to_dtype(self.dtype)?;
-        Ok(self.image_encoder.forward(&pixels)?.unsqueeze(1)?)
+        Ok(self.image_encoder.get()?.forward(&pixels)?.unsqueeze(1)?)
     }
 
     /// The VAE latent of the noise-augmented image (`_encode_vae_image`, `mode()`), `(1, 4, h, w)`.
@@ -271,12 +304,35 @@ impl StableVideoDiffusion {
         let x = (x + (noise * strength)?)?.to_dtype(self.dtype)?;
         let (_, _, h, w) = x.dims4()?;
         let call = Call::new(
-            &self.vae.lower_encoder(1, h, w)?,
+            &self.vae.get()?.lower_encoder(1, h, w)?,
             Planning::new(optimization, self.kernels),
             CallKind::Encode,
         )?;
         let (moments, _) = call.run(vec![x], &self.device)?;
         Ok(LatentDist::from_moments(&moments)?.mode().clone())
+    }
+
+    /// The run's plan from the folder's configs: each phase's call plans and where the
+    /// weights are between phases (a budget is for the whole run).
+    pub fn plan(
+        &self,
+        settings: &SvdSettings,
+        optimization: Optimization,
+    ) -> Result<PlanReport, PipelineError> {
+        let frames = self.num_frames(settings);
+        Ok(plan_report(PlanRequest {
+            model: ModelSpec::Path(self.dir.clone()),
+            height: settings.height,
+            width: settings.width,
+            num_frames: Some(frames),
+            batch: 1,
+            cfg: true,
+            dtype: self.dtype,
+            optimization,
+            kernels: self.kernels,
+            decode_chunk_size: settings.decode_chunk_size.unwrap_or(frames),
+            rehash: settings.rehash != Rehash::Off,
+        })?)
     }
 
     /// Generate frames `(F, 3, H, W)` in `[0, 1]` from `image` (`3 x H x W` in `[0, 1]`, already
@@ -291,16 +347,15 @@ impl StableVideoDiffusion {
         optimization: Optimization,
         progress: &mut dyn FnMut(Stage),
     ) -> Result<(Tensor, RunReport), PipelineError> {
-        let dev = &self.device;
         let frames = self.num_frames(settings);
         ensure_frames(frames)?;
         let (h, w) = self.sizes.rule.check(settings.height, settings.width)?;
-        let expected = [1, frames, self.vae.config().latent_channels, h, w];
+        let expected = [1, frames, self.latent_channels(), h, w];
         if latents.dims() != expected {
             return Err(PipelineError::Input(format!(
                 "latents have shape {:?}, expected {expected:?} (1, frames, channels, height/{s}, width/{s})",
                 latents.dims(),
-                s = self.vae.scale_factor()
+                s = self.scale_factor()
             )));
         }
         if (image.height, image.width) != (settings.height, settings.width) {
@@ -309,14 +364,41 @@ impl StableVideoDiffusion {
                 image.height, image.width, settings.height, settings.width
             )));
         }
-        // Classifier-free guidance: the unconditional half gets zeros, as diffusers does.
+        let planned = Planned::new(self.plan(settings, optimization)?);
+        let run = planned.run;
+        let slots: [&dyn SlotControl; 3] = [&self.image_encoder, &self.vae, &self.unet];
+        let mut meter = PhaseMeter::new(&planned, &slots, self.device.is_cpu());
+        enter(&slots, Phase::Encode, run.residency, &mut meter)?;
+        let conditioning = self.conditioning(image, image_noise, settings, frames, run)?;
+        enter(&slots, Phase::Denoise, run.residency, &mut meter)?;
+        let (latents, mut report) =
+            self.denoise(latents, &conditioning, settings, run, progress)?;
+        drop(conditioning);
+        enter(&slots, Phase::Decode, run.residency, &mut meter)?;
+        let (frames_out, peak) =
+            self.decode(&latents, settings, run.call(Phase::Decode), progress)?;
+        report.decode_peak_bytes = peak;
+        report.phases = meter.finish();
+        Ok((frames_out, report))
+    }
+
+    /// The encode phase: the image embedding and the image latents, both halves of
+    /// classifier-free guidance (the unconditional half gets zeros, as diffusers does).
+    fn conditioning(
+        &self,
+        image: &Planes,
+        image_noise: &Tensor,
+        settings: &SvdSettings,
+        frames: usize,
+        run: RunPlan,
+    ) -> Result<Conditioning, PipelineError> {
         let embeds = self.image_embeddings(image)?;
         let embeds = Tensor::cat(&[&embeds.zeros_like()?, &embeds], 0)?;
         let lat = self.image_latents(
             image,
             image_noise,
             settings.noise_aug_strength,
-            Optimization::Original,
+            run.call(Phase::Encode),
         )?;
         let lat = Tensor::cat(&[&lat.zeros_like()?, &lat], 0)?
             .unsqueeze(1)?
@@ -327,16 +409,15 @@ impl StableVideoDiffusion {
                 settings.motion_bucket_id as f32,
                 settings.noise_aug_strength as f32,
             ],
-            dev,
+            &self.device,
         )?
         .unsqueeze(0)?
         .repeat((2, 1))?;
+        Ok(Conditioning { embeds, lat, ids })
+    }
 
-        let mut scheduler = self.scheduler.clone();
-        scheduler.set_timesteps(settings.num_inference_steps)?;
-        let mut latents = (latents.to_dtype(DType::F32)?
-            * f64::from(scheduler.init_noise_sigma()))?
-        .to_dtype(self.dtype)?;
+    /// Per-frame guidance scales, `min` to `max` across the frames, `(1, F, 1, 1, 1)`.
+    fn guidance(&self, settings: &SvdSettings, frames: usize) -> Result<Tensor, PipelineError> {
         let guidance: Vec<f32> = (0..frames)
             .map(|i| {
                 let t = if frames > 1 {
@@ -349,18 +430,36 @@ impl StableVideoDiffusion {
                     as f32
             })
             .collect();
-        let guidance =
-            Tensor::from_vec(guidance, (1, frames, 1, 1, 1), dev)?.to_dtype(self.dtype)?;
+        Ok(Tensor::from_vec(guidance, (1, frames, 1, 1, 1), &self.device)?.to_dtype(self.dtype)?)
+    }
 
-        let c = latents.dim(2)?;
+    /// The denoise phase: Euler steps with classifier-free guidance, each UNet call planned
+    /// once (Step Rehash picks whole or partial per step).
+    fn denoise(
+        &self,
+        latents: &Tensor,
+        cond: &Conditioning,
+        settings: &SvdSettings,
+        run: RunPlan,
+        progress: &mut dyn FnMut(Stage),
+    ) -> Result<(Tensor, RunReport), PipelineError> {
+        let dev = &self.device;
+        let (_, frames, c, h, w) = latents.dims5()?;
+        let mut scheduler = self.scheduler.clone();
+        scheduler.set_timesteps(settings.num_inference_steps)?;
+        let mut latents = (latents.to_dtype(DType::F32)?
+            * f64::from(scheduler.init_noise_sigma()))?
+        .to_dtype(self.dtype)?;
+        let guidance = self.guidance(settings, frames)?;
         let steps = scheduler.timesteps().len();
+        let unet = self.unet.get()?;
         let mut calls = UNetCalls::new(
             frames,
-            Planning::new(optimization, self.kernels),
+            Planning::new(run.call(Phase::Denoise), self.kernels),
             &settings.rehash,
             steps,
             |n| {
-                self.unet.lower(UNetShape {
+                unet.lower(UNetShape {
                     batch: 2,
                     frames: n,
                     height: h,
@@ -369,12 +468,13 @@ impl StableVideoDiffusion {
                 })
             },
         )?;
+        drop(unet);
         let mut report = RunReport::default();
         let started = std::time::Instant::now();
         for i in 0..steps {
             progress(Stage::Denoise { step: i, of: steps });
             let input = scheduler.scale_model_input(&Tensor::cat(&[&latents, &latents], 0)?, i)?;
-            let input = Tensor::cat(&[&input, &lat], 2)?;
+            let input = Tensor::cat(&[&input, &cond.lat], 2)?;
             let t = scheduler.timesteps()[i];
             let mut preds = Vec::with_capacity(calls.chunks.len());
             for k in 0..calls.chunks.len() {
@@ -388,8 +488,8 @@ impl StableVideoDiffusion {
                 let inputs = vec![
                     part,
                     Tensor::new(&[t, t], dev)?,
-                    embeds.clone(),
-                    ids.clone(),
+                    cond.embeds.clone(),
+                    cond.ids.clone(),
                 ];
                 let out = calls.run(k, i, inputs, dev, &mut report)?;
                 preds.push(out.reshape((2, range.len(), c, h, w))?);
@@ -402,9 +502,7 @@ impl StableVideoDiffusion {
         }
         report.denoise_seconds = started.elapsed().as_secs_f64();
         calls.finish(&mut report);
-        let (frames_out, peak) = self.decode(&latents, settings, optimization, progress)?;
-        report.decode_peak_bytes = peak;
-        Ok((frames_out, report))
+        Ok((latents, report))
     }
 
     /// `decode_latents` + `postprocess_video`: chunks of `decode_chunk_size` frames through the
@@ -417,15 +515,26 @@ impl StableVideoDiffusion {
         progress: &mut dyn FnMut(Stage),
     ) -> Result<(Tensor, usize), PipelineError> {
         let (_, frames, c, h, w) = latents.dims5()?;
-        let latents = (latents.reshape((frames, c, h, w))? / self.vae.config().scaling_factor)?;
+        let latents = (latents.reshape((frames, c, h, w))? / self.vae_config.scaling_factor)?;
         let chunk = settings.decode_chunk_size.unwrap_or(frames);
+        let vae = self.vae.get()?;
         decode_in_chunks(
             &latents,
             chunk,
-            |len| self.vae.lower_decoder(1, len, h, w),
+            |len| vae.lower_decoder(1, len, h, w),
             Planning::new(optimization, self.kernels),
             &self.device,
             progress,
         )
     }
+}
+
+/// What the encode phase hands to the denoise phase.
+struct Conditioning {
+    /// The image embedding, `(2, 1, D)` (zeros first).
+    embeds: Tensor,
+    /// The image latents repeated over the frames, `(2, F, C, h, w)` (zeros first).
+    lat: Tensor,
+    /// fps - 1, motion bucket and noise strength, `(2, 3)`.
+    ids: Tensor,
 }

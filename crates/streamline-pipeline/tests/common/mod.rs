@@ -84,7 +84,7 @@ pub fn generate(
         ..SvdSettings::default()
     };
     let frames = pipe.num_frames(&settings);
-    let s = pipe.vae.scale_factor();
+    let s = pipe.scale_factor();
     let latents = unit_noise((1, frames, 4, h / s, w / s), seed, &Device::Cpu).unwrap();
     let image_noise = unit_noise((1, 3, h, w), seed + 1, &Device::Cpu).unwrap();
     pipe.generate(

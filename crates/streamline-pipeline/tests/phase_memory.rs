@@ -1,0 +1,103 @@
+//! One budget for the whole run, on the built-in model: every phase's measured peak (heap
+//! bytes above the run's baseline, counted by a tracking global allocator, so weights read
+//! again, buffers inside candle ops and the pipeline's own tensors count) within 10% of its
+//! planned peak, with every model resident and with each model only in its phases; and the
+//! frames of both equal to original inference's, bit for bit.
+//!
+//! One test in its own binary, so nothing else allocates while it measures.
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use common::{default_model, example};
+use streamline_ir::alloc::TrackingAllocator;
+use streamline_ir::human;
+use streamline_pipeline::phases::{Phase, Residency};
+use streamline_pipeline::run::RunReport;
+use streamline_pipeline::svd::{unit_noise, Planes, StableVideoDiffusion, SvdSettings};
+use streamline_pipeline::Optimization;
+
+#[global_allocator]
+static ALLOC: TrackingAllocator = TrackingAllocator;
+
+const MIB: usize = 1 << 20;
+
+/// A short run (memory does not depend on the step count) of the built-in model.
+fn generate(
+    pipe: &StableVideoDiffusion,
+    image: &Planes,
+    settings: &SvdSettings,
+    optimization: Optimization,
+) -> (Tensor, RunReport) {
+    let frames = pipe.num_frames(settings);
+    let s = pipe.scale_factor();
+    let (h, w) = (settings.height, settings.width);
+    let latents = unit_noise(
+        (1, frames, pipe.latent_channels(), h / s, w / s),
+        7,
+        &Device::Cpu,
+    );
+    let image_noise = unit_noise((1, 3, h, w), 8, &Device::Cpu).unwrap();
+    pipe.generate(
+        image,
+        settings,
+        &latents.unwrap(),
+        &image_noise,
+        optimization,
+        &mut |_| {},
+    )
+    .unwrap()
+}
+
+#[test]
+fn every_phase_is_measured_within_ten_percent_of_its_plan_and_residency_keeps_the_frames() {
+    let pipe = default_model();
+    let (_, image) = example(&pipe, "red");
+    let (h, w) = pipe.native_size().unwrap();
+    let settings = SvdSettings {
+        height: h,
+        width: w,
+        num_inference_steps: 3,
+        ..SvdSettings::default()
+    };
+    let residency = |o| pipe.plan(&settings, o).unwrap().run.residency;
+    // A budget that everything resident meets, and one that needs each model in its phases
+    // only (just above the smallest whole-run peak, so the calls are sliced too).
+    let roomy = Optimization::Budget { bytes: 48 * MIB };
+    let tight = Optimization::Budget { bytes: 34 * MIB };
+    assert_eq!(residency(roomy), Residency::Resident);
+    assert_eq!(residency(tight), Residency::PerPhase);
+
+    let (original, _) = generate(&pipe, &image, &settings, Optimization::Original);
+    for optimization in [Optimization::Original, roomy, tight, roomy] {
+        let (frames, report) = generate(&pipe, &image, &settings, optimization);
+        assert_eq!(
+            frames.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            original.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            "{optimization:?}: frames differ from original inference"
+        );
+        let phases: Vec<Phase> = report.phases.iter().map(|p| p.phase).collect();
+        assert_eq!(phases, Phase::ALL, "{optimization:?}");
+        for p in &report.phases {
+            let measured = p.measured.expect("the tracking allocator measures the CPU");
+            let ratio = measured as f64 / p.planned as f64;
+            eprintln!(
+                "{optimization:?} {}: planned {} measured {} ({ratio:.3})",
+                p.phase,
+                human(p.planned),
+                human(measured)
+            );
+            assert!(
+                (0.9..=1.1).contains(&ratio),
+                "{optimization:?} {}: planned {} but measured {}",
+                p.phase,
+                human(p.planned),
+                human(measured)
+            );
+        }
+        if let Optimization::Budget { bytes } = optimization {
+            let peak = report.phases.iter().map(|p| p.planned).max().unwrap();
+            assert!(peak <= bytes, "{optimization:?}: planned {}", human(peak));
+        }
+    }
+}
