@@ -3,14 +3,11 @@
 
 mod common;
 
-use common::{fixture, max_abs, rel_l2};
+use common::{fixture, max_abs, per_phase_budget, rel_l2};
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
-use streamline_pipeline::phases::{BudgetError, Residency};
-use streamline_pipeline::planner::PlanError;
-use streamline_pipeline::run::PipelineError;
 use streamline_pipeline::svd::{Planes, StableVideoDiffusion, SvdSettings};
 use streamline_pipeline::Optimization;
 
@@ -88,38 +85,6 @@ fn conditioning_matches_diffusers() {
         .unwrap();
     let err = rel_l2(&lat, &io["image_latents"]);
     assert!(err <= 1e-4, "image latents: relative L2 {err}");
-}
-
-/// A whole-run budget halfway between the smallest whole-run peak and what original
-/// inference needs with each model only in its phases: it slices the calls and keeps the
-/// models out of the phases that do not run them.
-fn per_phase_budget(pipe: &StableVideoDiffusion, settings: &SvdSettings) -> Optimization {
-    let original = pipe.plan(settings, Optimization::Original).unwrap();
-    let per_phase = original
-        .phases
-        .iter()
-        .map(|p| original.footprint.fixed(p.phase, Residency::PerPhase) + p.activations)
-        .max()
-        .unwrap();
-    let floor = match pipe.plan(settings, Optimization::Budget { bytes: 0 }) {
-        Err(PipelineError::Planning(e)) => match *e {
-            PlanError::Budget(b) => match *b {
-                BudgetError::Refused { smallest, .. } => smallest,
-                other => panic!("{other}"),
-            },
-            other => panic!("{other}"),
-        },
-        other => panic!("a zero budget was not refused: {:?}", other.err()),
-    };
-    assert!(floor < per_phase && per_phase < original.total());
-    let budget = Optimization::Budget {
-        bytes: (floor + per_phase) / 2,
-    };
-    assert_eq!(
-        pipe.plan(settings, budget).unwrap().run.residency,
-        Residency::PerPhase
-    );
-    budget
 }
 
 #[test]

@@ -6,6 +6,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
+use streamline_pipeline::phases::{BudgetError, Residency};
+use streamline_pipeline::planner::PlanError;
+use streamline_pipeline::run::PipelineError;
 use streamline_pipeline::svd::{
     default_model_dir, unit_noise, Planes, RunReport, StableVideoDiffusion, SvdSettings,
 };
@@ -96,4 +99,36 @@ pub fn generate(
         &mut |_| {},
     )
     .unwrap()
+}
+
+/// A whole-run budget halfway between the smallest whole-run peak and what original
+/// inference needs with each model only in its phases: it slices the calls and keeps the
+/// models out of the phases that do not run them.
+pub fn per_phase_budget(pipe: &StableVideoDiffusion, settings: &SvdSettings) -> Optimization {
+    let original = pipe.plan(settings, Optimization::Original).unwrap();
+    let per_phase = original
+        .phases
+        .iter()
+        .map(|p| original.footprint.fixed(p.phase, Residency::PerPhase) + p.activations)
+        .max()
+        .unwrap();
+    let floor = match pipe.plan(settings, Optimization::Budget { bytes: 0 }) {
+        Err(PipelineError::Planning(e)) => match *e {
+            PlanError::Budget(b) => match *b {
+                BudgetError::Refused { smallest, .. } => smallest,
+                other => panic!("{other}"),
+            },
+            other => panic!("{other}"),
+        },
+        other => panic!("a zero budget was not refused: {:?}", other.err()),
+    };
+    assert!(floor < per_phase && per_phase < original.total());
+    let budget = Optimization::Budget {
+        bytes: (floor + per_phase) / 2,
+    };
+    assert_eq!(
+        pipe.plan(settings, budget).unwrap().run.residency,
+        Residency::PerPhase
+    );
+    budget
 }
