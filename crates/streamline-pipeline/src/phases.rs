@@ -323,29 +323,24 @@ mod tests {
         .map(|(plan, _)| plan)
     }
 
+    /// Everything resident when the budget allows it, each model in its phases when it needs
+    /// it; each phase's activation budget is what its weights and held values leave.
     #[test]
-    fn everything_stays_resident_when_the_budget_allows_it() {
-        let plan = run(2000).unwrap();
-        assert_eq!(plan.residency, Residency::Resident);
-        // The decode phase's activation budget is what the weights and held values leave.
-        assert_eq!(
-            plan.call(Phase::Decode),
-            Optimization::Budget {
-                bytes: (2000 - 420 - 10) * MIB
-            }
-        );
-    }
-
-    #[test]
-    fn weights_leave_the_device_between_phases_when_the_budget_needs_it() {
-        let plan = run(400).unwrap();
-        assert_eq!(plan.residency, Residency::PerPhase);
-        assert_eq!(
-            plan.call(Phase::Denoise),
-            Optimization::Budget {
-                bytes: (400 - 300 - 2) * MIB
-            }
-        );
+    fn residency_follows_the_budget_and_calls_get_what_is_left() {
+        let cases = [
+            (2000, Residency::Resident, Phase::Decode, 2000 - 420 - 10),
+            (400, Residency::PerPhase, Phase::Denoise, 400 - 300 - 2),
+        ];
+        for (budget, residency, phase, left) in cases {
+            let plan = run(budget).unwrap();
+            assert_eq!(plan.residency, residency, "{budget} MiB");
+            let bytes = left * MIB;
+            assert_eq!(
+                plan.call(phase),
+                Optimization::Budget { bytes },
+                "{budget} MiB"
+            );
+        }
     }
 
     #[test]

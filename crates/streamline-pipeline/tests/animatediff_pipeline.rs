@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{fixture, io};
+use common::{fixture, io, per_phase_peak};
 use serde::Deserialize;
 use streamline_pipeline::animatediff::{AnimateDiff, AnimateDiffSettings};
 use streamline_pipeline::phases::Residency;
@@ -50,14 +50,9 @@ fn generate(pipe: &AnimateDiff, call: &Call, latents: &Tensor, opt: Optimization
     run(pipe, call, latents, opt, Rehash::Off).0
 }
 
-fn run(
-    pipe: &AnimateDiff,
-    call: &Call,
-    latents: &Tensor,
-    opt: Optimization,
-    rehash: Rehash,
-) -> (Tensor, RunReport) {
-    let settings = AnimateDiffSettings {
+/// diffusers' call as the pipeline's settings.
+fn settings(call: &Call, rehash: Rehash) -> AnimateDiffSettings {
+    AnimateDiffSettings {
         height: call.height,
         width: call.width,
         num_frames: call.num_frames,
@@ -65,7 +60,17 @@ fn run(
         guidance_scale: call.guidance_scale,
         decode_chunk_size: call.decode_chunk_size,
         rehash,
-    };
+    }
+}
+
+fn run(
+    pipe: &AnimateDiff,
+    call: &Call,
+    latents: &Tensor,
+    opt: Optimization,
+    rehash: Rehash,
+) -> (Tensor, RunReport) {
+    let settings = settings(call, rehash);
     pipe.generate(
         &call.prompt,
         Some(&call.negative_prompt),
@@ -169,23 +174,10 @@ fn wrong_latents_and_folders_are_clear_errors() {
 #[test]
 fn a_budget_met_by_per_phase_residency_keeps_the_frames() {
     let (pipe, call, latents, _) = setup();
-    let settings = AnimateDiffSettings {
-        height: call.height,
-        width: call.width,
-        num_frames: call.num_frames,
-        num_inference_steps: call.num_inference_steps,
-        guidance_scale: call.guidance_scale,
-        decode_chunk_size: call.decode_chunk_size,
-        rehash: Rehash::Off,
-    };
+    let settings = settings(&call, Rehash::Off);
     let original = pipe.plan(&settings, Optimization::Original).unwrap();
     // Each phase with only its own models and original inference's activations.
-    let budget = original
-        .phases
-        .iter()
-        .map(|p| original.footprint.fixed(p.phase, Residency::PerPhase) + p.activations)
-        .max()
-        .unwrap();
+    let budget = per_phase_peak(&original);
     assert!(
         budget < original.total(),
         "the fixture's models are too small"

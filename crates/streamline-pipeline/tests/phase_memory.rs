@@ -9,10 +9,10 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use common::{default_model, example};
+use common::{assert_phases_within_ten_percent, assert_same_frames, default_model, example};
 use streamline_ir::alloc::TrackingAllocator;
 use streamline_ir::human;
-use streamline_pipeline::phases::{Phase, Residency};
+use streamline_pipeline::phases::Residency;
 use streamline_pipeline::run::RunReport;
 use streamline_pipeline::svd::{unit_noise, Planes, StableVideoDiffusion, SvdSettings};
 use streamline_pipeline::Optimization;
@@ -71,30 +71,8 @@ fn every_phase_is_measured_within_ten_percent_of_its_plan_and_residency_keeps_th
     let (original, _) = generate(&pipe, &image, &settings, Optimization::Original);
     for optimization in [Optimization::Original, roomy, tight, roomy] {
         let (frames, report) = generate(&pipe, &image, &settings, optimization);
-        assert_eq!(
-            frames.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            original.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            "{optimization:?}: frames differ from original inference"
-        );
-        let phases: Vec<Phase> = report.phases.iter().map(|p| p.phase).collect();
-        assert_eq!(phases, Phase::ALL, "{optimization:?}");
-        for p in &report.phases {
-            let measured = p.measured.expect("the tracking allocator measures the CPU");
-            let ratio = measured as f64 / p.planned as f64;
-            eprintln!(
-                "{optimization:?} {}: planned {} measured {} ({ratio:.3})",
-                p.phase,
-                human(p.planned),
-                human(measured)
-            );
-            assert!(
-                (0.9..=1.1).contains(&ratio),
-                "{optimization:?} {}: planned {} but measured {}",
-                p.phase,
-                human(p.planned),
-                human(measured)
-            );
-        }
+        assert_same_frames(&format!("{optimization:?}"), &frames, &original);
+        assert_phases_within_ten_percent(&format!("{optimization:?}"), &report);
         if let Optimization::Budget { bytes } = optimization {
             let peak = report.phases.iter().map(|p| p.planned).max().unwrap();
             assert!(peak <= bytes, "{optimization:?}: planned {}", human(peak));

@@ -97,7 +97,7 @@ fn frames_match_diffusers_for_every_optimization() {
             temporal_chunks: 7,
             spatial_chunks: 7,
         },
-        per_phase_budget(&pipe, &settings),
+        per_phase_budget(|o| pipe.plan(&settings, o)),
     ] {
         let (frames, _) = pipe
             .generate(

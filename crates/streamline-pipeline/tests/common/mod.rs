@@ -6,8 +6,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use streamline_pipeline::phases::{BudgetError, Residency};
-use streamline_pipeline::planner::PlanError;
+use streamline_ir::human;
+use streamline_pipeline::phases::{BudgetError, Phase, Residency};
+use streamline_pipeline::planner::{PlanError, PlanReport};
 use streamline_pipeline::run::PipelineError;
 use streamline_pipeline::svd::{
     default_model_dir, unit_noise, Planes, RunReport, StableVideoDiffusion, SvdSettings,
@@ -103,16 +104,13 @@ pub fn generate(
 
 /// A whole-run budget halfway between the smallest whole-run peak and what original
 /// inference needs with each model only in its phases: it slices the calls and keeps the
-/// models out of the phases that do not run them.
-pub fn per_phase_budget(pipe: &StableVideoDiffusion, settings: &SvdSettings) -> Optimization {
-    let original = pipe.plan(settings, Optimization::Original).unwrap();
-    let per_phase = original
-        .phases
-        .iter()
-        .map(|p| original.footprint.fixed(p.phase, Residency::PerPhase) + p.activations)
-        .max()
-        .unwrap();
-    let floor = match pipe.plan(settings, Optimization::Budget { bytes: 0 }) {
+/// models out of the phases that do not run them. `plan` is a pipeline's `plan` for one run.
+pub fn per_phase_budget(
+    plan: impl Fn(Optimization) -> Result<PlanReport, PipelineError>,
+) -> Optimization {
+    let original = plan(Optimization::Original).unwrap();
+    let per_phase = per_phase_peak(&original);
+    let floor = match plan(Optimization::Budget { bytes: 0 }) {
         Err(PipelineError::Planning(e)) => match *e {
             PlanError::Budget(b) => match *b {
                 BudgetError::Refused { smallest, .. } => smallest,
@@ -126,9 +124,45 @@ pub fn per_phase_budget(pipe: &StableVideoDiffusion, settings: &SvdSettings) -> 
     let budget = Optimization::Budget {
         bytes: (floor + per_phase) / 2,
     };
-    assert_eq!(
-        pipe.plan(settings, budget).unwrap().run.residency,
-        Residency::PerPhase
-    );
+    assert_eq!(plan(budget).unwrap().run.residency, Residency::PerPhase);
     budget
+}
+
+/// The whole-run peak of `report`'s calls with each model only in its phases.
+pub fn per_phase_peak(report: &PlanReport) -> usize {
+    report
+        .phases
+        .iter()
+        .map(|p| report.footprint.fixed(p.phase, Residency::PerPhase) + p.activations)
+        .max()
+        .unwrap()
+}
+
+/// Every phase of `report` measured within 10% of its plan.
+pub fn assert_phases_within_ten_percent(label: &str, report: &RunReport) {
+    let phases: Vec<Phase> = report.phases.iter().map(|p| p.phase).collect();
+    assert_eq!(phases, Phase::ALL, "{label}");
+    for p in &report.phases {
+        let measured = p.measured.expect("the tracking allocator measures the CPU");
+        let ratio = measured as f64 / p.planned as f64;
+        let (planned, measured) = (human(p.planned), human(measured));
+        eprintln!(
+            "{label} {}: planned {planned} measured {measured} ({ratio:.3})",
+            p.phase
+        );
+        assert!(
+            (0.9..=1.1).contains(&ratio),
+            "{label} {}: planned {planned} but measured {measured}",
+            p.phase
+        );
+    }
+}
+
+/// `frames` equal to `expected` bit for bit.
+pub fn assert_same_frames(label: &str, frames: &Tensor, expected: &Tensor) {
+    let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(
+        values(frames) == values(expected),
+        "{label}: frames differ from original inference"
+    );
 }
