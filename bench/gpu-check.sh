@@ -14,6 +14,11 @@ OUT=${OUT:-target/gpu-check}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
 bench="$BIN/streamline-bench"
+# The packed binary `cargo xtask check-cuda --build` leaves to carry to a GPU machine.
+if [ ! -x "$bench" ] && [ -f target/cuda/streamline-bench.gz ]; then
+  bench="$OUT/streamline-bench"
+  gunzip -c target/cuda/streamline-bench.gz > "$bench" && chmod +x "$bench"
+fi
 [ -x "$bench" ] || { echo "no $bench: build it with cargo xtask check-cuda --build" >&2; exit 1; }
 export RAYON_NUM_THREADS=${RAYON_NUM_THREADS:-8}
 

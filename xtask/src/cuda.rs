@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 /// The toolkit wheels: nvcc, its C runtime headers, NVVM, the runtime headers and CCCL.
 const WHEELS: [&str; 5] = [
@@ -54,47 +54,62 @@ fn toolkit(root: &Path) -> Result<PathBuf> {
 }
 
 /// `cargo check` (or, with `build`, a release build) of the CLI and the bench with the `cuda`
-/// and `cudnn` features, in its own target directory `target/cuda`.
+/// and `cudnn` features, in its own target directory `target/cuda`. A build links the
+/// binaries against stubs of CUDA's libraries made from what cudarc declares
+/// ([`crate::cuda_stubs`]) and packages `streamline-bench` for a GPU machine.
 pub fn check_cuda(build: bool) -> Result<()> {
     let root = crate::root();
     let cuda = toolkit(&root)?;
+    let target = root.join("target/cuda");
+    let start = Instant::now();
+    eprintln!(
+        "xtask: {} the cuda + cudnn build with nvcc from {} (nvcc compiling candle's kernels \
+         takes tens of minutes on 2 cores)",
+        if build { "building" } else { "checking" },
+        cuda.display()
+    );
+    if build {
+        let stubs = crate::cuda_stubs::write(&root, &target.join("stubs"), &cuda)?;
+        let mut bins = cargo(&root, &cuda, &["build", "--release"]);
+        crate::run(binaries(&mut bins).env("LIBRARY_PATH", &stubs))?;
+        let package = crate::cuda_stubs::package(&target.join("release"))?;
+        eprintln!(
+            "xtask: binaries in {}; {} to carry to a GPU machine (it needs CUDA 13's runtime, \
+             cuBLAS, cuRAND and cuDNN 9 there)",
+            target.join("release").display(),
+            package.display()
+        );
+    } else {
+        crate::run(binaries(&mut cargo(&root, &cuda, &["check"])))?;
+    }
+    let minutes = start.elapsed().as_secs_f64() / 60.0;
+    eprintln!("xtask: the cuda build passed in {minutes:.1} min");
+    Ok(())
+}
+
+/// `cargo <args>` with nvcc from the toolkit `cuda` on the PATH, in `target/cuda`.
+fn cargo(root: &Path, cuda: &Path, args: &[&str]) -> Command {
     let path = std::env::var_os("PATH").unwrap_or_default();
     let mut paths = vec![cuda.join("bin")];
     paths.extend(std::env::split_paths(&path));
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| DEFAULT_COMPUTE_CAP.into());
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    if build {
-        cmd.args(["build", "--release"]);
-    } else {
-        cmd.arg("check");
-    }
+    cmd.args(args)
+        .current_dir(root)
+        .env(
+            "PATH",
+            std::env::join_paths(paths).expect("PATH entries without separators"),
+        )
+        .env("CUDA_HOME", cuda)
+        .env("CUDA_PATH", cuda)
+        .env("CUDA_COMPUTE_CAP", cap)
+        .env("CARGO_TARGET_DIR", root.join("target/cuda"));
+    cmd
+}
+
+/// The CLI and the bench with the `cuda` and `cudnn` features.
+fn binaries(cmd: &mut Command) -> &mut Command {
     cmd.args(["-p", "streamline-cli", "-p", "streamline-bench"])
         .args(["--features", "streamline-cli/cuda,streamline-cli/cudnn"])
         .args(["--features", "streamline-bench/cuda,streamline-bench/cudnn"])
-        .current_dir(&root)
-        .env("PATH", std::env::join_paths(paths)?)
-        .env("CUDA_HOME", &cuda)
-        .env("CUDA_PATH", &cuda)
-        .env("CUDA_COMPUTE_CAP", &cap)
-        .env("CARGO_TARGET_DIR", root.join("target/cuda"));
-    eprintln!(
-        "xtask: {} the cuda + cudnn build with nvcc from {} for compute capability {cap} \
-         (nvcc compiling candle's kernels takes tens of minutes on 2 cores)",
-        if build { "building" } else { "checking" },
-        cuda.display()
-    );
-    let start = Instant::now();
-    let status = cmd.status().context("cannot start cargo")?;
-    let minutes = start.elapsed().as_secs_f64() / 60.0;
-    if !status.success() {
-        bail!("the cuda build failed after {minutes:.1} min ({status})");
-    }
-    eprintln!("xtask: the cuda build passed in {minutes:.1} min");
-    if build {
-        eprintln!(
-            "xtask: binaries in {}",
-            root.join("target/cuda/release").display()
-        );
-    }
-    Ok(())
 }

@@ -60,6 +60,7 @@ enum Task {
 
 mod bench;
 mod cuda;
+mod cuda_stubs;
 mod train;
 
 fn root() -> PathBuf {
