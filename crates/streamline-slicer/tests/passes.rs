@@ -52,6 +52,7 @@ proptest! {
                 let want = match group.axis {
                     Some(Axis::Frames) => t.min(len),
                     Some(Axis::Positions) => s.min(len),
+                    Some(Axis::Rows) => unreachable!("the paper slices no rows"),
                     None => 1,
                 };
                 prop_assert_eq!(group.chunks, want);
