@@ -13,32 +13,6 @@ fn row_dims() -> impl Strategy<Value = RowDims> {
         .prop_map(|(b, t, c, h, w)| RowDims { b, t, c, h, w })
 }
 
-/// Maximal runs of nodes that can run on rows become row groups of `chunks` bands (capped
-/// at each group's rows); every other node runs alone and whole.
-fn longest_row_groups(g: &Graph, chunks: usize) -> Plan {
-    let n = g.nodes().len();
-    let along = |nodes: std::ops::Range<usize>| Group::sliced(nodes, Axis::Rows, 1);
-    let mut groups = Vec::new();
-    let mut i = 0;
-    while i < n {
-        let mut end = i + 1;
-        let Ok(mut len) = check_group(g, &along(i..end)) else {
-            groups.push(Group::whole(i..end));
-            i = end;
-            continue;
-        };
-        while end < n {
-            match check_group(g, &along(i..end + 1)) {
-                Ok(l) => (len, end) = (l, end + 1),
-                Err(_) => break,
-            }
-        }
-        groups.push(Group::sliced(i..end, Axis::Rows, chunks.clamp(1, len)));
-        i = end;
-    }
-    Plan::new(groups)
-}
-
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(160))]
 

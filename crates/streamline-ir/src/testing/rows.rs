@@ -7,7 +7,8 @@ use candle_core::{DType, Device, Tensor};
 
 use super::{cat0, pieces, Add, Squash, TimeMix};
 use crate::{
-    Axis, Graph, Independence, Layout, Op, Result, RowRule, SliceCtx, ValueId, ValueInfo, Workspace,
+    check_group, Axis, Graph, Group, Independence, Layout, Op, Plan, Result, RowRule, SliceCtx,
+    ValueId, ValueInfo, Workspace,
 };
 
 /// The extent of a toy video: batch, frames, channels, height, width.
@@ -532,4 +533,30 @@ pub fn row_tensors(d: RowDims, seed: u64) -> Vec<Tensor> {
         })
         .collect();
     vec![Tensor::from_vec(values, info.shape, &Device::Cpu).expect("toy input")]
+}
+
+/// Maximal runs of nodes that can run on rows become row groups of `chunks` bands (capped
+/// at each group's rows); every other node runs alone and whole.
+pub fn longest_row_groups(g: &Graph, chunks: usize) -> Plan {
+    let n = g.nodes().len();
+    let along = |nodes: std::ops::Range<usize>| Group::sliced(nodes, Axis::Rows, 1);
+    let mut groups = Vec::new();
+    let mut i = 0;
+    while i < n {
+        let mut end = i + 1;
+        let Ok(mut len) = check_group(g, &along(i..end)) else {
+            groups.push(Group::whole(i..end));
+            i = end;
+            continue;
+        };
+        while end < n {
+            match check_group(g, &along(i..end + 1)) {
+                Ok(l) => (len, end) = (l, end + 1),
+                Err(_) => break,
+            }
+        }
+        groups.push(Group::sliced(i..end, Axis::Rows, chunks.clamp(1, len)));
+        i = end;
+    }
+    Plan::new(groups)
 }
