@@ -11,7 +11,6 @@
 //! hands on at that stage, recomputing the cheap chain before them band by band, so nothing
 //! full-size exists between a reduction and its consumers.
 
-use std::collections::HashMap;
 use std::ops::Range;
 
 use crate::error::{IrError, Result};
@@ -117,13 +116,14 @@ fn hull(a: &Range<usize>, b: Range<usize>) -> Range<usize> {
 /// more than that of any in-group reduction it depends on, so it runs in the pass after
 /// that reduction has seen every band.
 pub(crate) struct RowStages {
-    pub stage: HashMap<usize, usize>,
+    /// By node index (nodes that do not run have none).
+    pub stage: Vec<Option<usize>>,
     pub passes: usize,
 }
 
 impl RowStages {
     pub fn new(graph: &Graph, nodes: &[usize]) -> Self {
-        let mut stage: HashMap<usize, usize> = HashMap::new();
+        let mut stage: Vec<Option<usize>> = vec![None; graph.nodes().len()];
         for &n in nodes {
             let s = graph
                 .node(n)
@@ -132,13 +132,13 @@ impl RowStages {
                 .filter_map(|&v| graph.producer_node(v))
                 .filter_map(|p| {
                     let reduces = graph.node(p).op.rows() == Some(RowRule::Reduce);
-                    stage.get(&p).map(|s| s + usize::from(reduces))
+                    stage[p].map(|s| s + usize::from(reduces))
                 })
                 .max()
                 .unwrap_or(0);
-            stage.insert(n, s);
+            stage[n] = Some(s);
         }
-        let passes = stage.values().copied().max().map_or(1, |s| s + 1);
+        let passes = stage.iter().flatten().copied().max().map_or(1, |s| s + 1);
         RowStages { stage, passes }
     }
 }
@@ -146,8 +146,10 @@ impl RowStages {
 /// What one band of one pass computes.
 #[derive(Debug, Default)]
 pub(crate) struct BandNeeds {
-    /// The rows of each value the band holds (in-group values) or reads (earlier values).
-    pub rows: HashMap<ValueId, Range<usize>>,
+    /// The rows of each value (by id) the band holds (in-group values) or reads (earlier
+    /// values); empty where it needs none. A vector, not a map: the planner walks every band
+    /// of every pass of every group it tries.
+    pub rows: Vec<Range<usize>>,
     /// The nodes that run, in group order: for a reduction, the input rows it reduces.
     pub active: Vec<(usize, Range<usize>)>,
     /// Group outputs written in this pass and the rows of each this band writes.
@@ -172,10 +174,13 @@ impl BandNeeds {
         (pass, band, longest): (usize, &Range<usize>, usize),
         outputs: &[ValueId],
     ) -> Self {
-        let mut needs = BandNeeds::default();
+        let mut needs = BandNeeds {
+            rows: vec![0..0; graph.values().len()],
+            ..BandNeeds::default()
+        };
         let len_of = |v: ValueId| graph.info(v).axis_len(Axis::Rows).unwrap_or(0);
-        let mut reduced: HashMap<usize, Range<usize>> = HashMap::new();
-        for &n in nodes.iter().filter(|&&n| stages.stage[&n] == pass) {
+        let mut reduced: Vec<Option<Range<usize>>> = vec![None; graph.nodes().len()];
+        for &n in nodes.iter().filter(|&&n| stages.stage[n] == Some(pass)) {
             let node = graph.node(n);
             if node.op.rows() == Some(RowRule::Reduce) {
                 let input = node
@@ -183,19 +188,19 @@ impl BandNeeds {
                     .iter()
                     .find_map(|&v| graph.info(v).axis_len(Axis::Rows))
                     .unwrap_or(0);
-                reduced.insert(n, owned(band, longest, input));
+                reduced[n] = Some(owned(band, longest, input));
             } else if outputs.contains(&node.output) {
                 let rows = owned(band, longest, len_of(node.output));
                 needs.writes.push((node.output, rows.clone()));
-                needs.rows.insert(node.output, rows);
+                needs.rows[node.output.0] = rows;
             }
         }
         for &n in nodes.iter().rev() {
             let node = graph.node(n);
-            let out = match reduced.get(&n) {
+            let out = match &reduced[n] {
                 Some(rows) => rows.clone(),
                 None if node.op.rows() == Some(RowRule::Reduce) => continue,
-                None => needs.rows.get(&node.output).cloned().unwrap_or(0..0),
+                None => needs.rows[node.output.0].clone(),
             };
             if out.is_empty() {
                 continue;
@@ -205,8 +210,7 @@ impl BandNeeds {
                     continue;
                 }
                 let want = Self::input_rows(graph, n, &out, input);
-                let held = needs.rows.get(&input).cloned().unwrap_or(0..0);
-                needs.rows.insert(input, hull(&held, want));
+                needs.rows[input.0] = hull(&needs.rows[input.0], want);
             }
             needs.active.push((n, out));
         }
@@ -221,14 +225,14 @@ impl BandNeeds {
         for (n, out) in &self.active {
             key.extend([*n, out.len()]);
             for &input in &graph.node(*n).inputs {
-                if let Some(held) = self.rows.get(&input) {
+                if graph.info(input).layout.rows.blocks().is_some() {
                     let want = Self::input_rows(graph, *n, out, input);
-                    key.extend([held.len(), want.len()]);
+                    key.extend([self.rows[input.0].len(), want.len()]);
                 }
             }
         }
         for (v, rows) in &self.writes {
-            key.extend([v.0, rows.len(), self.rows[v].len()]);
+            key.extend([v.0, rows.len(), self.rows[v.0].len()]);
         }
         key
     }
