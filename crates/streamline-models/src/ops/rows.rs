@@ -63,33 +63,47 @@ pub struct GroupNormFrameStats {
     pub groups: usize,
 }
 
+/// The most bytes the GroupNorm ops' temporaries take at once when no limit asks for less:
+/// they work a few (frame, group) runs at a time, so a whole-frame GroupNorm costs about what
+/// a fused one does, not several f32 copies of the feature.
+const RUN_CHUNK_BYTES: usize = 64 << 20;
+
+/// The limit the GroupNorm ops tile under: the group's, capped at [`RUN_CHUNK_BYTES`].
+fn run_limit(ws: Workspace) -> Option<usize> {
+    Some(ws.limit.map_or(RUN_CHUNK_BYTES, |l| l.min(RUN_CHUNK_BYTES)))
+}
+
+/// Images `(N, C, H, W)` as their (frame, group) runs `(N*G, C/G, H, W)`: each run is
+/// contiguous, so this is a view.
+fn as_runs(x: &Tensor, groups: usize) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    Ok(x.reshape((n * groups, c / groups, h, w))?)
+}
+
 impl GroupNormFrameStats {
-    /// The moments of frames `x`, in f32: each (frame, group) is one contiguous run, summed
-    /// along W first and then along the rest (shorter f32 sums), centered by its own mean.
-    fn moments(&self, x: &Tensor) -> Result<Tensor> {
-        let (n, c, h, w) = x.dims4()?;
-        let g = self.groups;
-        let runs = x.reshape((n * g, c / g * h, w))?.to_dtype(DType::F32)?;
-        let count = (c / g * h * w) as f64;
+    /// The moments `(r, 3)` of runs `(r, C/G, H, W)`, in f32: summed along W first and then
+    /// along the rest (shorter f32 sums), centered by each run's own mean.
+    fn moments(runs: &Tensor) -> Result<Tensor> {
+        let (r, a, h, w) = runs.dims4()?;
+        let runs = runs.reshape((r, a * h, w))?.to_dtype(DType::F32)?;
+        let count = (a * h * w) as f64;
         let sum = |t: &Tensor| -> Result<Tensor> { Ok(t.sum_keepdim(2)?.sum_keepdim(1)?) };
         let mean = (sum(&runs)? / count)?;
         let centered = runs.broadcast_sub(&mean)?;
         drop(runs);
         let m2 = sum(&centered.sqr()?)?;
         drop(centered);
-        let counts = Tensor::full(count as f32, (n * g, 1, 1), x.device())?;
-        Ok(Tensor::cat(&[counts, mean, m2], 2)?.reshape((n, g, 3))?)
+        let counts = Tensor::full(count as f32, (r, 1, 1), mean.device())?;
+        Ok(Tensor::cat(&[counts, mean, m2], 2)?.reshape((r, 3))?)
     }
 
-    /// Frames per call and the workspace: the f32 runs (a copy for half types), then their
-    /// centered copy and its square.
+    /// Runs per call and the workspace: the f32 runs (a copy for half types), then their
+    /// centered copy and its square, and the chunks' moments.
     fn tiling(&self, x: &ValueInfo, ws: Workspace) -> (usize, usize) {
-        let d = x.shape.dims();
-        let per = x.shape.elem_count() / d[0].max(1);
+        let runs = x.shape.dims()[0] * self.groups;
+        let per = x.shape.elem_count() / runs.max(1);
         let copy = if x.dtype == DType::F32 { 0 } else { 4 };
-        row_chunk(d[0], 0, ws.limit, |r| {
-            r * per * (copy + 8) + r * self.groups * 12
-        })
+        row_chunk(runs, 0, run_limit(ws), |r| r * per * (copy + 8) + r * 12)
     }
 }
 
@@ -129,10 +143,12 @@ impl Op for GroupNormFrameStats {
     fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
         let x = x[0];
         let (chunk, _) = self.tiling(&info_of(x), ctx.workspace());
-        let dims = [x.dim(0)?, self.groups, 3];
-        by_row_chunks(&dims, DType::F32, x.device(), chunk, |r| {
-            self.moments(&x.narrow(0, r.start, r.len())?)
-        })
+        let runs = as_runs(x, self.groups)?;
+        let dims = [runs.dim(0)?, 3];
+        let moments = by_row_chunks(&dims, DType::F32, x.device(), chunk, |r| {
+            Self::moments(&runs.narrow(0, r.start, r.len())?)
+        })?;
+        Ok(moments.reshape((x.dim(0)?, self.groups, 3))?)
     }
 }
 
@@ -160,8 +176,8 @@ impl GroupNormFrameApply {
         self.weight.elem_count()
     }
 
-    /// Per frame `(n, C, 1, 1)` scale `weight * rstd` and shift `bias - mean * scale`, from
-    /// the moments in f32, in `dtype`.
+    /// Per run `(n*G, C/G, 1, 1)` scale `weight * rstd` and shift `bias - mean * scale`,
+    /// from the moments in f32, in `dtype`.
     fn tables(&self, moments: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
         let n = moments.dim(0)?;
         let (g, c) = (self.groups, self.channels());
@@ -172,16 +188,21 @@ impl GroupNormFrameApply {
             |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.reshape((1, g, c / g))?) };
         let scale = rstd.broadcast_mul(&per_group(&self.weight)?)?;
         let shift = per_group(&self.bias)?.broadcast_sub(&mean.broadcast_mul(&scale)?)?;
-        let table = |t: Tensor| -> Result<Tensor> { Ok(t.reshape((n, c, 1, 1))?.to_dtype(dtype)?) };
+        let table =
+            |t: Tensor| -> Result<Tensor> { Ok(t.reshape((n * g, c / g, 1, 1))?.to_dtype(dtype)?) };
         Ok((table(scale)?, table(shift)?))
     }
 
-    /// Frames per call and the workspace: the tables, then the scaled frames beside them.
+    /// Runs per call and the workspace: the tables of every run, then a chunk's scaled runs
+    /// and its result beside them.
     fn tiling(&self, x: &ValueInfo, output: &ValueInfo, ws: Workspace) -> (usize, usize) {
         let n = x.shape.dims()[0];
-        let per = x.bytes() / n.max(1);
-        let tables = self.channels() * (2 * 4 + 2 * x.dtype.size_in_bytes());
-        row_chunk(n, output.bytes(), ws.limit, |r| r * (tables + 2 * per))
+        let runs = n * self.groups;
+        let per = x.bytes() / runs.max(1);
+        let tables = n * self.channels() * (2 * 4 + 2 * x.dtype.size_in_bytes());
+        row_chunk(runs, output.bytes(), run_limit(ws), |r| {
+            tables + 2 * r * per
+        })
     }
 }
 
@@ -224,11 +245,14 @@ impl Op for GroupNormFrameApply {
     fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
         let (x, moments) = (x[0], x[1]);
         let (chunk, _) = self.tiling(&info_of(x), &info_of(x), ctx.workspace());
-        by_row_chunks(x.dims(), x.dtype(), x.device(), chunk, |r| {
-            let (scale, shift) = self.tables(&moments.narrow(0, r.start, r.len())?, x.dtype())?;
-            let scaled = x.narrow(0, r.start, r.len())?.broadcast_mul(&scale)?;
-            Ok(scaled.broadcast_add(&shift)?)
-        })
+        let (scale, shift) = self.tables(moments, x.dtype())?;
+        let runs = as_runs(x, self.groups)?;
+        let out = by_row_chunks(runs.dims(), x.dtype(), x.device(), chunk, |r| {
+            let part = |t: &Tensor| t.narrow(0, r.start, r.len());
+            let scaled = part(&runs)?.broadcast_mul(&part(&scale)?)?;
+            Ok(scaled.broadcast_add(&part(&shift)?)?)
+        })?;
+        Ok(out.reshape(x.dims())?)
     }
 }
 
