@@ -3,6 +3,8 @@
 //! Real and dry runs walk the same schedule with the same ledger calls, so the planned peak is
 //! the measured peak of the same schedule plus the op workspaces that only the ops see.
 
+mod rows;
+
 use std::collections::HashMap;
 use std::ops::Range;
 
@@ -13,7 +15,7 @@ use crate::graph::{Graph, Node, ValueId};
 use crate::ledger::{Ledger, RunStats};
 use crate::op::{Kernels, SliceCtx};
 use crate::plan::{chunk_ranges, Group, Plan};
-use crate::value::{AxisTag, ValueInfo};
+use crate::value::{Axis, AxisTag, ValueInfo};
 
 /// What the engine needs from tensors: real ones, or shapes standing in for them.
 pub(crate) trait Backend {
@@ -33,6 +35,8 @@ pub(crate) trait Backend {
     fn alloc(&self, info: &ValueInfo) -> Result<Self::V>;
     fn write(&self, dst: &Self::V, src: &Self::V, dim: usize, offset: usize) -> Result<()>;
     fn merge(&self, node: &Node, acc: &Self::V, partial: &Self::V) -> Result<Self::V>;
+    /// `parts` joined along `dim` into a new value.
+    fn cat(&self, parts: &[Self::V], dim: usize) -> Result<Self::V>;
 }
 
 pub(crate) struct Real<'d> {
@@ -108,6 +112,10 @@ impl Backend for Real<'_> {
         }
         Ok(merged.contiguous()?)
     }
+
+    fn cat(&self, parts: &[Tensor], dim: usize) -> Result<Tensor> {
+        Ok(Tensor::cat(parts, dim)?)
+    }
 }
 
 /// Shapes only: the planner's view of a run.
@@ -149,6 +157,12 @@ impl Backend for Dry {
 
     fn merge(&self, _: &Node, acc: &ValueInfo, _: &ValueInfo) -> Result<ValueInfo> {
         Ok(acc.clone())
+    }
+
+    fn cat(&self, parts: &[ValueInfo], dim: usize) -> Result<ValueInfo> {
+        let mut dims = parts[0].shape.dims().to_vec();
+        dims[dim] = parts.iter().map(|p| p.shape.dims()[dim]).sum();
+        Ok(ValueInfo::new(dims, parts[0].dtype, parts[0].layout))
     }
 }
 
@@ -306,6 +320,9 @@ impl<'e, B: Backend> Engine<'e, B> {
         schedule: &Schedule,
         live: &mut HashMap<ValueId, B::V>,
     ) -> Result<()> {
+        if group.axis == Some(Axis::Rows) {
+            return self.run_rows(gi, group, len, nodes, schedule, live);
+        }
         let graph = self.graph;
         let outputs: Vec<ValueId> = nodes
             .iter()
@@ -329,7 +346,7 @@ impl<'e, B: Backend> Engine<'e, B> {
         if sliced {
             for &id in &outputs {
                 let node = graph.node(graph.producer_node(id).expect("node output"));
-                if !node.op.is_reduction() {
+                if !group.axis.is_some_and(|a| node.op.reduces(a)) {
                     let v = self.backend.alloc(graph.info(id))?;
                     self.ledger.alloc(B::bytes(&v));
                     full.insert(id, v);
@@ -398,7 +415,7 @@ impl<'e, B: Backend> Engine<'e, B> {
             let out = node.output;
             let value = state.local.remove(&out).expect("node output");
             let is_output = slice.outputs.contains(&out);
-            if node.op.is_reduction() && slice.sliced {
+            if slice.sliced && ctx.axis.is_some_and(|a| node.op.reduces(a)) {
                 self.fold_partial(node, partials, value)?;
             } else {
                 if let (Some(dst), Some(axis)) = (full.get(&out), ctx.axis) {
@@ -501,7 +518,7 @@ impl<'e, B: Backend> Engine<'e, B> {
             }
         };
         let in_infos: Vec<ValueInfo> = node.inputs.iter().map(|&v| slice_info(v)).collect();
-        let expected = if node.op.is_reduction() {
+        let expected = if ctx.axis.is_some_and(|a| node.op.reduces(a)) {
             graph.info(node.output).clone()
         } else {
             slice_info(node.output)
@@ -568,21 +585,40 @@ mod tests {
         ) {
             let g = random_graph(d, &steps);
             let plan = random_plan(&g, &choices);
-            let lens: Vec<usize> = plan
-                .groups
-                .iter()
-                .map(|gr| crate::check_group(&g, gr).unwrap())
-                .collect();
-            let schedule = Schedule::new(&g, &plan, g.outputs(), g.inputs());
-            let initial = || -> HashMap<ValueId, ValueInfo> {
-                g.inputs().iter().map(|&id| (id, g.info(id).clone())).collect()
-            };
-            let (_, fast) = Engine::new(&g, Dry, plan.kernels).run(&plan, &lens, &schedule, initial()).unwrap();
-            let (_, every) = Engine::new(&g, Dry, plan.kernels)
-                .every_slice()
-                .run(&plan, &lens, &schedule, initial())
-                .unwrap();
-            prop_assert_eq!(fast, every);
+            prop_assert_eq!(dry_costs(&g, &plan, false), dry_costs(&g, &plan, true));
         }
+
+        /// The same along the rows: bands of one shape cost alike, in every pass.
+        #[test]
+        fn equal_bands_cost_alike(
+            h in 1usize..12,
+            steps in steps(12),
+            choices in prop::collection::vec(any::<u32>(), 1..48),
+        ) {
+            let d = crate::testing::rows::RowDims { b: 2, t: 2, c: 1, h, w: 2 };
+            let g = crate::testing::rows::random_row_graph(d, &steps);
+            let plan = random_plan(&g, &choices);
+            prop_assert_eq!(dry_costs(&g, &plan, false), dry_costs(&g, &plan, true));
+        }
+    }
+
+    /// A dry run of `plan`, costing every slice or one of each kind.
+    fn dry_costs(g: &Graph, plan: &Plan, every: bool) -> RunStats {
+        let lens: Vec<usize> = plan
+            .groups
+            .iter()
+            .map(|gr| crate::check_group(g, gr).unwrap())
+            .collect();
+        let schedule = Schedule::new(g, plan, g.outputs(), g.inputs());
+        let initial = g
+            .inputs()
+            .iter()
+            .map(|&id| (id, g.info(id).clone()))
+            .collect();
+        let mut engine = Engine::new(g, Dry, plan.kernels);
+        if every {
+            engine = engine.every_slice();
+        }
+        engine.run(plan, &lens, &schedule, initial).unwrap().1
     }
 }

@@ -34,6 +34,7 @@ mod ledger;
 mod op;
 mod pass;
 mod plan;
+mod rows;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod value;
@@ -43,7 +44,7 @@ pub use error::{Infeasible, IrError, Result};
 pub use exec::{Executor, Request, RunOutput};
 pub use graph::{up_block_mark, Graph, Node, Producer, Value, ValueId};
 pub use ledger::{human, Ledger, RunStats};
-pub use op::{Independence, Kernels, Op, SliceCtx, Workspace};
+pub use op::{Independence, Kernels, Op, RowBand, RowRule, SliceCtx, Workspace};
 pub use pass::{Pass, PassPipeline};
 pub use plan::{check_group, chunk_ranges, Group, Plan, PlanDump};
 pub use value::{Axis, AxisTag, Layout, ValueInfo};

@@ -32,6 +32,93 @@ impl Independence {
     }
 }
 
+/// How an op runs on bands of rows ([`Axis::Rows`]): which rows of its inputs (those with a
+/// dim enumerating the rows; the others arrive whole) one band of its output needs.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum RowRule {
+    /// Output row `r` reads input row `r` alone: pointwise ops, temporal ops (all frames of
+    /// a position are in every band), layout changes.
+    Same,
+    /// A window along H, zero-padded at the image edges: output row `r` reads input rows
+    /// `r*stride - pad .. r*stride - pad + kernel`, clamped to the image. The op reads
+    /// [`SliceCtx::band`] to pad only where the band meets an edge of the image.
+    Window {
+        kernel: usize,
+        stride: usize,
+        pad: usize,
+    },
+    /// Nearest upsampling by an integer `factor`: output row `r` reads input row `r / factor`.
+    Upsample { factor: usize },
+    /// A reduction over rows (statistics): each band reads its own input rows, which the
+    /// bands partition, and yields a partial result that [`Op::merge`] folds. Its consumers
+    /// in the same group run in a later pass over the bands.
+    Reduce,
+}
+
+impl RowRule {
+    /// The input rows that output rows `out` need, clamped to an input of `in_len` rows.
+    pub fn input_rows(self, out: &Range<usize>, in_len: usize) -> Range<usize> {
+        if out.is_empty() {
+            return 0..0;
+        }
+        match self {
+            RowRule::Same | RowRule::Reduce => out.start.min(in_len)..out.end.min(in_len),
+            RowRule::Window {
+                kernel,
+                stride,
+                pad,
+            } => {
+                let start = (out.start * stride).saturating_sub(pad);
+                let end = ((out.end - 1) * stride + kernel).saturating_sub(pad);
+                start.min(in_len)..end.min(in_len)
+            }
+            RowRule::Upsample { factor } => out.start / factor..(out.end - 1) / factor + 1,
+        }
+    }
+
+    /// The output length this rule makes of an input of `in_len` rows (`None` for a
+    /// reduction), to check a graph's shapes against the rule.
+    pub fn output_len(self, in_len: usize) -> Option<usize> {
+        match self {
+            RowRule::Same => Some(in_len),
+            RowRule::Window {
+                kernel,
+                stride,
+                pad,
+            } => (in_len + 2 * pad)
+                .checked_sub(kernel)
+                .map(|n| n / stride.max(1) + 1),
+            RowRule::Upsample { factor } => Some(in_len * factor),
+            RowRule::Reduce => None,
+        }
+    }
+}
+
+/// The rows one call on a band of rows computes and the rows of its inputs it was given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RowBand {
+    /// Output rows computed (for a reduction: the input rows it reduces).
+    pub out: Range<usize>,
+    /// Rows of the whole output (for a reduction: of the whole input).
+    pub out_len: usize,
+    /// Rows of the row-enumerated inputs given, clamped to the image.
+    pub input: Range<usize>,
+    /// Rows of the whole inputs.
+    pub input_len: usize,
+}
+
+impl RowBand {
+    /// Zero rows a window of `rule` needs above and below the given input rows: nonzero only
+    /// where the band meets an edge of the image.
+    pub fn padding(&self, kernel: usize, stride: usize, pad: usize) -> (usize, usize) {
+        let want_start = (self.out.start * stride) as isize - pad as isize;
+        let want_end = ((self.out.end.max(1) - 1) * stride + kernel) as isize - pad as isize;
+        let top = (self.input.start as isize - want_start).max(0) as usize;
+        let bottom = (want_end - self.input.end as isize).max(0) as usize;
+        (top, bottom)
+    }
+}
+
 /// Which implementation of the ops runs. What an op allocates depends on it, so a plan is made
 /// for one ([`crate::Plan::kernels`]) and every call is told it ([`SliceCtx::kernels`]).
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
@@ -82,6 +169,10 @@ pub struct Workspace {
     pub kernels: Kernels,
     /// Bytes of transient workspace one call may use; `None`: ops run untiled.
     pub limit: Option<usize>,
+    /// The call runs on a band of rows ([`Axis::Rows`]): its shapes are those of the band,
+    /// and per-video extents follow from them (a band of a position-major feature holds
+    /// `B * rows * W` positions).
+    pub on_rows: bool,
 }
 
 /// Which part of the sliced axis a forward call computes.
@@ -101,6 +192,9 @@ pub struct SliceCtx {
     pub workspace_limit: Option<usize>,
     /// The implementation to run.
     pub kernels: Kernels,
+    /// Along [`Axis::Rows`]: the band this call computes (then `range` is `band.out` and
+    /// `len` is `band.out_len`).
+    pub band: Option<RowBand>,
 }
 
 impl SliceCtx {
@@ -112,6 +206,7 @@ impl SliceCtx {
             len: 0,
             workspace_limit: None,
             kernels: Kernels::Cpu,
+            band: None,
         }
     }
 
@@ -120,6 +215,7 @@ impl SliceCtx {
         Workspace {
             kernels: self.kernels,
             limit: self.workspace_limit,
+            on_rows: self.band.is_some(),
         }
     }
 
@@ -148,11 +244,34 @@ pub trait Op: Debug + Send + Sync {
     /// Axes along which the op is exact when run slice by slice.
     fn independence(&self) -> Independence;
 
+    /// How the op runs on bands of rows; `None`: it needs whole frames (spatial attention,
+    /// ops that flatten H and W).
+    fn rows(&self) -> Option<RowRule> {
+        None
+    }
+
+    /// Whether the op runs exactly slice by slice along `axis`.
+    fn allows(&self, axis: Axis) -> bool {
+        match axis {
+            Axis::Rows => self.rows().is_some(),
+            _ => self.independence().allows(axis),
+        }
+    }
+
     /// A reduction runs slice by slice along its independent axes, but each slice yields a
     /// partial result that [`Op::merge`] folds; its output is whole along the sliced axis and
     /// only exists once every slice has run.
     fn is_reduction(&self) -> bool {
         false
+    }
+
+    /// Whether the op is a reduction along `axis`: per-frame statistics are a reduction
+    /// along the rows but frame-wise along the frames.
+    fn reduces(&self, axis: Axis) -> bool {
+        match axis {
+            Axis::Rows => self.rows() == Some(RowRule::Reduce),
+            _ => self.is_reduction(),
+        }
     }
 
     /// Fold two partial results of a reduction.

@@ -135,6 +135,9 @@ pub fn check_group(graph: &Graph, group: &Group) -> Result<usize> {
         }
         return Ok(0);
     };
+    if axis == Axis::Rows {
+        return crate::rows::check_rows_group(graph, group);
+    }
     let mut axis_len: Option<(usize, String)> = None;
     let mut see_len = |len: usize, who: &str, node: &str| -> Result<()> {
         match &axis_len {
@@ -157,7 +160,7 @@ pub fn check_group(graph: &Graph, group: &Group) -> Result<usize> {
     for ni in group.nodes.clone() {
         let node = graph.node(ni);
         let op = &node.op;
-        if !op.independence().allows(axis) {
+        if !op.allows(axis) {
             return Err(IrError::node(
                 &node.name,
                 format!(
@@ -168,7 +171,7 @@ pub fn check_group(graph: &Graph, group: &Group) -> Result<usize> {
             ));
         }
         let out = graph.info(node.output);
-        match (out.layout.tag(axis), op.is_reduction()) {
+        match (out.layout.tag(axis), op.reduces(axis)) {
             (AxisTag::Dim(_), false) | (AxisTag::Whole, true) => {}
             (tag, reduction) => {
                 return Err(IrError::node(
@@ -197,7 +200,7 @@ pub fn check_group(graph: &Graph, group: &Group) -> Result<usize> {
                 AxisTag::Whole => {
                     let reduced_here = graph
                         .producer_node(input)
-                        .is_some_and(|p| in_group(input) && graph.node(p).op.is_reduction());
+                        .is_some_and(|p| in_group(input) && graph.node(p).op.reduces(axis));
                     if reduced_here {
                         return Err(IrError::node(
                             &node.name,
@@ -208,7 +211,7 @@ pub fn check_group(graph: &Graph, group: &Group) -> Result<usize> {
                         ));
                     }
                 }
-                AxisTag::Interleaved => {
+                AxisTag::Interleaved | AxisTag::Blocks { .. } => {
                     if !op.gathers_input(k, axis) || in_group(input) {
                         return Err(IrError::node(
                             &node.name,

@@ -12,8 +12,10 @@
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
+use std::ops::Range;
 use streamline_ir::alloc::{peak_bytes, reset_peak, TrackingAllocator};
-use streamline_ir::{Axis, Layout, Op, SliceCtx, ValueInfo};
+
+use streamline_ir::{Axis, Layout, Op, RowBand, SliceCtx, ValueInfo};
 use streamline_models::ops::*;
 
 #[global_allocator]
@@ -114,6 +116,29 @@ fn sliced(
         axis: Some(axis),
         range,
         len,
+        ..SliceCtx::whole()
+    };
+    c
+}
+
+/// The same call on a band of rows: output rows `out` of `out_len`, from input rows `input`
+/// of `input_len` (the inputs are already the band's).
+fn banded(
+    mut c: Case,
+    (out, out_len): (Range<usize>, usize),
+    (input, input_len): (Range<usize>, usize),
+) -> Case {
+    c.name = format!("{} on rows {}..{} of {out_len}", c.name, out.start, out.end);
+    c.ctx = SliceCtx {
+        axis: Some(Axis::Rows),
+        range: out.clone(),
+        len: out_len,
+        band: Some(RowBand {
+            out,
+            out_len,
+            input,
+            input_len,
+        }),
         ..SliceCtx::whole()
     };
     c
@@ -230,18 +255,12 @@ fn declared_workspace_matches_heap() {
         case("silu (28,64,64,64)", Silu, vec![feat.clone()]),
         case(
             "upsample_nearest 2x (28,128,32,32)",
-            UpsampleNearest {
-                height: 64,
-                width: 64,
-            },
+            UpsampleNearest::new((32, 32), 64, 64),
             vec![feat128.clone()],
         ),
         case(
             "upsample_nearest to a skip's odd size (28,128,32,32)",
-            UpsampleNearest {
-                height: 63,
-                width: 61,
-            },
+            UpsampleNearest::new((32, 32), 63, 61),
             vec![feat128.clone()],
         ),
         case("add", Add, vec![feat.clone(), feat.clone()]),
@@ -521,6 +540,88 @@ fn declared_workspace_matches_heap() {
     ];
     for c in convs {
         check_tiled(c, |ws| vec![ws / 4, 2 << 20, 1 << 20], &mut failures);
+    }
+
+    // Ops on bands of rows: a convolution's window padded at one edge or at none, upsampling
+    // cut to an odd first row, per-frame statistics and their application, temporal
+    // statistics of a band of positions.
+    let band = |rows: usize| randn(&[frames, 64, rows, 64], f32_);
+    let (frame_stats, frame_apply) = GroupNormFrames::new(32, 64, 1e-6, vb(f32_))
+        .unwrap()
+        .split();
+    let moments = frame_stats
+        .forward(&[&band(8)], &SliceCtx::whole())
+        .unwrap();
+    let banded_plain = vec![
+        banded(
+            case(
+                "conv2d 64->64 k3 band",
+                conv(64, 64, 3, 1, 1),
+                vec![band(10)],
+            ),
+            (4..12, 64),
+            (3..13, 64),
+        ),
+        banded(
+            case(
+                "conv2d 64->64 k3 top band",
+                conv(64, 64, 3, 1, 1),
+                vec![band(9)],
+            ),
+            (0..8, 64),
+            (0..9, 64),
+        ),
+        banded(
+            case(
+                "conv2d 64->64 k3 s2 bottom band",
+                conv(64, 64, 3, 2, 1),
+                vec![band(9)],
+            ),
+            (28..32, 32),
+            (55..64, 64),
+        ),
+        banded(
+            case(
+                "upsample_nearest 2x band",
+                UpsampleNearest::new((32, 32), 64, 64),
+                vec![randn(&[frames, 128, 4, 32], f32_)],
+            ),
+            (5..12, 64),
+            (2..6, 32),
+        ),
+    ];
+    let banded_tiled = vec![
+        banded(
+            case("group_norm_frame_stats band", frame_stats, vec![band(8)]),
+            (8..16, 64),
+            (8..16, 64),
+        ),
+        banded(
+            case(
+                "group_norm_frame_apply band",
+                frame_apply,
+                vec![band(8), moments],
+            ),
+            (8..16, 64),
+            (8..16, 64),
+        ),
+        banded(
+            case(
+                "group_norm_stats band (2*8*64,14,64)",
+                stats_op.clone(),
+                vec![randn(&[2 * 8 * 64, 14, 64], f32_)],
+            ),
+            (8..16, 64),
+            (8..16, 64),
+        ),
+    ];
+    // Untiled only: a band's convolution tiles whole frames alone (one frame's band is its
+    // smallest call), and upsampling never tiles.
+    for c in banded_plain {
+        check(&c, &measure(&c), &mut failures);
+    }
+    for c in banded_tiled {
+        check_tiled(c, |ws| vec![ws / 4], &mut failures);
     }
 
     // Spatial self-attention at full size: a 1.9 GB score tensor untiled. Tiled to a quarter

@@ -163,15 +163,15 @@ pub enum BudgetError {
 /// else each model only in its phases. `plan(phase, optimization)` plans the phase's calls and
 /// returns them with their activation peak (returned beside them); a refused budget comes back
 /// from it as a [`CallError`] whose source is [`streamline_ir::IrError::Infeasible`].
-pub fn fit_run<T>(
+pub fn fit_run<T: Send>(
     budget: usize,
     footprint: &Footprint,
-    mut plan: impl FnMut(Phase, Optimization) -> Result<(T, usize), CallError>,
+    plan: impl Fn(Phase, Optimization) -> Result<(T, usize), CallError> + Sync,
 ) -> Result<(RunPlan, Vec<(T, usize)>), BudgetError> {
-    if let Ok(fits) = attempt(budget, footprint, Residency::Resident, &mut plan)? {
+    if let Ok(fits) = attempt(budget, footprint, Residency::Resident, &plan)? {
         return Ok(fits);
     }
-    attempt(budget, footprint, Residency::PerPhase, &mut plan)?
+    attempt(budget, footprint, Residency::PerPhase, &plan)?
         .map_err(|floors| refusal(budget, footprint, floors))
 }
 
@@ -179,45 +179,90 @@ pub fn fit_run<T>(
 /// planned but above what the budget left).
 type Floor = (Phase, usize, Option<(CallKind, Infeasible)>);
 
-/// The run under one residency, or (with every model resident, only the first) the floors of
-/// the phases that do not fit. A refusal's smallest figure holds for every budget, so no phase
-/// is planned twice for the refusal; a phase whose weights alone exceed the budget is planned
-/// at a zero budget for its floor.
+/// One phase under a residency: planned within what it leaves, or its floor.
+enum Outcome<T> {
+    Fits(Optimization, T, usize),
+    Over(Floor),
+}
+
+/// Plan `phase` within `left` (none: its weights and held values alone exceed the budget,
+/// and it is planned at a zero budget for its floor).
+fn try_phase<T>(
+    phase: Phase,
+    left: Option<usize>,
+    plan: &impl Fn(Phase, Optimization) -> Result<(T, usize), CallError>,
+) -> Result<Outcome<T>, BudgetError> {
+    let optimization = Optimization::Budget {
+        bytes: left.unwrap_or(0),
+    };
+    Ok(match plan(phase, optimization) {
+        Ok((t, activations)) if left.is_some_and(|l| activations <= l) => {
+            Outcome::Fits(optimization, t, activations)
+        }
+        Ok((_, activations)) => Outcome::Over((phase, activations, None)),
+        Err(e) => match e.source.infeasible() {
+            Some(i) => Outcome::Over((phase, i.smallest, Some((e.call, i.clone())))),
+            None => return Err(BudgetError::Call(Box::new(e))),
+        },
+    })
+}
+
+/// The run under one residency, or the floors of the phases that do not fit. With every
+/// model resident the first phase that does not fit ends the attempt (its floor is not
+/// needed: only per-phase floors make a refusal); per phase, the phases are planned side by
+/// side on threads, each to its floor where it does not fit (a refusal's smallest figure holds
+/// for every budget, so no phase is planned twice).
 #[allow(clippy::type_complexity)]
-fn attempt<T>(
+fn attempt<T: Send>(
     budget: usize,
     footprint: &Footprint,
     residency: Residency,
-    plan: &mut impl FnMut(Phase, Optimization) -> Result<(T, usize), CallError>,
+    plan: &(impl Fn(Phase, Optimization) -> Result<(T, usize), CallError> + Sync),
 ) -> Result<Result<(RunPlan, Vec<(T, usize)>), Vec<Floor>>, BudgetError> {
+    let left = |phase| budget.checked_sub(footprint.fixed(phase, residency));
+    let outcomes = match residency {
+        Residency::Resident => {
+            let mut outcomes = Vec::new();
+            for phase in Phase::ALL {
+                let outcome = match left(phase) {
+                    None => Outcome::Over((phase, 0, None)),
+                    Some(l) => try_phase(phase, Some(l), plan)?,
+                };
+                let over = matches!(outcome, Outcome::Over(_));
+                outcomes.push(outcome);
+                if over {
+                    break;
+                }
+            }
+            outcomes
+        }
+        Residency::PerPhase => std::thread::scope(|scope| {
+            let runs: Vec<_> = Phase::ALL
+                .map(|phase| scope.spawn(move || try_phase(phase, left(phase), plan)))
+                .into_iter()
+                .collect();
+            runs.into_iter()
+                .map(|run| run.join().expect("a planning thread panicked"))
+                .collect::<Result<Vec<_>, _>>()
+        })?,
+    };
     let (mut planned, mut floors) = (Vec::new(), Vec::new());
     let mut calls = [Optimization::Original; 3];
-    for phase in Phase::ALL {
-        let left = budget.checked_sub(footprint.fixed(phase, residency));
-        let optimization = Optimization::Budget {
-            bytes: left.unwrap_or(0),
-        };
-        let floor = match plan(phase, optimization) {
-            Ok((t, activations)) if left.is_some_and(|l| activations <= l) => {
+    for (phase, outcome) in Phase::ALL.iter().zip(outcomes) {
+        match outcome {
+            Outcome::Fits(optimization, t, activations) => {
                 calls[phase.index()] = optimization;
                 planned.push((t, activations));
-                continue;
             }
-            Ok((_, activations)) => (phase, activations, None),
-            Err(e) => match e.source.infeasible() {
-                Some(i) => (phase, i.smallest, Some((e.call, i.clone()))),
-                None => return Err(BudgetError::Call(Box::new(e))),
-            },
-        };
-        floors.push(floor);
-        if residency == Residency::Resident {
-            break;
+            Outcome::Over(floor) => floors.push(floor),
         }
     }
-    Ok(match floors.is_empty() {
-        true => Ok((RunPlan { calls, residency }, planned)),
-        false => Err(floors),
-    })
+    Ok(
+        match floors.is_empty() && planned.len() == Phase::ALL.len() {
+            true => Ok((RunPlan { calls, residency }, planned)),
+            false => Err(floors),
+        },
+    )
 }
 
 /// The refusal of `budget`: of the phases that do not fit, the one whose floor (its fixed

@@ -3,7 +3,7 @@
 //! scheduler and feature extractor, with an image encoder projecting to its 256 channels):
 //! each phase's measured peak (heap bytes above the run's baseline, a tracking global
 //! allocator counting) within 10% of its plan, with every model resident and with each model
-//! only in its phases; frames bit for bit the same.
+//! only in its phases; frames equal to original inference's within rounding.
 //!
 //! One test in its own binary, so nothing else allocates while it measures.
 
@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use common::{assert_phases_within_ten_percent, assert_same_frames, per_phase_budget};
+use common::{assert_phases_within_ten_percent, assert_plan_frames, per_phase_budget};
 use streamline_ir::alloc::TrackingAllocator;
 use streamline_models::clip::{ClipVisionConfig, ClipVisionModelWithProjection};
 use streamline_models::load::WeightSource;
@@ -133,7 +133,7 @@ fn svd_small_phases_are_measured_within_ten_percent_of_their_plans() {
     for optimization in [Optimization::Original, budget] {
         let residency = pipe.plan(&settings, optimization).unwrap().run.residency;
         let (frames, report) = generate(&pipe, &settings, optimization);
-        assert_same_frames(&format!("{optimization:?}"), &frames, &original);
+        assert_plan_frames(&format!("{optimization:?}"), &frames, &original);
         assert_phases_within_ten_percent(&format!("{optimization:?} ({residency:?})"), &report);
         assert_eq!(
             residency,

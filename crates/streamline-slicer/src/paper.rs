@@ -20,6 +20,8 @@ impl PaperSlicer {
         match axis {
             Axis::Frames => self.temporal_chunks,
             Axis::Positions => self.spatial_chunks,
+            // The paper slices no rows, and `slice` only asks for `Axis::ALL`.
+            Axis::Rows => 1,
         }
     }
 

@@ -52,6 +52,7 @@ proptest! {
                 let want = match group.axis {
                     Some(Axis::Frames) => t.min(len),
                     Some(Axis::Positions) => s.min(len),
+                    Some(Axis::Rows) => unreachable!("the paper slices no rows"),
                     None => 1,
                 };
                 prop_assert_eq!(group.chunks, want);
@@ -91,6 +92,100 @@ proptest! {
             }
         }
     }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+
+    /// Graphs that run on rows (halos, strides, upsampling, statistics): a budget below what
+    /// frames and positions reach is met on bands of rows, exactly, or refused with the one
+    /// floor rows reach.
+    #[test]
+    fn row_budgets_are_met_or_refused_with_one_floor(
+        d in row_dims(),
+        steps in steps(12),
+        fraction in 0.0f64..1.2,
+        seed in any::<u64>(),
+    ) {
+        let g = rows::random_row_graph(d, &steps);
+        let start = one_chunk_plan(&g);
+        let floor = smallest(&g, &start);
+        let original = Executor::plan_stats(&g, &Plan::trivial(&g)).unwrap().peak_bytes;
+        let budget = (fraction * original as f64) as usize;
+        match fit_budget(&g, start, budget) {
+            Ok(plan) => {
+                prop_assert!(budget >= floor, "budget {budget} met below the floor {floor}");
+                let planned = Executor::plan_stats(&g, &plan).unwrap().peak_bytes;
+                prop_assert!(planned <= budget, "planned {planned} over budget {budget}");
+                let err = error_on(&g, rows::row_tensors(d, seed), &plan).unwrap();
+                prop_assert!(err <= 1e-5, "relative L2 {err}\n{}", plan.dump(&g));
+            }
+            Err(e) => {
+                let refusal = e.infeasible().expect("only a budget refusal");
+                prop_assert!(budget < floor);
+                prop_assert_eq!(refusal.smallest, floor);
+            }
+        }
+    }
+}
+
+fn row_dims() -> impl Strategy<Value = rows::RowDims> {
+    (1usize..=2, 1usize..=3, 1usize..=2, 2usize..=12, 1usize..=4)
+        .prop_map(|(b, t, c, h, w)| rows::RowDims { b, t, c, h, w })
+}
+
+/// Where frames and positions stop (every value between groups whole), rows go lower: a
+/// decoder-like chain at the floor of frames and positions is planned on bands of rows.
+#[test]
+fn rows_go_below_the_floor_of_frames_and_positions() {
+    let d = rows::RowDims {
+        b: 1,
+        t: 2,
+        c: 2,
+        h: 12,
+        w: 4,
+    };
+    // 3x3 convs with per-frame norms between them, a temporal block, a skip.
+    let steps = [
+        (0, 0, 0),
+        (4, 1, 0),
+        (0, 2, 0),
+        (7, 3, 0),
+        (8, 1, 0),
+        (9, 0, 1),
+        (5, 4, 1),
+        (0, 5, 0),
+    ];
+    let g = rows::random_row_graph(d, &steps);
+    // The least frames and positions hold: every sliced group one index per slice, ops at
+    // their smallest tiles.
+    let frames_only = streamline_ir::Plan::new(
+        one_chunk_plan(&g)
+            .groups
+            .into_iter()
+            .map(|gr| {
+                let len = check_group(&g, &gr).unwrap();
+                streamline_ir::Group {
+                    chunks: len.max(1),
+                    workspace_limit: Some(0),
+                    ..gr
+                }
+            })
+            .collect(),
+    );
+    let floor = smallest(&g, &one_chunk_plan(&g));
+    let plan = fit_budget(&g, one_chunk_plan(&g), floor).unwrap();
+    assert!(
+        plan.groups.iter().any(|gr| gr.axis == Some(Axis::Rows)),
+        "{}",
+        plan.dump(&g)
+    );
+    assert!(error_on(&g, rows::row_tensors(d, 3), &plan).unwrap() <= 1e-5);
+    let without_rows = Executor::plan_stats(&g, &frames_only).unwrap().peak_bytes;
+    assert!(
+        floor < without_rows,
+        "rows floor {floor}, whole-value floor {without_rows}"
+    );
 }
 
 /// A graph big enough that slicing matters: the budget pass slices only as much as needed.

@@ -279,7 +279,7 @@ impl KlEncoder {
             ValueInfo::new(
                 (n, self.in_channels, height, width),
                 self.dtype,
-                Layout::FRAME_MAJOR,
+                Layout::IMAGES,
             ),
         )?;
         let mut at = At {
@@ -290,6 +290,7 @@ impl KlEncoder {
                 width,
             },
             emb: None,
+            split_norms: false,
         };
         let mut x = node(
             &mut g,
@@ -311,7 +312,13 @@ impl KlEncoder {
             }
         }
         x = self.mid_block.lower(&mut g, "encoder.mid_block", x, at)?;
-        let mut h = output_head(&mut g, "encoder", &self.conv_norm_out, &self.conv_out, x)?;
+        let mut h = output_head(
+            &mut g,
+            "encoder",
+            (&self.conv_norm_out, false),
+            &self.conv_out,
+            x,
+        )?;
         if let Some(conv) = &self.quant_conv {
             h = node(&mut g, "quant_conv", "", conv.clone(), &[h])?;
         }
@@ -407,7 +414,7 @@ impl<D: VaeDecoder> Autoencoder<D> {
             ValueInfo::new(
                 (batch * frames, self.config.latent_channels, height, width),
                 self.dtype,
-                Layout::FRAME_MAJOR,
+                Layout::IMAGES,
             ),
         )?;
         let dims = VideoDims {

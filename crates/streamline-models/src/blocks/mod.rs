@@ -33,16 +33,39 @@ pub(crate) fn node(
     g.push_arc(&full, op, inputs)
 }
 
-/// The output head of the UNet, the encoder and the decoder: GroupNorm, SiLU, 3x3 conv, named
-/// `prefix.conv_norm_out`, `prefix.conv_act`, `prefix.conv_out`.
+/// A per-frame GroupNorm named `name`: one op, or (`split`) its statistics `name.stats` and
+/// their application `name`, which can run on bands of rows.
+pub(crate) fn frame_norm(
+    g: &mut Graph,
+    name: &str,
+    norm: &Arc<GroupNormFrames>,
+    x: ValueId,
+    split: bool,
+) -> streamline_ir::Result<ValueId> {
+    if !split {
+        return node(g, name, "", norm.clone(), &[x]);
+    }
+    let (stats, apply) = norm.split();
+    let s = node(g, name, "stats", Arc::new(stats), &[x])?;
+    node(g, name, "", Arc::new(apply), &[x, s])
+}
+
+/// The output head of the UNet, the encoder and the decoder: GroupNorm (split as
+/// [`frame_norm`] does), SiLU, 3x3 conv, named `prefix.conv_norm_out`, `prefix.conv_act`,
+/// `prefix.conv_out`.
 pub(crate) fn output_head(
     g: &mut Graph,
     prefix: &str,
-    norm: &Arc<GroupNormFrames>,
+    (norm, split): (&Arc<GroupNormFrames>, bool),
     conv: &Arc<Conv2d>,
     x: ValueId,
 ) -> streamline_ir::Result<ValueId> {
-    let h = node(g, prefix, "conv_norm_out", norm.clone(), &[x])?;
+    let name = if prefix.is_empty() {
+        "conv_norm_out".to_string()
+    } else {
+        format!("{prefix}.conv_norm_out")
+    };
+    let h = frame_norm(g, &name, norm, x, split)?;
     let h = node(g, prefix, "conv_act", Arc::new(Silu), &[h])?;
     node(g, prefix, "conv_out", conv.clone(), &[h])
 }
@@ -57,12 +80,8 @@ pub(crate) fn upsampler(
     (height, width): (usize, usize),
 ) -> streamline_ir::Result<ValueId> {
     let p = format!("{prefix}.upsamplers.0");
-    let up = node(
-        g,
-        &p,
-        "upsample",
-        Arc::new(UpsampleNearest { height, width }),
-        &[x],
-    )?;
+    let d = g.info(x).shape.dims();
+    let resize = UpsampleNearest::new((d[2], d[3]), height, width);
+    let up = node(g, &p, "upsample", Arc::new(resize), &[x])?;
     node(g, &p, "conv", conv.clone(), &[up])
 }

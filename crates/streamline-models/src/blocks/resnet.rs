@@ -5,7 +5,7 @@ use std::sync::Arc;
 use candle_nn::VarBuilder;
 use streamline_ir::{Graph, Result, ValueId};
 
-use super::node;
+use super::{frame_norm, node};
 use crate::ops::{Add, AddBatchEmb, Conv2d, GroupNormFrames, Linear, Silu, VideoDims};
 
 /// Where a block runs: its video extent and, when it has one, the per-batch-item time
@@ -14,6 +14,10 @@ use crate::ops::{Add, AddBatchEmb, Conv2d, GroupNormFrames, Linear, Silu, VideoD
 pub(crate) struct At {
     pub dims: VideoDims,
     pub emb: Option<ValueId>,
+    /// Per-frame GroupNorms lowered as statistics and their application, so that the
+    /// layers can run on bands of rows (the VAE decoders, whose full-resolution layers
+    /// hold more than one whole feature may).
+    pub split_norms: bool,
 }
 
 impl At {
@@ -64,7 +68,7 @@ impl ResnetBlock2D {
     }
 
     pub fn lower(&self, g: &mut Graph, p: &str, x: ValueId, at: At) -> Result<ValueId> {
-        let h = node(g, p, "norm1", self.norm1.clone(), &[x])?;
+        let h = frame_norm(g, &format!("{p}.norm1"), &self.norm1, x, at.split_norms)?;
         let h = node(g, p, "act1", Arc::new(Silu), &[h])?;
         let mut h = node(g, p, "conv1", self.conv1.clone(), &[h])?;
         if let (Some(proj), Some(emb)) = (&self.time_emb_proj, at.emb) {
@@ -75,7 +79,7 @@ impl ResnetBlock2D {
             };
             h = node(g, p, "add_temb", Arc::new(add), &[h, e])?;
         }
-        let h = node(g, p, "norm2", self.norm2.clone(), &[h])?;
+        let h = frame_norm(g, &format!("{p}.norm2"), &self.norm2, h, at.split_norms)?;
         let h = node(g, p, "act2", Arc::new(Silu), &[h])?;
         let h = node(g, p, "conv2", self.conv2.clone(), &[h])?;
         let shortcut = match &self.conv_shortcut {

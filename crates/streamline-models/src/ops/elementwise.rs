@@ -2,7 +2,7 @@
 
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
-use streamline_ir::{Independence, IrError, Op, Result, SliceCtx, ValueInfo, Workspace};
+use streamline_ir::{Independence, IrError, Op, Result, RowRule, SliceCtx, ValueInfo, Workspace};
 
 use super::layout::{batch_ids, by_row_chunks, info_of, row_chunk};
 
@@ -20,6 +20,9 @@ impl Op for Add {
     }
     fn independence(&self) -> Independence {
         Independence::Both
+    }
+    fn rows(&self) -> Option<RowRule> {
+        Some(RowRule::Same)
     }
     fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
         if inputs[0] != inputs[1] {
@@ -84,6 +87,9 @@ impl Op for Blend {
     }
     fn independence(&self) -> Independence {
         Independence::Both
+    }
+    fn rows(&self) -> Option<RowRule> {
+        Some(RowRule::Same)
     }
     fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
         Add.infer(inputs)

@@ -13,7 +13,7 @@ use std::ops::Range;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use streamline_ir::{
-    chunk_ranges, Independence, IrError, Kernels, Layout, Op, Result, SliceCtx, ValueInfo,
+    chunk_ranges, Independence, IrError, Kernels, Layout, Op, Result, RowRule, SliceCtx, ValueInfo,
     Workspace,
 };
 
@@ -22,6 +22,7 @@ use streamline_kernels::{group_norm_workspace, group_sums, group_sums_runs};
 
 use super::kernels;
 use super::layout::{batch_ids, batch_pieces, by_row_chunks, info_of, row_chunk};
+use super::rows::{band_dims, band_dims_of, unbanded, GroupNormFrameApply, GroupNormFrameStats};
 use super::VideoDims;
 
 /// Count, mean and centered sum of squares of one (batch item, group).
@@ -199,6 +200,11 @@ impl Op for GroupNormStats {
         true
     }
 
+    /// A band holds every frame of its positions: its moments merge with the other bands'.
+    fn rows(&self) -> Option<RowRule> {
+        Some(RowRule::Reduce)
+    }
+
     /// Chan et al.'s update as tensor ops, on the moments' device (whichever kernels made
     /// them): no host round trip between slices.
     fn merge(&self, acc: &Tensor, partial: &Tensor) -> Result<Tensor> {
@@ -225,7 +231,13 @@ impl Op for GroupNormStats {
     }
 
     fn workspace_bytes(&self, inputs: &[&ValueInfo], _: &ValueInfo, ws: Workspace) -> usize {
-        self.tiling(inputs[0], ws).1
+        let dims = band_dims_of(self.dims, inputs[0].shape.dims()[0], ws);
+        GroupNormStats {
+            dims,
+            ..self.clone()
+        }
+        .tiling(inputs[0], ws)
+        .1
     }
 
     fn flops(&self, inputs: &[&ValueInfo], _: &ValueInfo) -> u64 {
@@ -233,6 +245,14 @@ impl Op for GroupNormStats {
     }
 
     fn forward(&self, inputs: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
+        if ctx.band.is_some() {
+            let dims = band_dims(self.dims, ctx);
+            return GroupNormStats {
+                dims,
+                ..self.clone()
+            }
+            .forward(inputs, &unbanded(ctx));
+        }
         let d = self.dims;
         let x = inputs[0];
         let rows = ctx.rows(d.positions_len());
@@ -313,6 +333,14 @@ impl GroupNormApply {
         self.weight.len()
     }
 
+    /// The same normalization of a video of extent `dims` (a band's).
+    fn on(&self, dims: VideoDims) -> Self {
+        GroupNormApply {
+            dims,
+            ..self.clone()
+        }
+    }
+
     /// Per batch item `(B, C)` scale `weight * rstd` and shift `bias - mean * scale`, from
     /// the statistics in f64, in the dtype of `x`.
     fn tables(&self, stats: &[Moments], x: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -373,6 +401,10 @@ impl Op for GroupNormApply {
         Independence::Positions
     }
 
+    fn rows(&self) -> Option<RowRule> {
+        Some(RowRule::Same)
+    }
+
     fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
         let d = self.dims;
         let (x, stats) = (inputs[0], inputs[1]);
@@ -394,7 +426,8 @@ impl Op for GroupNormApply {
     }
 
     fn workspace_bytes(&self, inputs: &[&ValueInfo], output: &ValueInfo, ws: Workspace) -> usize {
-        self.tiling(inputs[0], output, ws).1
+        let dims = band_dims_of(self.dims, inputs[0].shape.dims()[0], ws);
+        self.on(dims).tiling(inputs[0], output, ws).1
     }
 
     fn flops(&self, inputs: &[&ValueInfo], _: &ValueInfo) -> u64 {
@@ -406,6 +439,11 @@ impl Op for GroupNormApply {
     }
 
     fn forward(&self, inputs: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
+        if ctx.band.is_some() {
+            return self
+                .on(band_dims(self.dims, ctx))
+                .forward(inputs, &unbanded(ctx));
+        }
         let d = self.dims;
         let x = inputs[0];
         let rows = ctx.rows(d.positions_len());
@@ -473,6 +511,17 @@ impl GroupNormFrames {
 
     fn run(&self, x: &Tensor, k: Kernels) -> candle_core::Result<Tensor> {
         kernels::group_norm(k, x, [&self.weight, &self.bias], self.groups, self.eps)
+    }
+
+    /// The same GroupNorm as statistics and their application, so that it can run on bands
+    /// of rows (see `ops::rows`).
+    pub fn split(&self) -> (GroupNormFrameStats, GroupNormFrameApply) {
+        let stats = GroupNormFrameStats {
+            channels: self.channels,
+            groups: self.groups,
+        };
+        let apply = GroupNormFrameApply::new(self.groups, self.eps, &self.weight, &self.bias);
+        (stats, apply)
     }
 
     fn tiling(&self, x: &ValueInfo, ws: Workspace) -> (usize, usize) {

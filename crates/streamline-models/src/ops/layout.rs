@@ -5,11 +5,12 @@ use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor};
 use streamline_ir::{
-    chunk_ranges, Axis, Independence, IrError, Kernels, Layout, Op, Result, SliceCtx, ValueInfo,
-    Workspace,
+    chunk_ranges, Axis, AxisTag, Independence, IrError, Kernels, Layout, Op, Result, RowRule,
+    SliceCtx, ValueInfo, Workspace,
 };
 
 use super::kernels;
+use super::rows::{band_dims, unbanded};
 
 /// The video extent a layout change needs to know: batch, frames and the spatial size.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -225,14 +226,23 @@ impl Op for FramesToPositions {
         input == 0 && axis == Axis::Positions
     }
 
+    /// A band of images is the video of the band's height: row for row.
+    fn rows(&self) -> Option<RowRule> {
+        (self.from == FrameLayout::ChannelsFirst).then_some(RowRule::Same)
+    }
+
     fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
         let d = self.dims;
         let c = self.channels;
         expect_rank(inputs[0], &self.from.shape(d, c), self.kind())?;
+        let layout = match inputs[0].layout.rows {
+            AxisTag::Dim(_) => Layout::positions_of(d.batch, d.width),
+            _ => Layout::POSITION_MAJOR,
+        };
         Ok(ValueInfo::new(
             (d.positions_len(), d.frames, c),
             inputs[0].dtype,
-            Layout::POSITION_MAJOR,
+            layout,
         ))
     }
 
@@ -241,6 +251,13 @@ impl Op for FramesToPositions {
     }
 
     fn forward(&self, inputs: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
+        if ctx.band.is_some() {
+            let band = FramesToPositions {
+                dims: band_dims(self.dims, ctx),
+                ..self.clone()
+            };
+            return band.forward(inputs, &unbanded(ctx));
+        }
         let d = self.dims;
         let x = inputs[0];
         let rows = ctx.rows(d.positions_len());
@@ -287,15 +304,20 @@ impl Op for PositionsToFrames {
         input == 0 && axis == Axis::Frames
     }
 
+    /// A band of positions is the video of the band's height: row for row.
+    fn rows(&self) -> Option<RowRule> {
+        (self.to == FrameLayout::ChannelsFirst).then_some(RowRule::Same)
+    }
+
     fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
         let d = self.dims;
         let c = self.channels;
         expect_rank(inputs[0], &[d.positions_len(), d.frames, c], self.kind())?;
-        Ok(ValueInfo::new(
-            self.to.shape(d, c),
-            inputs[0].dtype,
-            Layout::FRAME_MAJOR,
-        ))
+        let layout = match (self.to, inputs[0].layout.rows) {
+            (FrameLayout::ChannelsFirst, AxisTag::Blocks { .. }) => Layout::IMAGES,
+            _ => Layout::FRAME_MAJOR,
+        };
+        Ok(ValueInfo::new(self.to.shape(d, c), inputs[0].dtype, layout))
     }
 
     fn flops(&self, _: &[&ValueInfo], _: &ValueInfo) -> u64 {
@@ -303,6 +325,13 @@ impl Op for PositionsToFrames {
     }
 
     fn forward(&self, inputs: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
+        if ctx.band.is_some() {
+            let band = PositionsToFrames {
+                dims: band_dims(self.dims, ctx),
+                ..self.clone()
+            };
+            return band.forward(inputs, &unbanded(ctx));
+        }
         let d = self.dims;
         let x = inputs[0];
         let rows = ctx.rows(d.frames_len());
@@ -354,9 +383,12 @@ impl Op for Tokens {
     fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
         let x = inputs[0];
         let hw = self.height * self.width;
-        let dims = match (x.shape.dims(), self.to_tokens) {
-            (&[n, c, h, w], true) if h == self.height && w == self.width => vec![n, hw, c],
-            (&[n, l, c], false) if l == hw => vec![n, c, self.height, self.width],
+        // Tokens flatten H and W: no dim holds the rows.
+        let (dims, layout) = match (x.shape.dims(), self.to_tokens) {
+            (&[n, c, h, w], true) if h == self.height && w == self.width => {
+                (vec![n, hw, c], Layout::FRAME_MAJOR)
+            }
+            (&[n, l, c], false) if l == hw => (vec![n, c, self.height, self.width], Layout::IMAGES),
             (d, _) => {
                 return Err(IrError::Plan(format!(
                     "{} at {}x{} cannot take {d:?}",
@@ -366,7 +398,7 @@ impl Op for Tokens {
                 )))
             }
         };
-        Ok(ValueInfo::new(dims, x.dtype, x.layout))
+        Ok(ValueInfo::new(dims, x.dtype, layout))
     }
 
     fn flops(&self, _: &[&ValueInfo], _: &ValueInfo) -> u64 {
@@ -397,6 +429,21 @@ impl Op for Tokens {
 pub struct UpsampleNearest {
     pub height: usize,
     pub width: usize,
+    /// The integer factor of the height when there is one (diffusers' `scale_factor=2`):
+    /// then the op runs on bands of rows.
+    pub row_factor: Option<usize>,
+}
+
+impl UpsampleNearest {
+    /// Resize `(in_h, in_w)` frames to `height x width`.
+    pub fn new((in_h, in_w): (usize, usize), height: usize, width: usize) -> Self {
+        let exact = in_h > 0 && height % in_h == 0 && in_w > 0 && width % in_w == 0;
+        UpsampleNearest {
+            height,
+            width,
+            row_factor: exact.then(|| height / in_h),
+        }
+    }
 }
 
 impl Op for UpsampleNearest {
@@ -405,6 +452,9 @@ impl Op for UpsampleNearest {
     }
     fn independence(&self) -> Independence {
         Independence::Frames
+    }
+    fn rows(&self) -> Option<RowRule> {
+        self.row_factor.map(|factor| RowRule::Upsample { factor })
     }
     fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
         match inputs[0].shape.dims() {
@@ -421,11 +471,31 @@ impl Op for UpsampleNearest {
             ))),
         }
     }
+    /// On a band whose first or last output row is not the first or last copy of an input
+    /// row, the band's input rows are upsampled whole and cut: that copy is the workspace.
+    fn workspace_bytes(&self, inputs: &[&ValueInfo], output: &ValueInfo, ws: Workspace) -> usize {
+        let (x, factor) = (inputs[0].shape.dims(), self.row_factor.unwrap_or(1));
+        let out_rows = output.shape.dims()[2];
+        if ws.on_rows && x[2] * factor != out_rows {
+            output.bytes() / out_rows.max(1) * x[2] * factor
+        } else {
+            0
+        }
+    }
     fn flops(&self, _: &[&ValueInfo], _: &ValueInfo) -> u64 {
         0
     }
-    fn forward(&self, x: &[&Tensor], _: &SliceCtx) -> Result<Tensor> {
-        Ok(x[0].upsample_nearest2d(self.height, self.width)?)
+    fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
+        let (Some(band), Some(factor)) = (&ctx.band, self.row_factor) else {
+            return Ok(x[0].upsample_nearest2d(self.height, self.width)?);
+        };
+        let rows = x[0].dim(2)? * factor;
+        let up = x[0].upsample_nearest2d(rows, self.width)?;
+        if rows == band.out.len() {
+            return Ok(up);
+        }
+        let first = band.out.start - band.input.start * factor;
+        Ok(up.narrow(2, first, band.out.len())?.contiguous()?)
     }
 }
 

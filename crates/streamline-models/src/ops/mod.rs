@@ -13,6 +13,7 @@ mod group_norm;
 mod kernels;
 mod layout;
 mod nn;
+mod rows;
 mod temporal;
 
 pub use attention::{Attention, Context};
@@ -21,4 +22,5 @@ pub use embed::{Const, Sinusoid};
 pub use group_norm::{GroupNormApply, GroupNormStats};
 pub use layout::{FrameLayout, FramesToPositions, PositionsToFrames, Tokens, VideoDims};
 pub use nn::{Conv2d, Geglu, GroupNormFrames, LayerNorm, Linear, PadEnd, Silu, UpsampleNearest};
+pub use rows::{GroupNormFrameApply, GroupNormFrameStats};
 pub use temporal::TemporalConv;

@@ -13,7 +13,8 @@ use std::ops::Range;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use streamline_ir::{
-    chunk_ranges, Independence, IrError, Kernels, Op, Result, SliceCtx, ValueInfo, Workspace,
+    chunk_ranges, Independence, IrError, Kernels, Op, Result, RowRule, SliceCtx, ValueInfo,
+    Workspace,
 };
 use streamline_kernels::{
     linear_geglu_workspace, linear_workspace, portable, Compute, ConvGeometry,
@@ -275,6 +276,9 @@ impl Op for Silu {
     fn independence(&self) -> Independence {
         Independence::Both
     }
+    fn rows(&self) -> Option<RowRule> {
+        Some(RowRule::Same)
+    }
     fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
         Ok(inputs[0].clone())
     }
@@ -403,9 +407,9 @@ impl Op for Geglu {
 
 /// What a convolution's cost depends on besides its sizes.
 #[derive(Clone, Copy)]
-struct At {
-    dtype: DType,
-    kernels: Kernels,
+pub(super) struct At {
+    pub dtype: DType,
+    pub kernels: Kernels,
 }
 
 /// 2D convolution of each frame `(N, C, H, W)`, with bias.
@@ -417,7 +421,7 @@ struct At {
 pub struct Conv2d {
     weight: Tensor,
     bias: Tensor,
-    geometry: ConvGeometry,
+    pub(super) geometry: ConvGeometry,
 }
 
 impl Conv2d {
@@ -452,7 +456,7 @@ impl Conv2d {
         kernels::conv2d(kernels, x, &self.weight, &self.bias, self.geometry)
     }
 
-    fn run_unpadded(&self, x: &Tensor, kernels: Kernels) -> candle_core::Result<Tensor> {
+    pub(super) fn run_unpadded(&self, x: &Tensor, kernels: Kernels) -> candle_core::Result<Tensor> {
         let geometry = ConvGeometry {
             padding: 0,
             ..self.geometry
@@ -487,7 +491,7 @@ impl Conv2d {
 
     /// One convolution of `frames` frames of `h x w` padded by `pad`, of `dtype`, by
     /// `kernels`: its peak transient bytes (its result included), and the result's bytes.
-    fn call_peak(
+    pub(super) fn call_peak(
         &self,
         (frames, h, w): (usize, usize, usize),
         pad: usize,
@@ -554,6 +558,14 @@ impl Op for Conv2d {
     fn independence(&self) -> Independence {
         Independence::Frames
     }
+    fn rows(&self) -> Option<RowRule> {
+        let g = self.geometry;
+        Some(RowRule::Window {
+            kernel: g.kernel,
+            stride: g.stride,
+            pad: g.padding,
+        })
+    }
     fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
         let x = inputs[0];
         match x.shape.dims() {
@@ -580,6 +592,9 @@ impl Op for Conv2d {
         }
     }
     fn workspace_bytes(&self, inputs: &[&ValueInfo], output: &ValueInfo, ws: Workspace) -> usize {
+        if self.banded(inputs[0], output, ws) {
+            return self.band_tiling(inputs[0], output, ws).1;
+        }
         self.tiling(inputs[0], output, ws).1
     }
     fn flops(&self, _: &[&ValueInfo], output: &ValueInfo) -> u64 {
@@ -591,6 +606,11 @@ impl Op for Conv2d {
     }
     fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
         let x = x[0];
+        if let Some(band) = &ctx.band {
+            if self.band_pads(x, band).is_some() {
+                return self.forward_band(x, band, ctx);
+            }
+        }
         let out = self.infer(&[&info_of(x)])?;
         let (t, _) = self.tiling(&info_of(x), &out, ctx.workspace());
         let dims = out.shape.dims();

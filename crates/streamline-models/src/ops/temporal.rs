@@ -2,7 +2,9 @@
 
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
-use streamline_ir::{Independence, IrError, Kernels, Op, Result, SliceCtx, ValueInfo, Workspace};
+use streamline_ir::{
+    Independence, IrError, Kernels, Op, Result, RowRule, SliceCtx, ValueInfo, Workspace,
+};
 use streamline_kernels::{portable, temporal_conv_workspace};
 
 use super::kernels;
@@ -91,6 +93,10 @@ impl Op for TemporalConv {
     }
     fn independence(&self) -> Independence {
         Independence::Positions
+    }
+    /// Every band holds all frames of its positions.
+    fn rows(&self) -> Option<RowRule> {
+        Some(RowRule::Same)
     }
     fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
         match inputs[0].shape.dims() {

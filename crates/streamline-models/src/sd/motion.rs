@@ -132,7 +132,7 @@ impl MotionModule {
             ValueInfo::new(
                 (batch * frames, self.channels, height, width),
                 self.dtype,
-                Layout::FRAME_MAJOR,
+                Layout::IMAGES,
             ),
         )?;
         let dims = VideoDims {

@@ -290,7 +290,7 @@ impl UNetMotionModel {
             ValueInfo::new(
                 (batch * frames, u.in_channels, height, width),
                 dt,
-                Layout::FRAME_MAJOR,
+                Layout::IMAGES,
             ),
         )?;
         let timestep = g.input("timestep", ValueInfo::new(batch, DType::F32, Layout::WHOLE))?;
@@ -316,6 +316,7 @@ impl UNetMotionModel {
                 width,
             },
             emb: Some(emb),
+            split_norms: false,
         };
         let x = node(&mut g, "conv_in", "", self.conv_in.clone(), &[sample])?;
         let stack = SkipStack {
@@ -326,7 +327,7 @@ impl UNetMotionModel {
         let x = stack.lower(&mut g, x, at, |g, x, at| {
             self.mid_block.lower(g, x, ehs, at)
         })?;
-        let out = output_head(&mut g, "", &self.conv_norm_out, &self.conv_out, x)?;
+        let out = output_head(&mut g, "", (&self.conv_norm_out, false), &self.conv_out, x)?;
         g.set_outputs(&[out]);
         Ok(g)
     }

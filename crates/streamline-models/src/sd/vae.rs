@@ -98,7 +98,12 @@ impl VaeDecoder for Decoder {
     }
 
     fn lower(&self, g: &mut Graph, latents: ValueId, dims: VideoDims) -> IrResult<ValueId> {
-        let (d, mut at) = (self, At { dims, emb: None });
+        let at = At {
+            dims,
+            emb: None,
+            split_norms: true,
+        };
+        let (d, mut at) = (self, at);
         let mut x = latents;
         if let Some(conv) = &d.post_quant_conv {
             x = node(g, "post_quant_conv", "", conv.clone(), &[x])?;
@@ -115,7 +120,7 @@ impl VaeDecoder for Decoder {
                 x = upsampler(g, &p, conv, x, (at.dims.height, at.dims.width))?;
             }
         }
-        output_head(g, "decoder", &d.conv_norm_out, &d.conv_out, x)
+        output_head(g, "decoder", (&d.conv_norm_out, true), &d.conv_out, x)
     }
 }
 

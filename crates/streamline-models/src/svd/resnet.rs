@@ -166,7 +166,7 @@ mod tests {
         let x = g
             .input(
                 "x",
-                ValueInfo::new((6, 64, 4, 5), DType::F32, Layout::FRAME_MAJOR),
+                ValueInfo::new((6, 64, 4, 5), DType::F32, Layout::IMAGES),
             )
             .unwrap();
         let temb = g
@@ -181,6 +181,7 @@ mod tests {
                 width: 5,
             },
             emb: Some(emb),
+            split_norms: false,
         };
         let out = block.lower(&mut g, "block", x, at).unwrap();
         g.set_outputs(&[out]);

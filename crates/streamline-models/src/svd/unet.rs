@@ -238,7 +238,7 @@ impl UNetSpatioTemporalConditionModel {
         let bt = batch * frames;
         let sample = g.input(
             "sample",
-            ValueInfo::new((bt, c.in_channels, height, width), dt, Layout::FRAME_MAJOR),
+            ValueInfo::new((bt, c.in_channels, height, width), dt, Layout::IMAGES),
         )?;
         let timestep = g.input("timestep", ValueInfo::new(batch, DType::F32, Layout::WHOLE))?;
         // One encoder state feeds every block, so every block's cross-attention width is the
@@ -283,6 +283,7 @@ impl UNetSpatioTemporalConditionModel {
                 width,
             },
             emb: Some(emb),
+            split_norms: false,
         };
         let x = node(&mut g, "conv_in", "", self.conv_in.clone(), &[sample])?;
         let stack = SkipStack {
@@ -291,7 +292,7 @@ impl UNetSpatioTemporalConditionModel {
             context: ehs,
         };
         let x = stack.lower(&mut g, x, at, |g, x, at| self.lower_mid(g, x, ehs, at))?;
-        let out = output_head(&mut g, "", &self.conv_norm_out, &self.conv_out, x)?;
+        let out = output_head(&mut g, "", (&self.conv_norm_out, false), &self.conv_out, x)?;
         g.set_outputs(&[out]);
         Ok(g)
     }

@@ -126,7 +126,12 @@ impl VaeDecoder for TemporalDecoder {
     }
 
     fn lower(&self, g: &mut Graph, latents: ValueId, dims: VideoDims) -> IrResult<ValueId> {
-        let (d, mut at) = (self, At { dims, emb: None });
+        let at = At {
+            dims,
+            emb: None,
+            split_norms: true,
+        };
+        let (d, mut at) = (self, at);
         let mut x = node(g, "decoder.conv_in", "", d.conv_in.clone(), &[latents])?;
         x = d.mid_resnets[0].lower(g, "decoder.mid_block.resnets.0", x, at)?;
         // diffusers zips the remaining resnets with its single attention.
@@ -146,7 +151,7 @@ impl VaeDecoder for TemporalDecoder {
                 x = upsampler(g, &p, conv, x, (at.dims.height, at.dims.width))?;
             }
         }
-        let h = output_head(g, "decoder", &d.conv_norm_out, &d.conv_out, x)?;
+        let h = output_head(g, "decoder", (&d.conv_norm_out, true), &d.conv_out, x)?;
         let c = d.out_channels;
         let to_positions = FramesToPositions {
             dims: at.dims,

@@ -166,3 +166,13 @@ pub fn assert_same_frames(label: &str, frames: &Tensor, expected: &Tensor) {
         "{label}: frames differ from original inference"
     );
 }
+
+/// A plan's frames against original inference's: the exactness contract's relative L2
+/// (design.md; row bands and slices sum in another order).
+pub fn assert_plan_frames(label: &str, frames: &Tensor, original: &Tensor) {
+    let err = rel_l2(frames, original);
+    assert!(
+        err <= 1e-5,
+        "{label}: frames relative L2 {err:.2e} vs original inference"
+    );
+}

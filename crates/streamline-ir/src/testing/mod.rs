@@ -9,9 +9,11 @@
 use candle_core::{DType, Device, Tensor};
 use proptest::prelude::*;
 
+pub mod rows;
+
 use crate::{
     check_group, Axis, AxisTag, Executor, Graph, Group, Independence, IrError, Layout, Op, Plan,
-    Request, Result, SliceCtx, ValueId, ValueInfo, Workspace,
+    Request, Result, RowRule, SliceCtx, ValueId, ValueInfo, Workspace,
 };
 
 #[derive(Copy, Clone, Debug)]
@@ -99,6 +101,9 @@ impl Op for TimeMix {
     fn kind(&self) -> &'static str {
         "time_mix"
     }
+    fn rows(&self) -> Option<RowRule> {
+        Some(RowRule::Same)
+    }
     fn independence(&self) -> Independence {
         Independence::Positions
     }
@@ -129,6 +134,9 @@ impl Op for Squash {
     fn kind(&self) -> &'static str {
         "squash"
     }
+    fn rows(&self) -> Option<RowRule> {
+        Some(RowRule::Same)
+    }
     fn independence(&self) -> Independence {
         Independence::Both
     }
@@ -152,6 +160,9 @@ pub struct Add;
 impl Op for Add {
     fn kind(&self) -> &'static str {
         "add"
+    }
+    fn rows(&self) -> Option<RowRule> {
+        Some(RowRule::Same)
     }
     fn independence(&self) -> Independence {
         Independence::Both
@@ -219,13 +230,13 @@ impl Op for Relayout {
     fn kind(&self) -> &'static str {
         match self.to {
             Axis::Positions => "to_positions",
-            Axis::Frames => "to_frames",
+            _ => "to_frames",
         }
     }
     fn independence(&self) -> Independence {
         match self.to {
             Axis::Positions => Independence::Positions,
-            Axis::Frames => Independence::Frames,
+            _ => Independence::Frames,
         }
     }
     fn gathers_input(&self, input: usize, axis: Axis) -> bool {
@@ -234,7 +245,7 @@ impl Op for Relayout {
     fn infer(&self, _: &[&ValueInfo]) -> Result<ValueInfo> {
         Ok(match self.to {
             Axis::Positions => self.d.position_info(),
-            Axis::Frames => self.d.frame_info(),
+            _ => self.d.frame_info(),
         })
     }
     fn workspace_bytes(&self, _: &[&ValueInfo], o: &ValueInfo, _: Workspace) -> usize {
@@ -247,7 +258,7 @@ impl Op for Relayout {
         let d = self.d;
         match self.to {
             Axis::Positions => gather(x[0], ctx.rows(d.b * d.s), (d.s, d.t), 2, (2, 0, 1)),
-            Axis::Frames => gather(x[0], ctx.rows(d.b * d.t), (d.t, d.s), 1, (1, 2, 0)),
+            _ => gather(x[0], ctx.rows(d.b * d.t), (d.t, d.s), 1, (1, 2, 0)),
         }
     }
 }
@@ -386,8 +397,8 @@ impl Op for AddCond {
 pub fn toy_inputs(g: &mut Graph, d: Dims) -> (ValueId, ValueId, ValueId) {
     let x = g.input("x", d.frame_info()).unwrap();
     let emb_layout = Layout {
-        frames: AxisTag::Dim(0),
-        positions: AxisTag::Interleaved,
+        rows: AxisTag::Interleaved,
+        ..Layout::PER_FRAME
     };
     let emb = g
         .input(
@@ -545,10 +556,15 @@ pub fn random_plan(g: &Graph, choices: &[u32]) -> Plan {
     let mut groups = Vec::new();
     let mut i = 0;
     while i < n {
-        let axes: Vec<Option<Axis>> = [None, Some(Axis::Frames), Some(Axis::Positions)]
-            .into_iter()
-            .filter(|&a| joinable(g, i..i + 1, a).is_some())
-            .collect();
+        let axes: Vec<Option<Axis>> = [
+            None,
+            Some(Axis::Frames),
+            Some(Axis::Positions),
+            Some(Axis::Rows),
+        ]
+        .into_iter()
+        .filter(|&a| joinable(g, i..i + 1, a).is_some())
+        .collect();
         let axis = axes[next() % axes.len()];
         let mut end = i + 1;
         if axis.is_some() {
@@ -583,8 +599,12 @@ pub fn steps(max: usize) -> impl Strategy<Value = Vec<(u8, u16, u16)>> {
 /// seeded inputs (a graph made with [`toy_inputs`]); also checks that the measured peak stays
 /// within the planned one and that both count the same FLOPs.
 pub fn error_vs_trivial(g: &Graph, d: Dims, plan: &Plan, seed: u64) -> Result<f64> {
+    error_on(g, toy_tensors(d, seed), plan)
+}
+
+/// [`error_vs_trivial`] on the given inputs.
+pub fn error_on(g: &Graph, inputs: Vec<Tensor>, plan: &Plan) -> Result<f64> {
     let dev = Device::Cpu;
-    let inputs = toy_tensors(d, seed);
     let trivial = Plan::trivial(g);
     let reference = Executor::new(g, &trivial, &dev)?.run(inputs.clone(), &Request::default())?;
     let exec = Executor::new(g, plan, &dev)?;
