@@ -103,8 +103,9 @@ pub fn generate(
 }
 
 /// A whole-run budget halfway between the smallest whole-run peak and what original
-/// inference needs with each model only in its phases: it slices the calls and keeps the
-/// models out of the phases that do not run them. `plan` is a pipeline's `plan` for one run.
+/// inference needs with each model only in its phases (or the smallest peak itself, where
+/// the midpoint fits every model resident): it slices the calls and keeps the models out of
+/// the phases that do not run them. `plan` is a pipeline's `plan` for one run.
 pub fn per_phase_budget(
     plan: impl Fn(Optimization) -> Result<PlanReport, PipelineError>,
 ) -> Optimization {
@@ -121,11 +122,13 @@ pub fn per_phase_budget(
         other => panic!("a zero budget was not refused: {:?}", other.err()),
     };
     assert!(floor < per_phase && per_phase < original.total());
-    let budget = Optimization::Budget {
-        bytes: (floor + per_phase) / 2,
-    };
-    assert_eq!(plan(budget).unwrap().run.residency, Residency::PerPhase);
-    budget
+    // Row bands can make the midpoint fit with every model resident; the floor itself never
+    // does (it is per-phase residency's smallest peak).
+    [(floor + per_phase) / 2, floor]
+        .map(|bytes| Optimization::Budget { bytes })
+        .into_iter()
+        .find(|&budget| plan(budget).unwrap().run.residency == Residency::PerPhase)
+        .expect("the smallest whole-run peak needs per-phase residency")
 }
 
 /// The whole-run peak of `report`'s calls with each model only in its phases.
