@@ -59,21 +59,6 @@ impl<T> Slot<T> {
     fn needed(&self, phase: Phase, residency: Residency) -> bool {
         residency == Residency::Resident || self.phases.contains(&phase)
     }
-
-    /// Drops the model if `phase` does not need it: its memory is freed once no caller holds
-    /// it any more.
-    fn release_unless_needed(&self, phase: Phase, residency: Residency) {
-        if !self.needed(phase, residency) {
-            self.lock().take();
-        }
-    }
-
-    fn load_if_needed(&self, phase: Phase, residency: Residency) -> Result<(), PipelineError> {
-        if self.needed(phase, residency) {
-            self.get()?;
-        }
-        Ok(())
-    }
 }
 
 /// Start `phase`: close the last phase's measurement, release every model `phase` does not
@@ -97,7 +82,10 @@ pub(crate) fn enter(
 
 /// A [`Slot`] seen without its model type.
 pub(crate) trait SlotControl {
+    /// Drops the model if `phase` does not need it: its memory is freed once no caller holds
+    /// it any more.
     fn release(&self, phase: Phase, residency: Residency);
+    /// Reads the model again if `phase` needs it and it was released.
     fn load(&self, phase: Phase, residency: Residency) -> Result<(), PipelineError>;
     /// The model's name, when it is loaded.
     fn loaded(&self) -> Option<&'static str>;
@@ -109,11 +97,16 @@ impl<T> SlotControl for Slot<T> {
     }
 
     fn release(&self, phase: Phase, residency: Residency) {
-        self.release_unless_needed(phase, residency);
+        if !self.needed(phase, residency) {
+            self.lock().take();
+        }
     }
 
     fn load(&self, phase: Phase, residency: Residency) -> Result<(), PipelineError> {
-        self.load_if_needed(phase, residency)
+        if self.needed(phase, residency) {
+            self.get()?;
+        }
+        Ok(())
     }
 }
 

@@ -253,9 +253,15 @@ pub fn plan_report(request: PlanRequest) -> Result<PlanReport, PlanError> {
         name: model_name,
         models,
     } = request.model.configs()?;
-    let (rule, default_frames) = match &models {
-        Models::Svd { unet, vae, .. } => (SizeRule::svd(unet, vae), unet.num_frames),
-        Models::AnimateDiff { unet, vae, .. } => (SizeRule::animatediff(unet, vae), 16),
+    let (rule, default_frames, latent_channels) = match &models {
+        Models::Svd { unet, vae, .. } => (
+            SizeRule::svd(unet, vae),
+            unet.num_frames,
+            vae.latent_channels,
+        ),
+        Models::AnimateDiff { unet, vae, .. } => {
+            (SizeRule::animatediff(unet, vae), 16, vae.latent_channels)
+        }
     };
     let latent = rule.check(request.height, request.width)?;
     let frames = request.num_frames.unwrap_or(default_frames);
@@ -276,7 +282,7 @@ pub fn plan_report(request: PlanRequest) -> Result<PlanReport, PlanError> {
         frames,
         pixels: (request.height, request.width),
         latent,
-        latent_channels: 0,
+        latent_channels,
         batch: request.batch,
         cfg: request.cfg,
         dtype: request.dtype,
@@ -346,11 +352,7 @@ pub fn plan_report(request: PlanRequest) -> Result<PlanReport, PlanError> {
 
 /// Each model built on a shape-only source (which records what it would load), its calls
 /// lowered, and what every phase holds.
-fn lower(
-    models: &Models,
-    mut shape: RunShape,
-    request: &PlanRequest,
-) -> Result<Lowered, PlanError> {
+fn lower(models: &Models, shape: RunShape, request: &PlanRequest) -> Result<Lowered, PlanError> {
     let (dtype, dev) = (request.dtype, Device::Cpu);
     let shapes = || {
         let source = WeightSource::shapes_only();
@@ -395,7 +397,6 @@ fn lower(
             let encode = vae_model.lower_encoder(1, px_h, px_w)?;
             let (c_usage, c_vb) = shapes();
             ClipVisionModelWithProjection::new(clip, c_vb)?;
-            shape.latent_channels = vae.latent_channels;
             let tokens = (clip.image_size / clip.patch_size).pow(2) + 1;
             Lowered {
                 footprint: Footprint {
@@ -435,7 +436,6 @@ fn lower(
             )?;
             let (t_usage, t_vb) = shapes();
             ClipTextModel::new(text, t_vb)?;
-            shape.latent_channels = vae.latent_channels;
             Lowered {
                 footprint: Footprint {
                     models: vec![

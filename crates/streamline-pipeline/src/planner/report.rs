@@ -150,15 +150,6 @@ impl PlanReport {
             .expect("a run has phases")
     }
 
-    pub fn weights(&self, model: &str) -> usize {
-        self.footprint
-            .models
-            .iter()
-            .filter(|m| m.model == model)
-            .map(|m| m.bytes)
-            .sum()
-    }
-
     /// The report as JSON, for scripts (`streamline plan --json`): bytes as integers.
     pub fn json(&self) -> serde_json::Value {
         let r = &self.request;
