@@ -4,9 +4,7 @@
 use candle_core::Device;
 use proptest::prelude::*;
 use streamline_ir::testing::*;
-use streamline_ir::{
-    check_group, chunk_ranges, Axis, Executor, Graph, Group, Plan, PlanCost, Request,
-};
+use streamline_ir::{chunk_ranges, Axis, Executor, Graph, Group, Plan, Request};
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(192))]
@@ -36,24 +34,7 @@ proptest! {
         limit in prop::option::of(0usize..4096),
     ) {
         let g = random_graph(d, &steps);
-        let plan = random_plan(&g, &choices);
-        let mut cost = PlanCost::new(&g, plan.clone()).unwrap();
-        prop_assert_eq!(cost.peak(), Executor::plan_stats(&g, &plan).unwrap().peak_bytes);
-        let gi = pick % plan.groups.len();
-        let mut setting = plan.groups[gi].clone();
-        let len = check_group(&g, &setting).unwrap();
-        if setting.axis.is_some() {
-            setting.chunks = 1 + chunks % len;
-        }
-        setting.workspace_limit = limit;
-        let trial = cost.trial(gi, setting.clone()).unwrap();
-        let mut changed = plan.clone();
-        changed.groups[gi] = setting;
-        let whole = Executor::plan_stats(&g, &changed).unwrap();
-        prop_assert_eq!(trial.peak, whole.group_peaks.get(gi).copied().unwrap_or(0));
-        cost.accept(trial);
-        prop_assert_eq!(cost.peak(), whole.peak_bytes);
-        prop_assert_eq!(cost.plan(), &changed);
+        check_recost(&g, &random_plan(&g, &choices), pick, chunks, limit);
     }
 
     #[test]

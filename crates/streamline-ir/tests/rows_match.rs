@@ -5,8 +5,8 @@
 
 use proptest::prelude::*;
 use streamline_ir::testing::rows::*;
-use streamline_ir::testing::{error_on, random_plan, steps};
-use streamline_ir::{check_group, Axis, Executor, Graph, Group, Plan, PlanCost};
+use streamline_ir::testing::{check_recost, error_on, random_plan, steps};
+use streamline_ir::{Axis, Executor, Graph, Group, Plan};
 
 fn row_dims() -> impl Strategy<Value = RowDims> {
     (1usize..=2, 1usize..=3, 1usize..=2, 1usize..=9, 1usize..=4)
@@ -55,23 +55,7 @@ proptest! {
         limit in prop::option::of(0usize..4096),
     ) {
         let g = random_row_graph(d, &steps);
-        let plan = longest_row_groups(&g, chunks);
-        let mut cost = PlanCost::new(&g, plan.clone()).unwrap();
-        prop_assert_eq!(cost.peak(), Executor::plan_stats(&g, &plan).unwrap().peak_bytes);
-        let gi = pick % plan.groups.len();
-        let mut setting = plan.groups[gi].clone();
-        let len = check_group(&g, &setting).unwrap();
-        if setting.axis.is_some() {
-            setting.chunks = 1 + rechunk % len;
-        }
-        setting.workspace_limit = limit;
-        let trial = cost.trial(gi, setting.clone()).unwrap();
-        let mut changed = plan.clone();
-        changed.groups[gi] = setting;
-        let whole = Executor::plan_stats(&g, &changed).unwrap();
-        prop_assert_eq!(trial.peak, whole.group_peaks.get(gi).copied().unwrap_or(0));
-        cost.accept(trial);
-        prop_assert_eq!(cost.peak(), whole.peak_bytes);
+        check_recost(&g, &longest_row_groups(&g, chunks), pick, rechunk, limit);
     }
 }
 

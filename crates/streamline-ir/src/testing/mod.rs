@@ -13,7 +13,7 @@ pub mod rows;
 
 use crate::{
     check_group, Axis, AxisTag, Executor, Graph, Group, Independence, IrError, Layout, Op, Plan,
-    Request, Result, RowRule, SliceCtx, ValueId, ValueInfo, Workspace,
+    PlanCost, Request, Result, RowRule, SliceCtx, ValueId, ValueInfo, Workspace,
 };
 
 #[derive(Copy, Clone, Debug)]
@@ -622,4 +622,30 @@ pub fn error_on(g: &Graph, inputs: Vec<Tensor>, plan: &Plan) -> Result<f64> {
         .zip(&reference.outputs)
         .map(|(a, b)| rel_l2(a, b))
         .fold(0.0, f64::max))
+}
+
+/// Re-cost group `pick` (modulo the group count) of `plan` alone under another chunk count
+/// (`1 + rechunk` modulo its axis length, when sliced) and workspace `limit`, and check that
+/// [`PlanCost`] gives what dry runs of the whole plan and of the whole changed plan give.
+pub fn check_recost(g: &Graph, plan: &Plan, pick: usize, rechunk: usize, limit: Option<usize>) {
+    let mut cost = PlanCost::new(g, plan.clone()).unwrap();
+    assert_eq!(
+        cost.peak(),
+        Executor::plan_stats(g, plan).unwrap().peak_bytes
+    );
+    let gi = pick % plan.groups.len();
+    let mut setting = plan.groups[gi].clone();
+    let len = check_group(g, &setting).unwrap();
+    if setting.axis.is_some() {
+        setting.chunks = 1 + rechunk % len;
+    }
+    setting.workspace_limit = limit;
+    let trial = cost.trial(gi, setting.clone()).unwrap();
+    let mut changed = plan.clone();
+    changed.groups[gi] = setting;
+    let whole = Executor::plan_stats(g, &changed).unwrap();
+    assert_eq!(trial.peak, whole.group_peaks.get(gi).copied().unwrap_or(0));
+    cost.accept(trial);
+    assert_eq!(cost.peak(), whole.peak_bytes);
+    assert_eq!(cost.plan(), &changed);
 }
