@@ -72,25 +72,7 @@ proptest! {
         seed in any::<u64>(),
     ) {
         let g = random_graph(d, &steps);
-        let start = one_chunk_plan(&g);
-        let floor = smallest(&g, &start);
-        let original = Executor::plan_stats(&g, &Plan::trivial(&g)).unwrap().peak_bytes;
-        let budget = (fraction * original as f64) as usize;
-        match fit_budget(&g, start, budget) {
-            Ok(plan) => {
-                prop_assert!(budget >= floor, "budget {budget} met below the floor {floor}");
-                let planned = Executor::plan_stats(&g, &plan).unwrap().peak_bytes;
-                prop_assert!(planned <= budget, "planned {planned} over budget {budget}");
-                let err = error_vs_trivial(&g, d, &plan, seed).unwrap();
-                prop_assert!(err <= 1e-6, "relative L2 {err}");
-            }
-            Err(e) => {
-                let refusal = e.infeasible().expect("only a budget refusal");
-                prop_assert!(budget < floor);
-                prop_assert_eq!(refusal.smallest, floor);
-                prop_assert_eq!(refusal.budget, budget);
-            }
-        }
+        budget_is_met_or_refused(&g, fraction, 1e-6, |plan| error_vs_trivial(&g, d, plan, seed));
     }
 }
 
@@ -108,23 +90,42 @@ proptest! {
         seed in any::<u64>(),
     ) {
         let g = rows::random_row_graph(d, &steps);
-        let start = one_chunk_plan(&g);
-        let floor = smallest(&g, &start);
-        let original = Executor::plan_stats(&g, &Plan::trivial(&g)).unwrap().peak_bytes;
-        let budget = (fraction * original as f64) as usize;
-        match fit_budget(&g, start, budget) {
-            Ok(plan) => {
-                prop_assert!(budget >= floor, "budget {budget} met below the floor {floor}");
-                let planned = Executor::plan_stats(&g, &plan).unwrap().peak_bytes;
-                prop_assert!(planned <= budget, "planned {planned} over budget {budget}");
-                let err = error_on(&g, rows::row_tensors(d, seed), &plan).unwrap();
-                prop_assert!(err <= 1e-5, "relative L2 {err}\n{}", plan.dump(&g));
-            }
-            Err(e) => {
-                let refusal = e.infeasible().expect("only a budget refusal");
-                prop_assert!(budget < floor);
-                prop_assert_eq!(refusal.smallest, floor);
-            }
+        let inputs = || rows::row_tensors(d, seed);
+        budget_is_met_or_refused(&g, fraction, 1e-5, |plan| error_on(&g, inputs(), plan));
+    }
+}
+
+/// A budget of `fraction` of original inference's peak, fitted from the one-chunk plan: met
+/// (the planned peak within it, `error` of the plan within `tolerance`) at or above the
+/// smallest feasible peak, refused below it with that one floor.
+fn budget_is_met_or_refused(
+    g: &Graph,
+    fraction: f64,
+    tolerance: f64,
+    error: impl Fn(&Plan) -> streamline_ir::Result<f64>,
+) {
+    let start = one_chunk_plan(g);
+    let floor = smallest(g, &start);
+    let original = Executor::plan_stats(g, &Plan::trivial(g))
+        .unwrap()
+        .peak_bytes;
+    let budget = (fraction * original as f64) as usize;
+    match fit_budget(g, start, budget) {
+        Ok(plan) => {
+            assert!(
+                budget >= floor,
+                "budget {budget} met below the floor {floor}"
+            );
+            let planned = Executor::plan_stats(g, &plan).unwrap().peak_bytes;
+            assert!(planned <= budget, "planned {planned} over budget {budget}");
+            let err = error(&plan).unwrap();
+            assert!(err <= tolerance, "relative L2 {err}\n{}", plan.dump(g));
+        }
+        Err(e) => {
+            let refusal = e.infeasible().expect("only a budget refusal");
+            assert!(budget < floor);
+            assert_eq!(refusal.smallest, floor);
+            assert_eq!(refusal.budget, budget);
         }
     }
 }
