@@ -12,9 +12,9 @@ use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use streamline_ir::op_contract;
 use streamline_ir::{
-    chunk_ranges, Independence, IrError, Kernels, Layout, Op, Result, RowRule, SliceCtx, ValueInfo,
-    Workspace,
+    chunk_ranges, IrError, Kernels, Layout, Op, Result, RowRule, SliceCtx, ValueInfo, Workspace,
 };
 
 use streamline_kernels::portable::{self, norm::BatchRows};
@@ -184,16 +184,10 @@ impl GroupNormStats {
 }
 
 impl Op for GroupNormStats {
-    fn kind(&self) -> &'static str {
-        "group_norm_stats"
-    }
+    op_contract!("group_norm_stats", Positions, rows RowRule::Reduce);
 
     fn describe(&self) -> String {
         format!("g{}", self.groups)
-    }
-
-    fn independence(&self) -> Independence {
-        Independence::Positions
     }
 
     fn is_reduction(&self) -> bool {
@@ -201,9 +195,6 @@ impl Op for GroupNormStats {
     }
 
     /// A band holds every frame of its positions: its moments merge with the other bands'.
-    fn rows(&self) -> Option<RowRule> {
-        Some(RowRule::Reduce)
-    }
 
     /// Chan et al.'s update as tensor ops, on the moments' device (whichever kernels made
     /// them): no host round trip between slices.
@@ -389,20 +380,10 @@ impl GroupNormApply {
 }
 
 impl Op for GroupNormApply {
-    fn kind(&self) -> &'static str {
-        "group_norm_apply"
-    }
+    op_contract!("group_norm_apply", Positions, rows RowRule::Same);
 
     fn describe(&self) -> String {
         format!("g{}", self.groups)
-    }
-
-    fn independence(&self) -> Independence {
-        Independence::Positions
-    }
-
-    fn rows(&self) -> Option<RowRule> {
-        Some(RowRule::Same)
     }
 
     fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
@@ -540,14 +521,9 @@ impl GroupNormFrames {
 }
 
 impl Op for GroupNormFrames {
-    fn kind(&self) -> &'static str {
-        "group_norm"
-    }
+    op_contract!("group_norm", Frames);
     fn describe(&self) -> String {
         format!("g{}", self.groups)
-    }
-    fn independence(&self) -> Independence {
-        Independence::Frames
     }
     fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
         match inputs[0].shape.dims() {
