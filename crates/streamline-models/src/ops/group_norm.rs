@@ -184,6 +184,7 @@ impl GroupNormStats {
 }
 
 impl Op for GroupNormStats {
+    // A row band holds every frame of its positions: its moments merge with the other bands'.
     op_contract!("group_norm_stats", Positions, rows RowRule::Reduce);
 
     fn describe(&self) -> String {
@@ -193,8 +194,6 @@ impl Op for GroupNormStats {
     fn is_reduction(&self) -> bool {
         true
     }
-
-    /// A band holds every frame of its positions: its moments merge with the other bands'.
 
     /// Chan et al.'s update as tensor ops, on the moments' device (whichever kernels made
     /// them): no host round trip between slices.

@@ -81,6 +81,7 @@ impl TemporalConv {
 }
 
 impl Op for TemporalConv {
+    // Every row band holds all frames of its positions.
     op_contract!("temporal_conv", Positions, rows RowRule::Same);
     fn describe(&self) -> String {
         format!(
@@ -88,7 +89,6 @@ impl Op for TemporalConv {
             self.in_channels, self.out_channels, self.kernel
         )
     }
-    /// Every band holds all frames of its positions.
     fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
         match inputs[0].shape.dims() {
             &[p, t, c] if c == self.in_channels => Ok(ValueInfo::new(

@@ -2,6 +2,8 @@
 
 #![allow(dead_code, unused_imports)]
 
+pub mod schedulers;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
