@@ -127,22 +127,6 @@ impl SvdCommon {
         configs
             .check_steps(steps)
             .map_err(|e| anyhow::anyhow!("--num-inference-steps {steps}: {e}"))?;
-        check_run(
-            PlanRequest {
-                model: ModelSpec::Path(model.clone()),
-                height,
-                width,
-                num_frames: Some(frames),
-                batch: 1,
-                cfg: true,
-                dtype,
-                optimization,
-                kernels,
-                decode_chunk_size: self.decode_chunk_size.unwrap_or(frames),
-                rehash: false,
-            },
-            kind,
-        )?;
         let settings = SvdSettings {
             height,
             width,
@@ -156,6 +140,22 @@ impl SvdCommon {
             decode_chunk_size: self.decode_chunk_size,
             rehash: Rehash::Off,
         };
+        check_run(
+            PlanRequest {
+                model: ModelSpec::Path(model.clone()),
+                height,
+                width,
+                num_frames: Some(frames),
+                batch: 1,
+                cfg: settings.guided(),
+                dtype,
+                optimization,
+                kernels,
+                decode_chunk_size: self.decode_chunk_size.unwrap_or(frames),
+                rehash: false,
+            },
+            kind,
+        )?;
         Ok(Checked {
             device: self.device.device().map_err(anyhow::Error::msg)?,
             model,
