@@ -73,7 +73,9 @@ pub struct AnimateDiffArgs {
     #[arg(long, requires = "temporal_chunks", conflicts_with = "memory_budget")]
     naive_slicing: bool,
     /// Step Rehash: `off`, `uniform:K` (K full UNet evaluations spread evenly, the first step
-    /// included) or a schedule from a calibration search.
+    /// included), `auto:THRESHOLD` (key steps chosen during the run: the next step runs the
+    /// whole UNet once its output has changed by THRESHOLD, relative L1 summed, since the
+    /// last one; e.g. auto:0.3) or a schedule from a calibration search.
     #[arg(long, default_value = "off")]
     rehash: RehashArg,
 }
@@ -102,10 +104,7 @@ fn check(args: &AnimateDiffArgs) -> Result<Checked> {
         .check_steps(steps)
         .map_err(|e| anyhow::anyhow!("--num-inference-steps {steps}: {e}"))?;
     let mut optimization = args.optimization.optimization()?;
-    let rehash = match args.rehash.schedule(steps)? {
-        Some(schedule) => Rehash::Schedule(schedule),
-        None => Rehash::Off,
-    };
+    let rehash = args.rehash.rehash(steps)?;
     let kind = args.device.kind;
     let kernels = args.optimization.kernels.kernels(kind)?;
     let dtype = compute_dtype(args.dtype, kind)?;

@@ -304,7 +304,10 @@ pub fn summary(
         output.display(),
         report.full_steps,
         if report.partial_steps > 0 {
-            format!(" + {} partial (Step Rehash)", report.partial_steps)
+            format!(
+                " + {} partial (Step Rehash, key steps {:?})",
+                report.partial_steps, report.key_steps
+            )
         } else {
             String::new()
         },

@@ -7,7 +7,7 @@ use anyhow::Result;
 use clap::Args;
 use streamline_pipeline::video::VideoOutput;
 use streamline_pipeline::Optimization;
-use streamline_rehash::{Rehash, RehashArg};
+use streamline_rehash::RehashArg;
 
 use crate::checks::refuse_overwriting;
 use crate::session::{summary, SvdCommon};
@@ -32,7 +32,9 @@ pub struct SvdArgs {
     #[arg(long, requires = "temporal_chunks", conflicts_with = "memory_budget")]
     naive_slicing: bool,
     /// Step Rehash: `off`, `uniform:K` (K full UNet evaluations spread evenly, the first step
-    /// included) or a schedule from `streamline rehash search`.
+    /// included), `auto:THRESHOLD` (key steps chosen during the run: the next step runs the
+    /// whole UNet once its output has changed by THRESHOLD, relative L1 summed, since the
+    /// last one; e.g. auto:0.3) or a schedule from `streamline rehash search`.
     #[arg(long, default_value = "off")]
     rehash: RehashArg,
 }
@@ -45,10 +47,7 @@ pub fn run(args: SvdArgs) -> Result<()> {
         let temporal_chunks = args.common.optimization.temporal_chunks.unwrap_or(1);
         optimization = Optimization::Naive { temporal_chunks };
     }
-    let rehash = match args.rehash.schedule(args.common.num_inference_steps)? {
-        Some(schedule) => Rehash::Schedule(schedule),
-        None => Rehash::Off,
-    };
+    let rehash = args.rehash.rehash(args.common.num_inference_steps)?;
     let output = VideoOutput::create(&args.output, args.common.fps as f64)?;
     let inputs = [
         Some(("--image", args.image.as_path())),

@@ -158,6 +158,9 @@ pub struct RunReport {
     /// UNet evaluations that ran the whole network, and Step Rehash's partial ones.
     pub full_steps: usize,
     pub partial_steps: usize,
+    /// The denoising steps that ran the whole UNet (all of them without Step Rehash; an
+    /// auto schedule's choice), in order.
+    pub key_steps: Vec<usize>,
     /// Floating-point operations of all UNet evaluations (from the IR).
     pub unet_flops: u64,
     /// Seconds spent in the denoising loop.
@@ -331,7 +334,9 @@ impl UNetCalls {
         rehash.absorb(std::mem::take(&mut out.kept))?;
         report.unet_peak_bytes = report.unet_peak_bytes.max(out.stats.peak_bytes);
         report.unet_flops += out.stats.flops;
-        Ok(out.outputs.remove(0))
+        let output = out.outputs.remove(0);
+        rehash.observe(step, &output)?;
+        Ok(output)
     }
 
     /// Count whole and partial evaluations into `report`, with what calibration recorded.
@@ -340,7 +345,11 @@ impl UNetCalls {
             let (full, partial) = r.counts();
             report.full_steps += full;
             report.partial_steps += partial;
+            report.key_steps.extend(r.key_steps());
             report.recorded.extend(r.into_recorded());
         }
+        // Calls over runs of frames (the naive baseline) each choose: their union.
+        report.key_steps.sort_unstable();
+        report.key_steps.dedup();
     }
 }

@@ -13,7 +13,7 @@ use streamline_pipeline::quality::max_abs;
 use streamline_pipeline::run::RunReport;
 use streamline_pipeline::svd::unit_noise;
 use streamline_pipeline::Optimization;
-use streamline_rehash::{Rehash, Schedule};
+use streamline_rehash::{AutoRule, Rehash, Schedule};
 
 #[derive(Deserialize)]
 struct Call {
@@ -83,7 +83,8 @@ fn run(
     .unwrap()
 }
 
-/// Every step a key step is original inference; fewer key steps run partial UNet steps.
+/// Every step a key step is original inference; fewer key steps run partial UNet steps;
+/// auto schedules choose theirs during the run.
 #[test]
 fn step_rehash_runs_in_the_animatediff_loop() {
     let (pipe, call, latents, _) = setup();
@@ -105,6 +106,17 @@ fn step_rehash_runs_in_the_animatediff_loop() {
     assert!(
         err > 0.0 && err.is_finite(),
         "partial steps changed nothing: {err}"
+    );
+    // Key steps chosen during the run: every one at a zero threshold, the first only above
+    // every change.
+    let auto = |threshold| Rehash::Auto(AutoRule { threshold });
+    let (every, report) = run(&pipe, &call, &latents, Optimization::Original, auto(0.0));
+    assert_eq!(max_abs(&every, &original).unwrap(), 0.0);
+    assert_eq!(report.key_steps, (0..steps).collect::<Vec<_>>());
+    let (_, report) = run(&pipe, &call, &latents, Optimization::Original, auto(1e9));
+    assert_eq!(
+        (report.key_steps, report.partial_steps),
+        (vec![0], steps - 1)
     );
 }
 
