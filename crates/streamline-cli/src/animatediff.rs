@@ -78,6 +78,11 @@ pub struct AnimateDiffArgs {
     /// last one; e.g. auto:0.3) or a schedule from a calibration search.
     #[arg(long, default_value = "off")]
     rehash: RehashArg,
+    /// With --rehash: partial steps run only the conditional half of classifier-free
+    /// guidance and reuse the last full step's guidance difference (about half a partial
+    /// step's work; not original inference).
+    #[arg(long)]
+    reuse_guidance: bool,
 }
 
 /// What the flags and configs give a run, checked (with its plan and memory) before any
@@ -172,6 +177,7 @@ pub fn run(args: AnimateDiffArgs) -> Result<()> {
         guidance_scale: args.guidance_scale,
         decode_chunk_size: args.decode_chunk_size,
         rehash: checked.rehash,
+        reuse_guidance: args.reuse_guidance,
     };
     let mut progress = Progress::new("");
     let (video, report) = pipe.generate(

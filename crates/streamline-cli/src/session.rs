@@ -59,6 +59,11 @@ pub struct SvdCommon {
     device: DeviceArg,
     #[command(flatten)]
     pub optimization: OptimizationArgs,
+    /// With --rehash: partial steps run only the conditional half of classifier-free
+    /// guidance and reuse the last full step's guidance difference (about half a partial
+    /// step's work; not original inference).
+    #[arg(long)]
+    reuse_guidance: bool,
 }
 
 /// A run whose flags, configs, plan and memory have been checked; no weights loaded yet.
@@ -139,6 +144,7 @@ impl SvdCommon {
             noise_aug_strength: self.noise_aug_strength,
             decode_chunk_size: self.decode_chunk_size,
             rehash: Rehash::Off,
+            reuse_guidance: self.reuse_guidance,
         };
         check_run(
             PlanRequest {

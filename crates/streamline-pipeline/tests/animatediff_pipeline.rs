@@ -61,6 +61,7 @@ fn settings(call: &Call, rehash: Rehash) -> AnimateDiffSettings {
         guidance_scale: call.guidance_scale,
         decode_chunk_size: call.decode_chunk_size,
         rehash,
+        reuse_guidance: false,
     }
 }
 
@@ -236,4 +237,48 @@ fn the_smallest_whole_run_peak_keeps_the_frames() {
     let frames = generate(&pipe, &call, &latents, budget);
     let original = generate(&pipe, &call, &latents, Optimization::Original);
     assert_plan_frames("smallest peak", &frames, &original);
+}
+
+/// Guidance reuse: partial steps run the conditional half alone, so they compute less than
+/// partial steps of both halves, and the frames stay near those; key steps are untouched.
+#[test]
+fn partial_steps_reuse_the_guidance_difference() {
+    let (pipe, call, latents, _) = setup();
+    let steps = call.num_inference_steps;
+    let generate = |s: &AnimateDiffSettings| {
+        let negative = Some(call.negative_prompt.as_str());
+        pipe.generate(
+            &call.prompt,
+            negative,
+            s,
+            &latents,
+            Optimization::Original,
+            &mut |_| {},
+        )
+        .unwrap()
+    };
+    let mut both = settings(
+        &call,
+        Rehash::Schedule(Schedule::uniform(steps, 2).unwrap()),
+    );
+    let (two, two_report) = generate(&both);
+    both.reuse_guidance = true;
+    let (one, one_report) = generate(&both);
+    assert_eq!(one_report.key_steps, two_report.key_steps);
+    assert!(
+        one_report.unet_flops < two_report.unet_flops,
+        "{} FLOPs reusing the guidance, {} without",
+        one_report.unet_flops,
+        two_report.unet_flops
+    );
+    let err = max_abs(&one, &two).unwrap();
+    assert!(
+        err > 0.0 && err < 0.2,
+        "reused guidance moved the frames by {err}"
+    );
+    // Every step a key step: nothing to reuse, original inference.
+    both.rehash = Rehash::Schedule(Schedule::every_step(steps));
+    let (every, _) = generate(&both);
+    let original = generate(&settings(&call, Rehash::Off)).0;
+    assert_eq!(max_abs(&every, &original).unwrap(), 0.0);
 }

@@ -224,3 +224,59 @@ fn dp_schedule_13_of_25_keeps_the_default_model_above_30_db() {
     assert!(report.key_steps.len() < 13 && report.key_steps[0] == 0);
     assert!(quality >= 35.0, "auto:0.3: PSNR {quality:.2} dB < 35 dB");
 }
+
+/// Guidance reuse in the SVD loop: partial steps of the conditional half alone compute less,
+/// choose the same key steps under auto, and keep the frames near those of partial steps of
+/// both halves.
+#[test]
+fn partial_steps_reuse_the_guidance_difference() {
+    let f = fixture_pipe();
+    let settings = |rehash, reuse_guidance| SvdSettings {
+        height: 16,
+        width: 24,
+        num_frames: Some(3),
+        num_inference_steps: 4,
+        rehash,
+        reuse_guidance,
+        ..SvdSettings::default()
+    };
+    let run = |s: &SvdSettings| {
+        let (latents, noise) = (&f.io["latents"], &f.io["image_noise"]);
+        f.pipe
+            .generate(
+                &f.image,
+                s,
+                latents,
+                noise,
+                Optimization::Original,
+                &mut |_| {},
+            )
+            .unwrap()
+    };
+    let schedule = Rehash::Schedule(Schedule {
+        key_steps: vec![0, 2],
+        ..Schedule::every_step(4)
+    });
+    let (two, two_report) = run(&settings(schedule.clone(), false));
+    let (one, one_report) = run(&settings(schedule, true));
+    assert_eq!(one_report.key_steps, vec![0, 2]);
+    assert!(one_report.unet_flops < two_report.unet_flops);
+    let err = max_abs(&one, &two);
+    assert!(
+        err > 0.0 && err < 0.2,
+        "reused guidance moved the frames by {err}"
+    );
+    let (_, sliced) = f
+        .pipe
+        .generate(
+            &f.image,
+            &settings(auto(0.05), true),
+            &f.io["latents"],
+            &f.io["image_noise"],
+            PAPER,
+            &mut |_| {},
+        )
+        .unwrap();
+    let (_, whole) = run(&settings(auto(0.05), true));
+    assert_eq!(sliced.key_steps, whole.key_steps);
+}

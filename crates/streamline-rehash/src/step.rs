@@ -39,8 +39,8 @@ pub enum StepError {
     NoCache(usize),
     #[error("the run did not return the cached value `{0}`")]
     NotKept(String),
-    #[error("--rehash auto: {0}")]
-    Auto(#[from] candle_core::Error),
+    #[error("step rehash: {0}")]
+    Tensor(#[from] candle_core::Error),
 }
 
 /// Step Rehash state of one UNet call (one graph and plan) over a denoising loop.
@@ -121,6 +121,21 @@ impl StepRehash {
         Ok(Request {
             keep: Vec::new(),
             substitute: vec![(value.clone(), cache)],
+        })
+    }
+
+    /// The request for partial `step` when it runs only the conditional half of a
+    /// classifier-free-guidance batch (guidance reuse): the cached features' second half
+    /// along dim 0, where the lowerings put the conditional items.
+    pub fn request_conditional(&mut self, step: usize) -> Result<Request, StepError> {
+        let (Some(value), Some(cache)) = (&self.value, &self.cache) else {
+            return Err(StepError::NoCache(step));
+        };
+        let half = cache.dim(0)? / 2;
+        self.partial_steps += 1;
+        Ok(Request {
+            keep: Vec::new(),
+            substitute: vec![(value.clone(), cache.narrow(0, half, half)?)],
         })
     }
 
