@@ -8,7 +8,7 @@ use anyhow::Result;
 use candle_core::{DType, Device};
 use clap::Args;
 use streamline_pipeline::animatediff::{AnimateDiff, AnimateDiffSettings};
-use streamline_pipeline::planner::{ModelSpec, PlanRequest};
+use streamline_pipeline::planner::{ModelSpec, PlanRequest, RehashMemory};
 use streamline_pipeline::svd::unit_noise;
 use streamline_pipeline::video::VideoOutput;
 use streamline_pipeline::{Kernels, Optimization};
@@ -128,7 +128,7 @@ fn check(args: &AnimateDiffArgs) -> Result<Checked> {
             optimization,
             kernels,
             decode_chunk_size: args.decode_chunk_size,
-            rehash: rehash != Rehash::Off,
+            rehash: RehashMemory::of(&rehash),
         },
         kind,
     )?;

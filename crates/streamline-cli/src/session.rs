@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use streamline_ir::human;
-use streamline_pipeline::planner::{ModelSpec, PlanRequest};
+use streamline_pipeline::planner::{ModelSpec, PlanRequest, RehashMemory};
 use streamline_pipeline::run::all_finite;
 use streamline_pipeline::svd::{
     default_model_dir, unit_noise, Planes, RunReport, StableVideoDiffusion, Stage, SvdConfigs,
@@ -158,7 +158,7 @@ impl SvdCommon {
                 optimization,
                 kernels,
                 decode_chunk_size: self.decode_chunk_size.unwrap_or(frames),
-                rehash: false,
+                rehash: RehashMemory::Off,
             },
             kind,
         )?;
