@@ -4,13 +4,12 @@
 mod common;
 
 use common::{
-    assert_plan_frames, calls_on_rows, fixture, max_abs, per_phase_budget, rel_l2, smallest_peak,
+    assert_plan_frames, fixture, max_abs, per_phase_budget, rel_l2, smallest_peak_on_rows,
 };
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
-use streamline_pipeline::phases::Residency;
 use streamline_pipeline::svd::{unit_noise, Planes, StableVideoDiffusion, SvdSettings};
 use streamline_pipeline::Optimization;
 
@@ -130,13 +129,7 @@ fn the_smallest_whole_run_peak_keeps_the_frames() {
         (8 * settings.height, 8 * settings.width, Some(2));
     (settings.min_guidance_scale, settings.max_guidance_scale) = (1.0, 1.0);
     (settings.decode_chunk_size, settings.num_inference_steps) = (Some(2), 1);
-    let budget = Optimization::Budget {
-        bytes: smallest_peak(|o| pipe.plan(&settings, o)),
-    };
-    let report = pipe.plan(&settings, budget).unwrap();
-    assert_eq!(report.run.residency, Residency::PerPhase);
-    let rows = calls_on_rows(&report);
-    assert!(rows.contains(&"decode"), "the decode runs on no row bands");
+    let budget = smallest_peak_on_rows(|o| pipe.plan(&settings, o));
     let (h, w) = (settings.height, settings.width);
     let s = pipe.scale_factor();
     let dev = Device::Cpu;

@@ -125,6 +125,21 @@ pub fn per_phase_budget(
         .expect("the smallest whole-run peak needs per-phase residency")
 }
 
+/// The budget at the smallest whole-run peak, checked to keep each model only in its phases
+/// and to decode on row bands.
+pub fn smallest_peak_on_rows(
+    plan: impl Fn(Optimization) -> Result<PlanReport, PipelineError>,
+) -> Optimization {
+    let budget = Optimization::Budget {
+        bytes: smallest_peak(&plan),
+    };
+    let report = plan(budget).unwrap();
+    assert_eq!(report.run.residency, Residency::PerPhase);
+    let rows = calls_on_rows(&report);
+    assert!(rows.contains(&"decode"), "the decode runs on no row bands");
+    budget
+}
+
 /// The calls of `report` with a group on row bands.
 pub fn calls_on_rows(report: &PlanReport) -> Vec<&'static str> {
     let calls = [
