@@ -54,10 +54,11 @@ pub struct AnimateDiffArgs {
     /// diffusers' `latents` argument instead of noise from --seed.
     #[arg(long)]
     latents: Option<PathBuf>,
-    /// `.gif` (animated GIF at --fps), a directory (PNG frames) or `.safetensors` (raw frames).
+    /// `.mp4` (H.264 at --fps), `.gif` (animated GIF at --fps), a directory (PNG frames) or
+    /// `.safetensors` (raw frames).
     #[arg(long)]
     output: PathBuf,
-    /// Frames per second of the GIF.
+    /// Frames per second of the MP4 or GIF.
     #[arg(long, default_value_t = 8)]
     fps: usize,
     /// Precision of weights and compute (bf16 needs a GPU).
@@ -147,6 +148,7 @@ pub fn run(args: AnimateDiffArgs) -> Result<()> {
     let start = Instant::now();
     let checked = check(&args)?;
     let output = VideoOutput::create(&args.output, args.fps as f64)?;
+    output.check_size(args.height, args.width)?;
     let latents_flag = args.latents.as_deref().map(|l| ("--latents", l));
     refuse_overwriting(
         ("--output", output.path()),

@@ -24,7 +24,8 @@ pub struct SvdArgs {
     /// used like diffusers' `latents` argument instead of noise from --seed.
     #[arg(long)]
     latents: Option<PathBuf>,
-    /// `.gif` (animated GIF at --fps), a directory (PNG frames) or `.safetensors` (raw frames).
+    /// `.mp4` (H.264 at --fps), `.gif` (animated GIF at --fps), a directory (PNG frames) or
+    /// `.safetensors` (raw frames).
     #[arg(long)]
     output: PathBuf,
     /// The paper's naive baseline: cut the frames into --temporal-chunks runs denoised
@@ -50,6 +51,7 @@ pub fn run(args: SvdArgs) -> Result<()> {
         None => Rehash::Off,
     };
     let output = VideoOutput::create(&args.output, args.common.fps as f64)?;
+    output.check_size(checked.settings.height, checked.settings.width)?;
     let inputs = [
         Some(("--image", args.image.as_path())),
         args.latents.as_deref().map(|l| ("--latents", l)),

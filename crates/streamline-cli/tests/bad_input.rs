@@ -247,11 +247,19 @@ fn svd_files_are_refused_before_weights_load() {
         let outcome = streamline(&svd_args(&model, &out, &[flag, path.to_str().unwrap()]));
         assert_refused(flag, &outcome, needles, &out);
     }
-    for name in ["out.mp4", "out.avi", "out.txt", "out.png"] {
+    for name in ["out.mkv", "out.avi", "out.txt", "out.png"] {
         let output = scratch.path(name);
         let outcome = streamline(&svd_args(&model, &output, &[]));
         assert_refused(name, &outcome, &[name, "unsupported video output"], &output);
     }
+    let mp4 = scratch.path("small.mp4");
+    let outcome = streamline(&svd_args(&model, &mp4, &["--height", "8"]));
+    assert_refused(
+        "8-pixel MP4",
+        &outcome,
+        &["small.mp4", "at least 16x16"],
+        &mp4,
+    );
     let file = scratch.path("file");
     std::fs::write(&file, "a file, not a folder").unwrap();
     let under_file = file.join("out.gif");

@@ -227,12 +227,12 @@ fn an_existing_output_is_replaced_whole() {
 #[test]
 fn an_unsupported_extension_is_refused_by_name() {
     let scratch = Scratch::new("unsupported");
-    let path = scratch.path("clip.mp4");
+    let path = scratch.path("clip.mkv");
     let err = write_video(&synthetic_video(), &path, 8.0).unwrap_err();
     assert!(matches!(err, VideoError::UnsupportedPath { .. }), "{err:?}");
     let message = err.to_string();
     assert!(message.contains(&*path.to_string_lossy()), "{message}");
-    for form in [".gif", ".safetensors", "directory"] {
+    for form in [".mp4", ".gif", ".safetensors", "directory"] {
         assert!(message.contains(form), "{message}");
     }
     assert!(scratch.entries().is_empty());
