@@ -44,6 +44,7 @@
 //! CLI's `tests/bad_input.rs` drives the refusals end to end.
 
 pub mod animatediff;
+pub mod batch;
 pub mod kernels;
 pub mod memory;
 pub mod optimize;

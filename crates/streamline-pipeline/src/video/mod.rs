@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 
 pub use output::{FileOutput, VideoOutput};
 pub use read::{read_video, Video};
-pub use staged::remove_staged;
+pub use staged::{remove_leftovers, remove_staged};
 
 use candle_core::{DType, Device, Tensor};
 use image::codecs::gif::{GifEncoder, Repeat};
