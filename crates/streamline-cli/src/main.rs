@@ -2,7 +2,8 @@
 //!
 //! **Owns** the `streamline` binary: argument parsing, progress display and error reporting
 //! for the jobs the other crates implement: `streamline svd`, `streamline animatediff`,
-//! `streamline plan` and `streamline rehash search | evaluate`.
+//! `streamline batch svd | animatediff` (many videos, sharded and resumable),
+//! `streamline score clip-sim`, `streamline plan` and `streamline rehash search | evaluate`.
 //!
 //! **Promises:** bad input exits non-zero with one message naming the file, tensor or flag and
 //! the rule, each cause told once; every argument, size, output path and budget is checked,
@@ -16,11 +17,15 @@
 //! `tests/bad_input.rs` is the corpus of bad and edge inputs, each refused before inference.
 
 mod animatediff;
+mod batch;
 mod checks;
+mod progress;
 mod rehash;
 mod session;
 mod signals;
 mod svd;
+
+use std::io::IsTerminal;
 
 use anyhow::Result;
 use candle_core::DType;
@@ -53,6 +58,10 @@ enum Command {
     /// Plan memory without weights, from the model's configs alone: each call's groups and
     /// slicing, and each phase's weights, held values and activations (`--json` for scripts).
     Plan(PlanArgs),
+    /// Many videos from one model load: a JSONL file of jobs, sharded across processes
+    /// (Slurm job arrays, Kubernetes Indexed Jobs) and resumable (docs/batch.md).
+    #[command(subcommand)]
+    Batch(batch::BatchCommand),
 }
 
 /// `--kernels`: which implementation of the ops runs.
@@ -241,12 +250,17 @@ static ALLOC: streamline_ir::alloc::TrackingAllocator = streamline_ir::alloc::Tr
 fn main() {
     streamline_ir::alloc::keep_freed_memory();
     tracing_subscriber::fmt()
-        // Warnings (a truncated prompt, ...) show unless RUST_LOG says otherwise.
+        // Warnings (a truncated prompt, ...) and a batch's progress through its jobs show
+        // unless RUST_LOG says otherwise.
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new(
+                    "warn,streamline::batch=info,streamline_pipeline::batch=info",
+                )
+            }),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(progress::log_writer)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
     let result = signals::install().and_then(|()| match cli.command {
@@ -254,6 +268,7 @@ fn main() {
         Command::Animatediff(args) => animatediff::run(args),
         Command::Plan(args) => plan(args),
         Command::Rehash(command) => rehash::run(command),
+        Command::Batch(command) => batch::run(command),
     });
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -61,7 +61,12 @@ pub fn run(args: SvdArgs) -> Result<()> {
         |p| output.overwrites(p),
         inputs.into_iter().flatten(),
     )?;
-    let inputs = checked.inputs(&args.image, args.common.seed, args.latents.as_deref())?;
+    let inputs = checked.inputs(
+        &checked.settings,
+        &args.image,
+        args.common.seed,
+        args.latents.as_deref(),
+    )?;
     let session = checked.load()?;
     let (video, report) = session.generate(&inputs, optimization, rehash, "")?;
     output.write(&video)?;

@@ -21,7 +21,7 @@ use std::ffi::OsStr;
 use std::io;
 use std::path::{Path, PathBuf};
 
-pub use output::{FileOutput, VideoOutput};
+pub use output::{check_output, FileOutput, VideoOutput};
 pub use read::{read_video, Video};
 pub use staged::{remove_leftovers, remove_staged};
 

@@ -92,31 +92,63 @@ enum Target {
 pub struct VideoOutput {
     path: PathBuf,
     fps: f64,
+    form: Form,
     staged: Staged,
     target: Target,
+}
+
+/// `path`'s form, with `fps` checked for the forms that time their frames.
+fn checked_form(path: &Path, fps: f64) -> Result<Form, VideoError> {
+    let form = output_form(path).ok_or_else(|| VideoError::UnsupportedPath {
+        path: path.to_path_buf(),
+    })?;
+    let rule = match form {
+        Form::File(FileForm::Gif) if !(fps.is_finite() && fps > 0.0) => "positive and finite",
+        Form::File(FileForm::Mp4) if !mp4::fps_fits(fps) => "between 0.001 and 1000000 for an MP4",
+        _ => return Ok(form),
+    };
+    Err(VideoError::Fps {
+        path: path.to_path_buf(),
+        fps,
+        rule,
+    })
+}
+
+/// Refuses frames of `height` x `width` that `form` cannot hold: a GIF's sides are 16-bit,
+/// H.264 takes 16 x 16 up to 3840 x 2160.
+fn check_size(form: Form, path: &Path, height: usize, width: usize) -> Result<(), VideoError> {
+    let reason = match form {
+        Form::File(FileForm::Mp4) => match h264::size_rule(height, width) {
+            Some(rule) => rule,
+            None => return Ok(()),
+        },
+        Form::File(FileForm::Gif) if height.max(width) > usize::from(u16::MAX) => {
+            format!("a GIF frame's sides are at most {}", u16::MAX)
+        }
+        _ => return Ok(()),
+    };
+    Err(VideoError::Frames {
+        path: path.to_path_buf(),
+        reason: format!("frames of {height}x{width} do not fit: {reason}"),
+    })
+}
+
+/// Checks, without creating anything, that `path` names an output form that takes frames of
+/// `(height, width)` at `fps`: what [`VideoOutput::create`] and [`VideoOutput::check_size`]
+/// would refuse, for outputs that are made later (a batch's).
+pub fn check_output(
+    path: &Path,
+    fps: f64,
+    (height, width): (usize, usize),
+) -> Result<(), VideoError> {
+    check_size(checked_form(path, fps)?, path, height, width)
 }
 
 impl VideoOutput {
     /// Checks `path`'s form (and `fps` for a GIF or an MP4) and creates its temporary output,
     /// with any missing parent directories; nothing is left behind if it is dropped unwritten.
     pub fn create(path: &Path, fps: f64) -> Result<Self, VideoError> {
-        let form = output_form(path).ok_or_else(|| VideoError::UnsupportedPath {
-            path: path.to_path_buf(),
-        })?;
-        let fps_error = |rule| VideoError::Fps {
-            path: path.to_path_buf(),
-            fps,
-            rule,
-        };
-        match form {
-            Form::File(FileForm::Gif) if !(fps.is_finite() && fps > 0.0) => {
-                return Err(fps_error("positive and finite"))
-            }
-            Form::File(FileForm::Mp4) if !mp4::fps_fits(fps) => {
-                return Err(fps_error("between 0.001 and 1000000 for an MP4"))
-            }
-            _ => {}
-        }
+        let form = checked_form(path, fps)?;
         let (staged, target) = match form {
             Form::PngFrames { existing } => {
                 (stage_frames(path, existing)?, Target::Frames { existing })
@@ -129,6 +161,7 @@ impl VideoOutput {
         Ok(VideoOutput {
             path: path.to_path_buf(),
             fps,
+            form,
             staged,
             target,
         })
@@ -142,26 +175,7 @@ impl VideoOutput {
     /// 16-bit, H.264 takes 16 x 16 up to 3840 x 2160), so a run checks its size before its
     /// inference.
     pub fn check_size(&self, height: usize, width: usize) -> Result<(), VideoError> {
-        let reason = match self.target {
-            Target::File {
-                form: FileForm::Mp4,
-                ..
-            } => match h264::size_rule(height, width) {
-                Some(rule) => rule,
-                None => return Ok(()),
-            },
-            Target::File {
-                form: FileForm::Gif,
-                ..
-            } if height.max(width) > usize::from(u16::MAX) => {
-                format!("a GIF frame's sides are at most {}", u16::MAX)
-            }
-            _ => return Ok(()),
-        };
-        Err(VideoError::Frames {
-            path: self.path.clone(),
-            reason: format!("frames of {height}x{width} do not fit: {reason}"),
-        })
+        check_size(self.form, &self.path, height, width)
     }
 
     /// Whether writing this output would replace the existing file `input`: it is the output
@@ -184,6 +198,7 @@ impl VideoOutput {
             fps,
             staged,
             target,
+            ..
         } = self;
         let (file, bytes) = match target {
             Target::Frames { existing } => {
