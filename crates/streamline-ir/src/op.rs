@@ -228,6 +228,25 @@ impl SliceCtx {
     }
 }
 
+/// The methods of an [`Op`] impl that only name the op: its kind, its independence and,
+/// where it runs on row bands, its [`RowRule`]. Most layers spell them alike, so an impl
+/// says them in one line, `op_contract!("silu", Both, rows RowRule::Same);`, and keeps its
+/// own methods for what differs; an op whose kind or rule depends on its fields writes them.
+#[macro_export]
+macro_rules! op_contract {
+    ($kind:literal, $indep:ident $(, rows $rows:expr)?) => {
+        fn kind(&self) -> &'static str {
+            $kind
+        }
+        fn independence(&self) -> $crate::Independence {
+            $crate::Independence::$indep
+        }
+        $(fn rows(&self) -> Option<$crate::RowRule> {
+            Some($rows)
+        })?
+    };
+}
+
 /// One node's computation.
 ///
 /// Shape functions (`infer`, `workspace_bytes`, `flops`) never touch weights, so a full-size

@@ -10,11 +10,10 @@
 //! across the threads.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp3, DType, InplaceOp2, Layout, Result, Shape, Tensor, WithDType,
-};
+use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Result, Shape, Tensor, WithDType};
 use half::{bf16, f16};
 
+use crate::cpu_op::{CpuKernel, Input, Kernel};
 use crate::linear::{gemm_rows, linear, product_tile, weight_packing, MAX_PRODUCT_ROWS};
 use crate::par::{for_each_row, for_each_run, runs, Out};
 use crate::simd::{exp, gelu_erf, simd_fn};
@@ -48,9 +47,11 @@ pub fn linear_geglu(
     };
     let mut dims = x.dims().to_vec();
     let rows = x.elem_count() / in_dim.max(1);
-    let y =
-        x.reshape((rows, in_dim))?
-            .apply_op3_no_bwd(&w_h.contiguous()?, &w_g.contiguous()?, &op)?;
+    let y = x.reshape((rows, in_dim))?.apply_op3_no_bwd(
+        &w_h.contiguous()?,
+        &w_g.contiguous()?,
+        &Kernel(op),
+    )?;
     if let Some(last) = dims.last_mut() {
         *last = inner;
     }
@@ -84,20 +85,10 @@ simd_fn! {
     }
 }
 
-impl CustomOp3 for LinearGeglu {
-    fn name(&self) -> &'static str {
-        "streamline-linear-geglu"
-    }
+impl CpuKernel<3> for LinearGeglu {
+    const NAME: &'static str = "streamline-linear-geglu";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn run(&self, [(s1, l1), (s2, l2), (s3, l3)]: [Input; 3]) -> Result<(CpuStorage, Shape)> {
         let (rows, in_dim) = l1.shape().dims2()?;
         let inner = self.h_bias.len();
         if l2.shape().dims2()? != (inner, in_dim) || l3.shape().dims2()? != (inner, in_dim) {
@@ -269,7 +260,7 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
     if Compute::of(x) != Compute::F32 {
         return x.silu();
     }
-    x.contiguous()?.apply_op1_no_bwd(&Silu)
+    x.contiguous()?.apply_op1_no_bwd(&Kernel(Silu))
 }
 
 struct Silu;
@@ -282,12 +273,10 @@ simd_fn! {
     }
 }
 
-impl CustomOp1 for Silu {
-    fn name(&self) -> &'static str {
-        "streamline-silu"
-    }
+impl CpuKernel<1> for Silu {
+    const NAME: &'static str = "streamline-silu";
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn run(&self, [(s, l)]: [Input; 1]) -> Result<(CpuStorage, Shape)> {
         let x = crate::storage::as_f32(s, l)?;
         let mut out = vec![0f32; x.len()];
         let dst = Out::new(&mut out);

@@ -7,9 +7,10 @@
 //! context row of each query row's batch item ([`KvRows::Grouped`]), so keys and values are
 //! never gathered per row either.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
-use gemm::{gemm, Parallelism};
+use candle_core::{CpuStorage, DType, Device, Result, Shape, Tensor};
 
+use crate::cpu_op::{CpuKernel, Input, Kernel};
+use crate::linear::product;
 use crate::par::{for_each_run, runs, Out};
 use crate::simd::{self, simd_fn};
 use crate::storage::{as_f32, Compute};
@@ -53,7 +54,7 @@ pub fn attention(
         compute => {
             let op = Flash { heads, scale, kv };
             let (q, k, v) = (compute.widen(q)?, compute.widen(k)?, compute.widen(v)?);
-            compute.narrow(q.apply_op3_no_bwd(&k, &v, &op)?)
+            compute.narrow(q.apply_op3_no_bwd(&k, &v, &Kernel(op))?)
         }
     }
 }
@@ -139,20 +140,10 @@ struct Flash {
     kv: KvRows,
 }
 
-impl CustomOp3 for Flash {
-    fn name(&self) -> &'static str {
-        "streamline-attention"
-    }
+impl CpuKernel<3> for Flash {
+    const NAME: &'static str = "streamline-attention";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn run(&self, [(s1, l1), (s2, l2), (s3, l3)]: [Input; 3]) -> Result<(CpuStorage, Shape)> {
         check_shapes(l1.shape(), l2.shape(), l3.shape(), self.heads, self.kv)?;
         let (n, lq, c) = l1.shape().dims3()?;
         let lk = l2.shape().dims3()?.1;
@@ -235,51 +226,23 @@ fn flash(
                 // SAFETY: the tile, block and head lie inside q, k, v and the scratch, as
                 // the strides below describe.
                 unsafe {
-                    gemm(
-                        nq,
-                        nk,
-                        d.dh,
-                        sc.s.as_mut_ptr(),
-                        1,
-                        nk as isize,
+                    product(
+                        (nq, nk, d.dh),
+                        (sc.s.as_mut_ptr(), 1, nk as isize),
                         false,
-                        sc.q.as_ptr(),
-                        1,
-                        d.dh as isize,
-                        k.as_ptr().add(kv_base + k0 * d.c),
-                        d.c as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
+                        (sc.q.as_ptr(), 1, d.dh as isize),
+                        (k.as_ptr().add(kv_base + k0 * d.c), d.c as isize, 1),
                     );
                 }
                 online_softmax(sc, nq, nk, d.dh, first);
                 // SAFETY: as above.
                 unsafe {
-                    gemm(
-                        nq,
-                        d.dh,
-                        nk,
-                        sc.acc.as_mut_ptr(),
-                        1,
-                        d.dh as isize,
+                    product(
+                        (nq, d.dh, nk),
+                        (sc.acc.as_mut_ptr(), 1, d.dh as isize),
                         !first,
-                        sc.s.as_ptr(),
-                        1,
-                        nk as isize,
-                        v.as_ptr().add(kv_base + k0 * d.c),
-                        1,
-                        d.c as isize,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
+                        (sc.s.as_ptr(), 1, nk as isize),
+                        (v.as_ptr().add(kv_base + k0 * d.c), 1, d.c as isize),
                     );
                 }
             }

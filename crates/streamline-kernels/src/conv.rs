@@ -8,9 +8,10 @@
 //! A 1x1 stride-1 convolution needs no columns: the GEMM reads the input band itself. No
 //! buffer of the input's size is ever made.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
-use gemm::{gemm, Parallelism};
+use candle_core::{CpuStorage, Result, Shape, Tensor};
 
+use crate::cpu_op::{CpuKernel, Input, Kernel};
+use crate::linear::product;
 use crate::par::{for_each_run, runs, Out};
 use crate::simd::simd_fn;
 use crate::storage::{as_f32, Compute};
@@ -75,10 +76,10 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, g: ConvGeometry) -> Re
     if compute == Compute::Reference {
         return conv2d_reference(x, weight, bias, g);
     }
-    let op = Conv {
+    let op = Kernel(Conv {
         g,
         bias: bias.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?,
-    };
+    });
     let weight = compute.widen(weight)?;
     if compute == Compute::F32 {
         return x.contiguous()?.apply_op2_no_bwd(&weight, &op);
@@ -114,18 +115,10 @@ struct Conv {
     bias: Vec<f32>,
 }
 
-impl CustomOp2 for Conv {
-    fn name(&self) -> &'static str {
-        "streamline-conv2d"
-    }
+impl CpuKernel<2> for Conv {
+    const NAME: &'static str = "streamline-conv2d";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn run(&self, [(s1, l1), (s2, l2)]: [Input; 2]) -> Result<(CpuStorage, Shape)> {
         let g = self.g;
         let (n, c, h, w) = l1.shape().dims4()?;
         let k = g.kernel;
@@ -184,26 +177,12 @@ impl Conv {
                 // SAFETY: the GEMM's operands lie in the weight, the columns (or the input
                 // band) and this task's band of the output, as the strides describe.
                 unsafe {
-                    gemm(
-                        g.out_channels,
-                        pixels,
-                        depth,
-                        out.ptr().add(base),
-                        1,
-                        plane as isize,
+                    product(
+                        (g.out_channels, pixels, depth),
+                        (out.ptr().add(base), 1, plane as isize),
                         true,
-                        weight.as_ptr(),
-                        1,
-                        depth as isize,
-                        rhs,
-                        1,
-                        rhs_rs,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
+                        (weight.as_ptr(), 1, depth as isize),
+                        (rhs, 1, rhs_rs),
                     );
                 }
             },

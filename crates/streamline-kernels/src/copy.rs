@@ -5,8 +5,9 @@
 //! the output's rows are split across threads and copied in small blocks, so the elements one
 //! input cache line holds are used while it is still in the L1 cache.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, Layout, Result, Shape, Storage, Tensor};
 
+use crate::cpu_op::{CpuKernel, Input, Kernel};
 use crate::par::{for_each_run, Out};
 use crate::storage::Compute;
 
@@ -20,17 +21,15 @@ pub fn contiguous(x: &Tensor) -> Result<Tensor> {
     if x.is_contiguous() || x.rank() != 3 || Compute::of(x) != Compute::F32 {
         return x.contiguous();
     }
-    x.apply_op1_no_bwd(&Contiguous)
+    x.apply_op1_no_bwd(&Kernel(Contiguous))
 }
 
 struct Contiguous;
 
-impl CustomOp1 for Contiguous {
-    fn name(&self) -> &'static str {
-        "streamline-contiguous"
-    }
+impl CpuKernel<1> for Contiguous {
+    const NAME: &'static str = "streamline-contiguous";
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn run(&self, [(s, l)]: [Input; 1]) -> Result<(CpuStorage, Shape)> {
         let CpuStorage::F32(src) = s else {
             candle_core::bail!("contiguous: f32 only")
         };

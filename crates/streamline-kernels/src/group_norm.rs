@@ -7,9 +7,10 @@
 //! cache-resident block, and the normalized result written once.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, DType, Result, Shape, Tensor, WithDType};
 use half::{bf16, f16};
 
+use crate::cpu_op::{CpuKernel, Input, Kernel};
 use crate::par::{for_each_run, runs, Out};
 use crate::simd::{self, simd_fn};
 use crate::storage::Compute;
@@ -33,7 +34,7 @@ pub fn group_norm(
         groups,
         eps: eps as f32,
     };
-    x.contiguous()?.apply_op1_no_bwd(&op)
+    x.contiguous()?.apply_op1_no_bwd(&Kernel(op))
 }
 
 /// Bytes [`group_norm`] allocates besides its output on the CPU: an f32 block per run for
@@ -164,12 +165,10 @@ simd_fn! {
     }
 }
 
-impl CustomOp1 for FrameNorm {
-    fn name(&self) -> &'static str {
-        "streamline-group-norm"
-    }
+impl CpuKernel<1> for FrameNorm {
+    const NAME: &'static str = "streamline-group-norm";
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn run(&self, [(s, l)]: [Input; 1]) -> Result<(CpuStorage, Shape)> {
         let Some((a, b)) = l.contiguous_offsets() else {
             candle_core::bail!("group_norm: input must be contiguous")
         };
@@ -202,7 +201,7 @@ pub fn group_sums(
     };
     match Compute::of(x) {
         Compute::Reference => op.reference(x),
-        _ => x.contiguous()?.apply_op1_no_bwd(&op),
+        _ => x.contiguous()?.apply_op1_no_bwd(&Kernel(op)),
     }
 }
 
@@ -320,12 +319,10 @@ impl GroupSums {
     }
 }
 
-impl CustomOp1 for GroupSums {
-    fn name(&self) -> &'static str {
-        "streamline-group-sums"
-    }
+impl CpuKernel<1> for GroupSums {
+    const NAME: &'static str = "streamline-group-sums";
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn run(&self, [(s, l)]: [Input; 1]) -> Result<(CpuStorage, Shape)> {
         let Some((a, b)) = l.contiguous_offsets() else {
             candle_core::bail!("group sums: input must be contiguous")
         };

@@ -6,8 +6,9 @@
 //! of rows and reduces each in f32 lanes: the mean, the centered second moment over the
 //! cache-resident row, then the affine result written once.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, DType, Result, Shape, Tensor};
 
+use crate::cpu_op::{CpuKernel, Input, Kernel};
 use crate::par::for_each_row;
 use crate::simd::{self, simd_fn};
 use crate::storage::{as_f32, Compute};
@@ -27,7 +28,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
         bias: host(bias)?,
         eps: eps as f32,
     };
-    x.contiguous()?.apply_op1_no_bwd(&op)
+    x.contiguous()?.apply_op1_no_bwd(&Kernel(op))
 }
 
 /// [`layer_norm`] with candle's ops, statistics in f32 for half types.
@@ -65,12 +66,10 @@ simd_fn! {
     }
 }
 
-impl CustomOp1 for LayerNorm {
-    fn name(&self) -> &'static str {
-        "streamline-layer-norm"
-    }
+impl CpuKernel<1> for LayerNorm {
+    const NAME: &'static str = "streamline-layer-norm";
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn run(&self, [(s, l)]: [Input; 1]) -> Result<(CpuStorage, Shape)> {
         let x = as_f32(s, l)?;
         let dim = self.weight.len();
         if dim == 0 || l.dims().last() != Some(&dim) || self.bias.len() != dim {

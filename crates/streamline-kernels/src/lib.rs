@@ -28,6 +28,7 @@ mod activation;
 mod attention;
 mod conv;
 mod copy;
+mod cpu_op;
 mod group_norm;
 mod layer_norm;
 mod linear;

@@ -8,10 +8,11 @@
 //! padded copy of the input nor a product per tap exists.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, DType, Result, Shape, Tensor, WithDType};
 use gemm::{gemm, Parallelism};
 use half::{bf16, f16};
 
+use crate::cpu_op::{CpuKernel, Input, Kernel};
 use crate::par::{for_each_run, runs, Out};
 use crate::storage::{as_f32, Compute};
 
@@ -47,7 +48,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let rows = x.elem_count() / in_dim.max(1);
     let y = x
         .reshape((rows, in_dim))?
-        .apply_op2_no_bwd(&w.contiguous()?, &op)?;
+        .apply_op2_no_bwd(&w.contiguous()?, &Kernel(op))?;
     if let Some(last) = dims.last_mut() {
         *last = out_dim;
     }
@@ -115,18 +116,10 @@ struct Linear {
     bias: Vec<f32>,
 }
 
-impl CustomOp2 for Linear {
-    fn name(&self) -> &'static str {
-        "streamline-linear"
-    }
+impl CpuKernel<2> for Linear {
+    const NAME: &'static str = "streamline-linear";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn run(&self, [(s1, l1), (s2, l2)]: [Input; 2]) -> Result<(CpuStorage, Shape)> {
         let (rows, in_dim) = l1.shape().dims2()?;
         let (out_dim, w_in) = l2.shape().dims2()?;
         if w_in != in_dim || self.bias.len() != out_dim {
@@ -166,6 +159,47 @@ impl CustomOp2 for Linear {
     }
 }
 
+/// A strided f32 operand of [`product`]: its first element, column stride, row stride.
+pub(crate) type Strided<P> = (P, isize, isize);
+
+/// `dst = lhs @ rhs` (`dst += lhs @ rhs` when `accumulate`) for `(m, n, k)` =
+/// (rows of `dst`, its columns, the inner dim): gemm's f32 product with unit scales and no
+/// conjugation, on the calling thread (the kernels split the work themselves), as every
+/// kernel here calls it.
+///
+/// # Safety
+/// The pointers and strides must describe operands inside their buffers, and nothing else
+/// may touch `dst` meanwhile.
+pub(crate) unsafe fn product(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_cs, dst_rs): Strided<*mut f32>,
+    accumulate: bool,
+    (lhs, lhs_cs, lhs_rs): Strided<*const f32>,
+    (rhs, rhs_cs, rhs_rs): Strided<*const f32>,
+) {
+    gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_cs,
+        dst_rs,
+        accumulate,
+        lhs,
+        lhs_cs,
+        lhs_rs,
+        rhs,
+        rhs_cs,
+        rhs_rs,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        Parallelism::None,
+    );
+}
+
 /// `dst += x @ w^T` for `m` rows: `x` `(m, k)`, `w` `(n, k)`, `dst` `(m, n)`, all row-major
 /// and dense, on the calling thread.
 ///
@@ -177,26 +211,12 @@ pub(crate) unsafe fn gemm_rows(
     w: *const f32,
     (m, k, n): (usize, usize, usize),
 ) {
-    gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        n as isize,
+    product(
+        (m, n, k),
+        (dst, 1, n as isize),
         true,
-        x,
-        1,
-        k as isize,
-        w,
-        k as isize,
-        1,
-        1.0,
-        1.0,
-        false,
-        false,
-        false,
-        Parallelism::None,
+        (x, 1, k as isize),
+        (w, k as isize, 1),
     );
 }
 
@@ -213,7 +233,8 @@ pub fn temporal_conv(x: &Tensor, taps: &Tensor, bias: &Tensor, kernel: usize) ->
         kernel,
         bias: bias.to_dtype(DType::F32)?.to_vec1::<f32>()?,
     };
-    x.contiguous()?.apply_op2_no_bwd(&compute.widen(taps)?, &op)
+    x.contiguous()?
+        .apply_op2_no_bwd(&compute.widen(taps)?, &Kernel(op))
 }
 
 /// [`temporal_conv`] with candle's ops: the shifted frames side by side, one product.
@@ -314,26 +335,12 @@ impl TemporalConv {
                 }
                 // SAFETY: the tile's columns, the taps and the target, as strided.
                 unsafe {
-                    gemm(
-                        rows,
-                        cout,
-                        k * cin,
-                        target,
-                        1,
-                        cout as isize,
+                    product(
+                        (rows, cout, k * cin),
+                        (target, 1, cout as isize),
                         true,
-                        cols.as_ptr(),
-                        1,
-                        (k * cin) as isize,
-                        taps.as_ptr(),
-                        1,
-                        cout as isize,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
+                        (cols.as_ptr(), 1, (k * cin) as isize),
+                        (taps.as_ptr(), 1, cout as isize),
                     );
                 }
                 if wide {
@@ -349,18 +356,10 @@ impl TemporalConv {
     }
 }
 
-impl CustomOp2 for TemporalConv {
-    fn name(&self) -> &'static str {
-        "streamline-temporal-conv"
-    }
+impl CpuKernel<2> for TemporalConv {
+    const NAME: &'static str = "streamline-temporal-conv";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn run(&self, [(s1, l1), (s2, l2)]: [Input; 2]) -> Result<(CpuStorage, Shape)> {
         let (p, t, cin) = l1.shape().dims3()?;
         let cout = self.bias.len();
         if l2.shape().dims() != [self.kernel * cin, cout] || self.kernel == 0 {

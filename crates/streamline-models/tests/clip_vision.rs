@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Tensor};
 use serde::Deserialize;
+use streamline_ir::testing::rel_l2;
 use streamline_models::clip::{ClipVisionConfig, ClipVisionModelWithProjection, HiddenAct};
 use streamline_models::load::{Manifest, ModelError, WeightSource};
 
@@ -31,21 +32,13 @@ fn io() -> candle_core::Result<(Tensor, Tensor)> {
     Ok((take("pixel_values")?, take("image_embeds")?))
 }
 
-fn rel_l2(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
-    let a = a.to_dtype(DType::F64)?;
-    let b = b.to_dtype(DType::F64)?;
-    let diff = (&a - &b)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
-    let norm = b.sqr()?.sum_all()?.to_scalar::<f64>()?;
-    Ok((diff / norm).sqrt())
-}
-
 fn embeds(dir: &Path, dtype: DType) -> Result<f64, Box<dyn std::error::Error>> {
     let (pixel_values, expected) = io()?;
     let model = ClipVisionModelWithProjection::load(dir, dtype, &Device::Cpu)?;
     let got = model.forward(&pixel_values)?;
     assert_eq!(got.dims(), expected.dims());
     assert_eq!(got.dtype(), dtype);
-    Ok(rel_l2(&got, &expected)?)
+    Ok(rel_l2(&got, &expected))
 }
 
 #[test]

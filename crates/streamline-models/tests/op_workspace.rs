@@ -15,6 +15,7 @@ use candle_nn::{Init, VarBuilder};
 use std::ops::Range;
 use streamline_ir::alloc::{peak_bytes, reset_peak, TrackingAllocator};
 
+use streamline_ir::testing::rel_l2;
 use streamline_ir::{Axis, Layout, Op, RowBand, SliceCtx, ValueInfo};
 use streamline_models::ops::*;
 
@@ -64,14 +65,6 @@ fn bytes(t: &Tensor) -> usize {
 
 fn info(t: &Tensor) -> ValueInfo {
     ValueInfo::new(t.shape().clone(), t.dtype(), Layout::WHOLE)
-}
-
-fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_dtype(DType::F64).unwrap();
-    let b = b.to_dtype(DType::F64).unwrap();
-    let diff = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap();
-    let norm = b.sqr().unwrap().sum_all().unwrap();
-    (diff.to_scalar::<f64>().unwrap() / norm.to_scalar::<f64>().unwrap()).sqrt()
 }
 
 fn mib(b: usize) -> f64 {

@@ -4,13 +4,14 @@
 
 mod common;
 
-use common::{fixture, io, rel_l2};
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use common::schedulers::{loops_match, prefixes, write_config};
+use common::{fixture, io};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use streamline_pipeline::scheduler::{
-    EulerDiscreteScheduler, SchedulerClass, SchedulerConfig, SchedulerError, TimestepSpacing,
+    EulerDiscreteScheduler, Scheduler, SchedulerClass, SchedulerConfig, SchedulerError,
+    TimestepSpacing,
 };
 
 fn config_path(case: &str) -> PathBuf {
@@ -32,15 +33,6 @@ fn scheduler_for(prefix: &str) -> EulerDiscreteScheduler {
         scheduler.set_timesteps(n.parse().unwrap()).unwrap();
     }
     scheduler
-}
-
-fn prefixes(io: &HashMap<String, Tensor>, suffix: &str) -> Vec<String> {
-    let mut found: Vec<String> = io
-        .keys()
-        .filter_map(|k| k.strip_suffix(suffix).map(str::to_string))
-        .collect();
-    found.sort();
-    found
 }
 
 fn values(t: &Tensor) -> Vec<f32> {
@@ -112,39 +104,15 @@ fn schedules_match_diffusers() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// The pipeline's loop: scale, (fake) model, step; each output compared with diffusers', the
-/// next step fed with our own previous output.
+/// The pipeline's loop, step by step against diffusers'.
 #[test]
 fn loops_match_diffusers() {
-    let io = io("svd_scheduler");
-    let loops = prefixes(&io, ".latents");
-    assert!(loops.len() >= 8, "fixture has {} loops", loops.len());
-    let mut failures = Vec::new();
-    for prefix in &loops {
-        let scheduler = scheduler_for(prefix);
-        let get = |name: &str| &io[&format!("{prefix}.{name}")];
-        let (scaled, outputs, prevs) = (get("scaled"), get("model_output"), get("prev"));
-        assert_eq!(scaled.dim(0).unwrap(), scheduler.num_steps(), "{prefix}");
-        let mut x = get("latents").clone();
-        let (mut worst_scaled, mut worst_prev) = (0.0f64, 0.0f64);
-        for i in 0..scheduler.num_steps() {
-            let input = scheduler.scale_model_input(&x, i).unwrap();
-            assert_eq!(input.dtype(), x.dtype());
-            worst_scaled = worst_scaled.max(rel_l2(&input, &scaled.get(i).unwrap()));
-            let output = outputs.get(i).unwrap();
-            x = scheduler.step(&output, i, &x).unwrap();
-            assert_eq!(x.dtype(), output.dtype());
-            worst_prev = worst_prev.max(rel_l2(&x, &prevs.get(i).unwrap()));
-        }
-        let line = format!(
-            "{prefix}: scaled inputs within {worst_scaled:e}, prev samples within {worst_prev:e}"
-        );
-        println!("{line}");
-        if worst_scaled > 1e-5 || worst_prev > 1e-5 {
-            failures.push(line);
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    loops_match(
+        "svd_scheduler",
+        8,
+        |p| Scheduler::EulerDiscrete(scheduler_for(p)),
+        1e-5,
+    );
 }
 
 #[test]
@@ -158,16 +126,6 @@ fn svd_checkpoint_config_is_svd() {
     .unwrap();
     assert_eq!(loaded, SchedulerConfig::svd());
     assert_eq!(loaded.timestep_spacing, TimestepSpacing::Leading);
-}
-
-fn write_config(name: &str, json: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("euler_scheduler")
-        .join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("scheduler_config.json");
-    std::fs::write(&path, json).unwrap();
-    path
 }
 
 #[test]
@@ -230,7 +188,7 @@ fn unsupported_values_name_file_and_field() {
         ),
     ];
     for (name, json, field, value) in cases {
-        let path = write_config(name, json);
+        let path = write_config("euler_scheduler", name, json);
         let message = EulerDiscreteScheduler::load(&path).unwrap_err().to_string();
         for part in [path.to_str().unwrap(), field, value] {
             assert!(
@@ -240,7 +198,11 @@ fn unsupported_values_name_file_and_field() {
         }
     }
     // A value of the wrong type still names the file (serde adds line and column).
-    let path = write_config("type_error", r#"{"use_karras_sigmas": "yes"}"#);
+    let path = write_config(
+        "euler_scheduler",
+        "type_error",
+        r#"{"use_karras_sigmas": "yes"}"#,
+    );
     let message = SchedulerConfig::load(&path, SchedulerClass::EulerDiscrete)
         .unwrap_err()
         .to_string();

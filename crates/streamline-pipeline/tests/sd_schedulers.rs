@@ -5,9 +5,9 @@
 
 mod common;
 
-use common::{fixture, io, rel_l2};
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use common::schedulers::{loops_match, prefixes, write_config};
+use common::{fixture, io};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use streamline_pipeline::scheduler::{
@@ -39,15 +39,6 @@ fn scheduler_for(prefix: &str) -> Scheduler {
     let n = parts.next().unwrap().strip_prefix('n').unwrap();
     scheduler.set_timesteps(n.parse().unwrap()).unwrap();
     scheduler
-}
-
-fn prefixes(io: &HashMap<String, Tensor>, suffix: &str) -> Vec<String> {
-    let mut found: Vec<String> = io
-        .keys()
-        .filter_map(|k| k.strip_suffix(suffix).map(str::to_string))
-        .collect();
-    found.sort();
-    found
 }
 
 #[test]
@@ -97,48 +88,10 @@ fn timesteps_match_diffusers() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// The pipeline's loop: scale, (fake) model, step; each output compared with diffusers', the
-/// next step fed with our own previous output.
+/// The pipeline's loop, step by step against diffusers'.
 #[test]
 fn loops_match_diffusers() {
-    let io = io("sd_schedulers");
-    let loops = prefixes(&io, ".latents");
-    assert!(loops.len() >= 15, "fixture has {} loops", loops.len());
-    let mut failures = Vec::new();
-    for prefix in &loops {
-        let scheduler = scheduler_for(prefix);
-        let get = |name: &str| &io[&format!("{prefix}.{name}")];
-        let (scaled, outputs, prevs) = (get("scaled"), get("model_output"), get("prev"));
-        let noise = prefix
-            .ends_with(".eta")
-            .then(|| get("variance_noise").clone());
-        assert_eq!(scaled.dim(0).unwrap(), scheduler.num_steps(), "{prefix}");
-        let mut x = get("latents").clone();
-        let (mut worst_scaled, mut worst_prev) = (0.0f64, 0.0f64);
-        for i in 0..scheduler.num_steps() {
-            let input = scheduler.scale_model_input(&x, i).unwrap();
-            assert_eq!(input.dtype(), x.dtype());
-            worst_scaled = worst_scaled.max(rel_l2(&input, &scaled.get(i).unwrap()));
-            let output = outputs.get(i).unwrap();
-            x = match (&scheduler, &noise) {
-                (Scheduler::Ddim(ddim), Some(noise)) => ddim
-                    .step_with_noise(&output, i, &x, 0.5, &noise.get(i).unwrap())
-                    .unwrap(),
-                (_, None) => scheduler.step(&output, i, &x).unwrap(),
-                (Scheduler::EulerDiscrete(_), Some(_)) => panic!("{prefix}: eta loop for Euler"),
-            };
-            assert_eq!(x.dtype(), output.dtype(), "{prefix}");
-            worst_prev = worst_prev.max(rel_l2(&x, &prevs.get(i).unwrap()));
-        }
-        let line = format!(
-            "{prefix}: scaled inputs within {worst_scaled:e}, prev samples within {worst_prev:e}"
-        );
-        println!("{line}");
-        if worst_scaled > TOLERANCE || worst_prev > TOLERANCE {
-            failures.push(line);
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    loops_match("sd_schedulers", 15, scheduler_for, TOLERANCE);
 }
 
 #[test]
@@ -149,7 +102,11 @@ fn presets_and_class_defaults() {
 
     // A file without `timestep_spacing`, `clip_sample`, `set_alpha_to_one`: each class fills
     // in its own defaults, as diffusers' constructors do.
-    let path = write_config("defaults", r#"{"_class_name": "DDIMScheduler"}"#);
+    let path = write_config(
+        "sd_schedulers",
+        "defaults",
+        r#"{"_class_name": "DDIMScheduler"}"#,
+    );
     let ddim = SchedulerConfig::load(&path, SchedulerClass::Ddim).unwrap();
     assert_eq!(ddim.timestep_spacing, TimestepSpacing::Leading);
     assert!(ddim.clip_sample && ddim.set_alpha_to_one && !ddim.thresholding);
@@ -160,21 +117,12 @@ fn presets_and_class_defaults() {
 
     // DDIM ignores Euler's sigma options, as diffusers does; Euler reads them.
     let path = write_config(
+        "sd_schedulers",
         "euler_fields",
         r#"{"_class_name": "DDIMScheduler", "interpolation_type": "cubic", "sigma_min": -1}"#,
     );
     assert!(matches!(Scheduler::load(&path), Ok(Scheduler::Ddim(_))));
     assert!(EulerDiscreteScheduler::load(&path).is_err());
-}
-
-fn write_config(name: &str, json: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("sd_schedulers")
-        .join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("scheduler_config.json");
-    std::fs::write(&path, json).unwrap();
-    path
 }
 
 fn assert_names(name: &str, message: &str, parts: &[&str]) {
@@ -222,7 +170,7 @@ fn unsupported_values_name_file_and_field() {
         ),
     ];
     for (name, fields, field, value) in cases {
-        let path = write_config(name, &format!("{{{ddim}, {fields}}}"));
+        let path = write_config("sd_schedulers", name, &format!("{{{ddim}, {fields}}}"));
         let path_str = path.to_str().unwrap();
         let message = Scheduler::load(&path).unwrap_err().to_string();
         assert_names(name, &message, &[path_str, field, value]);
@@ -239,18 +187,23 @@ fn unsupported_values_name_file_and_field() {
         ),
         ("no_class", r#"{"beta_schedule": "linear"}"#, "(absent)"),
     ] {
-        let path = write_config(name, json);
+        let path = write_config("sd_schedulers", name, json);
         let message = Scheduler::load(&path).unwrap_err().to_string();
         let mut parts = vec![path.to_str().unwrap(), "_class_name", class];
         parts.extend(supported);
         assert_names(name, &message, &parts);
     }
     // SD 1.5's PNDM file still runs with DDIM when DDIM is asked for, as in diffusers.
-    let path = write_config("pndm", r#"{"_class_name": "PNDMScheduler"}"#);
+    let path = write_config(
+        "sd_schedulers",
+        "pndm",
+        r#"{"_class_name": "PNDMScheduler"}"#,
+    );
     assert!(DdimScheduler::load(&path).is_ok());
 
     // Zero terminal SNR is ported for DDIM only.
     let path = write_config(
+        "sd_schedulers",
         "euler_snr",
         r#"{"_class_name": "EulerDiscreteScheduler", "rescale_betas_zero_snr": true}"#,
     );

@@ -9,6 +9,34 @@
 use candle_core::{DType, Device, Tensor};
 use proptest::prelude::*;
 
+/// A toy op's `Op` impl: the methods every toy op spells alike (its kind and independence,
+/// and where it has them its row rule, a same-shape output, FLOPs and workspace as multiples
+/// of the first input's elements and bytes) from one line, then its own methods.
+macro_rules! toy_op {
+    (
+        $ty:ty: $kind:literal, $indep:ident
+        $(, rows $rows:ident)?
+        $(, infer $same:ident)?
+        $(, flops $flops:literal)?
+        $(, workspace $ws:literal)?;
+        $($body:tt)*
+    ) => {
+        impl Op for $ty {
+            crate::op_contract!($kind, $indep $(, rows RowRule::$rows)?);
+            $(fn infer(&self, i: &[&ValueInfo]) -> Result<ValueInfo> {
+                $same(i)
+            })?
+            $(fn flops(&self, i: &[&ValueInfo], _: &ValueInfo) -> u64 {
+                $flops * i[0].shape.elem_count() as u64
+            })?
+            $(fn workspace_bytes(&self, i: &[&ValueInfo], _: &ValueInfo, _: Workspace) -> usize {
+                $ws * i[0].bytes()
+            })?
+            $($body)*
+        }
+    };
+}
+
 pub mod rows;
 
 use crate::{
@@ -72,22 +100,8 @@ fn same(inputs: &[&ValueInfo]) -> Result<ValueInfo> {
 /// Frame-wise: scales each frame by its own mean magnitude.
 #[derive(Debug)]
 pub struct FrameNorm;
-impl Op for FrameNorm {
-    fn kind(&self) -> &'static str {
-        "frame_norm"
-    }
-    fn independence(&self) -> Independence {
-        Independence::Frames
-    }
-    fn infer(&self, i: &[&ValueInfo]) -> Result<ValueInfo> {
-        same(i)
-    }
-    fn workspace_bytes(&self, i: &[&ValueInfo], _: &ValueInfo, _: Workspace) -> usize {
-        i[0].bytes()
-    }
-    fn flops(&self, i: &[&ValueInfo], _: &ValueInfo) -> u64 {
-        3 * i[0].shape.elem_count() as u64
-    }
+toy_op! {
+    FrameNorm: "frame_norm", Frames, infer same, flops 3, workspace 1;
     fn forward(&self, x: &[&Tensor], _: &SliceCtx) -> Result<Tensor> {
         let m = x[0].abs()?.mean_keepdim(2)?.mean_keepdim(1)?;
         Ok(x[0].broadcast_div(&(m + 1.0)?)?)
@@ -97,25 +111,8 @@ impl Op for FrameNorm {
 /// Position-wise: each frame adds half of the previous frame at the same position.
 #[derive(Debug)]
 pub struct TimeMix;
-impl Op for TimeMix {
-    fn kind(&self) -> &'static str {
-        "time_mix"
-    }
-    fn rows(&self) -> Option<RowRule> {
-        Some(RowRule::Same)
-    }
-    fn independence(&self) -> Independence {
-        Independence::Positions
-    }
-    fn infer(&self, i: &[&ValueInfo]) -> Result<ValueInfo> {
-        same(i)
-    }
-    fn workspace_bytes(&self, i: &[&ValueInfo], _: &ValueInfo, _: Workspace) -> usize {
-        3 * i[0].bytes()
-    }
-    fn flops(&self, i: &[&ValueInfo], _: &ValueInfo) -> u64 {
-        2 * i[0].shape.elem_count() as u64
-    }
+toy_op! {
+    TimeMix: "time_mix", Positions, rows Same, infer same, flops 2, workspace 3;
     fn forward(&self, x: &[&Tensor], _: &SliceCtx) -> Result<Tensor> {
         let (n, t, c) = x[0].dims3()?;
         if t == 1 {
@@ -130,25 +127,8 @@ impl Op for TimeMix {
 /// Pointwise on any layout.
 #[derive(Debug)]
 pub struct Squash;
-impl Op for Squash {
-    fn kind(&self) -> &'static str {
-        "squash"
-    }
-    fn rows(&self) -> Option<RowRule> {
-        Some(RowRule::Same)
-    }
-    fn independence(&self) -> Independence {
-        Independence::Both
-    }
-    fn infer(&self, i: &[&ValueInfo]) -> Result<ValueInfo> {
-        same(i)
-    }
-    fn workspace_bytes(&self, i: &[&ValueInfo], _: &ValueInfo, _: Workspace) -> usize {
-        3 * i[0].bytes()
-    }
-    fn flops(&self, i: &[&ValueInfo], _: &ValueInfo) -> u64 {
-        4 * i[0].shape.elem_count() as u64
-    }
+toy_op! {
+    Squash: "squash", Both, rows Same, infer same, flops 4, workspace 3;
     fn forward(&self, x: &[&Tensor], _: &SliceCtx) -> Result<Tensor> {
         Ok(((x[0].tanh()? * 0.1)? + (x[0] * 0.9)?)?)
     }
@@ -157,24 +137,13 @@ impl Op for Squash {
 /// Pointwise sum of two values of the same layout (a skip connection).
 #[derive(Debug)]
 pub struct Add;
-impl Op for Add {
-    fn kind(&self) -> &'static str {
-        "add"
-    }
-    fn rows(&self) -> Option<RowRule> {
-        Some(RowRule::Same)
-    }
-    fn independence(&self) -> Independence {
-        Independence::Both
-    }
+toy_op! {
+    Add: "add", Both, rows Same, flops 1;
     fn infer(&self, i: &[&ValueInfo]) -> Result<ValueInfo> {
         if i[0] != i[1] {
             return Err(IrError::Plan(format!("add of {} and {}", i[0], i[1])));
         }
         same(i)
-    }
-    fn flops(&self, i: &[&ValueInfo], _: &ValueInfo) -> u64 {
-        i[0].shape.elem_count() as u64
     }
     fn forward(&self, x: &[&Tensor], _: &SliceCtx) -> Result<Tensor> {
         Ok((x[0] + x[1])?)
@@ -266,13 +235,8 @@ impl Op for Relayout {
 /// Reduction: per batch item, the sum of squares over all its positions, frames, channels.
 #[derive(Debug)]
 pub struct SumSq(pub Dims);
-impl Op for SumSq {
-    fn kind(&self) -> &'static str {
-        "sum_sq"
-    }
-    fn independence(&self) -> Independence {
-        Independence::Positions
-    }
+toy_op! {
+    SumSq: "sum_sq", Positions, flops 2, workspace 1;
     fn is_reduction(&self) -> bool {
         true
     }
@@ -281,12 +245,6 @@ impl Op for SumSq {
     }
     fn infer(&self, _: &[&ValueInfo]) -> Result<ValueInfo> {
         Ok(ValueInfo::new((self.0.b, 1), DType::F32, Layout::WHOLE))
-    }
-    fn workspace_bytes(&self, i: &[&ValueInfo], _: &ValueInfo, _: Workspace) -> usize {
-        i[0].bytes()
-    }
-    fn flops(&self, i: &[&ValueInfo], _: &ValueInfo) -> u64 {
-        2 * i[0].shape.elem_count() as u64
     }
     fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
         let d = self.0;
@@ -304,21 +262,10 @@ impl Op for SumSq {
 /// Pointwise per position, with the per-batch statistic of [`SumSq`] read whole.
 #[derive(Debug)]
 pub struct Normalize(pub Dims);
-impl Op for Normalize {
-    fn kind(&self) -> &'static str {
-        "normalize"
-    }
-    fn independence(&self) -> Independence {
-        Independence::Positions
-    }
-    fn infer(&self, i: &[&ValueInfo]) -> Result<ValueInfo> {
-        same(i)
-    }
+toy_op! {
+    Normalize: "normalize", Positions, infer same, flops 1;
     fn workspace_bytes(&self, _: &[&ValueInfo], o: &ValueInfo, _: Workspace) -> usize {
         o.bytes()
-    }
-    fn flops(&self, i: &[&ValueInfo], _: &ValueInfo) -> u64 {
-        i[0].shape.elem_count() as u64
     }
     fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
         let d = self.0;
@@ -339,19 +286,8 @@ impl Op for Normalize {
 /// Frame-wise: adds a per-frame embedding `(B*T, C)` (a side input sliced with the frames).
 #[derive(Debug)]
 pub struct AddFrameEmb;
-impl Op for AddFrameEmb {
-    fn kind(&self) -> &'static str {
-        "add_frame_emb"
-    }
-    fn independence(&self) -> Independence {
-        Independence::Frames
-    }
-    fn infer(&self, i: &[&ValueInfo]) -> Result<ValueInfo> {
-        same(i)
-    }
-    fn flops(&self, i: &[&ValueInfo], _: &ValueInfo) -> u64 {
-        i[0].shape.elem_count() as u64
-    }
+toy_op! {
+    AddFrameEmb: "add_frame_emb", Frames, infer same, flops 1;
     fn forward(&self, x: &[&Tensor], _: &SliceCtx) -> Result<Tensor> {
         Ok(x[0].broadcast_add(&x[1].unsqueeze(2)?)?)
     }
@@ -361,21 +297,10 @@ impl Op for AddFrameEmb {
 /// row comes from the slice context.
 #[derive(Debug)]
 pub struct AddCond(pub Dims);
-impl Op for AddCond {
-    fn kind(&self) -> &'static str {
-        "add_cond"
-    }
-    fn independence(&self) -> Independence {
-        Independence::Positions
-    }
-    fn infer(&self, i: &[&ValueInfo]) -> Result<ValueInfo> {
-        same(i)
-    }
+toy_op! {
+    AddCond: "add_cond", Positions, infer same, flops 1;
     fn workspace_bytes(&self, _: &[&ValueInfo], o: &ValueInfo, _: Workspace) -> usize {
         o.bytes()
-    }
-    fn flops(&self, i: &[&ValueInfo], _: &ValueInfo) -> u64 {
-        i[0].shape.elem_count() as u64
     }
     fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
         let d = self.0;
@@ -460,23 +385,21 @@ pub fn sample_graph(d: Dims) -> Graph {
     g
 }
 
+/// `|a - b| / |b|`, summed in f64 so that the figure does not drown in f32 rounding (a
+/// zero `b` counts as a tiny norm, not a division by zero).
 pub fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
-    let diff = (a - b)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap() as f64;
-    let norm = b
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap() as f64;
-    (diff / norm.max(1e-30)).sqrt()
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let sum_sq = |t: &Tensor| -> f64 {
+        let t = t.to_dtype(DType::F64).unwrap();
+        t.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let diff = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
+    (sum_sq(&diff) / sum_sq(b).max(1e-300)).sqrt()
 }
 
 /// A random graph: each step `(kind, a, b)` applies one toy op to earlier values of the right

@@ -5,10 +5,10 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::{cat0, pieces, Add, Squash, TimeMix};
+use super::{cat0, pieces, same, Add, Squash, TimeMix};
 use crate::{
-    check_group, Axis, Graph, Group, Independence, Layout, Op, Plan, Result, RowRule, SliceCtx,
-    ValueId, ValueInfo, Workspace,
+    check_group, Axis, Graph, Group, Layout, Op, Plan, Result, RowRule, SliceCtx, ValueId,
+    ValueInfo, Workspace,
 };
 
 /// The extent of a toy video: batch, frames, channels, height, width.
@@ -73,15 +73,10 @@ impl ToyConv {
     }
 }
 
-impl Op for ToyConv {
-    fn kind(&self) -> &'static str {
-        "toy_conv"
-    }
+toy_op! {
+    ToyConv: "toy_conv", Frames, workspace 2;
     fn describe(&self) -> String {
         format!("k{}s{}p{}", self.kernel, self.stride, self.pad)
-    }
-    fn independence(&self) -> Independence {
-        Independence::Frames
     }
     fn rows(&self) -> Option<RowRule> {
         Some(RowRule::Window {
@@ -94,9 +89,6 @@ impl Op for ToyConv {
         let d = i[0].shape.dims();
         let dims = [d[0], d[1], self.out(d[2]), self.out(d[3])];
         Ok(ValueInfo::new(dims.to_vec(), i[0].dtype, i[0].layout))
-    }
-    fn workspace_bytes(&self, i: &[&ValueInfo], _: &ValueInfo, _: Workspace) -> usize {
-        2 * i[0].bytes()
     }
     fn flops(&self, _: &[&ValueInfo], o: &ValueInfo) -> u64 {
         let c = o.shape.dims()[1];
@@ -119,13 +111,8 @@ impl Op for ToyConv {
 #[derive(Debug)]
 pub struct ToyUpsample;
 
-impl Op for ToyUpsample {
-    fn kind(&self) -> &'static str {
-        "toy_upsample"
-    }
-    fn independence(&self) -> Independence {
-        Independence::Frames
-    }
+toy_op! {
+    ToyUpsample: "toy_upsample", Frames, flops 0;
     fn rows(&self) -> Option<RowRule> {
         Some(RowRule::Upsample { factor: 2 })
     }
@@ -136,9 +123,6 @@ impl Op for ToyUpsample {
             i[0].dtype,
             i[0].layout,
         ))
-    }
-    fn flops(&self, _: &[&ValueInfo], _: &ValueInfo) -> u64 {
-        0
     }
     fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
         let (_, _, h, w) = x[0].dims4()?;
@@ -198,25 +182,14 @@ fn moments_tensor(m: Vec<[f32; 3]>, dev: &Device) -> Result<Tensor> {
 #[derive(Debug)]
 pub struct FrameMoments;
 
-impl Op for FrameMoments {
-    fn kind(&self) -> &'static str {
-        "frame_moments"
-    }
-    fn independence(&self) -> Independence {
-        Independence::Frames
-    }
-    fn rows(&self) -> Option<RowRule> {
-        Some(RowRule::Reduce)
-    }
+toy_op! {
+    FrameMoments: "frame_moments", Frames, rows Reduce, flops 3;
     fn merge(&self, acc: &Tensor, partial: &Tensor) -> Result<Tensor> {
         merge_moments(acc, partial)
     }
     fn infer(&self, i: &[&ValueInfo]) -> Result<ValueInfo> {
         let n = i[0].shape.dims()[0];
         Ok(ValueInfo::new((n, 3), DType::F32, Layout::PER_FRAME))
-    }
-    fn flops(&self, i: &[&ValueInfo], _: &ValueInfo) -> u64 {
-        3 * i[0].shape.elem_count() as u64
     }
     fn forward(&self, x: &[&Tensor], _: &SliceCtx) -> Result<Tensor> {
         moments_tensor(moments(&x[0].flatten_from(1)?)?, x[0].device())
@@ -227,22 +200,8 @@ impl Op for FrameMoments {
 #[derive(Debug)]
 pub struct FrameApply;
 
-impl Op for FrameApply {
-    fn kind(&self) -> &'static str {
-        "frame_apply"
-    }
-    fn independence(&self) -> Independence {
-        Independence::Frames
-    }
-    fn rows(&self) -> Option<RowRule> {
-        Some(RowRule::Same)
-    }
-    fn infer(&self, i: &[&ValueInfo]) -> Result<ValueInfo> {
-        Ok(i[0].clone())
-    }
-    fn flops(&self, i: &[&ValueInfo], _: &ValueInfo) -> u64 {
-        2 * i[0].shape.elem_count() as u64
-    }
+toy_op! {
+    FrameApply: "frame_apply", Frames, rows Same, infer same, flops 2;
     fn forward(&self, x: &[&Tensor], _: &SliceCtx) -> Result<Tensor> {
         let (scale, shift) = scale_shift(x[1])?;
         let shape = (x[0].dim(0)?, 1, 1, 1);
@@ -265,24 +224,13 @@ fn scale_shift(m: &Tensor) -> Result<(Tensor, Tensor)> {
 #[derive(Debug)]
 pub struct ToPositions(pub RowDims);
 
-impl Op for ToPositions {
-    fn kind(&self) -> &'static str {
-        "to_positions"
-    }
-    fn independence(&self) -> Independence {
-        Independence::Positions
-    }
-    fn rows(&self) -> Option<RowRule> {
-        Some(RowRule::Same)
-    }
+toy_op! {
+    ToPositions: "to_positions", Positions, rows Same, flops 0;
     fn gathers_input(&self, input: usize, axis: Axis) -> bool {
         input == 0 && axis == Axis::Positions
     }
     fn infer(&self, _: &[&ValueInfo]) -> Result<ValueInfo> {
         Ok(self.0.position_info())
-    }
-    fn flops(&self, _: &[&ValueInfo], _: &ValueInfo) -> u64 {
-        0
     }
     fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
         let d = self.0;
@@ -310,24 +258,13 @@ impl Op for ToPositions {
 #[derive(Debug)]
 pub struct ToImages(pub RowDims);
 
-impl Op for ToImages {
-    fn kind(&self) -> &'static str {
-        "to_images"
-    }
-    fn independence(&self) -> Independence {
-        Independence::Frames
-    }
-    fn rows(&self) -> Option<RowRule> {
-        Some(RowRule::Same)
-    }
+toy_op! {
+    ToImages: "to_images", Frames, rows Same, flops 0;
     fn gathers_input(&self, input: usize, axis: Axis) -> bool {
         input == 0 && axis == Axis::Frames
     }
     fn infer(&self, _: &[&ValueInfo]) -> Result<ValueInfo> {
         Ok(self.0.image_info())
-    }
-    fn flops(&self, _: &[&ValueInfo], _: &ValueInfo) -> u64 {
-        0
     }
     fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
         let d = self.0;
@@ -374,27 +311,16 @@ fn position_pieces(d: RowDims, ctx: &SliceCtx) -> Vec<(usize, std::ops::Range<us
 #[derive(Debug)]
 pub struct VideoMoments(pub RowDims);
 
-impl Op for VideoMoments {
-    fn kind(&self) -> &'static str {
-        "video_moments"
-    }
-    fn independence(&self) -> Independence {
-        Independence::Positions
-    }
+toy_op! {
+    VideoMoments: "video_moments", Positions, rows Reduce, flops 3;
     fn is_reduction(&self) -> bool {
         true
-    }
-    fn rows(&self) -> Option<RowRule> {
-        Some(RowRule::Reduce)
     }
     fn merge(&self, acc: &Tensor, partial: &Tensor) -> Result<Tensor> {
         merge_moments(acc, partial)
     }
     fn infer(&self, _: &[&ValueInfo]) -> Result<ValueInfo> {
         Ok(ValueInfo::new((self.0.b, 3), DType::F32, Layout::WHOLE))
-    }
-    fn flops(&self, i: &[&ValueInfo], _: &ValueInfo) -> u64 {
-        3 * i[0].shape.elem_count() as u64
     }
     fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
         let mut m = vec![[0f32; 3]; self.0.b];
@@ -414,22 +340,8 @@ impl Op for VideoMoments {
 #[derive(Debug)]
 pub struct VideoApply(pub RowDims);
 
-impl Op for VideoApply {
-    fn kind(&self) -> &'static str {
-        "video_apply"
-    }
-    fn independence(&self) -> Independence {
-        Independence::Positions
-    }
-    fn rows(&self) -> Option<RowRule> {
-        Some(RowRule::Same)
-    }
-    fn infer(&self, i: &[&ValueInfo]) -> Result<ValueInfo> {
-        Ok(i[0].clone())
-    }
-    fn flops(&self, i: &[&ValueInfo], _: &ValueInfo) -> u64 {
-        2 * i[0].shape.elem_count() as u64
-    }
+toy_op! {
+    VideoApply: "video_apply", Positions, rows Same, infer same, flops 2;
     fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
         let (scale, shift) = scale_shift(x[1])?;
         let (scale, shift) = (scale.to_vec1::<f32>()?, shift.to_vec1::<f32>()?);

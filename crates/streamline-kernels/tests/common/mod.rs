@@ -27,16 +27,7 @@ pub fn randn(dims: &[usize], seed: u64) -> Tensor {
     Tensor::from_vec(values, dims, &Device::Cpu).unwrap()
 }
 
-pub fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
-    let (a, b) = (
-        a.to_dtype(DType::F64).unwrap(),
-        b.to_dtype(DType::F64).unwrap(),
-    );
-    assert_eq!(a.dims(), b.dims());
-    let diff = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap();
-    let norm = b.sqr().unwrap().sum_all().unwrap();
-    (diff.to_scalar::<f64>().unwrap() / norm.to_scalar::<f64>().unwrap().max(1e-300)).sqrt()
-}
+pub use streamline_ir::testing::rel_l2;
 
 /// LayerNorm in f64 with centered moments: the exact figure. candle-nn's CPU op takes the
 /// variance as E[x^2] - E[x]^2 in f32, which cancels when a row's values nearly agree (two

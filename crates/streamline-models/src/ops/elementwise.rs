@@ -2,7 +2,8 @@
 
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
-use streamline_ir::{Independence, IrError, Op, Result, RowRule, SliceCtx, ValueInfo, Workspace};
+use streamline_ir::op_contract;
+use streamline_ir::{IrError, Op, Result, RowRule, SliceCtx, ValueInfo, Workspace};
 
 use super::layout::{batch_ids, by_row_chunks, info_of, row_chunk};
 
@@ -15,15 +16,7 @@ fn elems(v: &ValueInfo) -> u64 {
 pub struct Add;
 
 impl Op for Add {
-    fn kind(&self) -> &'static str {
-        "add"
-    }
-    fn independence(&self) -> Independence {
-        Independence::Both
-    }
-    fn rows(&self) -> Option<RowRule> {
-        Some(RowRule::Same)
-    }
+    op_contract!("add", Both, rows RowRule::Same);
     fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
         if inputs[0] != inputs[1] {
             return Err(IrError::Plan(format!(
@@ -79,17 +72,9 @@ impl Blend {
 }
 
 impl Op for Blend {
-    fn kind(&self) -> &'static str {
-        "blend"
-    }
+    op_contract!("blend", Both, rows RowRule::Same);
     fn describe(&self) -> String {
         format!("{:.4}", self.alpha)
-    }
-    fn independence(&self) -> Independence {
-        Independence::Both
-    }
-    fn rows(&self) -> Option<RowRule> {
-        Some(RowRule::Same)
     }
     fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
         Add.infer(inputs)
@@ -119,12 +104,7 @@ impl Op for Blend {
 pub struct ConcatChannels;
 
 impl Op for ConcatChannels {
-    fn kind(&self) -> &'static str {
-        "concat"
-    }
-    fn independence(&self) -> Independence {
-        Independence::Both
-    }
+    op_contract!("concat", Both);
     fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
         let (a, b) = (inputs[0].shape.dims(), inputs[1].shape.dims());
         let compatible = a.len() == b.len()
@@ -173,12 +153,7 @@ impl AddBatchEmb {
 }
 
 impl Op for AddBatchEmb {
-    fn kind(&self) -> &'static str {
-        "add_batch_emb"
-    }
-    fn independence(&self) -> Independence {
-        Independence::Both
-    }
+    op_contract!("add_batch_emb", Both);
     fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
         let (x, e) = (inputs[0], inputs[1]);
         let ok = match (x.shape.dims(), e.shape.dims()) {
@@ -223,12 +198,7 @@ impl Op for AddBatchEmb {
 pub struct AddBroadcast;
 
 impl Op for AddBroadcast {
-    fn kind(&self) -> &'static str {
-        "add_broadcast"
-    }
-    fn independence(&self) -> Independence {
-        Independence::Both
-    }
+    op_contract!("add_broadcast", Both);
     fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
         let (x, e) = (inputs[0].shape.dims(), inputs[1].shape.dims());
         if e.len() > x.len() || x[x.len() - e.len()..] != *e {

@@ -1,7 +1,8 @@
 //! Timestep and frame-index embeddings.
 
 use candle_core::{DType, Device, Tensor};
-use streamline_ir::{Independence, IrError, Layout, Op, Result, SliceCtx, ValueInfo, Workspace};
+use streamline_ir::op_contract;
+use streamline_ir::{IrError, Layout, Op, Result, SliceCtx, ValueInfo, Workspace};
 
 /// A value fixed at lowering time (frame indices), seen whole by every slice.
 #[derive(Debug, Clone)]
@@ -23,12 +24,7 @@ impl Const {
 }
 
 impl Op for Const {
-    fn kind(&self) -> &'static str {
-        "const"
-    }
-    fn independence(&self) -> Independence {
-        Independence::None
-    }
+    op_contract!("const", None);
     fn infer(&self, _: &[&ValueInfo]) -> Result<ValueInfo> {
         Ok(ValueInfo::new(
             self.value.shape().clone(),
@@ -56,14 +52,9 @@ pub struct Sinusoid {
 }
 
 impl Op for Sinusoid {
-    fn kind(&self) -> &'static str {
-        "sinusoid"
-    }
+    op_contract!("sinusoid", None);
     fn describe(&self) -> String {
         format!("{}", self.dim)
-    }
-    fn independence(&self) -> Independence {
-        Independence::None
     }
     fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
         let per_row = match inputs[0].shape.dims() {

@@ -12,9 +12,9 @@ use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use streamline_ir::op_contract;
 use streamline_ir::{
-    chunk_ranges, Independence, IrError, Kernels, Layout, Op, Result, RowRule, SliceCtx, ValueInfo,
-    Workspace,
+    chunk_ranges, IrError, Kernels, Layout, Op, Result, RowRule, SliceCtx, ValueInfo, Workspace,
 };
 
 use streamline_kernels::portable::{self, norm::BatchRows};
@@ -184,25 +184,15 @@ impl GroupNormStats {
 }
 
 impl Op for GroupNormStats {
-    fn kind(&self) -> &'static str {
-        "group_norm_stats"
-    }
+    // A row band holds every frame of its positions: its moments merge with the other bands'.
+    op_contract!("group_norm_stats", Positions, rows RowRule::Reduce);
 
     fn describe(&self) -> String {
         format!("g{}", self.groups)
     }
 
-    fn independence(&self) -> Independence {
-        Independence::Positions
-    }
-
     fn is_reduction(&self) -> bool {
         true
-    }
-
-    /// A band holds every frame of its positions: its moments merge with the other bands'.
-    fn rows(&self) -> Option<RowRule> {
-        Some(RowRule::Reduce)
     }
 
     /// Chan et al.'s update as tensor ops, on the moments' device (whichever kernels made
@@ -389,20 +379,10 @@ impl GroupNormApply {
 }
 
 impl Op for GroupNormApply {
-    fn kind(&self) -> &'static str {
-        "group_norm_apply"
-    }
+    op_contract!("group_norm_apply", Positions, rows RowRule::Same);
 
     fn describe(&self) -> String {
         format!("g{}", self.groups)
-    }
-
-    fn independence(&self) -> Independence {
-        Independence::Positions
-    }
-
-    fn rows(&self) -> Option<RowRule> {
-        Some(RowRule::Same)
     }
 
     fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
@@ -540,14 +520,9 @@ impl GroupNormFrames {
 }
 
 impl Op for GroupNormFrames {
-    fn kind(&self) -> &'static str {
-        "group_norm"
-    }
+    op_contract!("group_norm", Frames);
     fn describe(&self) -> String {
         format!("g{}", self.groups)
-    }
-    fn independence(&self) -> Independence {
-        Independence::Frames
     }
     fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
         match inputs[0].shape.dims() {

@@ -4,6 +4,7 @@
 use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor};
+use streamline_ir::op_contract;
 use streamline_ir::{
     chunk_ranges, Axis, AxisTag, Independence, IrError, Kernels, Layout, Op, Result, RowRule,
     SliceCtx, ValueInfo, Workspace,
@@ -214,13 +215,7 @@ pub struct FramesToPositions {
 }
 
 impl Op for FramesToPositions {
-    fn kind(&self) -> &'static str {
-        "frames_to_positions"
-    }
-
-    fn independence(&self) -> Independence {
-        Independence::Positions
-    }
+    op_contract!("frames_to_positions", Positions);
 
     fn gathers_input(&self, input: usize, axis: Axis) -> bool {
         input == 0 && axis == Axis::Positions
@@ -292,13 +287,7 @@ pub struct PositionsToFrames {
 }
 
 impl Op for PositionsToFrames {
-    fn kind(&self) -> &'static str {
-        "positions_to_frames"
-    }
-
-    fn independence(&self) -> Independence {
-        Independence::Frames
-    }
+    op_contract!("positions_to_frames", Frames);
 
     fn gathers_input(&self, input: usize, axis: Axis) -> bool {
         input == 0 && axis == Axis::Frames
@@ -447,12 +436,7 @@ impl UpsampleNearest {
 }
 
 impl Op for UpsampleNearest {
-    fn kind(&self) -> &'static str {
-        "upsample_nearest"
-    }
-    fn independence(&self) -> Independence {
-        Independence::Frames
-    }
+    op_contract!("upsample_nearest", Frames);
     fn rows(&self) -> Option<RowRule> {
         self.row_factor.map(|factor| RowRule::Upsample { factor })
     }
@@ -521,12 +505,7 @@ impl PadEnd {
 }
 
 impl Op for PadEnd {
-    fn kind(&self) -> &'static str {
-        "pad_end"
-    }
-    fn independence(&self) -> Independence {
-        Independence::Frames
-    }
+    op_contract!("pad_end", Frames);
     fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
         match inputs[0].shape.dims() {
             &[n, c, h, w] => Ok(ValueInfo::new(

@@ -12,9 +12,9 @@ use std::ops::Range;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
+use streamline_ir::op_contract;
 use streamline_ir::{
-    chunk_ranges, Independence, IrError, Kernels, Op, Result, RowRule, SliceCtx, ValueInfo,
-    Workspace,
+    chunk_ranges, IrError, Kernels, Op, Result, RowRule, SliceCtx, ValueInfo, Workspace,
 };
 use streamline_kernels::{
     linear_geglu_workspace, linear_workspace, portable, Compute, ConvGeometry,
@@ -157,14 +157,9 @@ impl Linear {
 }
 
 impl Op for Linear {
-    fn kind(&self) -> &'static str {
-        "linear"
-    }
+    op_contract!("linear", Both);
     fn describe(&self) -> String {
         format!("{}->{}", self.in_dim, self.out_dim)
-    }
-    fn independence(&self) -> Independence {
-        Independence::Both
     }
     fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
         expect_last_dim(inputs[0], self.in_dim, "linear")?;
@@ -217,12 +212,7 @@ impl LayerNorm {
 }
 
 impl Op for LayerNorm {
-    fn kind(&self) -> &'static str {
-        "layer_norm"
-    }
-    fn independence(&self) -> Independence {
-        Independence::Both
-    }
+    op_contract!("layer_norm", Both);
     fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
         expect_last_dim(inputs[0], self.dim, "layer_norm")?;
         Ok(inputs[0].clone())
@@ -270,15 +260,7 @@ impl Op for LayerNorm {
 pub struct Silu;
 
 impl Op for Silu {
-    fn kind(&self) -> &'static str {
-        "silu"
-    }
-    fn independence(&self) -> Independence {
-        Independence::Both
-    }
-    fn rows(&self) -> Option<RowRule> {
-        Some(RowRule::Same)
-    }
+    op_contract!("silu", Both, rows RowRule::Same);
     fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
         Ok(inputs[0].clone())
     }
@@ -372,14 +354,9 @@ impl Geglu {
 }
 
 impl Op for Geglu {
-    fn kind(&self) -> &'static str {
-        "geglu"
-    }
+    op_contract!("geglu", Both);
     fn describe(&self) -> String {
         format!("{}->{}", self.halves[0].in_dim, self.inner)
-    }
-    fn independence(&self) -> Independence {
-        Independence::Both
     }
     fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
         expect_last_dim(inputs[0], self.halves[0].in_dim, "geglu")?;
@@ -542,9 +519,7 @@ impl Conv2d {
 }
 
 impl Op for Conv2d {
-    fn kind(&self) -> &'static str {
-        "conv2d"
-    }
+    op_contract!("conv2d", Frames);
     fn describe(&self) -> String {
         format!(
             "{}->{} k{} s{} p{}",
@@ -554,9 +529,6 @@ impl Op for Conv2d {
             self.geometry.stride,
             self.geometry.padding
         )
-    }
-    fn independence(&self) -> Independence {
-        Independence::Frames
     }
     fn rows(&self) -> Option<RowRule> {
         let g = self.geometry;

@@ -10,8 +10,9 @@
 //! inference under the trivial plan.
 
 use candle_core::{DType, Tensor};
+use streamline_ir::op_contract;
 use streamline_ir::{
-    Independence, IrError, Layout, Op, Result, RowBand, RowRule, SliceCtx, ValueInfo, Workspace,
+    IrError, Layout, Op, Result, RowBand, RowRule, SliceCtx, ValueInfo, Workspace,
 };
 use streamline_kernels::portable;
 
@@ -108,17 +109,9 @@ impl GroupNormFrameStats {
 }
 
 impl Op for GroupNormFrameStats {
-    fn kind(&self) -> &'static str {
-        "group_norm_frame_stats"
-    }
+    op_contract!("group_norm_frame_stats", Frames, rows RowRule::Reduce);
     fn describe(&self) -> String {
         format!("g{}", self.groups)
-    }
-    fn independence(&self) -> Independence {
-        Independence::Frames
-    }
-    fn rows(&self) -> Option<RowRule> {
-        Some(RowRule::Reduce)
     }
     fn merge(&self, acc: &Tensor, partial: &Tensor) -> Result<Tensor> {
         Ok(portable::norm::merge_moments(acc, partial)?)
@@ -207,17 +200,9 @@ impl GroupNormFrameApply {
 }
 
 impl Op for GroupNormFrameApply {
-    fn kind(&self) -> &'static str {
-        "group_norm_frame_apply"
-    }
+    op_contract!("group_norm_frame_apply", Frames, rows RowRule::Same);
     fn describe(&self) -> String {
         format!("g{}", self.groups)
-    }
-    fn independence(&self) -> Independence {
-        Independence::Frames
-    }
-    fn rows(&self) -> Option<RowRule> {
-        Some(RowRule::Same)
     }
     fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
         let (x, m) = (inputs[0], inputs[1]);

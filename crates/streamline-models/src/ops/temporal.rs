@@ -2,9 +2,8 @@
 
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
-use streamline_ir::{
-    Independence, IrError, Kernels, Op, Result, RowRule, SliceCtx, ValueInfo, Workspace,
-};
+use streamline_ir::op_contract;
+use streamline_ir::{IrError, Kernels, Op, Result, RowRule, SliceCtx, ValueInfo, Workspace};
 use streamline_kernels::{portable, temporal_conv_workspace};
 
 use super::kernels;
@@ -82,21 +81,13 @@ impl TemporalConv {
 }
 
 impl Op for TemporalConv {
-    fn kind(&self) -> &'static str {
-        "temporal_conv"
-    }
+    // Every row band holds all frames of its positions.
+    op_contract!("temporal_conv", Positions, rows RowRule::Same);
     fn describe(&self) -> String {
         format!(
             "{}->{} k{}",
             self.in_channels, self.out_channels, self.kernel
         )
-    }
-    fn independence(&self) -> Independence {
-        Independence::Positions
-    }
-    /// Every band holds all frames of its positions.
-    fn rows(&self) -> Option<RowRule> {
-        Some(RowRule::Same)
     }
     fn infer(&self, inputs: &[&ValueInfo]) -> Result<ValueInfo> {
         match inputs[0].shape.dims() {

@@ -196,30 +196,12 @@ mod tests {
             .outputs
             .remove(0)
         };
-        let rel = |a: &Tensor, b: &Tensor| {
-            let d = (a - b)
-                .unwrap()
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let n = b
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            (d / n).sqrt()
-        };
         let ours = run(&io["temb"]);
-        let err = rel(&ours, &io["out"]);
+        let err = streamline_ir::testing::rel_l2(&ours, &io["out"]);
         assert!(err <= 1e-4, "relative L2 vs diffusers: {err}");
         let without = run(&io["temb"].zeros_like().unwrap());
         assert!(
-            rel(&without, &io["out"]) > 1e-2,
+            streamline_ir::testing::rel_l2(&without, &io["out"]) > 1e-2,
             "the time embedding does not matter here"
         );
     }

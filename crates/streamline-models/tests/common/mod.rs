@@ -1,11 +1,11 @@
 //! Shared helpers for model tests: fixture paths and error measures.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde_json::Value;
 use streamline_ir::{Executor, Graph, Kernels, Plan, Request};
 use streamline_models::load::{Manifest, WeightSource};
@@ -40,28 +40,7 @@ pub fn run_each(g: &Graph, inputs: Vec<Tensor>) -> Vec<(Kernels, Tensor)> {
         .collect()
 }
 
-/// ||a - b|| / ||b||, in f64.
-pub fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let a = a.to_dtype(DType::F64).unwrap();
-    let b = b.to_dtype(DType::F64).unwrap();
-    let diff = (&a - &b)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    let norm = b
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    (diff / norm).sqrt()
-}
+pub use streamline_ir::testing::rel_l2;
 
 /// A fresh temporary folder for one test.
 pub fn temp_dir(test: &str) -> PathBuf {

@@ -1,6 +1,8 @@
 //! Helpers shared by the pipeline tests: fixture paths and error measures.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
+
+pub mod schedulers;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -27,21 +29,7 @@ pub fn io(name: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture(name).join("io.safetensors"), &Device::Cpu).unwrap()
 }
 
-fn sum_sq(t: &Tensor) -> f64 {
-    t.sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
-
-/// ||a - b|| / ||b||, in f64.
-pub fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_dtype(DType::F64).unwrap();
-    let b = b.to_dtype(DType::F64).unwrap();
-    (sum_sq(&(&a - &b).unwrap()) / sum_sq(&b)).sqrt()
-}
+pub use streamline_ir::testing::rel_l2;
 
 pub fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
     streamline_pipeline::quality::max_abs(a, b).unwrap()
