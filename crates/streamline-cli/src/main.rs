@@ -21,6 +21,7 @@ mod batch;
 mod checks;
 mod progress;
 mod rehash;
+mod score;
 mod session;
 mod signals;
 mod svd;
@@ -62,6 +63,9 @@ enum Command {
     /// (Slurm job arrays, Kubernetes Indexed Jobs) and resumable (docs/batch.md).
     #[command(subcommand)]
     Batch(batch::BatchCommand),
+    /// Score videos: CLIP-SIM against their prompts (docs/clip-sim.md).
+    #[command(subcommand)]
+    Score(score::ScoreCommand),
 }
 
 /// `--kernels`: which implementation of the ops runs.
@@ -269,6 +273,7 @@ fn main() {
         Command::Plan(args) => plan(args),
         Command::Rehash(command) => rehash::run(command),
         Command::Batch(command) => batch::run(command),
+        Command::Score(command) => score::run(command),
     });
     if let Err(e) = result {
         eprintln!("error: {e:#}");

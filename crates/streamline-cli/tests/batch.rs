@@ -370,6 +370,9 @@ fn animatediff_jobs_make_the_single_commands_frames() {
     assert_eq!(diff, 0.0, "a batch job makes the single command's frames");
 }
 
+/// A jobs file, flags, scheduler variables, and what the refusal says (`|`-separated).
+type Refusal<'a> = (String, &'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+
 /// Bad jobs files and shards, each refused with the line and field (or the flag or variable)
 /// before any weights load: the model's weights here are garbage, so a check made after
 /// loading would fail on them instead. Nothing is written, not even the output folder.
@@ -382,7 +385,7 @@ fn bad_jobs_and_shards_are_refused_before_weights_load() {
     let image = fixture.join("image.png").display().to_string();
     let good = format!(r#"{{"image": {image:?}}}"#);
     let out = scratch.path("out");
-    let cases: [(String, &[&str], &[(&str, &str)], &str); 10] = [
+    let cases: [Refusal; 10] = [
         (format!("{good}\n{{\"image\": 1"), &[], &[], "jobs.jsonl line 2: not a JSON object"),
         (format!("{{\"image\": {image:?}, \"steps\": 2}}"), &[], &[], "line 1: unknown field `steps`"),
         (format!("{good}\n{good}\n{{\"image\": {image:?}, \"height\": 12}}"), &[], &[], "jobs.jsonl line 3: height 12 must be a positive multiple"),

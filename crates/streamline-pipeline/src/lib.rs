@@ -45,6 +45,7 @@
 
 pub mod animatediff;
 pub mod batch;
+pub mod clip_sim;
 pub mod kernels;
 pub mod memory;
 pub mod optimize;
