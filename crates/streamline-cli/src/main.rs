@@ -11,10 +11,12 @@
 //! numbers are refused where they enter, and a run whose latents stop being finite stops
 //! naming the step, so no job writes a blank video; no half-written output is left behind,
 //! not even by SIGINT / SIGTERM (exit 130 / 143); outputs get the process umask, nothing the
-//! run did not write is deleted, and an output that would overwrite an input is refused.
+//! run did not write is deleted, and an output that would overwrite an input is refused; a
+//! batch checks every job line before its first job and goes on past a failing job.
 //!
 //! **Tests:** `cargo test -p streamline-cli` runs the binary and snapshots its output;
-//! `tests/bad_input.rs` is the corpus of bad and edge inputs, each refused before inference.
+//! `tests/bad_input.rs` is the corpus of bad and edge inputs, each refused before inference;
+//! `tests/batch.rs` runs, shards, kills and resumes batches; `tests/score.rs` scores videos.
 
 mod animatediff;
 mod batch;

@@ -33,9 +33,10 @@ pub struct ClipSimArgs {
     /// The prompt the --video was made from.
     #[arg(long, requires = "video")]
     prompt: Option<String>,
-    /// A results file of `streamline batch animatediff` (repeat for every shard's): each
-    /// video written is scored against its job's prompt; a job recorded twice counts once.
-    #[arg(long = "results", required_unless_present = "video")]
+    /// Results files of `streamline batch animatediff` (every shard's, e.g.
+    /// `out/results.shard-*.jsonl`): each video written is scored against its job's prompt; a
+    /// job recorded twice counts once.
+    #[arg(long = "results", num_args = 1.., required_unless_present = "video")]
     results: Vec<PathBuf>,
     /// `cpu`, `cuda[:N]` or `metal[:N]`.
     #[arg(long, default_value = "cpu")]
