@@ -176,7 +176,7 @@ impl Checked {
                 width,
                 num_frames: Some(frames),
                 batch: 1,
-                cfg: true,
+                cfg: settings.guided(),
                 dtype: self.dtype,
                 optimization: self.optimization,
                 kernels: self.kernels,

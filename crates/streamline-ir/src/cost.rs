@@ -132,6 +132,51 @@ impl<'g> PlanCost<'g> {
         })
     }
 
+    /// The plan with groups `first..=last` merged into one group under `setting` (their
+    /// nodes, any axis, chunks and limit), costed without a dry run of the whole graph: what
+    /// is alive when the merged group begins, and when each later group begins, is what was
+    /// alive then before the merge, so only the merged group runs dry. Returns the costed
+    /// plan and the merged group's planned peak.
+    pub fn merged(
+        &self,
+        (first, last): (usize, usize),
+        setting: Group,
+    ) -> Result<(PlanCost<'g>, usize)> {
+        let groups = &self.plan.groups;
+        let nodes = groups[first].nodes.start..groups[last].nodes.end;
+        if setting.nodes != nodes {
+            return Err(IrError::Plan(format!(
+                "a merge of groups {first}..={last} covers nodes {:?}, not {nodes:?}",
+                setting.nodes
+            )));
+        }
+        let mut plan = self.plan.clone();
+        plan.groups.splice(first..=last, [setting.clone()]);
+        let schedule = Schedule::new(self.graph, &plan, self.graph.outputs(), self.graph.inputs());
+        let splice = |v: &[usize], at: usize| {
+            let mut v = v.to_vec();
+            v.splice(first..=last, [at]);
+            v
+        };
+        // A group none of whose nodes run was never entered, so its entry reads 0: what is
+        // alive when the merge begins is the entry of its first group that runs.
+        let entry = (first..=last)
+            .find(|&g| !self.schedule.nodes(&groups[g]).is_empty())
+            .map_or(0, |g| self.entries[g]);
+        let mut cost = PlanCost {
+            graph: self.graph,
+            entries: splice(&self.entries, entry),
+            peaks: splice(&self.peaks, 0),
+            schedule,
+            inputs: self.inputs,
+            plan,
+        };
+        let trial = cost.trial(first, setting)?;
+        let peak = trial.peak;
+        cost.accept(trial);
+        Ok((cost, peak))
+    }
+
     /// Take a costed setting into the plan.
     pub fn accept(&mut self, trial: Trial) {
         self.peaks[trial.group] = trial.peak;

@@ -119,6 +119,12 @@ pub(crate) struct RowStages {
     /// By node index (nodes that do not run have none).
     pub stage: Vec<Option<usize>>,
     pub passes: usize,
+    /// By value id: the value's slot in a band's [`BandNeeds::rows`], for the outputs and
+    /// inputs of the group's nodes (`usize::MAX` for every other value). The planner walks
+    /// every band of every pass of every group it tries, so a band's needs are sized to the
+    /// group, not to the graph.
+    slot: Vec<usize>,
+    slots: usize,
 }
 
 impl RowStages {
@@ -139,17 +145,32 @@ impl RowStages {
             stage[n] = Some(s);
         }
         let passes = stage.iter().flatten().copied().max().map_or(1, |s| s + 1);
-        RowStages { stage, passes }
+        let mut slot = vec![usize::MAX; graph.values().len()];
+        let mut slots = 0;
+        for &n in nodes {
+            let node = graph.node(n);
+            for v in node.inputs.iter().chain([&node.output]) {
+                if slot[v.0] == usize::MAX {
+                    (slot[v.0], slots) = (slots, slots + 1);
+                }
+            }
+        }
+        RowStages {
+            stage,
+            passes,
+            slot,
+            slots,
+        }
     }
 }
 
 /// What one band of one pass computes.
 #[derive(Debug, Default)]
 pub(crate) struct BandNeeds {
-    /// The rows of each value (by id) the band holds (in-group values) or reads (earlier
-    /// values); empty where it needs none. A vector, not a map: the planner walks every band
-    /// of every pass of every group it tries.
-    pub rows: Vec<Range<usize>>,
+    /// The rows of each value (by its [`RowStages`] slot) the band holds (in-group values)
+    /// or reads (earlier values); empty where it needs none. A vector, not a map: the
+    /// planner walks every band of every pass of every group it tries.
+    rows: Vec<Range<usize>>,
     /// The nodes that run, in group order: for a reduction, the input rows it reduces.
     pub active: Vec<(usize, Range<usize>)>,
     /// Group outputs written in this pass and the rows of each this band writes.
@@ -175,12 +196,17 @@ impl BandNeeds {
         outputs: &[ValueId],
     ) -> Self {
         let mut needs = BandNeeds {
-            rows: vec![0..0; graph.values().len()],
+            rows: vec![0..0; stages.slots],
             ..BandNeeds::default()
         };
+        let slot = |v: ValueId| stages.slot[v.0];
         let len_of = |v: ValueId| graph.info(v).axis_len(Axis::Rows).unwrap_or(0);
-        let mut reduced: Vec<Option<Range<usize>>> = vec![None; graph.nodes().len()];
-        for &n in nodes.iter().filter(|&&n| stages.stage[n] == Some(pass)) {
+        // By position in `nodes`.
+        let mut reduced: Vec<Option<Range<usize>>> = vec![None; nodes.len()];
+        for (i, &n) in nodes.iter().enumerate() {
+            if stages.stage[n] != Some(pass) {
+                continue;
+            }
             let node = graph.node(n);
             if node.op.rows() == Some(RowRule::Reduce) {
                 let input = node
@@ -188,19 +214,19 @@ impl BandNeeds {
                     .iter()
                     .find_map(|&v| graph.info(v).axis_len(Axis::Rows))
                     .unwrap_or(0);
-                reduced[n] = Some(owned(band, longest, input));
+                reduced[i] = Some(owned(band, longest, input));
             } else if outputs.contains(&node.output) {
                 let rows = owned(band, longest, len_of(node.output));
                 needs.writes.push((node.output, rows.clone()));
-                needs.rows[node.output.0] = rows;
+                needs.rows[slot(node.output)] = rows;
             }
         }
-        for &n in nodes.iter().rev() {
+        for (i, &n) in nodes.iter().enumerate().rev() {
             let node = graph.node(n);
-            let out = match &reduced[n] {
+            let out = match &reduced[i] {
                 Some(rows) => rows.clone(),
                 None if node.op.rows() == Some(RowRule::Reduce) => continue,
-                None => needs.rows[node.output.0].clone(),
+                None => needs.rows[slot(node.output)].clone(),
             };
             if out.is_empty() {
                 continue;
@@ -210,7 +236,7 @@ impl BandNeeds {
                     continue;
                 }
                 let want = Self::input_rows(graph, n, &out, input);
-                needs.rows[input.0] = hull(&needs.rows[input.0], want);
+                needs.rows[slot(input)] = hull(&needs.rows[slot(input)], want);
             }
             needs.active.push((n, out));
         }
@@ -220,19 +246,20 @@ impl BandNeeds {
 
     /// The lengths that decide what the band costs: bands with equal keys allocate and
     /// compute alike (the dry run costs one of them for all).
-    pub fn cost_key(&self, graph: &Graph) -> Vec<usize> {
+    pub fn cost_key(&self, graph: &Graph, stages: &RowStages) -> Vec<usize> {
+        let held = |v: ValueId| self.rows[stages.slot[v.0]].len();
         let mut key = Vec::new();
         for (n, out) in &self.active {
             key.extend([*n, out.len()]);
             for &input in &graph.node(*n).inputs {
                 if graph.info(input).layout.rows.blocks().is_some() {
                     let want = Self::input_rows(graph, *n, out, input);
-                    key.extend([self.rows[input.0].len(), want.len()]);
+                    key.extend([held(input), want.len()]);
                 }
             }
         }
         for (v, rows) in &self.writes {
-            key.extend([v.0, rows.len(), self.rows[v.0].len()]);
+            key.extend([v.0, rows.len(), held(*v)]);
         }
         key
     }

@@ -5,12 +5,13 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{fixture, io, per_phase_peak};
+use common::{assert_plan_frames, calls_on_rows, fixture, io, per_phase_peak, smallest_peak};
 use serde::Deserialize;
 use streamline_pipeline::animatediff::{AnimateDiff, AnimateDiffSettings};
 use streamline_pipeline::phases::Residency;
 use streamline_pipeline::quality::max_abs;
 use streamline_pipeline::run::RunReport;
+use streamline_pipeline::svd::unit_noise;
 use streamline_pipeline::Optimization;
 use streamline_rehash::{Rehash, Schedule};
 
@@ -195,4 +196,32 @@ fn a_budget_met_by_per_phase_residency_keeps_the_frames() {
     }
     let again = generate(&pipe, &call, &latents, Optimization::Original);
     assert_eq!(max_abs(&again, &expected).unwrap(), 0.0);
+}
+
+/// The tightest whole-run budget, the smallest peak any plan reaches, at 8 times the
+/// fixture's size with 2 frames and no guidance, where the decode's full-resolution
+/// activations outgrow the UNet's as at full size: row bands in the decode, each model only
+/// in its phases, and the frames of original inference within the exactness contract.
+#[test]
+fn the_smallest_whole_run_peak_keeps_the_frames() {
+    let (pipe, mut call, latents, _) = setup();
+    let (b, c, _, h, w) = latents.dims5().unwrap();
+    (call.height, call.width, call.num_frames) = (8 * call.height, 8 * call.width, 2);
+    (
+        call.guidance_scale,
+        call.decode_chunk_size,
+        call.num_inference_steps,
+    ) = (1.0, 2, 2);
+    let latents = unit_noise((b, c, 2, 8 * h, 8 * w), 7, &Device::Cpu).unwrap();
+    let settings = settings(&call, Rehash::Off);
+    let budget = Optimization::Budget {
+        bytes: smallest_peak(|o| pipe.plan(&settings, o)),
+    };
+    let report = pipe.plan(&settings, budget).unwrap();
+    assert_eq!(report.run.residency, Residency::PerPhase);
+    let rows = calls_on_rows(&report);
+    assert!(rows.contains(&"decode"), "the decode runs on no row bands");
+    let frames = generate(&pipe, &call, &latents, budget);
+    let original = generate(&pipe, &call, &latents, Optimization::Original);
+    assert_plan_frames("smallest peak", &frames, &original);
 }

@@ -3,12 +3,15 @@
 
 mod common;
 
-use common::{fixture, max_abs, per_phase_budget, rel_l2};
+use common::{
+    assert_plan_frames, calls_on_rows, fixture, max_abs, per_phase_budget, rel_l2, smallest_peak,
+};
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
-use streamline_pipeline::svd::{Planes, StableVideoDiffusion, SvdSettings};
+use streamline_pipeline::phases::Residency;
+use streamline_pipeline::svd::{unit_noise, Planes, StableVideoDiffusion, SvdSettings};
 use streamline_pipeline::Optimization;
 
 #[derive(Deserialize)]
@@ -113,4 +116,42 @@ fn frames_match_diffusers_for_every_optimization() {
         eprintln!("{opt:?}: max abs difference of [0, 1] frames vs diffusers {err:.2e}");
         assert!(err <= 2e-3, "{opt:?}: max abs {err}");
     }
+}
+
+/// The tightest whole-run budget, the smallest peak any plan reaches, at 8 times the
+/// fixture's size with 2 frames and no guidance (a maximum scale of 1, which skips the
+/// unconditional half as diffusers does), where the decode's full-resolution activations
+/// outgrow the UNet's as at full size: row bands in the decode, each model only in its
+/// phases, and the frames of original inference within the exactness contract.
+#[test]
+fn the_smallest_whole_run_peak_keeps_the_frames() {
+    let (pipe, _, mut settings, _) = setup();
+    (settings.height, settings.width, settings.num_frames) =
+        (8 * settings.height, 8 * settings.width, Some(2));
+    (settings.min_guidance_scale, settings.max_guidance_scale) = (1.0, 1.0);
+    (settings.decode_chunk_size, settings.num_inference_steps) = (Some(2), 1);
+    let budget = Optimization::Budget {
+        bytes: smallest_peak(|o| pipe.plan(&settings, o)),
+    };
+    let report = pipe.plan(&settings, budget).unwrap();
+    assert_eq!(report.run.residency, Residency::PerPhase);
+    let rows = calls_on_rows(&report);
+    assert!(rows.contains(&"decode"), "the decode runs on no row bands");
+    let (h, w) = (settings.height, settings.width);
+    let s = pipe.scale_factor();
+    let dev = Device::Cpu;
+    let latents = unit_noise((1, 2, pipe.latent_channels(), h / s, w / s), 5, &dev).unwrap();
+    let noise = unit_noise((1, 3, h, w), 6, &dev).unwrap();
+    let image = Planes {
+        channels: 3,
+        height: h,
+        width: w,
+        data: (0..3 * h * w).map(|i| (i % 251) as f32 / 250.0).collect(),
+    };
+    let run = |opt| {
+        pipe.generate(&image, &settings, &latents, &noise, opt, &mut |_| {})
+            .unwrap()
+            .0
+    };
+    assert_plan_frames("smallest peak", &run(budget), &run(Optimization::Original));
 }

@@ -90,10 +90,75 @@ fn descend<'g>(
         let stuck = cost.group_peaks()[gi];
         match rows_around(graph, &cost, gi, budget)? {
             Some((next, peak)) if peak < stuck && next.peak() <= cost.peak() => cost = next,
-            _ => return Ok(Err(cost)),
+            _ => return split_for_rows(graph, cost, gi, budget),
         }
     }
     Ok(Ok(cost.into_plan()))
+}
+
+/// The walk on from stuck group `gi` split into its runs of nodes that can run on rows and
+/// the nodes between them (spatial attention): a frame-wise group that holds both, as a
+/// whole VAE decoder does, cannot run on rows as one, but its convolutions at full
+/// resolution can, each run with whole values between it and the attention (at the lowest
+/// resolution, the smallest values of the group). Each piece starts on the group's axis
+/// and slices, and the walk turns the pieces at the peak to rows. Taken when the walk from
+/// there ends lower; else `cost` stays the stuck plan. The pieces cannot split again, so
+/// this recursion ends.
+fn split_for_rows<'g>(
+    graph: &'g Graph,
+    cost: PlanCost<'g>,
+    gi: usize,
+    budget: usize,
+) -> Result<std::result::Result<Plan, PlanCost<'g>>> {
+    let Some(pieces) = row_pieces(graph, &cost.plan().groups[gi]) else {
+        return Ok(Err(cost));
+    };
+    let mut split = cost.plan().clone();
+    split.groups.splice(gi..=gi, pieces);
+    match descend(graph, split, budget)? {
+        Ok(plan) => Ok(Ok(plan)),
+        Err(floor) if floor.peak() < cost.peak() => Ok(Err(floor)),
+        Err(_) => Ok(Err(cost)),
+    }
+}
+
+/// `group` cut into maximal runs of nodes that run on rows together and runs of nodes that
+/// do not, each on the group's axis with its slices (no more than its own axis length);
+/// `None` when the group is one such run already or a piece is not a valid group.
+fn row_pieces(graph: &Graph, group: &Group) -> Option<Vec<Group>> {
+    let on_rows = |nodes: std::ops::Range<usize>| {
+        check_group(graph, &Group::sliced(nodes, Axis::Rows, 1)).is_ok()
+    };
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut start = group.nodes.start;
+    while start < group.nodes.end {
+        let rows = on_rows(start..start + 1);
+        let mut end = start + 1;
+        while end < group.nodes.end
+            && on_rows(end..end + 1) == rows
+            && (!rows || on_rows(start..end + 1))
+        {
+            end += 1;
+        }
+        runs.push(start..end);
+        start = end;
+    }
+    if runs.len() < 2 {
+        return None;
+    }
+    runs.into_iter()
+        .map(|nodes| {
+            let piece = Group {
+                nodes,
+                ..group.clone()
+            };
+            let len = check_group(graph, &piece).ok()?;
+            Some(Group {
+                chunks: piece.chunks.min(len.max(1)),
+                ..piece
+            })
+        })
+        .collect()
 }
 
 /// The walk of [`fit_budget`] along the groups' own axes; `Some(group)`: the group at the
@@ -140,7 +205,7 @@ fn rows_around<'g>(
     gi: usize,
     budget: usize,
 ) -> Result<Option<(PlanCost<'g>, usize)>> {
-    let Some(mut best) = row_window(graph, cost.plan(), (gi, gi))? else {
+    let Some(mut best) = row_window(graph, cost, (gi, gi))? else {
         return Ok(None);
     };
     let (mut s, mut e) = (gi, gi);
@@ -150,9 +215,9 @@ fn rows_around<'g>(
     while best.1 > budget {
         let left = match s {
             0 => None,
-            _ => row_window(graph, cost.plan(), (s - 1, e))?,
+            _ => row_window(graph, cost, (s - 1, e))?,
         };
-        let right = row_window(graph, cost.plan(), (s, e + 1))?;
+        let right = row_window(graph, cost, (s, e + 1))?;
         let (next, window) = match (left, right) {
             (Some(l), Some(r)) if r.1 < l.1 => (r, (s, e + 1)),
             (Some(l), _) => (l, (s - 1, e)),
@@ -172,14 +237,15 @@ fn rows_around<'g>(
     refine(graph, best.0, s, budget).map(Some)
 }
 
-/// Groups `s..=e` of `plan` as one group on bands of rows, costed at as many bands as its
-/// shortest value has rows, with the group's planned peak. `None` when the nodes cannot run
-/// on rows together.
+/// Groups `s..=e` of `cost`'s plan as one group on bands of rows, costed at as many bands
+/// as its shortest value has rows (re-costing that group alone), with the group's planned
+/// peak. `None` when the nodes cannot run on rows together.
 fn row_window<'g>(
     graph: &'g Graph,
-    plan: &Plan,
+    cost: &PlanCost<'g>,
     (s, e): (usize, usize),
 ) -> Result<Option<(PlanCost<'g>, usize)>> {
+    let plan = cost.plan();
     let Some(last) = plan.groups.get(e) else {
         return Ok(None);
     };
@@ -188,15 +254,9 @@ fn row_window<'g>(
     let Ok(len) = check_group(graph, &group) else {
         return Ok(None);
     };
-    let mut merged = plan.clone();
-    merged.groups.splice(s..=e, [group.clone()]);
-    let mut cost = PlanCost::new(graph, merged)?;
     let (counts, probe) = band_counts(graph, &group, len);
     let chunks = counts.get(probe).copied().unwrap_or(1);
-    let trial = cost.trial(s, Group { chunks, ..group })?;
-    let peak = trial.peak;
-    cost.accept(trial);
-    Ok(Some((cost, peak)))
+    cost.merged((s, e), Group { chunks, ..group }).map(Some)
 }
 
 /// Row group `s` of `cost` at the fewest bands (of [`band_counts`]) that fit `budget`,

@@ -189,6 +189,58 @@ fn rows_go_below_the_floor_of_frames_and_positions() {
     );
 }
 
+/// A frame-wise group whose middle cannot run on rows (a per-frame norm standing in for a
+/// VAE's spatial attention) is split around it, and the convolutions on either side go to
+/// bands of rows: below the floor of the group on whole frames, and exact.
+#[test]
+fn a_group_that_cannot_run_on_rows_whole_is_split_for_them() {
+    let d = rows::RowDims {
+        b: 1,
+        t: 2,
+        c: 2,
+        h: 16,
+        w: 4,
+    };
+    let conv = || rows::ToyConv {
+        kernel: 3,
+        stride: 1,
+        pad: 1,
+    };
+    let mut g = Graph::new();
+    let mut v = g.input("x", d.image_info()).unwrap();
+    for (i, name) in ["conv0", "conv1", "norm", "conv2", "conv3"]
+        .iter()
+        .enumerate()
+    {
+        v = match i {
+            2 => g.push(name, FrameNorm, &[v]).unwrap(),
+            _ => g.push(name, conv(), &[v]).unwrap(),
+        };
+    }
+    g.set_outputs(&[v]);
+    let whole_frames = |chunks, limit| {
+        Plan::new(vec![streamline_ir::Group {
+            workspace_limit: limit,
+            ..streamline_ir::Group::sliced(0..5, Axis::Frames, chunks)
+        }])
+    };
+    let frames_floor = Executor::plan_stats(&g, &whole_frames(d.t, Some(0)))
+        .unwrap()
+        .peak_bytes;
+    let floor = smallest(&g, &whole_frames(1, None));
+    let plan = fit_budget(&g, whole_frames(1, None), floor).unwrap();
+    assert!(
+        plan.groups.iter().any(|gr| gr.axis == Some(Axis::Rows)),
+        "{}",
+        plan.dump(&g)
+    );
+    assert!(
+        floor < frames_floor,
+        "floor {floor}, on whole frames {frames_floor}"
+    );
+    assert!(error_on(&g, rows::row_tensors(d, 5), &plan).unwrap() <= 1e-5);
+}
+
 /// A graph big enough that slicing matters: the budget pass slices only as much as needed.
 #[test]
 fn a_budget_between_floor_and_original_forces_slicing() {

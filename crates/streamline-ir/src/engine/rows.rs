@@ -114,7 +114,7 @@ impl<B: Backend> Engine<'_, B> {
                 // A reduction's first partial is kept, later ones are merged: that differs.
                 let key =
                     if self.shortcut && k > 0 {
-                        let mut key = needs.cost_key(graph);
+                        let mut key = needs.cost_key(graph, &stages);
                         key.extend(needs.active.iter().map(|(n, _)| {
                             usize::from(partials.contains_key(&graph.node(*n).output))
                         }));

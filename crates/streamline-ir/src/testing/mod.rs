@@ -549,7 +549,8 @@ pub fn error_on(g: &Graph, inputs: Vec<Tensor>, plan: &Plan) -> Result<f64> {
 
 /// Re-cost group `pick` (modulo the group count) of `plan` alone under another chunk count
 /// (`1 + rechunk` modulo its axis length, when sliced) and workspace `limit`, and check that
-/// [`PlanCost`] gives what dry runs of the whole plan and of the whole changed plan give.
+/// [`PlanCost`] gives what dry runs of the whole plan and of the whole changed plan give; and
+/// that merging it with the next group ([`PlanCost::merged`]) costs what a whole dry run does.
 pub fn check_recost(g: &Graph, plan: &Plan, pick: usize, rechunk: usize, limit: Option<usize>) {
     let mut cost = PlanCost::new(g, plan.clone()).unwrap();
     assert_eq!(
@@ -571,4 +572,15 @@ pub fn check_recost(g: &Graph, plan: &Plan, pick: usize, rechunk: usize, limit: 
     cost.accept(trial);
     assert_eq!(cost.peak(), whole.peak_bytes);
     assert_eq!(cost.plan(), &changed);
+    // Merged with the next group into one unsliced group, costed alone and in full.
+    if let Some(next) = changed.groups.get(gi + 1) {
+        let whole_group = Group::whole(changed.groups[gi].nodes.start..next.nodes.end);
+        let (merged, peak) = cost.merged((gi, gi + 1), whole_group.clone()).unwrap();
+        let mut fused = changed.clone();
+        fused.groups.splice(gi..=gi + 1, [whole_group]);
+        let full = PlanCost::new(g, fused.clone()).unwrap();
+        assert_eq!(merged.plan(), &fused);
+        assert_eq!(merged.group_peaks(), full.group_peaks());
+        assert_eq!((peak, merged.peak()), (full.group_peaks()[gi], full.peak()));
+    }
 }

@@ -62,6 +62,15 @@ impl Default for SvdSettings {
     }
 }
 
+impl SvdSettings {
+    /// Whether the run uses classifier-free guidance: as diffusers decides it, when the
+    /// largest per-frame scale exceeds 1 (at 1 the guided prediction is the conditional one,
+    /// so the unconditional half of every UNet call is skipped).
+    pub fn guided(&self) -> bool {
+        self.max_guidance_scale > 1.0
+    }
+}
+
 #[derive(Clone, Debug, Deserialize)]
 struct FeatureExtractor {
     image_mean: [f32; 3],
@@ -326,7 +335,7 @@ impl StableVideoDiffusion {
             width: settings.width,
             num_frames: Some(frames),
             batch: 1,
-            cfg: true,
+            cfg: settings.guided(),
             dtype: self.dtype,
             optimization,
             kernels: self.kernels,
@@ -382,8 +391,8 @@ impl StableVideoDiffusion {
         Ok((frames_out, report))
     }
 
-    /// The encode phase: the image embedding and the image latents, both halves of
-    /// classifier-free guidance (the unconditional half gets zeros, as diffusers does).
+    /// The encode phase: the image embedding and the image latents; under classifier-free
+    /// guidance both halves (the unconditional half gets zeros, as diffusers does).
     fn conditioning(
         &self,
         image: &Planes,
@@ -392,17 +401,20 @@ impl StableVideoDiffusion {
         frames: usize,
         run: RunPlan,
     ) -> Result<Conditioning, PipelineError> {
-        let embeds = self.image_embeddings(image)?;
-        let embeds = Tensor::cat(&[&embeds.zeros_like()?, &embeds], 0)?;
+        let halves = |t: Tensor| -> Result<Tensor, PipelineError> {
+            Ok(match settings.guided() {
+                true => Tensor::cat(&[&t.zeros_like()?, &t], 0)?,
+                false => t,
+            })
+        };
+        let embeds = halves(self.image_embeddings(image)?)?;
         let lat = self.image_latents(
             image,
             image_noise,
             settings.noise_aug_strength,
             run.call(Phase::Encode),
         )?;
-        let lat = Tensor::cat(&[&lat.zeros_like()?, &lat], 0)?
-            .unsqueeze(1)?
-            .repeat((1, frames, 1, 1, 1))?;
+        let lat = halves(lat)?.unsqueeze(1)?.repeat((1, frames, 1, 1, 1))?;
         let ids = Tensor::new(
             &[
                 (settings.fps as f32 - 1.0),
@@ -412,7 +424,7 @@ impl StableVideoDiffusion {
             &self.device,
         )?
         .unsqueeze(0)?
-        .repeat((2, 1))?;
+        .repeat((embeds.dim(0)?, 1))?;
         Ok(Conditioning { embeds, lat, ids })
     }
 
@@ -433,8 +445,8 @@ impl StableVideoDiffusion {
         Ok(Tensor::from_vec(guidance, (1, frames, 1, 1, 1), &self.device)?.to_dtype(self.dtype)?)
     }
 
-    /// The denoise phase: Euler steps with classifier-free guidance, each UNet call planned
-    /// once (Step Rehash picks whole or partial per step).
+    /// The denoise phase: Euler steps, with classifier-free guidance when the settings ask
+    /// for it, each UNet call planned once (Step Rehash picks whole or partial per step).
     fn denoise(
         &self,
         latents: &Tensor,
@@ -451,6 +463,7 @@ impl StableVideoDiffusion {
             * f64::from(scheduler.init_noise_sigma()))?
         .to_dtype(self.dtype)?;
         let guidance = self.guidance(settings, frames)?;
+        let batch = cond.embeds.dim(0)?;
         let steps = scheduler.timesteps().len();
         let unet = self.unet.get()?;
         let mut calls = UNetCalls::new(
@@ -460,7 +473,7 @@ impl StableVideoDiffusion {
             steps,
             |n| {
                 unet.lower(UNetShape {
-                    batch: 2,
+                    batch,
                     frames: n,
                     height: h,
                     width: w,
@@ -473,30 +486,36 @@ impl StableVideoDiffusion {
         let started = std::time::Instant::now();
         for i in 0..steps {
             progress(Stage::Denoise { step: i, of: steps });
-            let input = scheduler.scale_model_input(&Tensor::cat(&[&latents, &latents], 0)?, i)?;
+            let doubled = Tensor::cat(&vec![&latents; batch], 0)?;
+            let input = scheduler.scale_model_input(&doubled, i)?;
             let input = Tensor::cat(&[&input, &cond.lat], 2)?;
             let t = scheduler.timesteps()[i];
             let mut preds = Vec::with_capacity(calls.chunks.len());
             for k in 0..calls.chunks.len() {
                 let range = calls.chunks[k].clone();
                 let part = input.narrow(1, range.start, range.len())?.reshape((
-                    2 * range.len(),
+                    batch * range.len(),
                     2 * c,
                     h,
                     w,
                 ))?;
                 let inputs = vec![
                     part,
-                    Tensor::new(&[t, t], dev)?,
+                    Tensor::new(vec![t; batch], dev)?,
                     cond.embeds.clone(),
                     cond.ids.clone(),
                 ];
                 let out = calls.run(k, i, inputs, dev, &mut report)?;
-                preds.push(out.reshape((2, range.len(), c, h, w))?);
+                preds.push(out.reshape((batch, range.len(), c, h, w))?);
             }
             let pred = Tensor::cat(&preds, 1)?;
-            let (uncond, cond) = (pred.narrow(0, 0, 1)?, pred.narrow(0, 1, 1)?);
-            let guided = (&uncond + guidance.broadcast_mul(&(&cond - &uncond)?)?)?;
+            let guided = match batch {
+                2 => {
+                    let (uncond, cond) = (pred.narrow(0, 0, 1)?, pred.narrow(0, 1, 1)?);
+                    (&uncond + guidance.broadcast_mul(&(&cond - &uncond)?)?)?
+                }
+                _ => pred,
+            };
             latents = scheduler.step(&guided, i, &latents)?;
             ensure_finite_step(&latents, i, steps)?;
         }
@@ -531,10 +550,10 @@ impl StableVideoDiffusion {
 
 /// What the encode phase hands to the denoise phase.
 struct Conditioning {
-    /// The image embedding, `(2, 1, D)` (zeros first).
+    /// The image embedding, `(B, 1, D)`: B = 2 under guidance (zeros first), else 1.
     embeds: Tensor,
-    /// The image latents repeated over the frames, `(2, F, C, h, w)` (zeros first).
+    /// The image latents repeated over the frames, `(B, F, C, h, w)` (zeros first).
     lat: Tensor,
-    /// fps - 1, motion bucket and noise strength, `(2, 3)`.
+    /// fps - 1, motion bucket and noise strength, `(B, 3)`.
     ids: Tensor,
 }

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use streamline_ir::human;
+use streamline_ir::{human, Axis};
 use streamline_pipeline::phases::{BudgetError, Phase, Residency};
 use streamline_pipeline::planner::{PlanError, PlanReport};
 use streamline_pipeline::run::PipelineError;
@@ -90,6 +90,21 @@ pub fn generate(
     .unwrap()
 }
 
+/// The smallest whole-run peak any plan of a run reaches: the figure a refusal names.
+/// `plan` is a pipeline's `plan` for one run.
+pub fn smallest_peak(plan: impl Fn(Optimization) -> Result<PlanReport, PipelineError>) -> usize {
+    match plan(Optimization::Budget { bytes: 0 }) {
+        Err(PipelineError::Planning(e)) => match *e {
+            PlanError::Budget(b) => match *b {
+                BudgetError::Refused { smallest, .. } => smallest,
+                other => panic!("{other}"),
+            },
+            other => panic!("{other}"),
+        },
+        other => panic!("a zero budget was not refused: {:?}", other.err()),
+    }
+}
+
 /// A whole-run budget halfway between the smallest whole-run peak and what original
 /// inference needs with each model only in its phases (or the smallest peak itself, where
 /// the midpoint fits every model resident): it slices the calls and keeps the models out of
@@ -99,16 +114,7 @@ pub fn per_phase_budget(
 ) -> Optimization {
     let original = plan(Optimization::Original).unwrap();
     let per_phase = per_phase_peak(&original);
-    let floor = match plan(Optimization::Budget { bytes: 0 }) {
-        Err(PipelineError::Planning(e)) => match *e {
-            PlanError::Budget(b) => match *b {
-                BudgetError::Refused { smallest, .. } => smallest,
-                other => panic!("{other}"),
-            },
-            other => panic!("{other}"),
-        },
-        other => panic!("a zero budget was not refused: {:?}", other.err()),
-    };
+    let floor = smallest_peak(&plan);
     assert!(floor < per_phase && per_phase < original.total());
     // Row bands can make the midpoint fit with every model resident; the floor itself never
     // does (it is per-phase residency's smallest peak).
@@ -117,6 +123,22 @@ pub fn per_phase_budget(
         .into_iter()
         .find(|&budget| plan(budget).unwrap().run.residency == Residency::PerPhase)
         .expect("the smallest whole-run peak needs per-phase residency")
+}
+
+/// The calls of `report` with a group on row bands.
+pub fn calls_on_rows(report: &PlanReport) -> Vec<&'static str> {
+    let calls = [
+        ("encode", report.encode.as_ref()),
+        ("unet", Some(&report.unet)),
+        ("decode", Some(&report.decoder)),
+    ];
+    calls
+        .into_iter()
+        .filter(|(_, call)| {
+            call.is_some_and(|c| c.plan.groups.iter().any(|g| g.axis == Some(Axis::Rows)))
+        })
+        .map(|(name, _)| name)
+        .collect()
 }
 
 /// The whole-run peak of `report`'s calls with each model only in its phases.
