@@ -17,7 +17,7 @@ use streamline_rehash::{Rehash, RehashArg};
 use crate::checks::{check_run, compute_dtype, finite, positive, refuse_overwriting, Source};
 use crate::progress::Progress;
 use crate::session::{read_latents, summary};
-use crate::{DeviceArg, Dtype, OptimizationArgs};
+use crate::{DeviceArg, Dtype, OptimizationArgs, SingleVideoArgs};
 
 /// Flags named after diffusers' `AnimateDiffPipeline.__call__` that every video of a run (or
 /// of a batch) shares, plus the models, precision, device and optimization.
@@ -76,14 +76,8 @@ pub struct AnimateDiffArgs {
     /// diffusers' `latents` argument instead of noise from --seed.
     #[arg(long)]
     latents: Option<PathBuf>,
-    /// `.mp4` (H.264 at --fps), `.gif` (animated GIF at --fps), a directory (PNG frames) or
-    /// `.safetensors` (raw frames).
-    #[arg(long)]
-    output: PathBuf,
-    /// The paper's naive baseline: cut the frames into --temporal-chunks runs denoised
-    /// separately. Inexact on purpose; for comparisons only.
-    #[arg(long, requires = "temporal_chunks", conflicts_with = "memory_budget")]
-    naive_slicing: bool,
+    #[command(flatten)]
+    single: SingleVideoArgs,
 }
 
 /// What the flags and configs give every run, checked before any weights load; each run's
@@ -180,11 +174,11 @@ impl Prepared {
         Ok(AnimateDiffSettings { rehash, ..settings })
     }
 
-    /// The unit-noise latents of a run with `settings`: `(1, C, F, h, w)`.
-    pub fn latent_shape(&self, settings: &AnimateDiffSettings) -> [usize; 5] {
-        let s = self.configs.scale_factor;
-        let (h, w) = (settings.height / s, settings.width / s);
-        [1, self.configs.latent_channels, settings.num_frames, h, w]
+    /// The unit-noise latents of a run with `settings` (checked): `(1, C, F, h, w)`.
+    pub fn latent_shape(&self, settings: &AnimateDiffSettings) -> Result<[usize; 5]> {
+        let rule = &self.configs.sizes.rule;
+        let (h, w) = rule.check(settings.height, settings.width)?;
+        Ok([1, self.configs.latent_channels, settings.num_frames, h, w])
     }
 
     fn layout(&self) -> String {
@@ -206,11 +200,11 @@ pub fn run(args: AnimateDiffArgs) -> Result<()> {
     let prepared = common.prepare()?;
     let settings = prepared.check_settings(prepared.settings.clone(), Source::Flags)?;
     let mut optimization = prepared.optimization;
-    if args.naive_slicing {
+    if args.single.naive_slicing {
         let temporal_chunks = common.optimization.temporal_chunks.unwrap_or(1);
         optimization = Optimization::Naive { temporal_chunks };
     }
-    let output = VideoOutput::create(&args.output, common.fps as f64)?;
+    let output = VideoOutput::create(&args.single.output, common.fps as f64)?;
     output.check_size(settings.height, settings.width)?;
     let latents_flag = args.latents.as_deref().map(|l| ("--latents", l));
     refuse_overwriting(
@@ -218,7 +212,7 @@ pub fn run(args: AnimateDiffArgs) -> Result<()> {
         |p| output.overwrites(p),
         latents_flag,
     )?;
-    let shape = prepared.latent_shape(&settings);
+    let shape = prepared.latent_shape(&settings)?;
     let latents = match &args.latents {
         Some(path) => read_latents(path, &shape, &prepared.layout())?,
         None => unit_noise(shape.as_slice(), common.seed, &Device::Cpu)?,
@@ -239,7 +233,7 @@ pub fn run(args: AnimateDiffArgs) -> Result<()> {
     eprintln!(
         "{}",
         summary(
-            &args.output,
+            &args.single.output,
             (settings.num_frames, settings.height, settings.width),
             start.elapsed().as_secs_f64(),
             &report

@@ -356,7 +356,7 @@ impl BatchPipeline for AnimateDiffBatch<'_> {
         let JobInputs::AnimateDiff { overrides, .. } = &job.inputs else {
             unreachable!("an animatediff jobs file holds animatediff jobs");
         };
-        let fps = overrides.fps.unwrap_or(self.common.fps);
+        let fps = overrides.shared.fps.unwrap_or(self.common.fps);
         (overrides.apply(&self.prepared.settings), fps)
     }
 
@@ -395,7 +395,7 @@ impl BatchPipeline for AnimateDiffBatch<'_> {
         else {
             unreachable!("animatediff jobs run once the models are loaded");
         };
-        let shape = self.prepared.latent_shape(settings);
+        let shape = self.prepared.latent_shape(settings)?;
         let latents = unit_noise(shape.as_slice(), seed, &Device::Cpu)?.to_device(device)?;
         let out = pipe.generate(
             prompt,

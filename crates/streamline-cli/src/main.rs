@@ -162,6 +162,20 @@ impl OptimizationArgs {
     }
 }
 
+/// The flags only a single-video command has: where it writes, and the paper's naive baseline
+/// (for comparisons, which batches do not make).
+#[derive(Args, Debug)]
+struct SingleVideoArgs {
+    /// `.mp4` (H.264 at --fps), `.gif` (animated GIF at --fps), a directory (PNG frames) or
+    /// `.safetensors` (raw frames); checked, with its folder, before anything runs.
+    #[arg(long)]
+    output: std::path::PathBuf,
+    /// The paper's naive baseline: cut the frames into --temporal-chunks runs denoised
+    /// separately. Inexact on purpose; for comparisons only.
+    #[arg(long, requires = "temporal_chunks", conflicts_with = "memory_budget")]
+    naive_slicing: bool,
+}
+
 /// diffusers' default SVD frame size.
 const DIFFUSERS_HEIGHT: usize = 576;
 const DIFFUSERS_WIDTH: usize = 1024;

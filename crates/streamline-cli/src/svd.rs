@@ -11,6 +11,7 @@ use streamline_rehash::{Rehash, RehashArg};
 
 use crate::checks::refuse_overwriting;
 use crate::session::{summary, SvdCommon};
+use crate::SingleVideoArgs;
 
 #[derive(Args, Debug)]
 pub struct SvdArgs {
@@ -24,14 +25,8 @@ pub struct SvdArgs {
     /// used like diffusers' `latents` argument instead of noise from --seed.
     #[arg(long)]
     latents: Option<PathBuf>,
-    /// `.mp4` (H.264 at --fps), `.gif` (animated GIF at --fps), a directory (PNG frames) or
-    /// `.safetensors` (raw frames).
-    #[arg(long)]
-    output: PathBuf,
-    /// The paper's naive baseline: cut the frames into --temporal-chunks runs denoised
-    /// separately. Inexact on purpose; for comparisons only.
-    #[arg(long, requires = "temporal_chunks", conflicts_with = "memory_budget")]
-    naive_slicing: bool,
+    #[command(flatten)]
+    single: SingleVideoArgs,
     /// Step Rehash: `off`, `uniform:K` (K full UNet evaluations spread evenly, the first step
     /// included) or a schedule from `streamline rehash search`.
     #[arg(long, default_value = "off")]
@@ -42,7 +37,7 @@ pub fn run(args: SvdArgs) -> Result<()> {
     let start = Instant::now();
     let checked = args.common.check()?;
     let mut optimization = checked.optimization;
-    if args.naive_slicing {
+    if args.single.naive_slicing {
         let temporal_chunks = args.common.optimization.temporal_chunks.unwrap_or(1);
         optimization = Optimization::Naive { temporal_chunks };
     }
@@ -50,7 +45,7 @@ pub fn run(args: SvdArgs) -> Result<()> {
         Some(schedule) => Rehash::Schedule(schedule),
         None => Rehash::Off,
     };
-    let output = VideoOutput::create(&args.output, args.common.fps as f64)?;
+    let output = VideoOutput::create(&args.single.output, args.common.fps as f64)?;
     output.check_size(checked.settings.height, checked.settings.width)?;
     let inputs = [
         Some(("--image", args.image.as_path())),
@@ -74,7 +69,7 @@ pub fn run(args: SvdArgs) -> Result<()> {
     eprintln!(
         "{}",
         summary(
-            &args.output,
+            &args.single.output,
             (session.frames(), settings.height, settings.width),
             start.elapsed().as_secs_f64(),
             &report

@@ -3,44 +3,19 @@
 //! killed run left), with outputs written by hand.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use streamline_pipeline::batch::{
     read_jobs, read_results, Batch, JobInputs, JobReport, OutputFormat, PipelineKind, Shard,
 };
 
-/// A fresh folder under the system temp dir, removed when the test ends.
-struct Scratch(PathBuf);
+mod common;
 
-impl Scratch {
-    fn new(test: &str) -> Scratch {
-        let dir =
-            std::env::temp_dir().join(format!("streamline-batch-{test}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.path(name);
-        fs::write(&path, text).unwrap();
-        path
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
+use common::{names_in, Scratch};
 
 #[test]
 fn job_lines_are_read_with_their_overrides() {
-    let scratch = Scratch::new("read");
+    let scratch = Scratch::new("batch-read");
     scratch.write("cat.png", "");
     let jobs = scratch.write(
         "jobs.jsonl",
@@ -66,10 +41,10 @@ fn job_lines_are_read_with_their_overrides() {
     };
     assert_eq!(image, &scratch.path("cat.png"), "relative to the jobs file");
     assert_eq!(
-        (overrides.num_frames, overrides.min_guidance_scale),
+        (overrides.shared.num_frames, overrides.min_guidance_scale),
         (Some(4), Some(1.5))
     );
-    assert_eq!(overrides.fps, None);
+    assert_eq!(overrides.shared.fps, None);
 
     let prompts = scratch.write(
         "prompts.jsonl",
@@ -92,7 +67,7 @@ fn job_lines_are_read_with_their_overrides() {
 /// Every malformed line is refused naming the file, the line and the field.
 #[test]
 fn bad_job_lines_name_their_line_and_field() {
-    let scratch = Scratch::new("bad");
+    let scratch = Scratch::new("batch-bad");
     scratch.write("cat.png", "");
     let good = r#"{"image": "cat.png"}"#;
     let cases = [
@@ -186,7 +161,7 @@ fn run(dir: &Path, jobs: &[streamline_pipeline::batch::Job], shard: Shard, fail:
 
 #[test]
 fn two_shards_cover_every_job_once_and_a_rerun_skips_all() {
-    let scratch = Scratch::new("shards");
+    let scratch = Scratch::new("batch-shards");
     let jobs = five_jobs(&scratch);
     let out = scratch.path("out");
     let halves = [Shard::new(0, 2).unwrap(), Shard::new(1, 2).unwrap()];
@@ -252,7 +227,7 @@ fn two_shards_cover_every_job_once_and_a_rerun_skips_all() {
 /// staging and the unfinished record line, and runs only what is left.
 #[test]
 fn a_killed_run_is_resumed_without_duplicates() {
-    let scratch = Scratch::new("killed");
+    let scratch = Scratch::new("batch-killed");
     let jobs = five_jobs(&scratch);
     let out = scratch.path("out");
     let whole = Shard::WHOLE;
@@ -276,13 +251,8 @@ fn a_killed_run_is_resumed_without_duplicates() {
     names.sort();
     names.dedup();
     assert_eq!((records.len(), names.len()), (5, 5), "{records:?}");
-    let mut files: Vec<String> = fs::read_dir(&out)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    files.sort();
     assert_eq!(
-        files,
+        names_in(&out),
         [
             "line-00001.mp4",
             "line-00002.mp4",

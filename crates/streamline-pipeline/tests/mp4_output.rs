@@ -5,38 +5,15 @@
 
 use std::fs;
 use std::io::BufReader;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use image::RgbImage;
 use streamline_pipeline::video::{read_video, write_video, VideoError, VideoOutput};
 
-/// A fresh folder under the system temp dir, removed when the test ends.
-struct Scratch(PathBuf);
+mod common;
 
-impl Scratch {
-    fn new(test: &str) -> Scratch {
-        let dir =
-            std::env::temp_dir().join(format!("streamline-mp4-{test}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
-    fn entries(&self) -> usize {
-        fs::read_dir(&self.0).unwrap().count()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
+use common::Scratch;
 
 /// Smooth colour gradients with a soft bright disc moving right: what video frames look like
 /// to a codec. (Sharp colour edges would measure 4:2:0's halved chroma resolution, which no
@@ -130,11 +107,11 @@ fn top_level_boxes(path: &Path) -> Vec<String> {
 
 #[test]
 fn an_mp4_is_read_back_with_its_frames_size_and_rate() {
-    let scratch = Scratch::new("round-trip");
+    let scratch = Scratch::new("mp4-round-trip");
     let frames = moving_disc(9, 48, 64);
     let path = scratch.path("clip.mp4");
     write_video(&frames, &path, 7.0).unwrap();
-    assert_eq!(scratch.entries(), 1, "no staging left behind");
+    assert_eq!(scratch.entries().len(), 1, "no staging left behind");
     assert_eq!(
         top_level_boxes(&path),
         ["ftyp", "moov", "mdat"],
@@ -159,7 +136,7 @@ fn an_mp4_is_read_back_with_its_frames_size_and_rate() {
 /// 4:2:0 needs even sides: an odd frame is padded by repeating its last row and column.
 #[test]
 fn odd_sizes_are_padded_to_even_ones() {
-    let scratch = Scratch::new("odd");
+    let scratch = Scratch::new("mp4-odd");
     let frames = moving_disc(3, 21, 33);
     let path = scratch.path("odd.mp4");
     write_video(&frames, &path, 8.0).unwrap();
@@ -186,7 +163,7 @@ fn odd_sizes_are_padded_to_even_ones() {
 /// Frame rates with decimals are timed exactly, to a thousandth of a frame per second.
 #[test]
 fn a_fractional_frame_rate_is_exact() {
-    let scratch = Scratch::new("ntsc");
+    let scratch = Scratch::new("mp4-ntsc");
     let path = scratch.path("ntsc.mp4");
     write_video(&moving_disc(2, 16, 16), &path, 29.97).unwrap();
     let (count, _, _, timescale, durations, _) = track_facts(&path);
@@ -197,7 +174,7 @@ fn a_fractional_frame_rate_is_exact() {
 
 #[test]
 fn frame_rates_and_sizes_an_mp4_cannot_hold_are_refused_before_any_frame() {
-    let scratch = Scratch::new("refused");
+    let scratch = Scratch::new("mp4-refused");
     let path = scratch.path("clip.mp4");
     for fps in [0.0, 0.0001, -7.0, f64::NAN, f64::INFINITY] {
         let err = VideoOutput::create(&path, fps).unwrap_err();
@@ -218,5 +195,5 @@ fn frame_rates_and_sizes_an_mp4_cannot_hold_are_refused_before_any_frame() {
         err.to_string().contains("frames of 8x24 do not fit"),
         "{err}"
     );
-    assert_eq!(scratch.entries(), 0);
+    assert!(scratch.entries().is_empty());
 }

@@ -6,7 +6,9 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
-use super::{AnimateDiffOverrides, Job, JobInputs, JobsError, PipelineKind, SvdOverrides};
+use super::{
+    AnimateDiffOverrides, Job, JobInputs, JobsError, PipelineKind, SharedOverrides, SvdOverrides,
+};
 
 /// The longest job `id`: it names a file, and file systems allow 255 bytes.
 const MAX_ID: usize = 200;
@@ -83,16 +85,11 @@ fn svd_inputs(fields: &mut Fields, base: &Path) -> Result<JobInputs, String> {
         return Err(format!("`image`: {} is not a file", image.display()));
     }
     let overrides = SvdOverrides {
-        height: fields.count("height")?,
-        width: fields.count("width")?,
-        num_frames: fields.count("num_frames")?,
-        num_inference_steps: fields.count("num_inference_steps")?,
+        shared: shared_overrides(fields)?,
         min_guidance_scale: fields.number("min_guidance_scale")?,
         max_guidance_scale: fields.number("max_guidance_scale")?,
-        fps: fields.count("fps")?,
         motion_bucket_id: fields.integer("motion_bucket_id")?.map(|v| v as usize),
         noise_aug_strength: fields.non_negative("noise_aug_strength")?,
-        decode_chunk_size: fields.count("decode_chunk_size")?,
     };
     Ok(JobInputs::Svd { image, overrides })
 }
@@ -101,18 +98,24 @@ fn animatediff_inputs(fields: &mut Fields) -> Result<JobInputs, String> {
     let prompt = fields.required_string("prompt")?;
     let negative_prompt = fields.string("negative_prompt")?;
     let overrides = AnimateDiffOverrides {
-        height: fields.count("height")?,
-        width: fields.count("width")?,
-        num_frames: fields.count("num_frames")?,
-        num_inference_steps: fields.count("num_inference_steps")?,
+        shared: shared_overrides(fields)?,
         guidance_scale: fields.number("guidance_scale")?,
-        decode_chunk_size: fields.count("decode_chunk_size")?,
-        fps: fields.count("fps")?,
     };
     Ok(JobInputs::AnimateDiff {
         prompt,
         negative_prompt,
         overrides,
+    })
+}
+
+fn shared_overrides(fields: &mut Fields) -> Result<SharedOverrides, String> {
+    Ok(SharedOverrides {
+        height: fields.count("height")?,
+        width: fields.count("width")?,
+        num_frames: fields.count("num_frames")?,
+        num_inference_steps: fields.count("num_inference_steps")?,
+        decode_chunk_size: fields.count("decode_chunk_size")?,
+        fps: fields.count("fps")?,
     })
 }
 
@@ -135,12 +138,23 @@ impl Fields {
         self.0.remove(name).filter(|v| !v.is_null())
     }
 
-    fn string(&mut self, name: &str) -> Result<Option<String>, String> {
+    /// The field `name` if present, as `get` reads it; `expected` says what it should be.
+    fn typed<T>(
+        &mut self,
+        name: &str,
+        expected: &str,
+        get: impl Fn(&Value) -> Option<T>,
+    ) -> Result<Option<T>, String> {
         match self.take(name) {
             None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s)),
-            Some(other) => Err(format!("`{name}`: expected a string, got {other}")),
+            Some(v) => get(&v)
+                .map(Some)
+                .ok_or_else(|| format!("`{name}`: expected {expected}, got {v}")),
         }
+    }
+
+    fn string(&mut self, name: &str) -> Result<Option<String>, String> {
+        self.typed(name, "a string", |v| v.as_str().map(str::to_string))
     }
 
     fn required_string(&mut self, name: &str) -> Result<String, String> {
@@ -150,13 +164,7 @@ impl Fields {
 
     /// A non-negative integer (a seed, a motion bucket).
     fn integer(&mut self, name: &str) -> Result<Option<u64>, String> {
-        match self.take(name) {
-            None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(Some)
-                .ok_or_else(|| format!("`{name}`: expected a non-negative integer, got {v}")),
-        }
+        self.typed(name, "a non-negative integer", Value::as_u64)
     }
 
     /// An integer of at least 1 (sizes, frames, steps, frame rates).
@@ -169,13 +177,7 @@ impl Fields {
 
     /// A number (JSON has no NaN or infinity, so every number is finite).
     fn number(&mut self, name: &str) -> Result<Option<f64>, String> {
-        match self.take(name) {
-            None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| format!("`{name}`: expected a number, got {v}")),
-        }
+        self.typed(name, "a number", Value::as_f64)
     }
 
     fn non_negative(&mut self, name: &str) -> Result<Option<f64>, String> {

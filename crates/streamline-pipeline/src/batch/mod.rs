@@ -118,64 +118,66 @@ impl Job {
     }
 }
 
-/// A job's own values of diffusers' SVD arguments.
+/// A job's own values of the arguments both pipelines take, and its output's frame rate.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct SvdOverrides {
+pub struct SharedOverrides {
     pub height: Option<usize>,
     pub width: Option<usize>,
     pub num_frames: Option<usize>,
     pub num_inference_steps: Option<usize>,
+    pub decode_chunk_size: Option<usize>,
+    pub fps: Option<usize>,
+}
+
+/// A job's own values of diffusers' SVD arguments (`fps` conditions the model too).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SvdOverrides {
+    pub shared: SharedOverrides,
     pub min_guidance_scale: Option<f64>,
     pub max_guidance_scale: Option<f64>,
-    pub fps: Option<usize>,
     pub motion_bucket_id: Option<usize>,
     pub noise_aug_strength: Option<f64>,
-    pub decode_chunk_size: Option<usize>,
 }
 
 impl SvdOverrides {
     /// `base` (the batch's settings) with this job's values.
     pub fn apply(&self, base: &SvdSettings) -> SvdSettings {
-        let base = base.clone();
+        let (s, base) = (&self.shared, base.clone());
         SvdSettings {
-            height: self.height.unwrap_or(base.height),
-            width: self.width.unwrap_or(base.width),
-            num_frames: self.num_frames.or(base.num_frames),
-            num_inference_steps: self.num_inference_steps.unwrap_or(base.num_inference_steps),
+            height: s.height.unwrap_or(base.height),
+            width: s.width.unwrap_or(base.width),
+            num_frames: s.num_frames.or(base.num_frames),
+            num_inference_steps: s.num_inference_steps.unwrap_or(base.num_inference_steps),
+            decode_chunk_size: s.decode_chunk_size.or(base.decode_chunk_size),
+            fps: s.fps.unwrap_or(base.fps),
             min_guidance_scale: self.min_guidance_scale.unwrap_or(base.min_guidance_scale),
             max_guidance_scale: self.max_guidance_scale.unwrap_or(base.max_guidance_scale),
-            fps: self.fps.unwrap_or(base.fps),
             motion_bucket_id: self.motion_bucket_id.unwrap_or(base.motion_bucket_id),
             noise_aug_strength: self.noise_aug_strength.unwrap_or(base.noise_aug_strength),
-            decode_chunk_size: self.decode_chunk_size.or(base.decode_chunk_size),
             rehash: base.rehash,
         }
     }
 }
 
-/// A job's own values of diffusers' AnimateDiff arguments, and its output's frame rate.
+/// A job's own values of diffusers' AnimateDiff arguments.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct AnimateDiffOverrides {
-    pub height: Option<usize>,
-    pub width: Option<usize>,
-    pub num_frames: Option<usize>,
-    pub num_inference_steps: Option<usize>,
+    pub shared: SharedOverrides,
     pub guidance_scale: Option<f64>,
-    pub decode_chunk_size: Option<usize>,
-    pub fps: Option<usize>,
 }
 
 impl AnimateDiffOverrides {
-    /// `base` (the batch's settings) with this job's values.
+    /// `base` (the batch's settings) with this job's values (its frame rate is the output's
+    /// alone: `shared.fps`).
     pub fn apply(&self, base: &AnimateDiffSettings) -> AnimateDiffSettings {
-        let base = base.clone();
+        let (s, base) = (&self.shared, base.clone());
         AnimateDiffSettings {
-            height: self.height.unwrap_or(base.height),
-            width: self.width.unwrap_or(base.width),
-            num_frames: self.num_frames.unwrap_or(base.num_frames),
-            num_inference_steps: self.num_inference_steps.unwrap_or(base.num_inference_steps),
+            height: s.height.unwrap_or(base.height),
+            width: s.width.unwrap_or(base.width),
+            num_frames: s.num_frames.unwrap_or(base.num_frames),
+            num_inference_steps: s.num_inference_steps.unwrap_or(base.num_inference_steps),
+            decode_chunk_size: s.decode_chunk_size.unwrap_or(base.decode_chunk_size),
             guidance_scale: self.guidance_scale.unwrap_or(base.guidance_scale),
-            decode_chunk_size: self.decode_chunk_size.unwrap_or(base.decode_chunk_size),
             rehash: base.rehash,
         }
     }
