@@ -15,8 +15,8 @@ use crate::video::remove_leftovers;
 #[derive(Clone, Debug, PartialEq)]
 pub struct JobReport {
     pub seconds: f64,
-    /// The run's measured peak (heap bytes above the baseline on the CPU, live tensors
-    /// elsewhere).
+    /// The run's measured peak: its highest phase's heap bytes, resident weights included, on
+    /// the CPU; its live-tensor peak elsewhere.
     pub peak_bytes: usize,
     /// The denoising steps that ran the whole UNet (all of them without Step Rehash).
     pub key_steps: Vec<usize>,
