@@ -58,9 +58,16 @@ pub struct AnimateDiffCommon {
     #[command(flatten)]
     optimization: OptimizationArgs,
     /// Step Rehash: `off`, `uniform:K` (K full UNet evaluations spread evenly, the first step
-    /// included) or a schedule from a calibration search.
+    /// included), `auto:THRESHOLD` (key steps chosen during the run: the next step runs the
+    /// whole UNet once its output has changed by THRESHOLD, relative L1 summed, since the
+    /// last one; e.g. auto:0.3) or a schedule from a calibration search.
     #[arg(long, default_value = "off")]
     rehash: RehashArg,
+    /// With --rehash: partial steps run only the conditional half of classifier-free
+    /// guidance and reuse the last full step's guidance difference (about half a partial
+    /// step's work; not original inference).
+    #[arg(long)]
+    reuse_guidance: bool,
 }
 
 #[derive(Args, Debug)]
@@ -118,6 +125,7 @@ impl AnimateDiffCommon {
                 guidance_scale: self.guidance_scale,
                 decode_chunk_size: self.decode_chunk_size,
                 rehash: Rehash::Off,
+                reuse_guidance: self.reuse_guidance,
             },
         })
     }
@@ -134,8 +142,8 @@ impl AnimateDiffCommon {
 
 impl Prepared {
     /// Checks `settings` (the flags', or a batch job's, as `source` says) against the configs,
-    /// with the `--rehash` schedule for their step count, and the run's plan against the
-    /// budget and the machine's memory; returns them with their Step Rehash schedule.
+    /// with `--rehash` for their step count, and the run's plan against the budget and the
+    /// machine's memory; returns them with their Step Rehash.
     pub fn check_settings(
         &self,
         settings: AnimateDiffSettings,
@@ -151,10 +159,7 @@ impl Prepared {
         configs
             .check_steps(steps)
             .map_err(|e| anyhow::anyhow!("{} {steps}: {e}", source.name("num_inference_steps")))?;
-        let rehash = match self.rehash.schedule(steps)? {
-            Some(schedule) => Rehash::Schedule(schedule),
-            None => Rehash::Off,
-        };
+        let rehash = self.rehash.rehash(steps)?;
         check_run(
             PlanRequest {
                 model: self.model.clone(),

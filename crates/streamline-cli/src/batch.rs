@@ -19,7 +19,7 @@ use streamline_pipeline::batch::{
 };
 use streamline_pipeline::svd::{unit_noise, RunReport, SvdSettings};
 use streamline_pipeline::video::{check_output, VideoOutput};
-use streamline_rehash::{Rehash, RehashArg};
+use streamline_rehash::RehashArg;
 
 use crate::animatediff::{warn_if_empty, AnimateDiffCommon, Prepared};
 use crate::checks::{positive, Source};
@@ -91,8 +91,8 @@ pub struct SvdBatchArgs {
     batch: BatchArgs,
     #[command(flatten)]
     common: SvdCommon,
-    /// Step Rehash for every job: `off`, `uniform:K` or a schedule file (for the jobs' step
-    /// count).
+    /// Step Rehash for every job: `off`, `uniform:K`, `auto:THRESHOLD` or a schedule file
+    /// (for the jobs' step count).
     #[arg(long, default_value = "off")]
     rehash: RehashArg,
 }
@@ -142,7 +142,6 @@ trait BatchPipeline {
     fn check(&self, settings: Self::Settings) -> Result<Self::Settings>;
     /// (height, width) of the frames.
     fn size(settings: &Self::Settings) -> (usize, usize);
-    fn rehash(settings: &Self::Settings) -> (&Rehash, usize);
     fn load(&mut self) -> Result<()>;
     fn generate(
         &self,
@@ -252,11 +251,10 @@ fn run_jobs<P: BatchPipeline>(
         let outcome = match outcome {
             Ok(report) => {
                 tracing::info!("{}: wrote {} in {seconds:.1} s", job.name, output.display());
-                let (rehash, steps) = P::rehash(&plan.settings);
                 Ok(JobReport {
                     seconds,
                     peak_bytes: peak_bytes(&report),
-                    key_steps: key_steps(rehash, steps),
+                    key_steps: report.key_steps,
                 })
             }
             Err(e) => {
@@ -280,14 +278,6 @@ fn peak_bytes(report: &RunReport) -> usize {
     measured.unwrap_or(report.unet_peak_bytes.max(report.decode_peak_bytes))
 }
 
-/// The steps that run the whole UNet.
-fn key_steps(rehash: &Rehash, steps: usize) -> Vec<usize> {
-    match rehash {
-        Rehash::Schedule(schedule) => schedule.key_steps.clone(),
-        Rehash::Off | Rehash::Record(_) => (0..steps).collect(),
-    }
-}
-
 struct SvdBatch {
     checked: Checked,
     rehash: RehashArg,
@@ -307,20 +297,13 @@ impl BatchPipeline for SvdBatch {
     }
 
     fn check(&self, settings: SvdSettings) -> Result<SvdSettings> {
-        let rehash = match self.rehash.schedule(settings.num_inference_steps)? {
-            Some(schedule) => Rehash::Schedule(schedule),
-            None => Rehash::Off,
-        };
+        let rehash = self.rehash.rehash(settings.num_inference_steps)?;
         let settings = SvdSettings { rehash, ..settings };
         self.checked.check_settings(settings, Source::Job)
     }
 
     fn size(settings: &SvdSettings) -> (usize, usize) {
         (settings.height, settings.width)
-    }
-
-    fn rehash(settings: &SvdSettings) -> (&Rehash, usize) {
-        (&settings.rehash, settings.num_inference_steps)
     }
 
     fn load(&mut self) -> Result<()> {
@@ -366,10 +349,6 @@ impl BatchPipeline for AnimateDiffBatch<'_> {
 
     fn size(settings: &AnimateDiffSettings) -> (usize, usize) {
         (settings.height, settings.width)
-    }
-
-    fn rehash(settings: &AnimateDiffSettings) -> (&Rehash, usize) {
-        (&settings.rehash, settings.num_inference_steps)
     }
 
     fn load(&mut self) -> Result<()> {

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Args, Subcommand, ValueEnum};
 use streamline_pipeline::quality::{psnr, ssim};
 use streamline_pipeline::svd::{example_images, RunReport};
@@ -21,7 +21,7 @@ pub enum RehashCommand {
     /// step) and search the key steps; writes a schedule for `--rehash`.
     Search(SearchArgs),
     /// Run original inference and each --rehash schedule on each --image and report speedup,
-    /// PSNR and SSIM against original inference (a Markdown table on stdout).
+    /// PSNR and SSIM against original inference (a Markdown table on stdout, or JSON).
     Evaluate(EvaluateArgs),
 }
 
@@ -65,9 +65,12 @@ pub struct EvaluateArgs {
     /// Evaluation image; repeat for several (figures are averaged).
     #[arg(long = "image", required = true)]
     images: Vec<PathBuf>,
-    /// A schedule to evaluate: `uniform:K` or a file; repeat for several.
+    /// A schedule to evaluate: `uniform:K`, `auto:THRESHOLD` or a file; repeat for several.
     #[arg(long = "rehash", required = true)]
     schedules: Vec<RehashArg>,
+    /// Print the figures as JSON (one object per schedule, original inference first).
+    #[arg(long)]
+    json: bool,
 }
 
 pub fn run(command: RehashCommand) -> Result<()> {
@@ -150,6 +153,8 @@ struct Tally {
     partial: usize,
     psnr: f64,
     ssim: f64,
+    /// The key steps each image's run took (an auto schedule's may differ between images).
+    key_steps: Vec<Vec<usize>>,
 }
 
 fn evaluate(args: EvaluateArgs) -> Result<()> {
@@ -158,12 +163,9 @@ fn evaluate(args: EvaluateArgs) -> Result<()> {
     let schedules = args
         .schedules
         .iter()
-        .map(|s| {
-            Ok((
-                s.to_string(),
-                s.schedule(steps)?
-                    .context("`off` is the reference itself")?,
-            ))
+        .map(|s| match s.rehash(steps)? {
+            Rehash::Off => anyhow::bail!("--rehash off: original inference is the reference"),
+            rehash => Ok((s.to_string(), rehash)),
         })
         .collect::<Result<Vec<_>>>()?;
     let all_inputs = read_inputs(&checked, &args.images, args.common.seed)?;
@@ -175,38 +177,46 @@ fn evaluate(args: EvaluateArgs) -> Result<()> {
         let (original, report) =
             session.generate(inputs, session.optimization, Rehash::Off, &label)?;
         reference.add(&report);
-        for ((_, schedule), tally) in schedules.iter().zip(&mut tallies) {
-            let (frames, report) = session.generate(
-                inputs,
-                session.optimization,
-                Rehash::Schedule(schedule.clone()),
-                &label,
-            )?;
+        for ((_, rehash), tally) in schedules.iter().zip(&mut tallies) {
+            let (frames, report) =
+                session.generate(inputs, session.optimization, rehash.clone(), &label)?;
             tally.add(&report);
             tally.psnr += psnr(&frames, &original)?;
             tally.ssim += ssim(&frames, &original)?;
         }
     }
     let n = args.images.len() as f64;
+    let rows: Vec<serde_json::Value> = std::iter::once(reference.json("original", n, &reference))
+        .chain(
+            schedules
+                .iter()
+                .zip(&tallies)
+                .map(|((name, _), t)| t.json(name, n, &reference)),
+        )
+        .collect();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
     println!(
         "| schedule | key steps | full + partial UNet evaluations | UNet GFLOP | denoising s | speedup | PSNR dB | SSIM |"
     );
     println!("|---|---|---|---|---|---|---|---|");
-    let row = |name: &str, keys: &str, t: &Tally, quality: &str| {
+    for row in &rows {
+        let quality = match (row["psnr_db"].as_f64(), row["ssim"].as_f64()) {
+            (Some(p), Some(s)) => format!("{p:.2} | {s:.4}"),
+            _ => "reference | 1".into(),
+        };
         println!(
-            "| {name} | {keys} | {} + {} | {:.2} | {:.2} | {:.2}x | {quality} |",
-            t.full as f64 / n,
-            t.partial as f64 / n,
-            t.flops as f64 / 1e9 / n,
-            t.seconds / n,
-            reference.seconds / t.seconds,
-        )
-    };
-    row("original", "all", &reference, "reference | 1");
-    for ((name, schedule), t) in schedules.iter().zip(&tallies) {
-        let keys = format!("{:?}", schedule.key_steps);
-        let quality = format!("{:.2} | {:.4}", t.psnr / n, t.ssim / n);
-        row(name, &keys, t, &quality);
+            "| {} | {} | {} + {} | {:.2} | {:.2} | {:.2}x | {quality} |",
+            row["schedule"].as_str().unwrap_or_default(),
+            row["key_steps"],
+            row["full_evaluations"],
+            row["partial_evaluations"],
+            row["unet_gflop"].as_f64().unwrap_or_default(),
+            row["denoising_seconds"].as_f64().unwrap_or_default(),
+            row["speedup"].as_f64().unwrap_or_default(),
+        );
     }
     Ok(())
 }
@@ -217,5 +227,27 @@ impl Tally {
         self.flops += report.unet_flops;
         self.full += report.full_steps;
         self.partial += report.partial_steps;
+        self.key_steps.push(report.key_steps.clone());
+    }
+
+    /// One schedule's figures, per image over `n` images, with speedup against original
+    /// inference's `reference` (quality is null for the reference itself).
+    fn json(&self, name: &str, n: f64, reference: &Tally) -> serde_json::Value {
+        let quality = !std::ptr::eq(self, reference);
+        let keys = match self.key_steps.split_first() {
+            Some((first, rest)) if rest.iter().all(|k| k == first) => serde_json::json!(first),
+            _ => serde_json::json!(self.key_steps),
+        };
+        serde_json::json!({
+            "schedule": name,
+            "key_steps": keys,
+            "full_evaluations": self.full as f64 / n,
+            "partial_evaluations": self.partial as f64 / n,
+            "unet_gflop": self.flops as f64 / 1e9 / n,
+            "denoising_seconds": self.seconds / n,
+            "speedup": reference.seconds / self.seconds,
+            "psnr_db": quality.then(|| self.psnr / n),
+            "ssim": quality.then(|| self.ssim / n),
+        })
     }
 }

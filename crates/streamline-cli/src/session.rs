@@ -59,6 +59,11 @@ pub struct SvdCommon {
     device: DeviceArg,
     #[command(flatten)]
     pub optimization: OptimizationArgs,
+    /// With --rehash: partial steps run only the conditional half of classifier-free
+    /// guidance and reuse the last full step's guidance difference (about half a partial
+    /// step's work; not original inference).
+    #[arg(long)]
+    reuse_guidance: bool,
 }
 
 /// A run whose flags, configs, plan and memory have been checked; no weights loaded yet.
@@ -140,6 +145,7 @@ impl SvdCommon {
             noise_aug_strength: self.noise_aug_strength,
             decode_chunk_size: self.decode_chunk_size,
             rehash: Rehash::Off,
+            reuse_guidance: self.reuse_guidance,
         };
         Ok(Checked {
             device: self.device.device().map_err(anyhow::Error::msg)?,
@@ -280,7 +286,10 @@ pub fn summary(
         output.display(),
         report.full_steps,
         if report.partial_steps > 0 {
-            format!(" + {} partial (Step Rehash)", report.partial_steps)
+            format!(
+                " + {} partial (Step Rehash, key steps {:?})",
+                report.partial_steps, report.key_steps
+            )
         } else {
             String::new()
         },

@@ -7,7 +7,7 @@ use anyhow::Result;
 use clap::Args;
 use streamline_pipeline::video::VideoOutput;
 use streamline_pipeline::Optimization;
-use streamline_rehash::{Rehash, RehashArg};
+use streamline_rehash::RehashArg;
 
 use crate::checks::refuse_overwriting;
 use crate::session::{summary, SvdCommon};
@@ -28,7 +28,9 @@ pub struct SvdArgs {
     #[command(flatten)]
     single: SingleVideoArgs,
     /// Step Rehash: `off`, `uniform:K` (K full UNet evaluations spread evenly, the first step
-    /// included) or a schedule from `streamline rehash search`.
+    /// included), `auto:THRESHOLD` (key steps chosen during the run: the next step runs the
+    /// whole UNet once its output has changed by THRESHOLD, relative L1 summed, since the
+    /// last one; e.g. auto:0.3) or a schedule from `streamline rehash search`.
     #[arg(long, default_value = "off")]
     rehash: RehashArg,
 }
@@ -41,10 +43,7 @@ pub fn run(args: SvdArgs) -> Result<()> {
         let temporal_chunks = args.common.optimization.temporal_chunks.unwrap_or(1);
         optimization = Optimization::Naive { temporal_chunks };
     }
-    let rehash = match args.rehash.schedule(args.common.num_inference_steps)? {
-        Some(schedule) => Rehash::Schedule(schedule),
-        None => Rehash::Off,
-    };
+    let rehash = args.rehash.rehash(args.common.num_inference_steps)?;
     let output = VideoOutput::create(&args.single.output, args.common.fps as f64)?;
     output.check_size(checked.settings.height, checked.settings.width)?;
     let inputs = [

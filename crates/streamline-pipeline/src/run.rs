@@ -158,6 +158,9 @@ pub struct RunReport {
     /// UNet evaluations that ran the whole network, and Step Rehash's partial ones.
     pub full_steps: usize,
     pub partial_steps: usize,
+    /// The denoising steps that ran the whole UNet (all of them without Step Rehash; an
+    /// auto schedule's choice), in order.
+    pub key_steps: Vec<usize>,
     /// Floating-point operations of all UNet evaluations (from the IR).
     pub unet_flops: u64,
     /// Seconds spent in the denoising loop.
@@ -277,22 +280,37 @@ pub(crate) fn decode_in_chunks(
 
 /// The UNet calls of one denoising loop: one per run of frames (several only for the naive
 /// baseline, which denoises each run as a video of its own), each planned once with its own
-/// Step Rehash state.
+/// Step Rehash state; with guidance reuse, the same calls for the conditional half alone.
 pub(crate) struct UNetCalls {
     /// The frames each call covers.
     pub chunks: Vec<Range<usize>>,
     calls: Vec<Call>,
     rehash: Vec<StepRehash>,
+    /// The calls at half the batch, for partial steps that reuse the guidance (empty
+    /// without guidance reuse).
+    conditional: Vec<Call>,
+    /// Whether the batch is both halves of classifier-free guidance (unconditional first).
+    guided: bool,
+}
+
+/// How a denoising loop batches its UNet calls.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Batching {
+    /// Items per call: 2 under classifier-free guidance (one video), else 1.
+    pub batch: usize,
+    /// Partial steps run the conditional half alone and reuse the guidance difference of
+    /// the last step that ran both (see [`GuidanceReuse`]).
+    pub reuse_guidance: bool,
 }
 
 impl UNetCalls {
-    /// `lower(n)`: the UNet graph for a call of `n` frames.
+    /// `lower(n, batch)`: the UNet graph for a call of `n` frames and `batch` items.
     pub fn new(
         frames: usize,
         planning: Planning,
-        rehash: &Rehash,
-        steps: usize,
-        lower: impl Fn(usize) -> IrResult<Graph>,
+        (rehash, steps): (&Rehash, usize),
+        batching: Batching,
+        lower: impl Fn(usize, usize) -> IrResult<Graph>,
     ) -> Result<Self, PipelineError> {
         let chunks = planning.optimization.frame_runs(frames);
         if chunks.len() > 1 && matches!(rehash, Rehash::Record(_)) {
@@ -300,10 +318,18 @@ impl UNetCalls {
                 "calibration records one UNet call per step; naive slicing makes several".into(),
             ));
         }
-        let calls = chunks
-            .iter()
-            .map(|r| Call::new(&lower(r.len())?, planning, CallKind::UNetStep))
-            .collect::<Result<Vec<_>, PipelineError>>()?;
+        let guided = batching.batch == 2;
+        let plan = |batch| {
+            chunks
+                .iter()
+                .map(|r| Call::new(&lower(r.len(), batch)?, planning, CallKind::UNetStep))
+                .collect::<Result<Vec<_>, PipelineError>>()
+        };
+        let calls = plan(batching.batch)?;
+        let conditional = match batching.reuse_guidance && guided && *rehash != Rehash::Off {
+            true => plan(1)?,
+            false => Vec::new(),
+        };
         let rehash = calls
             .iter()
             .map(|call| StepRehash::new(rehash.clone(), &call.graph, steps))
@@ -312,11 +338,20 @@ impl UNetCalls {
             chunks,
             calls,
             rehash,
+            conditional,
+            guided,
         })
     }
 
-    /// Run call `k` at `step` (whole or partial, as Step Rehash decides), adding its peak and
-    /// FLOPs to `report`; returns the UNet output.
+    /// Whether `step` runs the conditional half alone: guidance reuse is on and every call
+    /// makes it a partial step.
+    pub fn conditional_step(&self, step: usize) -> bool {
+        !self.conditional.is_empty() && self.rehash.iter().all(|r| !r.is_full(step))
+    }
+
+    /// Run call `k` at `step` (whole or partial, as Step Rehash decides; on the conditional
+    /// half alone where [`Self::conditional_step`] says so, with `inputs` for that half),
+    /// adding its peak and FLOPs to `report`; returns the UNet output.
     pub fn run(
         &mut self,
         k: usize,
@@ -325,13 +360,25 @@ impl UNetCalls {
         device: &Device,
         report: &mut RunReport,
     ) -> Result<Tensor, PipelineError> {
+        let conditional = self.conditional_step(step);
         let rehash = &mut self.rehash[k];
-        let request = rehash.request(step)?;
-        let mut out = self.calls[k].run_with(inputs, device, &request)?;
+        let (call, request) = match conditional {
+            true => (&self.conditional[k], rehash.request_conditional(step)?),
+            false => (&self.calls[k], rehash.request(step)?),
+        };
+        let mut out = call.run_with(inputs, device, &request)?;
         rehash.absorb(std::mem::take(&mut out.kept))?;
         report.unet_peak_bytes = report.unet_peak_bytes.max(out.stats.peak_bytes);
         report.unet_flops += out.stats.flops;
-        Ok(out.outputs.remove(0))
+        let output = out.outputs.remove(0);
+        // An auto schedule watches the conditional half, which every step computes.
+        let n = output.dim(0)?;
+        let watched = match self.guided && !conditional {
+            true => output.narrow(0, n / 2, n / 2)?,
+            false => output.clone(),
+        };
+        rehash.observe(step, &watched)?;
+        Ok(output)
     }
 
     /// Count whole and partial evaluations into `report`, with what calibration recorded.
@@ -340,7 +387,48 @@ impl UNetCalls {
             let (full, partial) = r.counts();
             report.full_steps += full;
             report.partial_steps += partial;
+            report.key_steps.extend(r.key_steps());
             report.recorded.extend(r.into_recorded());
         }
+        // Calls over runs of frames (the naive baseline) each choose: their union.
+        report.key_steps.sort_unstable();
+        report.key_steps.dedup();
+    }
+}
+
+/// Classifier-free guidance with reuse: a step that runs both halves gives `uncond + g (cond
+/// - uncond)` and keeps the difference `cond - uncond`; a partial step that runs the
+/// conditional half alone gives `cond + (g - 1) d` with the kept `d`, the guided prediction as
+/// if its unconditional half were `cond - d` (FasterCache's reuse of the guidance branch).
+#[derive(Default)]
+pub(crate) struct GuidanceReuse {
+    difference: Option<Tensor>,
+}
+
+impl GuidanceReuse {
+    /// The guided prediction from `pred` `(2, ...)` (unconditional first), scaled by
+    /// `scale` (broadcast); keeps the difference when `keep`.
+    pub fn combine(
+        &mut self,
+        pred: &Tensor,
+        scale: &Tensor,
+        keep: bool,
+    ) -> candle_core::Result<Tensor> {
+        let (uncond, cond) = (pred.narrow(0, 0, 1)?, pred.narrow(0, 1, 1)?);
+        let difference = (&cond - &uncond)?;
+        let guided = (&uncond + scale.broadcast_mul(&difference)?)?;
+        if keep {
+            self.difference = Some(difference);
+        }
+        Ok(guided)
+    }
+
+    /// The guided prediction from the conditional half `cond` `(1, ...)` alone.
+    pub fn reuse(&self, cond: &Tensor, scale: &Tensor) -> Result<Tensor, PipelineError> {
+        let difference = self.difference.as_ref().ok_or_else(|| {
+            PipelineError::Input("guidance reuse before any step ran both halves".into())
+        })?;
+        let scaled = (scale - 1.0)?.broadcast_mul(difference)?;
+        Ok((cond + scaled)?)
     }
 }

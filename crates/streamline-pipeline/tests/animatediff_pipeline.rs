@@ -13,7 +13,7 @@ use streamline_pipeline::quality::max_abs;
 use streamline_pipeline::run::RunReport;
 use streamline_pipeline::svd::unit_noise;
 use streamline_pipeline::Optimization;
-use streamline_rehash::{Rehash, Schedule};
+use streamline_rehash::{AutoRule, Rehash, Schedule};
 
 #[derive(Deserialize)]
 struct Call {
@@ -61,6 +61,7 @@ fn settings(call: &Call, rehash: Rehash) -> AnimateDiffSettings {
         guidance_scale: call.guidance_scale,
         decode_chunk_size: call.decode_chunk_size,
         rehash,
+        reuse_guidance: false,
     }
 }
 
@@ -83,7 +84,8 @@ fn run(
     .unwrap()
 }
 
-/// Every step a key step is original inference; fewer key steps run partial UNet steps.
+/// Every step a key step is original inference; fewer key steps run partial UNet steps;
+/// auto schedules choose theirs during the run.
 #[test]
 fn step_rehash_runs_in_the_animatediff_loop() {
     let (pipe, call, latents, _) = setup();
@@ -105,6 +107,17 @@ fn step_rehash_runs_in_the_animatediff_loop() {
     assert!(
         err > 0.0 && err.is_finite(),
         "partial steps changed nothing: {err}"
+    );
+    // Key steps chosen during the run: every one at a zero threshold, the first only above
+    // every change.
+    let auto = |threshold| Rehash::Auto(AutoRule { threshold });
+    let (every, report) = run(&pipe, &call, &latents, Optimization::Original, auto(0.0));
+    assert_eq!(max_abs(&every, &original).unwrap(), 0.0);
+    assert_eq!(report.key_steps, (0..steps).collect::<Vec<_>>());
+    let (_, report) = run(&pipe, &call, &latents, Optimization::Original, auto(1e9));
+    assert_eq!(
+        (report.key_steps, report.partial_steps),
+        (vec![0], steps - 1)
     );
 }
 
@@ -224,4 +237,48 @@ fn the_smallest_whole_run_peak_keeps_the_frames() {
     let frames = generate(&pipe, &call, &latents, budget);
     let original = generate(&pipe, &call, &latents, Optimization::Original);
     assert_plan_frames("smallest peak", &frames, &original);
+}
+
+/// Guidance reuse: partial steps run the conditional half alone, so they compute less than
+/// partial steps of both halves, and the frames stay near those; key steps are untouched.
+#[test]
+fn partial_steps_reuse_the_guidance_difference() {
+    let (pipe, call, latents, _) = setup();
+    let steps = call.num_inference_steps;
+    let generate = |s: &AnimateDiffSettings| {
+        let negative = Some(call.negative_prompt.as_str());
+        pipe.generate(
+            &call.prompt,
+            negative,
+            s,
+            &latents,
+            Optimization::Original,
+            &mut |_| {},
+        )
+        .unwrap()
+    };
+    let mut both = settings(
+        &call,
+        Rehash::Schedule(Schedule::uniform(steps, 2).unwrap()),
+    );
+    let (two, two_report) = generate(&both);
+    both.reuse_guidance = true;
+    let (one, one_report) = generate(&both);
+    assert_eq!(one_report.key_steps, two_report.key_steps);
+    assert!(
+        one_report.unet_flops < two_report.unet_flops,
+        "{} FLOPs reusing the guidance, {} without",
+        one_report.unet_flops,
+        two_report.unet_flops
+    );
+    let err = max_abs(&one, &two).unwrap();
+    assert!(
+        err > 0.0 && err < 0.2,
+        "reused guidance moved the frames by {err}"
+    );
+    // Every step a key step: nothing to reuse, original inference.
+    both.rehash = Rehash::Schedule(Schedule::every_step(steps));
+    let (every, _) = generate(&both);
+    let original = generate(&settings(&call, Rehash::Off)).0;
+    assert_eq!(max_abs(&every, &original).unwrap(), 0.0);
 }

@@ -1,6 +1,7 @@
 //! Step Rehash inside the SVD pipeline: a schedule of only key steps is original inference,
-//! partial steps compute less, rehash composes with slicing and grouping, and on the default
-//! model a 13-of-25 schedule from the dynamic program keeps frames above 30 dB PSNR.
+//! partial steps compute less, rehash composes with slicing and grouping, auto schedules
+//! choose their key steps during the run, and on the default model a 13-of-25 schedule from
+//! the dynamic program keeps frames above 30 dB PSNR and `auto:0.3` above 35 dB.
 
 mod common;
 
@@ -11,7 +12,7 @@ use common::{default_model, example, fixture, generate, max_abs};
 use streamline_pipeline::quality::{psnr, ssim};
 use streamline_pipeline::svd::{Planes, RunReport, StableVideoDiffusion, SvdError, SvdSettings};
 use streamline_pipeline::Optimization;
-use streamline_rehash::{optimal, similarity, CachePoint, Metric, Rehash, Schedule};
+use streamline_rehash::{optimal, similarity, AutoRule, CachePoint, Metric, Rehash, Schedule};
 
 const PAPER: Optimization = Optimization::Paper {
     temporal_chunks: 7,
@@ -77,6 +78,34 @@ fn a_schedule_of_only_key_steps_is_original_inference() {
         assert_eq!((report.full_steps, report.partial_steps), (4, 0));
         assert_eq!(report.unet_flops, plain.unet_flops);
     }
+}
+
+fn auto(threshold: f64) -> Rehash {
+    Rehash::Auto(AutoRule { threshold })
+}
+
+/// `auto:0` is original inference; above every change only the first step runs whole; a run
+/// chooses the same key steps every time, and with the paper's slicing too.
+#[test]
+fn an_auto_schedule_chooses_key_steps_during_the_run() {
+    let f = fixture_pipe();
+    let (original, plain) = f.run(Optimization::Original, Rehash::Off);
+    let (every, report) = f.run(Optimization::Original, auto(0.0));
+    assert_eq!(max_abs(&every, &original), 0.0);
+    assert_eq!(report.key_steps, vec![0, 1, 2, 3]);
+    assert_eq!(report.unet_flops, plain.unet_flops);
+    let (first, report) = f.run(Optimization::Original, auto(1e9));
+    assert_eq!((report.key_steps, report.partial_steps), (vec![0], 3));
+    assert!(max_abs(&first, &original) > 0.0);
+    // A threshold between: the fixture's output changes pick some steps, the same each run.
+    let (frames, report) = f.run(Optimization::Original, auto(0.05));
+    eprintln!("auto:0.05 key steps {:?}", report.key_steps);
+    let (again, second) = f.run(Optimization::Original, auto(0.05));
+    assert_eq!(max_abs(&again, &frames), 0.0);
+    assert_eq!(second.key_steps, report.key_steps);
+    let (sliced, sliced_report) = f.run(PAPER, auto(0.05));
+    assert_eq!(sliced_report.key_steps, report.key_steps);
+    assert!(max_abs(&sliced, &frames) <= 2e-3);
 }
 
 #[test]
@@ -184,4 +213,70 @@ fn dp_schedule_13_of_25_keeps_the_default_model_above_30_db() {
         diff <= 2e-3,
         "rehash with paper 7/7: frames differ by {diff}"
     );
+
+    // No calibration: key steps chosen during the run.
+    let (frames, report) = generate(&pipe, &red, 0, Optimization::Original, auto(0.3));
+    let quality = psnr(&frames, &original).unwrap();
+    eprintln!(
+        "auto:0.3 key steps {:?}: PSNR {quality:.2} dB",
+        report.key_steps
+    );
+    assert!(report.key_steps.len() < 13 && report.key_steps[0] == 0);
+    assert!(quality >= 35.0, "auto:0.3: PSNR {quality:.2} dB < 35 dB");
+}
+
+/// Guidance reuse in the SVD loop: partial steps of the conditional half alone compute less,
+/// choose the same key steps under auto, and keep the frames near those of partial steps of
+/// both halves.
+#[test]
+fn partial_steps_reuse_the_guidance_difference() {
+    let f = fixture_pipe();
+    let settings = |rehash, reuse_guidance| SvdSettings {
+        height: 16,
+        width: 24,
+        num_frames: Some(3),
+        num_inference_steps: 4,
+        rehash,
+        reuse_guidance,
+        ..SvdSettings::default()
+    };
+    let run = |s: &SvdSettings| {
+        let (latents, noise) = (&f.io["latents"], &f.io["image_noise"]);
+        f.pipe
+            .generate(
+                &f.image,
+                s,
+                latents,
+                noise,
+                Optimization::Original,
+                &mut |_| {},
+            )
+            .unwrap()
+    };
+    let schedule = Rehash::Schedule(Schedule {
+        key_steps: vec![0, 2],
+        ..Schedule::every_step(4)
+    });
+    let (two, two_report) = run(&settings(schedule.clone(), false));
+    let (one, one_report) = run(&settings(schedule, true));
+    assert_eq!(one_report.key_steps, vec![0, 2]);
+    assert!(one_report.unet_flops < two_report.unet_flops);
+    let err = max_abs(&one, &two);
+    assert!(
+        err > 0.0 && err < 0.2,
+        "reused guidance moved the frames by {err}"
+    );
+    let (_, sliced) = f
+        .pipe
+        .generate(
+            &f.image,
+            &settings(auto(0.05), true),
+            &f.io["latents"],
+            &f.io["image_noise"],
+            PAPER,
+            &mut |_| {},
+        )
+        .unwrap();
+    let (_, whole) = run(&settings(auto(0.05), true));
+    assert_eq!(sliced.key_steps, whole.key_steps);
 }

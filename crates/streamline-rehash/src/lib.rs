@@ -9,22 +9,28 @@
 //! - [`calibrate`]: step-to-step similarity matrices (cosine, relative L2) of recorded features;
 //! - [`search`]: the key-step search over such a matrix — the optimal dynamic program, the
 //!   paper's greedy threshold walk (Algorithm 1) and uniform spacing;
-//! - [`schedule`]: schedules as TOML files and the `--rehash off | uniform:K | FILE.toml` flag.
+//! - [`schedule`]: schedules as TOML files and the `--rehash off | uniform:K | auto:T |
+//!   FILE.toml` flag;
+//! - [`auto`]: key steps chosen during the run from how much the UNet's output changes.
 //!
 //! **Promises:** the dynamic program's key steps score as high as any choice of the same
-//! number of key steps; a schedule where every step is a key step is original inference.
+//! number of key steps; a schedule where every step is a key step, and `auto:0`, is original
+//! inference; an auto schedule's key steps depend only on the run's numbers.
 //!
 //! **Tests:** `cargo test -p streamline-rehash` (proptest: DP = exhaustive search on random
-//! matrices; greedy valid and never better than the DP; schedule parsing and validation; cache
-//! points and partial-step FLOPs on a fixture UNet). End-to-end rehash runs are tested in
+//! matrices; greedy valid and never better than the DP; schedule parsing and validation; the
+//! auto rule's key steps on given output changes; cache points and partial-step FLOPs on a
+//! fixture UNet). End-to-end rehash runs are tested in
 //! streamline-pipeline (`tests/rehash.rs`).
 
+pub mod auto;
 pub mod cache;
 pub mod calibrate;
 pub mod schedule;
 pub mod search;
 pub mod step;
 
+pub use auto::AutoRule;
 pub use cache::{CacheError, CachePoint};
 pub use calibrate::{mean, similarity, CalibrationError, Metric};
 pub use schedule::{RehashArg, Schedule, ScheduleError};

@@ -4,9 +4,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::auto::AutoRule;
 use crate::cache::{CacheError, CachePoint};
 use crate::calibrate::Metric;
 use crate::search::{uniform, Method, SearchError};
+use crate::step::Rehash;
 
 /// A Step Rehash schedule for one number of inference steps.
 ///
@@ -38,7 +40,7 @@ pub struct Schedule {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScheduleError {
-    #[error("--rehash {0:?}: expected `off`, `uniform:K` or a .toml schedule file")]
+    #[error("--rehash {0:?}: expected `off`, `uniform:K`, `auto:THRESHOLD` (a number >= 0) or a .toml schedule file")]
     Flag(String),
     /// Causes are told in the message, so they are not also a `source()` (a reported chain
     /// would print them twice).
@@ -139,11 +141,12 @@ impl Schedule {
     }
 }
 
-/// The `--rehash` flag: `off`, `uniform:K` or a schedule file.
+/// The `--rehash` flag: `off`, `uniform:K`, `auto:THRESHOLD` or a schedule file.
 #[derive(Clone, Debug, PartialEq)]
 pub enum RehashArg {
     Off,
     Uniform(usize),
+    Auto(f64),
     File(PathBuf),
 }
 
@@ -160,6 +163,12 @@ impl std::str::FromStr for RehashArg {
                 .map(RehashArg::Uniform)
                 .map_err(|_| ScheduleError::Flag(s.into()));
         }
+        if let Some(t) = s.strip_prefix("auto:") {
+            return match t.parse::<f64>() {
+                Ok(t) if t.is_finite() && t >= 0.0 => Ok(RehashArg::Auto(t)),
+                _ => Err(ScheduleError::Flag(s.into())),
+            };
+        }
         if s.ends_with(".toml") {
             return Ok(RehashArg::File(s.into()));
         }
@@ -172,16 +181,32 @@ impl std::fmt::Display for RehashArg {
         match self {
             RehashArg::Off => f.write_str("off"),
             RehashArg::Uniform(k) => write!(f, "uniform:{k}"),
+            RehashArg::Auto(t) => write!(f, "auto:{t}"),
             RehashArg::File(path) => write!(f, "{}", path.display()),
         }
     }
 }
 
 impl RehashArg {
-    /// The schedule for a run of `steps` inference steps; `None` for `off`.
+    /// What the denoising loop of a run of `steps` inference steps does.
+    pub fn rehash(&self, steps: usize) -> Result<Rehash, ScheduleError> {
+        Ok(match self {
+            RehashArg::Off => Rehash::Off,
+            RehashArg::Auto(threshold) => Rehash::Auto(AutoRule {
+                threshold: *threshold,
+            }),
+            RehashArg::Uniform(_) | RehashArg::File(_) => match self.schedule(steps)? {
+                Some(schedule) => Rehash::Schedule(schedule),
+                None => Rehash::Off,
+            },
+        })
+    }
+
+    /// The schedule for a run of `steps` inference steps; `None` for `off` and `auto`,
+    /// which have none before the run.
     pub fn schedule(&self, steps: usize) -> Result<Option<Schedule>, ScheduleError> {
         let schedule = match self {
-            RehashArg::Off => return Ok(None),
+            RehashArg::Off | RehashArg::Auto(_) => return Ok(None),
             RehashArg::Uniform(k) => Schedule::uniform(steps, *k)?,
             RehashArg::File(path) => {
                 let s = Schedule::read(path)?;
@@ -216,7 +241,23 @@ mod tests {
             "s.toml".parse::<RehashArg>().unwrap(),
             RehashArg::File("s.toml".into())
         );
-        for bad in ["uniform:", "uniform:x", "on", "13"] {
+        assert_eq!(
+            "auto:0.2".parse::<RehashArg>().unwrap(),
+            RehashArg::Auto(0.2)
+        );
+        assert_eq!(
+            RehashArg::Auto(0.2).rehash(25).unwrap(),
+            Rehash::Auto(AutoRule { threshold: 0.2 })
+        );
+        for bad in [
+            "uniform:",
+            "uniform:x",
+            "on",
+            "13",
+            "auto:",
+            "auto:-1",
+            "auto:nan",
+        ] {
             assert!(bad.parse::<RehashArg>().is_err(), "{bad}");
         }
         let every = RehashArg::Uniform(25).schedule(25).unwrap().unwrap();

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use candle_core::Tensor;
 use streamline_ir::{Graph, Request};
 
+use crate::auto::{AutoRule, AutoState};
 use crate::cache::{CacheError, CachePoint};
 use crate::schedule::Schedule;
 
@@ -17,6 +18,8 @@ pub enum Rehash {
     Off,
     /// Key steps of the schedule run the whole UNet; the others reuse their cache.
     Schedule(Schedule),
+    /// Key steps chosen during the run ([`crate::auto`]), caching at the default point.
+    Auto(AutoRule),
     /// Calibration: every step runs the whole UNet and its features at the cache point are
     /// recorded (steps x the cached value's bytes are held).
     Record(CachePoint),
@@ -36,6 +39,8 @@ pub enum StepError {
     NoCache(usize),
     #[error("the run did not return the cached value `{0}`")]
     NotKept(String),
+    #[error("step rehash: {0}")]
+    Tensor(#[from] candle_core::Error),
 }
 
 /// Step Rehash state of one UNet call (one graph and plan) over a denoising loop.
@@ -46,7 +51,9 @@ pub struct StepRehash {
     value: Option<String>,
     cache: Option<Tensor>,
     recorded: Vec<Tensor>,
-    full_steps: usize,
+    auto: Option<AutoState>,
+    /// The steps that ran the whole UNet, in order.
+    key_steps: Vec<usize>,
     partial_steps: usize,
 }
 
@@ -66,7 +73,12 @@ impl StepRehash {
                 }
                 Some(s.cache_point()?)
             }
+            Rehash::Auto(_) => Some(CachePoint::default()),
             Rehash::Record(p) => Some(*p),
+        };
+        let auto = match &mode {
+            Rehash::Auto(rule) => Some(AutoState::new(*rule)),
+            _ => None,
         };
         let value = point.map(|p| p.value_name(graph)).transpose()?;
         Ok(StepRehash {
@@ -74,7 +86,8 @@ impl StepRehash {
             value,
             cache: None,
             recorded: Vec::new(),
-            full_steps: 0,
+            auto,
+            key_steps: Vec::new(),
             partial_steps: 0,
         })
     }
@@ -83,6 +96,7 @@ impl StepRehash {
     pub fn is_full(&self, step: usize) -> bool {
         match &self.mode {
             Rehash::Schedule(s) => s.is_key(step),
+            Rehash::Auto(_) => self.auto.as_ref().is_none_or(|a| a.is_key(step)),
             Rehash::Off | Rehash::Record(_) => true,
         }
     }
@@ -91,12 +105,12 @@ impl StepRehash {
     /// most one copy of the cached features is alive.
     pub fn request(&mut self, step: usize) -> Result<Request, StepError> {
         let Some(value) = &self.value else {
-            self.full_steps += 1;
+            self.key_steps.push(step);
             return Ok(Request::default());
         };
         if self.is_full(step) {
             self.cache = None;
-            self.full_steps += 1;
+            self.key_steps.push(step);
             return Ok(Request {
                 keep: vec![value.clone()],
                 substitute: Vec::new(),
@@ -107,6 +121,21 @@ impl StepRehash {
         Ok(Request {
             keep: Vec::new(),
             substitute: vec![(value.clone(), cache)],
+        })
+    }
+
+    /// The request for partial `step` when it runs only the conditional half of a
+    /// classifier-free-guidance batch (guidance reuse): the cached features' second half
+    /// along dim 0, where the lowerings put the conditional items.
+    pub fn request_conditional(&mut self, step: usize) -> Result<Request, StepError> {
+        let (Some(value), Some(cache)) = (&self.value, &self.cache) else {
+            return Err(StepError::NoCache(step));
+        };
+        let half = cache.dim(0)? / 2;
+        self.partial_steps += 1;
+        Ok(Request {
+            keep: Vec::new(),
+            substitute: vec![(value.clone(), cache.narrow(0, half, half)?)],
         })
     }
 
@@ -128,9 +157,24 @@ impl StepRehash {
         Ok(())
     }
 
+    /// Take `step`'s UNet output (after [`Self::absorb`]): an auto schedule decides from
+    /// it whether the next step is a key step.
+    pub fn observe(&mut self, step: usize, output: &Tensor) -> Result<(), StepError> {
+        let key = self.key_steps.last() == Some(&step);
+        if let Some(auto) = &mut self.auto {
+            auto.observe(key, output)?;
+        }
+        Ok(())
+    }
+
     /// (full, partial) UNet evaluations so far.
     pub fn counts(&self) -> (usize, usize) {
-        (self.full_steps, self.partial_steps)
+        (self.key_steps.len(), self.partial_steps)
+    }
+
+    /// The steps that ran the whole UNet so far, in order.
+    pub fn key_steps(&self) -> &[usize] {
+        &self.key_steps
     }
 
     /// Features recorded at every step (calibration), in step order.

@@ -62,7 +62,7 @@ pub const MODES: [(&str, &str); 6] = [
     ("slicer-only", "slicer-only"),
     ("paper", "paper"),
     ("budget", "budget"),
-    ("rehash", "paper"),
+    ("rehash", "original"),
 ];
 
 /// The diffusers peers' modes.

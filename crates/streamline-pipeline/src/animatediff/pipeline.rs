@@ -20,8 +20,8 @@ use crate::phases::{Phase, RunPlan};
 use crate::planner::{plan_report, ModelSpec, PlanReport, PlanRequest};
 use crate::residency::{enter, PhaseMeter, Planned, Slot, SlotControl};
 use crate::run::{
-    decode_in_chunks, ensure_finite_step, ensure_frames, PipelineError, Planning, RunReport, Sizes,
-    Stage, UNetCalls,
+    decode_in_chunks, ensure_finite_step, ensure_frames, Batching, GuidanceReuse, PipelineError,
+    Planning, RunReport, Sizes, Stage, UNetCalls,
 };
 use crate::scheduler::Scheduler;
 
@@ -38,6 +38,9 @@ pub struct AnimateDiffSettings {
     pub decode_chunk_size: usize,
     /// Step Rehash (not a diffusers argument): which steps run the whole UNet.
     pub rehash: Rehash,
+    /// Step Rehash's partial steps run the conditional half of classifier-free guidance
+    /// alone and reuse the guidance difference of the last step that ran both.
+    pub reuse_guidance: bool,
 }
 
 impl Default for AnimateDiffSettings {
@@ -50,6 +53,7 @@ impl Default for AnimateDiffSettings {
             guidance_scale: 7.5,
             decode_chunk_size: 16,
             rehash: Rehash::Off,
+            reuse_guidance: false,
         }
     }
 }
@@ -326,12 +330,16 @@ impl AnimateDiff {
         let steps = scheduler.timesteps().len();
         let context_len = context.dim(1)?;
         let unet = self.unet.get()?;
+        let batching = Batching {
+            batch,
+            reuse_guidance: settings.reuse_guidance,
+        };
         let mut calls = UNetCalls::new(
             frames,
             Planning::new(run.call(Phase::Denoise), self.kernels),
-            &settings.rehash,
-            steps,
-            |n| {
+            (&settings.rehash, steps),
+            batching,
+            |n, batch| {
                 unet.lower(UNetShape {
                     batch,
                     frames: n,
@@ -343,10 +351,18 @@ impl AnimateDiff {
         )?;
         drop(unet);
         let mut report = RunReport::default();
+        let mut reuse = GuidanceReuse::default();
+        let scale = Tensor::new(settings.guidance_scale as f32, dev)?.to_dtype(self.dtype)?;
+        let positive = context.narrow(0, batch - 1, 1)?;
         let started = std::time::Instant::now();
         for i in 0..steps {
             progress(Stage::Denoise { step: i, of: steps });
-            let input = if cfg {
+            let conditional = calls.conditional_step(i);
+            let (items, context) = match conditional {
+                true => (1, &positive),
+                false => (batch, context),
+            };
+            let input = if cfg && !conditional {
                 Tensor::cat(&[&latents, &latents], 0)?
             } else {
                 latents.clone()
@@ -360,10 +376,10 @@ impl AnimateDiff {
                 let part = input
                     .narrow(2, range.start, range.len())?
                     .permute((0, 2, 1, 3, 4))?
-                    .reshape((batch * range.len(), c, h, w))?;
-                let inputs = vec![part, Tensor::new(vec![t; batch], dev)?, context.clone()];
+                    .reshape((items * range.len(), c, h, w))?;
+                let inputs = vec![part, Tensor::new(vec![t; items], dev)?, context.clone()];
                 let pred = calls.run(k, i, inputs, dev, &mut report)?.reshape((
-                    batch,
+                    items,
                     range.len(),
                     c,
                     h,
@@ -372,11 +388,10 @@ impl AnimateDiff {
                 preds.push(pred.permute((0, 2, 1, 3, 4))?);
             }
             let pred = Tensor::cat(&preds, 2)?;
-            let guided = if cfg {
-                let (uncond, cond) = (pred.narrow(0, 0, 1)?, pred.narrow(0, 1, 1)?);
-                (&uncond + ((&cond - &uncond)? * settings.guidance_scale)?)?
-            } else {
-                pred
+            let guided = match (conditional, cfg) {
+                (true, _) => reuse.reuse(&pred, &scale)?,
+                (false, true) => reuse.combine(&pred, &scale, settings.reuse_guidance)?,
+                (false, false) => pred,
             };
             latents = scheduler.step(&guided, i, &latents)?;
             ensure_finite_step(&latents, i, steps)?;

@@ -155,6 +155,7 @@ impl SvdOverrides {
             motion_bucket_id: self.motion_bucket_id.unwrap_or(base.motion_bucket_id),
             noise_aug_strength: self.noise_aug_strength.unwrap_or(base.noise_aug_strength),
             rehash: base.rehash,
+            reuse_guidance: base.reuse_guidance,
         }
     }
 }
@@ -179,6 +180,7 @@ impl AnimateDiffOverrides {
             decode_chunk_size: s.decode_chunk_size.unwrap_or(base.decode_chunk_size),
             guidance_scale: self.guidance_scale.unwrap_or(base.guidance_scale),
             rehash: base.rehash,
+            reuse_guidance: base.reuse_guidance,
         }
     }
 }

@@ -374,9 +374,16 @@ fn lower(models: &Models, shape: RunShape, request: &PlanRequest) -> Result<Lowe
         width: w,
         context_len,
     };
+    // Step Rehash holds the cached value between steps, and an auto schedule the previous
+    // step's UNet output that it compares with.
     let cache = |g: &Graph| {
         if request.rehash {
-            cache_value(g).map_or(0, |(_, b)| b)
+            let output = g
+                .outputs()
+                .iter()
+                .map(|&o| g.info(o).bytes())
+                .sum::<usize>();
+            cache_value(g).map_or(0, |(_, b)| b) + output
         } else {
             0
         }

@@ -9,8 +9,8 @@ use crate::phases::{Phase, RunPlan};
 use crate::planner::{plan_report, ModelSpec, PlanReport, PlanRequest};
 use crate::residency::{enter, PhaseMeter, Planned, Slot, SlotControl};
 use crate::run::{
-    decode_in_chunks, ensure_finite_step, ensure_frames, Call, PipelineError, Planning, RunReport,
-    Sizes, Stage, UNetCalls,
+    decode_in_chunks, ensure_finite_step, ensure_frames, Batching, Call, GuidanceReuse,
+    PipelineError, Planning, RunReport, Sizes, Stage, UNetCalls,
 };
 use crate::scheduler::{EulerDiscreteScheduler, SchedulerClass, SchedulerConfig};
 use candle_core::{DType, Device, Module, Tensor};
@@ -42,6 +42,9 @@ pub struct SvdSettings {
     pub decode_chunk_size: Option<usize>,
     /// Step Rehash (not a diffusers argument): which steps run the whole UNet.
     pub rehash: Rehash,
+    /// Step Rehash's partial steps run the conditional half of classifier-free guidance
+    /// alone and reuse the guidance difference of the last step that ran both.
+    pub reuse_guidance: bool,
 }
 
 impl Default for SvdSettings {
@@ -58,6 +61,7 @@ impl Default for SvdSettings {
             noise_aug_strength: 0.02,
             decode_chunk_size: None,
             rehash: Rehash::Off,
+            reuse_guidance: false,
         }
     }
 }
@@ -466,12 +470,16 @@ impl StableVideoDiffusion {
         let batch = cond.embeds.dim(0)?;
         let steps = scheduler.timesteps().len();
         let unet = self.unet.get()?;
+        let batching = Batching {
+            batch,
+            reuse_guidance: settings.reuse_guidance,
+        };
         let mut calls = UNetCalls::new(
             frames,
             Planning::new(run.call(Phase::Denoise), self.kernels),
-            &settings.rehash,
-            steps,
-            |n| {
+            (&settings.rehash, steps),
+            batching,
+            |n, batch| {
                 unet.lower(UNetShape {
                     batch,
                     frames: n,
@@ -483,10 +491,13 @@ impl StableVideoDiffusion {
         )?;
         drop(unet);
         let mut report = RunReport::default();
+        let mut reuse = GuidanceReuse::default();
         let started = std::time::Instant::now();
         for i in 0..steps {
             progress(Stage::Denoise { step: i, of: steps });
-            let doubled = Tensor::cat(&vec![&latents; batch], 0)?;
+            let conditional = calls.conditional_step(i);
+            let (items, cond) = cond.items(conditional)?;
+            let doubled = Tensor::cat(&vec![&latents; items], 0)?;
             let input = scheduler.scale_model_input(&doubled, i)?;
             let input = Tensor::cat(&[&input, &cond.lat], 2)?;
             let t = scheduler.timesteps()[i];
@@ -494,26 +505,24 @@ impl StableVideoDiffusion {
             for k in 0..calls.chunks.len() {
                 let range = calls.chunks[k].clone();
                 let part = input.narrow(1, range.start, range.len())?.reshape((
-                    batch * range.len(),
+                    items * range.len(),
                     2 * c,
                     h,
                     w,
                 ))?;
                 let inputs = vec![
                     part,
-                    Tensor::new(vec![t; batch], dev)?,
+                    Tensor::new(vec![t; items], dev)?,
                     cond.embeds.clone(),
                     cond.ids.clone(),
                 ];
                 let out = calls.run(k, i, inputs, dev, &mut report)?;
-                preds.push(out.reshape((batch, range.len(), c, h, w))?);
+                preds.push(out.reshape((items, range.len(), c, h, w))?);
             }
             let pred = Tensor::cat(&preds, 1)?;
-            let guided = match batch {
-                2 => {
-                    let (uncond, cond) = (pred.narrow(0, 0, 1)?, pred.narrow(0, 1, 1)?);
-                    (&uncond + guidance.broadcast_mul(&(&cond - &uncond)?)?)?
-                }
+            let guided = match (conditional, items) {
+                (true, _) => reuse.reuse(&pred, &guidance)?,
+                (false, 2) => reuse.combine(&pred, &guidance, settings.reuse_guidance)?,
                 _ => pred,
             };
             latents = scheduler.step(&guided, i, &latents)?;
@@ -549,6 +558,24 @@ impl StableVideoDiffusion {
 }
 
 /// What the encode phase hands to the denoise phase.
+impl Conditioning {
+    /// The items a UNet call takes: all of them, or the conditional half alone (the second
+    /// item under guidance) with their count.
+    fn items(&self, conditional: bool) -> Result<(usize, Conditioning), PipelineError> {
+        let n = self.embeds.dim(0)?;
+        let take = |t: &Tensor| match conditional {
+            true => t.narrow(0, n - 1, 1),
+            false => Ok(t.clone()),
+        };
+        let items = Conditioning {
+            embeds: take(&self.embeds)?,
+            lat: take(&self.lat)?,
+            ids: take(&self.ids)?,
+        };
+        Ok((if conditional { 1 } else { n }, items))
+    }
+}
+
 struct Conditioning {
     /// The image embedding, `(B, 1, D)`: B = 2 under guidance (zeros first), else 1.
     embeds: Tensor,
