@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::DType;
 use serde::Serialize;
-use streamline_pipeline::planner::{plan_report, ModelSpec, PlanRequest};
+use streamline_pipeline::planner::{plan_report, ModelSpec, PlanRequest, RehashMemory};
 use streamline_pipeline::Optimization;
 
 /// One planning request and how it went.
@@ -74,7 +74,7 @@ pub fn run(out: &Path) -> Result<()> {
                 optimization,
                 kernels: streamline_pipeline::Kernels::Cpu,
                 decode_chunk_size: 14,
-                rehash: false,
+                rehash: RehashMemory::Off,
             };
             let start = Instant::now();
             let result = plan_report(request);

@@ -8,7 +8,7 @@ use anyhow::Result;
 use candle_core::{DType, Device};
 use clap::Args;
 use streamline_pipeline::animatediff::{AnimateDiff, AnimateDiffConfigs, AnimateDiffSettings};
-use streamline_pipeline::planner::{ModelSpec, PlanRequest};
+use streamline_pipeline::planner::{ModelSpec, PlanRequest, RehashMemory};
 use streamline_pipeline::svd::unit_noise;
 use streamline_pipeline::video::VideoOutput;
 use streamline_pipeline::{DeviceKind, Kernels, Optimization};
@@ -172,7 +172,7 @@ impl Prepared {
                 optimization: self.optimization,
                 kernels: self.kernels,
                 decode_chunk_size: settings.decode_chunk_size,
-                rehash: rehash != Rehash::Off,
+                rehash: RehashMemory::of(&rehash),
             },
             self.device_kind,
         )?;

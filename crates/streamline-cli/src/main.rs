@@ -33,7 +33,9 @@ use std::io::IsTerminal;
 use anyhow::Result;
 use candle_core::DType;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use streamline_pipeline::planner::{group_listing, plan_report, ModelSpec, PlanRequest};
+use streamline_pipeline::planner::{
+    group_listing, plan_report, ModelSpec, PlanRequest, RehashMemory,
+};
 /// `--device cpu | cuda[:N] | metal[:N]`.
 pub(crate) use streamline_pipeline::DeviceSpec as DeviceArg;
 use streamline_pipeline::{
@@ -248,7 +250,10 @@ fn plan(args: PlanArgs) -> Result<()> {
         optimization: args.optimization.optimization()?,
         kernels: args.optimization.kernels.kernels(args.device.kind)?,
         decode_chunk_size: args.decode_chunk_size,
-        rehash: args.rehash,
+        rehash: match args.rehash {
+            true => RehashMemory::Cache,
+            false => RehashMemory::Off,
+        },
     })?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report.json())?);

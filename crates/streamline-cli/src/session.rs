@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use streamline_ir::human;
-use streamline_pipeline::planner::{ModelSpec, PlanRequest};
+use streamline_pipeline::planner::{ModelSpec, PlanRequest, RehashMemory};
 use streamline_pipeline::run::all_finite;
 use streamline_pipeline::svd::{
     default_model_dir, unit_noise, Planes, RunReport, StableVideoDiffusion, SvdConfigs,
@@ -187,7 +187,7 @@ impl Checked {
                 optimization: self.optimization,
                 kernels: self.kernels,
                 decode_chunk_size: settings.decode_chunk_size.unwrap_or(frames),
-                rehash: settings.rehash != Rehash::Off,
+                rehash: RehashMemory::of(&settings.rehash),
             },
             self.device_kind,
         )?;

@@ -62,6 +62,11 @@ pub fn up_block_mark(n: usize) -> String {
     format!("up_blocks.{n}")
 }
 
+/// The mark a UNet lowering puts on the output of the first down block's first layer: the
+/// shallow features every step computes, whole or partial (the last up block reads them as
+/// a skip), which Step Rehash's auto schedules watch.
+pub const SHALLOW_MARK: &str = "down_blocks.0.layers.0";
+
 impl Graph {
     pub fn new() -> Self {
         Self::default()

@@ -42,7 +42,7 @@ mod value;
 pub use cost::{PlanCost, Trial};
 pub use error::{Infeasible, IrError, Result};
 pub use exec::{Executor, Request, RunOutput};
-pub use graph::{up_block_mark, Graph, Node, Producer, Value, ValueId};
+pub use graph::{up_block_mark, Graph, Node, Producer, Value, ValueId, SHALLOW_MARK};
 pub use ledger::{human, Ledger, RunStats};
 pub use op::{Independence, Kernels, Op, RowBand, RowRule, SliceCtx, Workspace};
 pub use pass::{Pass, PassPipeline};

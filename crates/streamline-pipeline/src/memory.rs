@@ -128,7 +128,7 @@ mod tests {
             optimization: crate::Optimization::Original,
             kernels: crate::Kernels::Cpu,
             decode_chunk_size: 14,
-            rehash: false,
+            rehash: crate::planner::RehashMemory::Off,
         })
         .unwrap();
         assert!(check_plan(&report, report.total()).is_ok());

@@ -370,15 +370,8 @@ impl UNetCalls {
         rehash.absorb(std::mem::take(&mut out.kept))?;
         report.unet_peak_bytes = report.unet_peak_bytes.max(out.stats.peak_bytes);
         report.unet_flops += out.stats.flops;
-        let output = out.outputs.remove(0);
-        // An auto schedule watches the conditional half, which every step computes.
-        let n = output.dim(0)?;
-        let watched = match self.guided && !conditional {
-            true => output.narrow(0, n / 2, n / 2)?,
-            false => output.clone(),
-        };
-        rehash.observe(step, &watched)?;
-        Ok(output)
+        rehash.observe(step, self.guided && !conditional)?;
+        Ok(out.outputs.remove(0))
     }
 
     /// Count whole and partial evaluations into `report`, with what calibration recorded.

@@ -1,20 +1,25 @@
 //! Key steps chosen during the run, with no calibration: `--rehash auto:THRESHOLD`.
 //!
-//! Every step, full or partial, computes the UNet's output, so the rule watches it: after
-//! each step it adds the relative L1 change of the output since the step before, and once
-//! the change accumulated since the last key step reaches the threshold, the next step is a
-//! key step (and the sum starts again). The first step is always one (there is nothing to
-//! reuse); the last follows the rule like any other (forcing it to be a key step bought the
-//! built-in model 0.01 dB for a whole UNet evaluation). A threshold of 0 makes every step a
-//! key step: original inference. The rule reads only the run's own numbers, so a run
-//! chooses the same key steps every time.
+//! Every step, full or partial, computes the UNet's shallow features (the first down block's
+//! first layer, which the last up block reads as a skip), so the rule watches them: after
+//! each step it adds their relative L1 change since the step before, and once the change
+//! summed since the last key step, plus the latest change (about what the next step will
+//! add), reaches the threshold, the next step is a key step and the sum starts again. The
+//! first step is always one (there is nothing to reuse); the last follows the rule like any
+//! other. A threshold of 0 makes every step a key step: original inference. The rule reads
+//! only the run's own numbers, so a run chooses the same key steps every time.
+//!
+//! On the default model the shallow features track the drift of the cached deep features
+//! much as the dynamic program's calibration sees it; the UNet's output, tried first, changes
+//! little early and much late and put the key steps a few steps too late
+//! (docs/step-rehash.md).
 
 use candle_core::{DType, Tensor};
 
 /// The `auto:THRESHOLD` rule's parameter.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AutoRule {
-    /// Accumulated relative L1 change of the UNet output that calls for a key step.
+    /// Accumulated relative L1 change of the shallow features that calls for a key step.
     pub threshold: f64,
 }
 
@@ -41,17 +46,19 @@ impl AutoState {
         step == 0 || self.due
     }
 
-    /// Take step `step`'s UNet output (`key`: whether the step ran the whole UNet) and
+    /// Take a step's shallow `features` (`key`: whether the step ran the whole UNet) and
     /// decide whether the next step is a key step.
-    pub fn observe(&mut self, key: bool, output: &Tensor) -> candle_core::Result<()> {
+    pub fn observe(&mut self, key: bool, features: &Tensor) -> candle_core::Result<()> {
         let change = match &self.previous {
-            Some(previous) => relative_l1(output, previous)?,
+            Some(previous) => relative_l1(features, previous)?,
             None => 0.0,
         };
         // A key step refreshes the cache: only the change after it counts.
         self.accumulated = if key { 0.0 } else { self.accumulated + change };
-        self.previous = Some(output.clone());
-        self.due = self.accumulated >= self.rule.threshold;
+        // A copy: `features` may view a larger buffer (both halves of the guidance batch).
+        self.previous = Some(features.copy()?);
+        // The next step will have drifted by about one more such change.
+        self.due = self.accumulated + change >= self.rule.threshold;
         Ok(())
     }
 }
@@ -69,7 +76,7 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    /// Outputs that change by `changes[i]` (relative L1) into step `i + 1`.
+    /// Features that change by `changes[i]` (relative L1) into step `i + 1`.
     fn keys(threshold: f64, changes: &[f64]) -> Vec<usize> {
         let steps = changes.len() + 1;
         let mut state = AutoState::new(AutoRule { threshold });
@@ -96,11 +103,11 @@ mod tests {
 
     #[test]
     fn key_steps_follow_the_accumulated_change() {
-        // Changes of 0.1 each: the sum passes 0.28 after three partial steps.
-        assert_eq!(keys(0.28, &[0.1; 9]), vec![0, 4, 8]);
+        // Changes of 0.1 each: two partial steps and the next one's change pass 0.28.
+        assert_eq!(keys(0.28, &[0.1; 9]), vec![0, 3, 6, 9]);
         // Large early changes, small late ones (as a denoising loop runs): keys crowd early.
         let changes = [0.5, 0.3, 0.2, 0.1, 0.05, 0.05, 0.05, 0.05, 0.05];
-        assert_eq!(keys(0.32, &changes), vec![0, 2, 6]);
+        assert_eq!(keys(0.32, &changes), vec![0, 2, 4]);
         // A threshold above everything: the first step only.
         assert_eq!(keys(100.0, &changes), vec![0]);
     }

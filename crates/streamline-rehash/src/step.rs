@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use candle_core::Tensor;
-use streamline_ir::{Graph, Request};
+use streamline_ir::{Graph, Request, SHALLOW_MARK};
 
 use crate::auto::{AutoRule, AutoState};
 use crate::cache::{CacheError, CachePoint};
@@ -41,6 +41,8 @@ pub enum StepError {
     NotKept(String),
     #[error("step rehash: {0}")]
     Tensor(#[from] candle_core::Error),
+    #[error("--rehash auto: the UNet graph marks no shallow features (`{SHALLOW_MARK}`)")]
+    NoShallow,
 }
 
 /// Step Rehash state of one UNet call (one graph and plan) over a denoising loop.
@@ -52,6 +54,8 @@ pub struct StepRehash {
     cache: Option<Tensor>,
     recorded: Vec<Tensor>,
     auto: Option<AutoState>,
+    /// With an auto schedule: the shallow features' value name, and their latest copy.
+    shallow: Option<(String, Option<Tensor>)>,
     /// The steps that ran the whole UNet, in order.
     key_steps: Vec<usize>,
     partial_steps: usize,
@@ -80,6 +84,13 @@ impl StepRehash {
             Rehash::Auto(rule) => Some(AutoState::new(*rule)),
             _ => None,
         };
+        let shallow = match auto {
+            Some(_) => {
+                let value = graph.marked(SHALLOW_MARK).ok_or(StepError::NoShallow)?;
+                Some((graph.value(value).name.clone(), None))
+            }
+            None => None,
+        };
         let value = point.map(|p| p.value_name(graph)).transpose()?;
         Ok(StepRehash {
             mode,
@@ -87,6 +98,7 @@ impl StepRehash {
             cache: None,
             recorded: Vec::new(),
             auto,
+            shallow,
             key_steps: Vec::new(),
             partial_steps: 0,
         })
@@ -108,18 +120,19 @@ impl StepRehash {
             self.key_steps.push(step);
             return Ok(Request::default());
         };
+        let watch = self.shallow.iter().map(|(name, _)| name.clone());
         if self.is_full(step) {
             self.cache = None;
             self.key_steps.push(step);
             return Ok(Request {
-                keep: vec![value.clone()],
+                keep: std::iter::once(value.clone()).chain(watch).collect(),
                 substitute: Vec::new(),
             });
         }
         let cache = self.cache.clone().ok_or(StepError::NoCache(step))?;
         self.partial_steps += 1;
         Ok(Request {
-            keep: Vec::new(),
+            keep: watch.collect(),
             substitute: vec![(value.clone(), cache)],
         })
     }
@@ -134,13 +147,16 @@ impl StepRehash {
         let half = cache.dim(0)? / 2;
         self.partial_steps += 1;
         Ok(Request {
-            keep: Vec::new(),
+            keep: self.shallow.iter().map(|(name, _)| name.clone()).collect(),
             substitute: vec![(value.clone(), cache.narrow(0, half, half)?)],
         })
     }
 
     /// Take what a full step kept.
     pub fn absorb(&mut self, mut kept: HashMap<String, Tensor>) -> Result<(), StepError> {
+        if let Some((name, latest)) = &mut self.shallow {
+            *latest = kept.remove(name.as_str());
+        }
         let Some(value) = &self.value else {
             return Ok(());
         };
@@ -157,13 +173,25 @@ impl StepRehash {
         Ok(())
     }
 
-    /// Take `step`'s UNet output (after [`Self::absorb`]): an auto schedule decides from
-    /// it whether the next step is a key step.
-    pub fn observe(&mut self, step: usize, output: &Tensor) -> Result<(), StepError> {
+    /// After `step` (and [`Self::absorb`]): an auto schedule decides from the shallow
+    /// features the step kept whether the next step is a key step. `conditional_half`: the
+    /// step ran both halves of classifier-free guidance, and the rule watches the
+    /// conditional one (which every step computes).
+    pub fn observe(&mut self, step: usize, conditional_half: bool) -> Result<(), StepError> {
         let key = self.key_steps.last() == Some(&step);
-        if let Some(auto) = &mut self.auto {
-            auto.observe(key, output)?;
-        }
+        let (Some(auto), Some((name, latest))) = (&mut self.auto, &mut self.shallow) else {
+            return Ok(());
+        };
+        // Taken, not kept: the rule holds its own copy of what it compares with.
+        let features = latest
+            .take()
+            .ok_or_else(|| StepError::NotKept(name.clone()))?;
+        let n = features.dim(0)?;
+        let watched = match conditional_half {
+            true => features.narrow(0, n / 2, n / 2)?,
+            false => features.clone(),
+        };
+        auto.observe(key, &watched)?;
         Ok(())
     }
 

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use candle_nn::VarBuilder;
-use streamline_ir::{up_block_mark, Graph, Result, ValueId};
+use streamline_ir::{up_block_mark, Graph, Result, ValueId, SHALLOW_MARK};
 
 use super::{node, upsampler, At};
 use crate::ops::{ConcatChannels, Conv2d};
@@ -161,6 +161,9 @@ impl<L: UNetLayer> SkipStack<'_, L> {
             let p = format!("down_blocks.{i}");
             for (index, layer) in block.layers.iter().enumerate() {
                 x = layer.lower(g, x, &self.layer_at(&p, index, at))?;
+                if (i, index) == (0, 0) {
+                    g.mark(SHALLOW_MARK, x)?;
+                }
                 skips.push(x);
             }
             if let Some(conv) = &block.resample {

@@ -17,7 +17,7 @@ use streamline_rehash::Rehash;
 use crate::kernels::{kernels_for, DeviceKind, KernelChoice};
 use crate::optimize::Optimization;
 use crate::phases::{Phase, RunPlan};
-use crate::planner::{plan_report, ModelSpec, PlanReport, PlanRequest};
+use crate::planner::{plan_report, ModelSpec, PlanReport, PlanRequest, RehashMemory};
 use crate::residency::{enter, PhaseMeter, Planned, Slot, SlotControl};
 use crate::run::{
     decode_in_chunks, ensure_finite_step, ensure_frames, Batching, GuidanceReuse, PipelineError,
@@ -248,7 +248,7 @@ impl AnimateDiff {
             optimization,
             kernels: self.kernels,
             decode_chunk_size: settings.decode_chunk_size,
-            rehash: settings.rehash != Rehash::Off,
+            rehash: RehashMemory::of(&settings.rehash),
         })?)
     }
 

@@ -6,7 +6,7 @@ mod report;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device};
-use streamline_ir::{Graph, Kernels};
+use streamline_ir::{Graph, Kernels, SHALLOW_MARK};
 use streamline_models::clip::{ClipVisionConfig, ClipVisionModelWithProjection};
 use streamline_models::clip_text::{ClipTextConfig, ClipTextModel};
 use streamline_models::load::{load_config, ModelError, Usage, WeightSource};
@@ -18,6 +18,7 @@ use streamline_models::svd::{
     VaeConfig,
 };
 use streamline_models::{SizeError, SizeRule};
+use streamline_rehash::Rehash;
 use thiserror::Error;
 
 use crate::optimize::{CallError, Optimization};
@@ -176,8 +177,31 @@ pub struct PlanRequest {
     pub kernels: Kernels,
     /// Frames per VAE decoder call.
     pub decode_chunk_size: usize,
-    /// Step Rehash runs: its cache is held through the denoising loop.
-    pub rehash: bool,
+    /// What Step Rehash holds through the denoising loop.
+    pub rehash: RehashMemory,
+}
+
+/// What Step Rehash holds through a denoising loop, beyond each call's activations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RehashMemory {
+    /// No Step Rehash.
+    #[default]
+    Off,
+    /// The cached features at the default cache point.
+    Cache,
+    /// The cache, and the shallow features an auto schedule watches: each step's kept copy
+    /// and the previous step's.
+    CacheAndShallow,
+}
+
+impl RehashMemory {
+    pub fn of(rehash: &Rehash) -> Self {
+        match rehash {
+            Rehash::Off => RehashMemory::Off,
+            Rehash::Auto(_) => RehashMemory::CacheAndShallow,
+            Rehash::Schedule(_) | Rehash::Record(_) => RehashMemory::Cache,
+        }
+    }
 }
 
 #[derive(Debug, Error)]
@@ -374,18 +398,16 @@ fn lower(models: &Models, shape: RunShape, request: &PlanRequest) -> Result<Lowe
         width: w,
         context_len,
     };
-    // Step Rehash holds the cached value between steps, and an auto schedule the previous
-    // step's UNet output that it compares with.
     let cache = |g: &Graph| {
-        if request.rehash {
-            let output = g
-                .outputs()
-                .iter()
-                .map(|&o| g.info(o).bytes())
-                .sum::<usize>();
-            cache_value(g).map_or(0, |(_, b)| b) + output
-        } else {
-            0
+        let shallow = || {
+            let value = g.marked(SHALLOW_MARK).map_or(0, |v| g.info(v).bytes());
+            2 * value
+        };
+        let cached = || cache_value(g).map_or(0, |(_, b)| b);
+        match request.rehash {
+            RehashMemory::Off => 0,
+            RehashMemory::Cache => cached(),
+            RehashMemory::CacheAndShallow => cached() + shallow(),
         }
     };
     Ok(match models {

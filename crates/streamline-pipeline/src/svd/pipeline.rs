@@ -6,7 +6,7 @@ use super::preprocess::{clip_input, Planes};
 use crate::kernels::{kernels_for, DeviceKind, KernelChoice};
 use crate::optimize::{CallKind, Optimization};
 use crate::phases::{Phase, RunPlan};
-use crate::planner::{plan_report, ModelSpec, PlanReport, PlanRequest};
+use crate::planner::{plan_report, ModelSpec, PlanReport, PlanRequest, RehashMemory};
 use crate::residency::{enter, PhaseMeter, Planned, Slot, SlotControl};
 use crate::run::{
     decode_in_chunks, ensure_finite_step, ensure_frames, Batching, Call, GuidanceReuse,
@@ -344,7 +344,7 @@ impl StableVideoDiffusion {
             optimization,
             kernels: self.kernels,
             decode_chunk_size: settings.decode_chunk_size.unwrap_or(frames),
-            rehash: settings.rehash != Rehash::Off,
+            rehash: RehashMemory::of(&settings.rehash),
         })?)
     }
 
