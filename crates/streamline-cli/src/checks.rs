@@ -8,9 +8,35 @@ use anyhow::{bail, Result};
 use candle_core::DType;
 use streamline_pipeline::memory::{check_plan, check_video, machine_memory};
 use streamline_pipeline::planner::{plan_report, PlanRequest};
-use streamline_pipeline::DeviceKind;
+use streamline_pipeline::{DeviceKind, SizeError};
 
 use crate::Dtype;
+
+/// What a refusal of a setting names: the command line's flag, or the field of a batch job's
+/// line (whose number the caller adds).
+#[derive(Clone, Copy, Debug)]
+pub enum Source {
+    Flags,
+    Job,
+}
+
+impl Source {
+    /// `num_inference_steps` as `--num-inference-steps`, or as the field `` `num_inference_steps` ``.
+    pub fn name(self, field: &str) -> String {
+        match self {
+            Source::Flags => format!("--{}", field.replace('_', "-")),
+            Source::Job => format!("`{field}`"),
+        }
+    }
+
+    /// A size refusal as the flag or field it came from: `--height 72 must be ...`.
+    pub fn size_error(self, e: SizeError) -> anyhow::Error {
+        match self {
+            Source::Flags => anyhow::anyhow!("--{e}"),
+            Source::Job => anyhow::anyhow!("{e}"),
+        }
+    }
+}
 
 /// A count that must be at least 1 (frames, steps, videos, frames per decode call).
 pub fn positive(text: &str) -> Result<usize, String> {

@@ -2,7 +2,8 @@
 //!
 //! **Owns** the `streamline` binary: argument parsing, progress display and error reporting
 //! for the jobs the other crates implement: `streamline svd`, `streamline animatediff`,
-//! `streamline plan` and `streamline rehash search | evaluate`.
+//! `streamline batch svd | animatediff` (many videos, sharded and resumable),
+//! `streamline score clip-sim`, `streamline plan` and `streamline rehash search | evaluate`.
 //!
 //! **Promises:** bad input exits non-zero with one message naming the file, tensor or flag and
 //! the rule, each cause told once; every argument, size, output path and budget is checked,
@@ -10,17 +11,24 @@
 //! numbers are refused where they enter, and a run whose latents stop being finite stops
 //! naming the step, so no job writes a blank video; no half-written output is left behind,
 //! not even by SIGINT / SIGTERM (exit 130 / 143); outputs get the process umask, nothing the
-//! run did not write is deleted, and an output that would overwrite an input is refused.
+//! run did not write is deleted, and an output that would overwrite an input is refused; a
+//! batch checks every job line before its first job and goes on past a failing job.
 //!
 //! **Tests:** `cargo test -p streamline-cli` runs the binary and snapshots its output;
-//! `tests/bad_input.rs` is the corpus of bad and edge inputs, each refused before inference.
+//! `tests/bad_input.rs` is the corpus of bad and edge inputs, each refused before inference;
+//! `tests/batch.rs` runs, shards, kills and resumes batches; `tests/score.rs` scores videos.
 
 mod animatediff;
+mod batch;
 mod checks;
+mod progress;
 mod rehash;
+mod score;
 mod session;
 mod signals;
 mod svd;
+
+use std::io::IsTerminal;
 
 use anyhow::Result;
 use candle_core::DType;
@@ -55,6 +63,13 @@ enum Command {
     /// Plan memory without weights, from the model's configs alone: each call's groups and
     /// slicing, and each phase's weights, held values and activations (`--json` for scripts).
     Plan(PlanArgs),
+    /// Many videos from one model load: a JSONL file of jobs, sharded across processes
+    /// (Slurm job arrays, Kubernetes Indexed Jobs) and resumable (docs/batch.md).
+    #[command(subcommand)]
+    Batch(batch::BatchCommand),
+    /// Score videos: CLIP-SIM against their prompts (docs/clip-sim.md).
+    #[command(subcommand)]
+    Score(score::ScoreCommand),
 }
 
 /// `--kernels`: which implementation of the ops runs.
@@ -147,6 +162,20 @@ impl OptimizationArgs {
             },
         )
     }
+}
+
+/// The flags only a single-video command has: where it writes, and the paper's naive baseline
+/// (for comparisons, which batches do not make).
+#[derive(Args, Debug)]
+struct SingleVideoArgs {
+    /// `.mp4` (H.264 at --fps), `.gif` (animated GIF at --fps), a directory (PNG frames) or
+    /// `.safetensors` (raw frames); checked, with its folder, before anything runs.
+    #[arg(long)]
+    output: std::path::PathBuf,
+    /// The paper's naive baseline: cut the frames into --temporal-chunks runs denoised
+    /// separately. Inexact on purpose; for comparisons only.
+    #[arg(long, requires = "temporal_chunks", conflicts_with = "memory_budget")]
+    naive_slicing: bool,
 }
 
 /// diffusers' default SVD frame size.
@@ -246,12 +275,17 @@ static ALLOC: streamline_ir::alloc::TrackingAllocator = streamline_ir::alloc::Tr
 fn main() {
     streamline_ir::alloc::keep_freed_memory();
     tracing_subscriber::fmt()
-        // Warnings (a truncated prompt, ...) show unless RUST_LOG says otherwise.
+        // Warnings (a truncated prompt, ...) and a batch's progress through its jobs show
+        // unless RUST_LOG says otherwise.
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new(
+                    "warn,streamline::batch=info,streamline_pipeline::batch=info",
+                )
+            }),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(progress::log_writer)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
     let result = signals::install().and_then(|()| match cli.command {
@@ -259,6 +293,8 @@ fn main() {
         Command::Animatediff(args) => animatediff::run(args),
         Command::Plan(args) => plan(args),
         Command::Rehash(command) => rehash::run(command),
+        Command::Batch(command) => batch::run(command),
+        Command::Score(command) => score::run(command),
     });
     if let Err(e) = result {
         eprintln!("error: {e:#}");

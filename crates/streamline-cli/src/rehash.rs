@@ -84,7 +84,7 @@ pub fn run(command: RehashCommand) -> Result<()> {
 fn read_inputs(checked: &Checked, images: &[PathBuf], seed: u64) -> Result<Vec<Inputs>> {
     images
         .iter()
-        .map(|image| checked.inputs(image, seed, None))
+        .map(|image| checked.inputs(&checked.settings, image, seed, None))
         .collect()
 }
 

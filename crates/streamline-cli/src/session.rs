@@ -7,19 +7,19 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use streamline_ir::human;
 use streamline_pipeline::planner::{ModelSpec, PlanRequest, RehashMemory};
 use streamline_pipeline::run::all_finite;
 use streamline_pipeline::svd::{
-    default_model_dir, unit_noise, Planes, RunReport, StableVideoDiffusion, Stage, SvdConfigs,
+    default_model_dir, unit_noise, Planes, RunReport, StableVideoDiffusion, SvdConfigs,
     SvdSettings, DEFAULT_MODEL_ENV,
 };
 use streamline_pipeline::video::load_image;
-use streamline_pipeline::{Kernels, Optimization, SizeError};
+use streamline_pipeline::{DeviceKind, Kernels, Optimization};
 use streamline_rehash::Rehash;
 
-use crate::checks::{check_run, compute_dtype, finite, non_negative, positive};
+use crate::checks::{check_run, compute_dtype, finite, non_negative, positive, Source};
+use crate::progress::Progress;
 use crate::{DeviceArg, Dtype, OptimizationArgs, VideoSize, DIFFUSERS_HEIGHT, DIFFUSERS_WIDTH};
 
 /// Flags named after diffusers' `StableVideoDiffusionPipeline.__call__`, plus the model,
@@ -72,6 +72,7 @@ pub struct Checked {
     configs: SvdConfigs,
     dtype: DType,
     kernels: Kernels,
+    device_kind: DeviceKind,
     device: Device,
     pub settings: SvdSettings,
     pub optimization: Optimization,
@@ -113,30 +114,30 @@ impl SvdCommon {
     /// Checks every flag against the model's configs and the run's plan against the budget
     /// and the machine's memory, before any weights load.
     pub fn check(&self) -> Result<Checked> {
+        let checked = self.prepare()?;
+        let settings = checked.check_settings(checked.settings.clone(), Source::Flags)?;
+        Ok(Checked {
+            settings,
+            ..checked
+        })
+    }
+
+    /// The model, precision, device and optimization of the flags, and the settings they give
+    /// at the model's default size, not yet checked against the configs: what every run of a
+    /// batch starts from.
+    pub fn prepare(&self) -> Result<Checked> {
         let optimization = self.optimization.optimization()?;
-        let kind = self.device.kind;
-        let kernels = self.optimization.kernels.kernels(kind)?;
-        let dtype = compute_dtype(self.dtype, kind)?;
+        let device_kind = self.device.kind;
+        let kernels = self.optimization.kernels.kernels(device_kind)?;
+        let dtype = compute_dtype(self.dtype, device_kind)?;
         let model = self.model_dir()?;
         let configs = StableVideoDiffusion::configs(&model)?;
         let (default_height, default_width) = default_size(configs.sizes.native);
-        let height = self.video.height.unwrap_or(default_height);
-        let width = self.video.width.unwrap_or(default_width);
-        configs
-            .sizes
-            .rule
-            .check(height, width)
-            .map_err(flag_error)?;
-        let frames = configs.frames(self.video.num_frames)?;
-        let steps = self.num_inference_steps;
-        configs
-            .check_steps(steps)
-            .map_err(|e| anyhow::anyhow!("--num-inference-steps {steps}: {e}"))?;
         let settings = SvdSettings {
-            height,
-            width,
-            num_frames: Some(frames),
-            num_inference_steps: steps,
+            height: self.video.height.unwrap_or(default_height),
+            width: self.video.width.unwrap_or(default_width),
+            num_frames: self.video.num_frames,
+            num_inference_steps: self.num_inference_steps,
             min_guidance_scale: self.min_guidance_scale,
             max_guidance_scale: self.max_guidance_scale,
             fps: self.fps,
@@ -146,28 +147,13 @@ impl SvdCommon {
             rehash: Rehash::Off,
             reuse_guidance: self.reuse_guidance,
         };
-        check_run(
-            PlanRequest {
-                model: ModelSpec::Path(model.clone()),
-                height,
-                width,
-                num_frames: Some(frames),
-                batch: 1,
-                cfg: settings.guided(),
-                dtype,
-                optimization,
-                kernels,
-                decode_chunk_size: self.decode_chunk_size.unwrap_or(frames),
-                rehash: RehashMemory::Off,
-            },
-            kind,
-        )?;
         Ok(Checked {
             device: self.device.device().map_err(anyhow::Error::msg)?,
             model,
             configs,
             dtype,
             kernels,
+            device_kind,
             settings,
             optimization,
         })
@@ -175,14 +161,56 @@ impl SvdCommon {
 }
 
 impl Checked {
-    /// The image at the run's size, and noise from `seed` (or unit-noise `latents` from a
-    /// file, checked against the configs' latent shape).
-    pub fn inputs(&self, image: &Path, seed: u64, latents: Option<&Path>) -> Result<Inputs> {
-        let SvdSettings { height, width, .. } = self.settings;
+    /// Checks `settings` (the flags', or a batch job's, as `source` says) against the model's
+    /// configs, and the run's plan against the budget and the machine's memory; returns them
+    /// with the frame count resolved.
+    pub fn check_settings(&self, settings: SvdSettings, source: Source) -> Result<SvdSettings> {
+        let (height, width) = (settings.height, settings.width);
+        let c = &self.configs;
+        c.sizes
+            .rule
+            .check(height, width)
+            .map_err(|e| source.size_error(e))?;
+        let frames = c.frames(settings.num_frames)?;
+        let steps = settings.num_inference_steps;
+        c.check_steps(steps)
+            .map_err(|e| anyhow::anyhow!("{} {steps}: {e}", source.name("num_inference_steps")))?;
+        check_run(
+            PlanRequest {
+                model: ModelSpec::Path(self.model.clone()),
+                height,
+                width,
+                num_frames: Some(frames),
+                batch: 1,
+                cfg: settings.guided(),
+                dtype: self.dtype,
+                optimization: self.optimization,
+                kernels: self.kernels,
+                decode_chunk_size: settings.decode_chunk_size.unwrap_or(frames),
+                rehash: RehashMemory::of(&settings.rehash),
+            },
+            self.device_kind,
+        )?;
+        Ok(SvdSettings {
+            num_frames: Some(frames),
+            ..settings
+        })
+    }
+
+    /// The image at the size of `settings`, and noise from `seed` (or unit-noise `latents`
+    /// from a file, checked against the configs' latent shape).
+    pub fn inputs(
+        &self,
+        settings: &SvdSettings,
+        image: &Path,
+        seed: u64,
+        latents: Option<&Path>,
+    ) -> Result<Inputs> {
+        let SvdSettings { height, width, .. } = *settings;
         let planes = Planes::from_tensor(&load_image(image, Some((height, width)))?)?;
         let c = &self.configs;
         let s = c.scale_factor;
-        let frames = self.settings.num_frames.unwrap_or(c.num_frames);
+        let frames = settings.num_frames.unwrap_or(c.num_frames);
         let shape = [1, frames, c.latent_channels, height / s, width / s];
         let latents = match latents {
             Some(path) => {
@@ -201,20 +229,15 @@ impl Checked {
     }
 
     /// Loads the weights.
-    pub fn load(self) -> Result<Session> {
+    pub fn load(&self) -> Result<Session> {
         let mut pipe = StableVideoDiffusion::load(&self.model, self.dtype, &self.device)?;
         pipe.set_kernels(self.kernels)?;
         Ok(Session {
             pipe,
-            settings: self.settings,
+            settings: self.settings.clone(),
             optimization: self.optimization,
         })
     }
-}
-
-/// A size refusal as the flag it came from: `--height 72 must be ...`.
-pub fn flag_error(e: SizeError) -> anyhow::Error {
-    anyhow::anyhow!("--{e}")
 }
 
 /// Unit-noise latents from `--latents FILE` (tensor `latents` of shape `expected`, described
@@ -238,53 +261,6 @@ pub fn read_latents(path: &Path, expected: &[usize], layout: &str) -> Result<Ten
         bail!("{}: tensor `latents` holds NaN or infinite values", named());
     }
     Ok(latents)
-}
-
-pub fn bar(len: usize, what: &str) -> ProgressBar {
-    let bar = ProgressBar::new(len as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} {elapsed_precise}")
-            .expect("a valid template")
-            .progress_chars("=> "),
-    );
-    bar.set_message(what.to_string());
-    bar
-}
-
-/// One progress bar per stage of a run (denoising steps, decode calls).
-pub struct Progress {
-    label: String,
-    current: Option<ProgressBar>,
-}
-
-impl Progress {
-    /// `label` prefixes the bars when several runs share a screen.
-    pub fn new(label: &str) -> Self {
-        Progress {
-            label: label.to_string(),
-            current: None,
-        }
-    }
-
-    pub fn update(&mut self, stage: Stage) {
-        let (what, pos, len) = match stage {
-            Stage::Denoise { step, of } => ("denoise", step, of),
-            Stage::Decode { chunk, of } => ("decode", chunk, of),
-        };
-        if pos == 0 {
-            self.finish();
-            self.current = Some(bar(len, &format!("{}{what}", self.label)));
-        }
-        if let Some(b) = &self.current {
-            b.set_position(pos as u64 + 1);
-        }
-    }
-
-    pub fn finish(&mut self) {
-        if let Some(done) = self.current.take() {
-            done.finish();
-        }
-    }
 }
 
 /// Peak resident memory of this process so far (VmHWM), where /proc has it.
@@ -369,9 +345,20 @@ impl Session {
             ..self.settings.clone()
         };
         let mut progress = Progress::new(label);
+        self.generate_with(&settings, inputs, optimization, &mut progress)
+    }
+
+    /// Generate with `settings` (checked by [`Checked::check_settings`]), showing `progress`.
+    pub fn generate_with(
+        &self,
+        settings: &SvdSettings,
+        inputs: &Inputs,
+        optimization: Optimization,
+        progress: &mut Progress,
+    ) -> Result<(Tensor, RunReport)> {
         let out = self.pipe.generate(
             &inputs.image,
-            &settings,
+            settings,
             &inputs.latents,
             &inputs.image_noise,
             optimization,

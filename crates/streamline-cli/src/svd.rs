@@ -11,6 +11,7 @@ use streamline_rehash::RehashArg;
 
 use crate::checks::refuse_overwriting;
 use crate::session::{summary, SvdCommon};
+use crate::SingleVideoArgs;
 
 #[derive(Args, Debug)]
 pub struct SvdArgs {
@@ -24,13 +25,8 @@ pub struct SvdArgs {
     /// used like diffusers' `latents` argument instead of noise from --seed.
     #[arg(long)]
     latents: Option<PathBuf>,
-    /// `.gif` (animated GIF at --fps), a directory (PNG frames) or `.safetensors` (raw frames).
-    #[arg(long)]
-    output: PathBuf,
-    /// The paper's naive baseline: cut the frames into --temporal-chunks runs denoised
-    /// separately. Inexact on purpose; for comparisons only.
-    #[arg(long, requires = "temporal_chunks", conflicts_with = "memory_budget")]
-    naive_slicing: bool,
+    #[command(flatten)]
+    single: SingleVideoArgs,
     /// Step Rehash: `off`, `uniform:K` (K full UNet evaluations spread evenly, the first step
     /// included), `auto:THRESHOLD` (key steps chosen during the run: the next step runs the
     /// whole UNet once its output has changed by THRESHOLD, relative L1 summed, since the
@@ -43,12 +39,13 @@ pub fn run(args: SvdArgs) -> Result<()> {
     let start = Instant::now();
     let checked = args.common.check()?;
     let mut optimization = checked.optimization;
-    if args.naive_slicing {
+    if args.single.naive_slicing {
         let temporal_chunks = args.common.optimization.temporal_chunks.unwrap_or(1);
         optimization = Optimization::Naive { temporal_chunks };
     }
     let rehash = args.rehash.rehash(args.common.num_inference_steps)?;
-    let output = VideoOutput::create(&args.output, args.common.fps as f64)?;
+    let output = VideoOutput::create(&args.single.output, args.common.fps as f64)?;
+    output.check_size(checked.settings.height, checked.settings.width)?;
     let inputs = [
         Some(("--image", args.image.as_path())),
         args.latents.as_deref().map(|l| ("--latents", l)),
@@ -58,7 +55,12 @@ pub fn run(args: SvdArgs) -> Result<()> {
         |p| output.overwrites(p),
         inputs.into_iter().flatten(),
     )?;
-    let inputs = checked.inputs(&args.image, args.common.seed, args.latents.as_deref())?;
+    let inputs = checked.inputs(
+        &checked.settings,
+        &args.image,
+        args.common.seed,
+        args.latents.as_deref(),
+    )?;
     let session = checked.load()?;
     let (video, report) = session.generate(&inputs, optimization, rehash, "")?;
     output.write(&video)?;
@@ -66,7 +68,7 @@ pub fn run(args: SvdArgs) -> Result<()> {
     eprintln!(
         "{}",
         summary(
-            &args.output,
+            &args.single.output,
             (session.frames(), settings.height, settings.width),
             start.elapsed().as_secs_f64(),
             &report

@@ -16,52 +16,14 @@ use candle_core::{DType, Device, Tensor};
 
 mod common;
 
+use common::{copy_model, Scratch};
+
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/data")
 }
 
 fn svd_fixture() -> PathBuf {
     fixtures().join("svd_pipeline")
-}
-
-/// A fresh folder, removed when the test ends.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(test: &str) -> Scratch {
-        let dir =
-            std::env::temp_dir().join(format!("streamline-bad-{test}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Copies the folder `from` to `to`; with `garbage_weights`, every safetensors file holds
-/// bytes that are no checkpoint.
-fn copy_model(from: &Path, to: &Path, garbage_weights: bool) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_model(&entry.path(), &target, garbage_weights);
-        } else if garbage_weights && target.extension().is_some_and(|e| e == "safetensors") {
-            std::fs::write(&target, b"not weights").unwrap();
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
 }
 
 /// Sets `key` of the JSON file `path` (`null` removes it).
@@ -178,7 +140,7 @@ fn configs_only(scratch: &Scratch) -> PathBuf {
 /// message names)`, space- and `|`-separated.
 #[test]
 fn svd_flags_are_refused_before_weights_load() {
-    let scratch = Scratch::new("svd-flags");
+    let scratch = Scratch::new("bad", "svd-flags");
     let model = configs_only(&scratch);
     let out = scratch.path("out.gif");
     let cases = [
@@ -218,7 +180,7 @@ fn svd_flags_are_refused_before_weights_load() {
 /// Latents, model folders and outputs, each refused before any weights load.
 #[test]
 fn svd_files_are_refused_before_weights_load() {
-    let scratch = Scratch::new("svd-files");
+    let scratch = Scratch::new("bad", "svd-files");
     let model = configs_only(&scratch);
     let out = scratch.path("out.gif");
     let nan_latents = scratch.path("nan.safetensors");
@@ -247,11 +209,19 @@ fn svd_files_are_refused_before_weights_load() {
         let outcome = streamline(&svd_args(&model, &out, &[flag, path.to_str().unwrap()]));
         assert_refused(flag, &outcome, needles, &out);
     }
-    for name in ["out.mp4", "out.avi", "out.txt", "out.png"] {
+    for name in ["out.mkv", "out.avi", "out.txt", "out.png"] {
         let output = scratch.path(name);
         let outcome = streamline(&svd_args(&model, &output, &[]));
         assert_refused(name, &outcome, &[name, "unsupported video output"], &output);
     }
+    let mp4 = scratch.path("small.mp4");
+    let outcome = streamline(&svd_args(&model, &mp4, &["--height", "8"]));
+    assert_refused(
+        "8-pixel MP4",
+        &outcome,
+        &["small.mp4", "at least 16x16"],
+        &mp4,
+    );
     let file = scratch.path("file");
     std::fs::write(&file, "a file, not a folder").unwrap();
     let under_file = file.join("out.gif");
@@ -268,7 +238,7 @@ fn svd_files_are_refused_before_weights_load() {
 /// and the field before any weights load.
 #[test]
 fn svd_config_values_are_refused_before_weights_load() {
-    let scratch = Scratch::new("svd-configs");
+    let scratch = Scratch::new("bad", "svd-configs");
     let out = scratch.path("out.gif");
     let cases: [(&str, &str, serde_json::Value, &[&str]); 4] = [
         (
@@ -317,7 +287,7 @@ fn svd_config_values_are_refused_before_weights_load() {
 /// whose latents overflow stops at that step.
 #[test]
 fn nan_weights_and_overflowing_steps_never_make_a_video() {
-    let scratch = Scratch::new("nan");
+    let scratch = Scratch::new("bad", "nan");
     let model = scratch.path("model");
     copy_model(&svd_fixture().join("model"), &model, false);
     let weights = model.join("unet/diffusion_pytorch_model.safetensors");
@@ -356,7 +326,7 @@ fn nan_weights_and_overflowing_steps_never_make_a_video() {
 /// refused, and the input stays as it was.
 #[test]
 fn an_output_over_an_input_is_refused() {
-    let scratch = Scratch::new("overwrite");
+    let scratch = Scratch::new("bad", "overwrite");
     let model = configs_only(&scratch);
     let gif = scratch.path("image.gif");
     image::open(svd_fixture().join("image.png"))
@@ -395,7 +365,7 @@ fn an_output_over_an_input_is_refused() {
 /// write stay (with a warning); the summary gives sizes in the unit that fits.
 #[test]
 fn outputs_get_the_umask_and_files_the_run_did_not_write_stay() {
-    let scratch = Scratch::new("umask");
+    let scratch = Scratch::new("bad", "umask");
     let fixture = svd_fixture().join("model");
     let reference = scratch.path("reference");
     std::fs::write(&reference, "made with the umask").unwrap();
@@ -433,7 +403,7 @@ fn outputs_get_the_umask_and_files_the_run_did_not_write_stay() {
 #[test]
 fn interrupts_leave_nothing_behind() {
     for (signal, code) in [(libc::SIGINT, 130), (libc::SIGTERM, 143)] {
-        let scratch = Scratch::new(&format!("signal{signal}"));
+        let scratch = Scratch::new("bad", &format!("signal{signal}"));
         let out = scratch.path("frames");
         let args = svd_args(
             &svd_fixture().join("model"),
@@ -446,7 +416,7 @@ fn interrupts_leave_nothing_behind() {
             .spawn()
             .unwrap();
         let staged = || {
-            std::fs::read_dir(&scratch.0)
+            std::fs::read_dir(scratch.dir())
                 .unwrap()
                 .any(|e| e.unwrap().file_name().to_string_lossy().ends_with(".tmp"))
         };
@@ -461,7 +431,7 @@ fn interrupts_leave_nothing_behind() {
         assert_eq!(outcome.status.code(), Some(code), "{stderr}");
         assert!(stderr.contains("interrupted"), "{stderr}");
         assert_eq!(
-            std::fs::read_dir(&scratch.0).unwrap().count(),
+            std::fs::read_dir(scratch.dir()).unwrap().count(),
             0,
             "nothing left behind"
         );
@@ -472,7 +442,7 @@ fn interrupts_leave_nothing_behind() {
 /// took minutes), and a height whose plan no machine holds is refused before its weights load.
 #[test]
 fn the_built_in_model_anywhere_runs_at_its_size_and_huge_sizes_are_refused() {
-    let scratch = Scratch::new("built-in");
+    let scratch = Scratch::new("bad", "built-in");
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let copy = scratch.path("copy");
     copy_model(&root.join("models/default"), &copy, false);
@@ -506,7 +476,7 @@ fn the_built_in_model_anywhere_runs_at_its_size_and_huge_sizes_are_refused() {
 
 #[test]
 fn plan_and_rehash_refuse_before_planning_or_calibrating() {
-    let scratch = Scratch::new("plan-rehash");
+    let scratch = Scratch::new("bad", "plan-rehash");
     let none = scratch.path("none");
     for flag in ["--batch", "--num-frames", "--decode-chunk-size"] {
         let outcome = streamline(&["plan".into(), flag.into(), "0".into()]);
@@ -531,7 +501,7 @@ fn plan_and_rehash_refuse_before_planning_or_calibrating() {
 /// AnimateDiff's flags and folders, refused before its weights load.
 #[test]
 fn animatediff_arguments_are_refused_before_weights_load() {
-    let scratch = Scratch::new("animatediff");
+    let scratch = Scratch::new("bad", "animatediff");
     let fixture = fixtures().join("animatediff_pipeline");
     let (model, adapter) = (scratch.path("model"), scratch.path("adapter"));
     copy_model(&fixture.join("model"), &model, true);

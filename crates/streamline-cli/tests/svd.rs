@@ -322,6 +322,55 @@ fn without_model_uses_the_built_in_model_at_its_size() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The built-in model's video as an MP4, decoded again (the `mp4` crate's demuxer, OpenH264's
+/// decoder): its 8 frames at 64x64 and 7 fps, each close to the raw frames of the same run.
+#[test]
+fn an_mp4_of_the_built_in_model_decodes_to_its_frames() {
+    let dir = temp("mp4");
+    let image = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/red.png");
+    let run = |output: &Path| {
+        let o = Command::new(env!("CARGO_BIN_EXE_streamline"))
+            .args(["svd", "--num-inference-steps", "3", "--image"])
+            .arg(&image)
+            .arg("--output")
+            .arg(output)
+            .env_remove("STREAMLINE_DEFAULT_MODEL")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let (mp4, raw, gif) = (
+        dir.join("out.mp4"),
+        dir.join("out.safetensors"),
+        dir.join("out.gif"),
+    );
+    run(&mp4);
+    run(&raw);
+    run(&gif);
+    let video = streamline_pipeline::video::read_video(&mp4).unwrap();
+    assert_eq!(video.frames.len(), 8);
+    assert_eq!(video.fps, Some(7.0));
+    let expected = frames(&raw);
+    for (f, decoded) in video.frames.iter().enumerate() {
+        assert_eq!(decoded.dimensions(), (64, 64));
+        let got = Tensor::from_vec(decoded.as_raw().clone(), (64, 64, 3), &Device::Cpu)
+            .and_then(|t| t.permute((2, 0, 1))?.to_dtype(DType::F32)? / 255.0)
+            .unwrap();
+        let db = streamline_pipeline::quality::psnr(&got, &expected.get(f).unwrap()).unwrap();
+        assert!(
+            db > 30.0,
+            "frame {f}: PSNR {db:.1} dB against the raw frame"
+        );
+    }
+    let size = |p: &Path| std::fs::metadata(p).unwrap().len();
+    eprintln!(
+        "built-in model: MP4 {} bytes, GIF {} bytes",
+        size(&mp4),
+        size(&gif)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn rehash_flag_search_and_evaluate() {
     let dir = temp("rehash");

@@ -81,7 +81,7 @@ impl ClipVisionConfig {
         (self.image_size / self.patch_size).pow(2) + 1
     }
 
-    fn check(&self) -> std::result::Result<EncoderConfig, Unsupported> {
+    pub(crate) fn check(&self) -> std::result::Result<EncoderConfig, Unsupported> {
         if self.patch_size == 0 || self.patch_size > self.image_size {
             return Err(Unsupported {
                 field: "patch_size",
@@ -162,9 +162,9 @@ impl Module for ClipVisionEmbeddings {
 }
 
 /// transformers' `CLIPVisionTransformer`; its forward gives the pooled output (the final
-/// class token after `post_layernorm`), all SVD reads.
+/// class token after `post_layernorm`), all SVD and CLIP-SIM ([`crate::clip_model`]) read.
 #[derive(Clone, Debug)]
-struct ClipVisionTransformer {
+pub(crate) struct ClipVisionTransformer {
     embeddings: ClipVisionEmbeddings,
     pre_layrnorm: LayerNorm,
     encoder: ClipEncoder,
@@ -172,7 +172,7 @@ struct ClipVisionTransformer {
 }
 
 impl ClipVisionTransformer {
-    fn new(cfg: &ClipVisionConfig, enc: &EncoderConfig, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(cfg: &ClipVisionConfig, enc: &EncoderConfig, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             embeddings: ClipVisionEmbeddings::new(cfg, vb.pp("embeddings"))?,
             // [sic]: the checkpoint's name.

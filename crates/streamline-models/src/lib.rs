@@ -10,6 +10,8 @@
 //! - [`clip_text`]: AnimateDiff's (SD 1.5's) text encoder, transformers' `CLIPTextModel`, and
 //!   its tokenizer, ids equal to transformers' slow `CLIPTokenizer`; eager like [`clip`], and
 //!   built on the same encoder layers.
+//! - [`clip_model`]: transformers' `CLIPModel` (both towers above with their projections), the
+//!   scorer of CLIP-SIM.
 //! - [`svd`]: SVD's UNet and temporal VAE; [`sd`]: AnimateDiff's motion UNet (SD 1.5's UNet
 //!   plus a motion adapter's motion modules) and SD's VAE (`AutoencoderKL`). Both are built
 //!   from shared blocks (the 2D resnet, the UNets' skip stack, the VAE encoder and mid block)
@@ -22,12 +24,14 @@
 //! the slicing passes stay exact.
 //!
 //! **Tests:** `cargo test -p streamline-models` compares against the fixtures under
-//! `fixtures/data/` (made by `cargo xtask fixtures`; no Python needed to test); unit tests
-//! cover the load-time scan for non-finite weights.
+//! `fixtures/data/` (made by `cargo xtask fixtures`; no Python needed to test), `CLIPModel`'s
+//! text and image features against transformers' in `tests/clip_model.rs`; unit tests cover
+//! the load-time scan for non-finite weights and where the text tower pools.
 
 mod blocks;
 pub mod clip;
 mod clip_encoder;
+pub mod clip_model;
 pub mod clip_text;
 pub mod load;
 pub mod ops;

@@ -2,52 +2,20 @@
 //! videos whose colours a GIF palette holds exactly.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use image::codecs::gif::GifDecoder;
 use image::{AnimationDecoder, Rgb, RgbImage};
 use streamline_pipeline::video::{load_image, write_video, VideoError};
 
+mod common;
+
+use common::{names_in, Scratch};
+
 const FRAMES: usize = 3;
 const HEIGHT: usize = 8;
 const WIDTH: usize = 12;
-
-/// A fresh folder under the system temp dir, removed when the test ends.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(test: &str) -> Scratch {
-        let dir =
-            std::env::temp_dir().join(format!("streamline-video-io-{test}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
-    fn entries(&self) -> Vec<String> {
-        names_in(&self.0)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-fn names_in(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    names.sort();
-    names
-}
 
 /// Pure colours (every channel 0 or 1) in quadrants that move from frame to frame, so a swapped
 /// axis, channel or frame shows; some channels overshoot [0, 1] to exercise the clamp.
@@ -227,12 +195,12 @@ fn an_existing_output_is_replaced_whole() {
 #[test]
 fn an_unsupported_extension_is_refused_by_name() {
     let scratch = Scratch::new("unsupported");
-    let path = scratch.path("clip.mp4");
+    let path = scratch.path("clip.mkv");
     let err = write_video(&synthetic_video(), &path, 8.0).unwrap_err();
     assert!(matches!(err, VideoError::UnsupportedPath { .. }), "{err:?}");
     let message = err.to_string();
     assert!(message.contains(&*path.to_string_lossy()), "{message}");
-    for form in [".gif", ".safetensors", "directory"] {
+    for form in [".mp4", ".gif", ".safetensors", "directory"] {
         assert!(message.contains(form), "{message}");
     }
     assert!(scratch.entries().is_empty());

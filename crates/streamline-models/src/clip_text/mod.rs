@@ -23,7 +23,7 @@ use crate::load::{load_config, ModelError};
 
 /// `text_encoder/config.json` as transformers' `CLIPTextConfig.save_pretrained` writes it.
 /// A missing field takes transformers' default, as `from_pretrained` would; unknown fields
-/// (token ids, `projection_dim`, ...) are ignored.
+/// (the other token ids, `projection_dim`, ...) are ignored.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct ClipTextConfig {
@@ -35,6 +35,9 @@ pub struct ClipTextConfig {
     pub max_position_embeddings: usize,
     pub hidden_act: String,
     pub layer_norm_eps: f64,
+    /// The end token, where the pooled output is read ([`crate::clip_model`]); 2 in configs
+    /// from before transformers fixed it, which pool at the highest id instead.
+    pub eos_token_id: u32,
 }
 
 impl Default for ClipTextConfig {
@@ -48,6 +51,7 @@ impl Default for ClipTextConfig {
             max_position_embeddings: 77,
             hidden_act: "quick_gelu".to_string(),
             layer_norm_eps: 1e-5,
+            eos_token_id: 49407,
         }
     }
 }
@@ -73,7 +77,7 @@ impl ClipTextConfig {
         Ok(config)
     }
 
-    fn check(&self) -> std::result::Result<EncoderConfig, Unsupported> {
+    pub(crate) fn check(&self) -> std::result::Result<EncoderConfig, Unsupported> {
         for (field, value) in [
             ("vocab_size", self.vocab_size),
             ("max_position_embeddings", self.max_position_embeddings),
@@ -97,10 +101,10 @@ impl ClipTextConfig {
     }
 }
 
-/// transformers' `CLIPTextTransformer` up to `final_layer_norm` (the pooled output is not
-/// needed: diffusers conditions the UNet on the whole sequence).
+/// transformers' `CLIPTextTransformer`: the hidden state through `final_layer_norm`
+/// (diffusers conditions the UNet on the whole sequence) and the pooled output (CLIP-SIM).
 #[derive(Clone, Debug)]
-struct ClipTextTransformer {
+pub(crate) struct ClipTextTransformer {
     token_embedding: Embedding,
     /// `position_ids` is `arange(max_position_embeddings)`, so positions are the table's
     /// first rows.
@@ -110,7 +114,7 @@ struct ClipTextTransformer {
 }
 
 impl ClipTextTransformer {
-    fn new(cfg: &ClipTextConfig, enc: &EncoderConfig, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(cfg: &ClipTextConfig, enc: &EncoderConfig, vb: VarBuilder) -> Result<Self> {
         let (e, emb) = (cfg.hidden_size, vb.pp("embeddings"));
         Ok(Self {
             token_embedding: candle_nn::embedding(cfg.vocab_size, e, emb.pp("token_embedding"))?,
@@ -140,6 +144,32 @@ impl ClipTextTransformer {
             .forward(&embeddings, Some(&mask), num_layers)?
             .apply(&self.final_layer_norm)
     }
+
+    /// The pooled output `(B, hidden_size)`: each row's final hidden state at its end token
+    /// ([`end_positions`]). The causal mask keeps padding after it from changing it.
+    pub(crate) fn pooled(&self, input_ids: &Tensor, eos_token_id: u32) -> Result<Tensor> {
+        let hidden = self.forward(input_ids, self.encoder.num_layers())?;
+        let ids = input_ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+        let rows = end_positions(&ids, eos_token_id)
+            .into_iter()
+            .enumerate()
+            .map(|(row, at)| hidden.get(row)?.get(at))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::stack(&rows, 0)
+    }
+}
+
+/// Where transformers 4.44 reads each row's pooled output: the first `eos_token_id` (the
+/// first position when there is none, as its `argmax` gives), or for the old configs with
+/// `eos_token_id == 2` the first highest id, CLIP's end token in its own vocabulary.
+fn end_positions(ids: &[Vec<u32>], eos_token_id: u32) -> Vec<usize> {
+    let first = |row: &[u32], wanted: u32| row.iter().position(|&t| t == wanted).unwrap_or(0);
+    ids.iter()
+        .map(|row| match eos_token_id {
+            2 => first(row, row.iter().copied().max().unwrap_or(0)),
+            eos => first(row, eos),
+        })
+        .collect()
 }
 
 /// CLIP's text tower attends only to earlier tokens. transformers adds the dtype's minimum
@@ -205,5 +235,24 @@ impl ClipTextModel {
 impl Module for ClipTextModel {
     fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
         self.forward_with_clip_skip(input_ids, 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::end_positions;
+
+    /// The first end token, or (old configs) the first highest id.
+    #[test]
+    fn the_pooled_output_is_read_at_the_end_token() {
+        let ids = vec![vec![49406, 320, 49407, 49407], vec![49406, 49407, 0, 0]];
+        assert_eq!(end_positions(&ids, 49407), [2, 1]);
+        assert_eq!(end_positions(&ids, 2), [2, 1]);
+        assert_eq!(end_positions(&[vec![5, 9, 9, 1]], 2), [1]);
+        assert_eq!(
+            end_positions(&[vec![5, 6]], 7),
+            [0],
+            "no end token: position 0"
+        );
     }
 }

@@ -11,15 +11,19 @@
 //! move in together; see [`write_video`]). [`remove_staged`] removes every output still in
 //! progress, for signal handlers.
 
+mod h264;
+mod mp4;
 mod output;
+mod read;
 mod staged;
 
 use std::ffi::OsStr;
 use std::io;
 use std::path::{Path, PathBuf};
 
-pub use output::{FileOutput, VideoOutput};
-pub use staged::remove_staged;
+pub use output::{check_output, FileOutput, VideoOutput};
+pub use read::{read_video, Video};
+pub use staged::{remove_leftovers, remove_staged};
 
 use candle_core::{DType, Device, Tensor};
 use image::codecs::gif::{GifEncoder, Repeat};
@@ -39,7 +43,7 @@ pub enum VideoError {
         path: PathBuf,
         error: image::ImageError,
     },
-    #[error("{path}: unsupported video output; write to a `.gif` file (animated GIF), a `.safetensors` file (f32 frames under `frames`) or a directory for PNG frames (an existing directory, or a path ending in `/` or without an extension)")]
+    #[error("{path}: unsupported video output; write to a `.mp4` file (H.264), a `.gif` file (animated GIF), a `.safetensors` file (f32 frames under `frames`) or a directory for PNG frames (an existing directory, or a path ending in `/` or without an extension)")]
     UnsupportedPath { path: PathBuf },
     #[error("{path}: exists and is not a directory, so it cannot hold PNG frames")]
     NotADirectory { path: PathBuf },
@@ -47,8 +51,12 @@ pub enum VideoError {
     IsADirectory { path: PathBuf },
     #[error("{path}: {reason}")]
     Frames { path: PathBuf, reason: String },
-    #[error("{path}: frame rate must be positive and finite, got {fps}")]
-    Fps { path: PathBuf, fps: f64 },
+    #[error("{path}: frame rate must be {rule}, got {fps}")]
+    Fps {
+        path: PathBuf,
+        fps: f64,
+        rule: &'static str,
+    },
     #[error("{path}: {error}")]
     Tensor {
         path: PathBuf,
@@ -59,6 +67,8 @@ pub enum VideoError {
         path: PathBuf,
         error: image::ImageError,
     },
+    #[error("{path}: {reason}")]
+    Mp4 { path: PathBuf, reason: String },
     #[error("{path}: {action}: {error}")]
     Io {
         path: PathBuf,
@@ -114,6 +124,9 @@ pub fn load_image(path: &Path, size: Option<(usize, usize)>) -> Result<Tensor, V
 
 /// Writes frames (F, 3, H, W), floats in [0, 1], in the form the path names:
 ///
+/// - `*.mp4`: H.264 (yuv420p, BT.601 limited range, odd sides padded to even ones) in an MP4
+///   laid out for streaming, each frame lasting exactly `1 / fps` (to a thousandth of a frame
+///   per second), as browsers and players expect of diffusers' `export_to_video`;
 /// - `*.gif`: an animated GIF that loops forever, each frame shown `round(100 / fps)`
 ///   centiseconds (at least 1: GIF counts delays in centiseconds, and viewers replace 0 with
 ///   their own default);
@@ -122,7 +135,7 @@ pub fn load_image(path: &Path, size: Option<(usize, usize)>) -> Result<Tensor, V
 /// - an existing directory, a path ending in `/`, or a path without an extension: PNG frames
 ///   `frame_000.png`, `frame_001.png`, ...
 ///
-/// GIF and PNG pixels are `round(clamp(x, 0, 1) * 255)`, ties to even, as diffusers' `numpy_to_pil`
+/// GIF, MP4 and PNG pixels are `round(clamp(x, 0, 1) * 255)`, ties to even, as diffusers' `numpy_to_pil`
 /// makes them. Missing parent directories are created for every form (and removed again if the
 /// write fails); files are created with the process umask. In an existing directory the new
 /// frames replace same-named files, moved in together once all are encoded; other files,
@@ -224,6 +237,25 @@ fn encode_gif(frames: &Tensor, count: usize, fps: f64, path: &Path) -> Result<Ve
         }
     }
     Ok(bytes)
+}
+
+/// The MP4 in memory, like the GIF, so that nothing but its final write touches the staging.
+fn encode_mp4(frames: &Tensor, count: usize, fps: f64, path: &Path) -> Result<Vec<u8>, VideoError> {
+    let error = |reason| VideoError::Mp4 {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let (_, _, height, width) = frames.dims4().map_err(|error| VideoError::Tensor {
+        path: path.to_path_buf(),
+        error,
+    })?;
+    if let Some(rule) = h264::size_rule(height, width) {
+        return Err(error(format!(
+            "frames of {height}x{width} do not fit: {rule}"
+        )));
+    }
+    let rgb = (0..count).map(|i| frame_to_rgb8(frames, i).map_err(|e| e.to_string()));
+    mp4::encode_mp4(rgb, fps).map_err(error)
 }
 
 fn frame_name(index: usize) -> String {

@@ -10,13 +10,23 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use super::staged::{locked, Staged};
-use super::{check_frames, encode_gif, encode_png, frame_name, frame_number, io_error, VideoError};
+use super::{
+    check_frames, encode_gif, encode_mp4, encode_png, frame_name, frame_number, h264, io_error,
+    mp4, VideoError,
+};
+
+/// The forms written as one file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FileForm {
+    Gif,
+    Mp4,
+    Safetensors,
+}
 
 /// The form a video output path names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Form {
-    Gif,
-    Safetensors,
+    File(FileForm),
     /// PNG frames; `existing`: into a directory that is already there.
     PngFrames {
         existing: bool,
@@ -37,8 +47,11 @@ fn output_form(path: &Path) -> Option<Form> {
     }
     match path.extension() {
         None => Some(Form::PngFrames { existing: false }),
-        Some(ext) if ext.eq_ignore_ascii_case("gif") => Some(Form::Gif),
-        Some(ext) if ext.eq_ignore_ascii_case("safetensors") => Some(Form::Safetensors),
+        Some(ext) if ext.eq_ignore_ascii_case("gif") => Some(Form::File(FileForm::Gif)),
+        Some(ext) if ext.eq_ignore_ascii_case("mp4") => Some(Form::File(FileForm::Mp4)),
+        Some(ext) if ext.eq_ignore_ascii_case("safetensors") => {
+            Some(Form::File(FileForm::Safetensors))
+        }
         Some(_) => None,
     }
 }
@@ -68,8 +81,8 @@ fn stage_file(path: &Path) -> Result<(Staged, File), VideoError> {
 /// What a video output writes into its staging.
 #[derive(Debug)]
 enum Target {
-    /// A GIF (`gif`) or safetensors file, staged as one file kept open for the final write.
-    File { file: File, gif: bool },
+    /// A GIF, MP4 or safetensors file, staged as one file kept open for the final write.
+    File { file: File, form: FileForm },
     /// PNG frames in a staged directory; `existing`: moved into a directory already there.
     Frames { existing: bool },
 }
@@ -79,36 +92,76 @@ enum Target {
 pub struct VideoOutput {
     path: PathBuf,
     fps: f64,
+    form: Form,
     staged: Staged,
     target: Target,
 }
 
-impl VideoOutput {
-    /// Checks `path`'s form (and `fps` for a GIF) and creates its temporary output, with any
-    /// missing parent directories; nothing is left behind if it is dropped unwritten.
-    pub fn create(path: &Path, fps: f64) -> Result<Self, VideoError> {
-        let form = output_form(path).ok_or_else(|| VideoError::UnsupportedPath {
-            path: path.to_path_buf(),
-        })?;
-        if form == Form::Gif && !(fps.is_finite() && fps > 0.0) {
-            return Err(VideoError::Fps {
-                path: path.to_path_buf(),
-                fps,
-            });
+/// `path`'s form, with `fps` checked for the forms that time their frames.
+fn checked_form(path: &Path, fps: f64) -> Result<Form, VideoError> {
+    let form = output_form(path).ok_or_else(|| VideoError::UnsupportedPath {
+        path: path.to_path_buf(),
+    })?;
+    let rule = match form {
+        Form::File(FileForm::Gif) if !(fps.is_finite() && fps > 0.0) => "positive and finite",
+        Form::File(FileForm::Mp4) if !mp4::fps_fits(fps) => "between 0.001 and 1000000 for an MP4",
+        _ => return Ok(form),
+    };
+    Err(VideoError::Fps {
+        path: path.to_path_buf(),
+        fps,
+        rule,
+    })
+}
+
+/// Refuses frames of `height` x `width` that `form` cannot hold: a GIF's sides are 16-bit,
+/// H.264 takes 16 x 16 up to 3840 x 2160.
+fn check_size(form: Form, path: &Path, height: usize, width: usize) -> Result<(), VideoError> {
+    let reason = match form {
+        Form::File(FileForm::Mp4) => match h264::size_rule(height, width) {
+            Some(rule) => rule,
+            None => return Ok(()),
+        },
+        Form::File(FileForm::Gif) if height.max(width) > usize::from(u16::MAX) => {
+            format!("a GIF frame's sides are at most {}", u16::MAX)
         }
+        _ => return Ok(()),
+    };
+    Err(VideoError::Frames {
+        path: path.to_path_buf(),
+        reason: format!("frames of {height}x{width} do not fit: {reason}"),
+    })
+}
+
+/// Checks, without creating anything, that `path` names an output form that takes frames of
+/// `(height, width)` at `fps`: what [`VideoOutput::create`] and [`VideoOutput::check_size`]
+/// would refuse, for outputs that are made later (a batch's).
+pub fn check_output(
+    path: &Path,
+    fps: f64,
+    (height, width): (usize, usize),
+) -> Result<(), VideoError> {
+    check_size(checked_form(path, fps)?, path, height, width)
+}
+
+impl VideoOutput {
+    /// Checks `path`'s form (and `fps` for a GIF or an MP4) and creates its temporary output,
+    /// with any missing parent directories; nothing is left behind if it is dropped unwritten.
+    pub fn create(path: &Path, fps: f64) -> Result<Self, VideoError> {
+        let form = checked_form(path, fps)?;
         let (staged, target) = match form {
             Form::PngFrames { existing } => {
                 (stage_frames(path, existing)?, Target::Frames { existing })
             }
-            Form::Gif | Form::Safetensors => {
+            Form::File(form) => {
                 let (staged, file) = stage_file(path)?;
-                let gif = form == Form::Gif;
-                (staged, Target::File { file, gif })
+                (staged, Target::File { file, form })
             }
         };
         Ok(VideoOutput {
             path: path.to_path_buf(),
             fps,
+            form,
             staged,
             target,
         })
@@ -116,6 +169,13 @@ impl VideoOutput {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Refuses frames of `height` x `width` that this form cannot hold (a GIF's sides are
+    /// 16-bit, H.264 takes 16 x 16 up to 3840 x 2160), so a run checks its size before its
+    /// inference.
+    pub fn check_size(&self, height: usize, width: usize) -> Result<(), VideoError> {
+        check_size(self.form, &self.path, height, width)
     }
 
     /// Whether writing this output would replace the existing file `input`: it is the output
@@ -138,13 +198,20 @@ impl VideoOutput {
             fps,
             staged,
             target,
+            ..
         } = self;
         let (file, bytes) = match target {
             Target::Frames { existing } => {
                 return write_frames(frames, count, &path, staged, existing)
             }
-            Target::File { file, gif: true } => (file, encode_gif(frames, count, fps, &path)?),
-            Target::File { file, gif: false } => (file, safetensors_bytes(frames, &path)?),
+            Target::File { file, form } => {
+                let bytes = match form {
+                    FileForm::Gif => encode_gif(frames, count, fps, &path)?,
+                    FileForm::Mp4 => encode_mp4(frames, count, fps, &path)?,
+                    FileForm::Safetensors => safetensors_bytes(frames, &path)?,
+                };
+                (file, bytes)
+            }
         };
         write_staged(file, &bytes, &path)?;
         staged

@@ -77,6 +77,57 @@ pub fn remove_staged() {
     }
 }
 
+/// Removes what the staging of `target` left beside it when a process could not clean up
+/// (SIGKILL, a lost node): hidden siblings `.NAME.PID.N.tmp` of other processes. Only for an
+/// output that is the caller's alone, such as a batch job's; returns how many went.
+pub fn remove_leftovers(target: &Path) -> io::Result<usize> {
+    let (Some(name), parent) = (target.file_name(), target.parent()) else {
+        return Ok(0);
+    };
+    let parent = match parent {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut prefix = OsString::from(".");
+    prefix.push(name);
+    prefix.push(".");
+    let (prefix, own) = (prefix.to_string_lossy().into_owned(), std::process::id());
+    let mut removed = 0;
+    let entries = match fs::read_dir(parent) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let file_name = entry.file_name();
+        let Some(middle) = file_name
+            .to_str()
+            .and_then(|n| n.strip_prefix(prefix.as_str())?.strip_suffix(".tmp"))
+        else {
+            continue;
+        };
+        let pid = middle.split_once('.').and_then(|(pid, n)| {
+            n.bytes()
+                .all(|b| b.is_ascii_digit())
+                .then(|| pid.parse::<u32>().ok())?
+        });
+        if pid.is_some_and(|pid| pid != own) {
+            let kind = if entry.file_type()?.is_dir() {
+                Kind::Dir
+            } else {
+                Kind::File
+            };
+            locked(|| {
+                remove(&entry.path(), kind);
+                Ok(())
+            })?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// A temporary file or directory beside an output, with the parent directories created for
 /// it; removed when dropped unless committed, so every error path (and a panic unwinding
 /// through the writer) cleans up after itself.
@@ -218,6 +269,40 @@ mod tests {
         let (staged, _) = Staged::file(&deep, OsStr::new("out.gif")).unwrap();
         staged.commit(&deep.join("out.gif")).unwrap();
         assert!(deep.join("out.gif").is_file());
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// Another process's leftovers of an output go, with nothing else: not this process's
+    /// staging in progress, not another output's, not the output itself.
+    #[test]
+    fn leftovers_of_killed_runs_are_removed() {
+        let root =
+            std::env::temp_dir().join(format!("streamline-leftovers-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir(&root).unwrap();
+        let keep = ["a.mp4", ".b.mp4.1.0.tmp", ".a.mp4.x.0.tmp", "a.mp4.1.0.tmp"];
+        for name in keep.iter().chain(&[".a.mp4.1.0.tmp"]) {
+            fs::write(root.join(name), "").unwrap();
+        }
+        fs::create_dir(root.join(".a.mp4.2.7.tmp")).unwrap();
+        let (ours, _) = Staged::file(&root, OsStr::new("a.mp4")).unwrap();
+        assert_eq!(remove_leftovers(&root.join("a.mp4")).unwrap(), 2);
+        let mut left: Vec<String> = fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        let mut expected: Vec<String> = keep.iter().map(|s| s.to_string()).collect();
+        expected.push(
+            ours.path
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned(),
+        );
+        expected.sort();
+        assert_eq!(left, expected);
+        drop(ours);
         fs::remove_dir_all(&root).unwrap();
     }
 }
