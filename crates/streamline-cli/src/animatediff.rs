@@ -8,7 +8,7 @@ use anyhow::Result;
 use candle_core::{DType, Device};
 use clap::Args;
 use streamline_pipeline::animatediff::{AnimateDiff, AnimateDiffConfigs, AnimateDiffSettings};
-use streamline_pipeline::planner::{ModelSpec, PlanRequest, RehashMemory};
+use streamline_pipeline::planner::ModelSpec;
 use streamline_pipeline::svd::unit_noise;
 use streamline_pipeline::video::VideoOutput;
 use streamline_pipeline::{DeviceKind, Kernels, Optimization};
@@ -160,23 +160,13 @@ impl Prepared {
             .check_steps(steps)
             .map_err(|e| anyhow::anyhow!("{} {steps}: {e}", source.name("num_inference_steps")))?;
         let rehash = self.rehash.rehash(steps)?;
+        let settings = AnimateDiffSettings { rehash, ..settings };
+        let how = (self.dtype, self.optimization, self.kernels);
         check_run(
-            PlanRequest {
-                model: self.model.clone(),
-                height: settings.height,
-                width: settings.width,
-                num_frames: Some(settings.num_frames),
-                batch: 1,
-                cfg: settings.guidance_scale > 1.0,
-                dtype: self.dtype,
-                optimization: self.optimization,
-                kernels: self.kernels,
-                decode_chunk_size: settings.decode_chunk_size,
-                rehash: RehashMemory::of(&rehash),
-            },
+            settings.plan_request(self.model.clone(), how),
             self.device_kind,
         )?;
-        Ok(AnimateDiffSettings { rehash, ..settings })
+        Ok(settings)
     }
 
     /// The unit-noise latents of a run with `settings` (checked): `(1, C, F, h, w)`.

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use streamline_ir::human;
-use streamline_pipeline::planner::{ModelSpec, PlanRequest, RehashMemory};
+use streamline_pipeline::planner::ModelSpec;
 use streamline_pipeline::run::all_finite;
 use streamline_pipeline::svd::{
     default_model_dir, unit_noise, Planes, RunReport, StableVideoDiffusion, SvdConfigs,
@@ -175,22 +175,9 @@ impl Checked {
         let steps = settings.num_inference_steps;
         c.check_steps(steps)
             .map_err(|e| anyhow::anyhow!("{} {steps}: {e}", source.name("num_inference_steps")))?;
-        check_run(
-            PlanRequest {
-                model: ModelSpec::Path(self.model.clone()),
-                height,
-                width,
-                num_frames: Some(frames),
-                batch: 1,
-                cfg: settings.guided(),
-                dtype: self.dtype,
-                optimization: self.optimization,
-                kernels: self.kernels,
-                decode_chunk_size: settings.decode_chunk_size.unwrap_or(frames),
-                rehash: RehashMemory::of(&settings.rehash),
-            },
-            self.device_kind,
-        )?;
+        let how = (self.dtype, self.optimization, self.kernels);
+        let model = ModelSpec::Path(self.model.clone());
+        check_run(settings.plan_request(model, frames, how), self.device_kind)?;
         Ok(SvdSettings {
             num_frames: Some(frames),
             ..settings

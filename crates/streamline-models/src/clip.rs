@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 pub use crate::clip_encoder::HiddenAct;
 use crate::clip_encoder::{load_checkpoint, ClipEncoder, EncoderConfig, Unsupported};
-use crate::load::{load_config, ModelError};
+use crate::load::load_config;
 
 /// `image_encoder/config.json` as transformers' `CLIPVisionConfig.save_pretrained` writes it.
 /// A missing field takes transformers' default, as `from_pretrained` would.
@@ -70,7 +70,7 @@ impl ClipVisionConfig {
 
     /// Read a config.json, rejecting up front (naming the file and field) what `new` could
     /// not build.
-    pub fn load(path: &Path) -> std::result::Result<Self, ModelError> {
+    pub fn load(path: &Path) -> crate::load::Result<Self> {
         let config: Self = load_config(path)?;
         config.check().map_err(|u| u.in_file(path))?;
         Ok(config)
@@ -222,11 +222,7 @@ impl ClipVisionModelWithProjection {
 
     /// Load a transformers `save_pretrained` folder (SVD's `image_encoder/`): `config.json`
     /// and `model.safetensors` or its `model.fp16.safetensors` variant, converted to `dtype`.
-    pub fn load(
-        dir: &Path,
-        dtype: DType,
-        device: &Device,
-    ) -> std::result::Result<Self, ModelError> {
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> crate::load::Result<Self> {
         let config = ClipVisionConfig::load(&dir.join("config.json"))?;
         load_checkpoint(dir, dtype, device, &[], |vb| Self::new(&config, vb))
     }

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use crate::clip::{ClipVisionConfig, ClipVisionTransformer};
 use crate::clip_encoder::{load_checkpoint, Unsupported};
 use crate::clip_text::{ClipTextConfig, ClipTextTransformer};
-use crate::load::{load_config, ModelError};
+use crate::load::load_config;
 
 /// `config.json` as transformers' `CLIPConfig.save_pretrained` writes it; a missing field
 /// takes transformers' default.
@@ -38,7 +38,7 @@ fn default_projection_dim() -> usize {
 impl ClipConfig {
     /// Reads a config.json, refusing up front (naming the file and field) what the towers
     /// could not build.
-    pub fn load(path: &Path) -> std::result::Result<Self, ModelError> {
+    pub fn load(path: &Path) -> crate::load::Result<Self> {
         let config: Self = load_config(path)?;
         config.text_config.check().map_err(|u| u.in_file(path))?;
         config.vision_config.check().map_err(|u| u.in_file(path))?;
@@ -86,11 +86,7 @@ impl ClipModel {
 
     /// Loads a Hub CLIP folder: `config.json` and `model.safetensors` (or its
     /// `model.fp16.safetensors` variant), converted to `dtype`.
-    pub fn load(
-        dir: &Path,
-        dtype: DType,
-        device: &Device,
-    ) -> std::result::Result<Self, ModelError> {
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> crate::load::Result<Self> {
         let config = ClipConfig::load(&dir.join("config.json"))?;
         // The temperature of CLIP's contrastive loss, and the position ids older files hold
         // (always `arange`): not read.

@@ -19,7 +19,7 @@ use serde::Deserialize;
 pub use self::tokenizer::{ClipEncoding, ClipTokenizer, Truncation};
 pub use crate::clip_encoder::HiddenAct;
 use crate::clip_encoder::{load_checkpoint, ClipEncoder, EncoderConfig, Unsupported};
-use crate::load::{load_config, ModelError};
+use crate::load::load_config;
 
 /// `text_encoder/config.json` as transformers' `CLIPTextConfig.save_pretrained` writes it.
 /// A missing field takes transformers' default, as `from_pretrained` would; unknown fields
@@ -71,7 +71,7 @@ impl ClipTextConfig {
 
     /// Read a config.json, rejecting up front (naming the file and field) what the model could
     /// not build.
-    pub fn load(path: &Path) -> std::result::Result<Self, ModelError> {
+    pub fn load(path: &Path) -> crate::load::Result<Self> {
         let config: Self = load_config(path)?;
         config.check().map_err(|u| u.in_file(path))?;
         Ok(config)
@@ -204,11 +204,7 @@ impl ClipTextModel {
 
     /// Load a transformers `save_pretrained` folder (SD 1.5's `text_encoder/`): `config.json`
     /// and `model.safetensors` or its `model.fp16.safetensors` variant, converted to `dtype`.
-    pub fn load(
-        dir: &Path,
-        dtype: DType,
-        device: &Device,
-    ) -> std::result::Result<Self, ModelError> {
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> crate::load::Result<Self> {
         let config = ClipTextConfig::load(&dir.join("config.json"))?;
         // Files saved before transformers made `position_ids` non-persistent (SD 1.5's among
         // them) still hold it; it is always `arange`, so it is not read.

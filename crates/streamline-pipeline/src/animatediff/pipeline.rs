@@ -43,6 +43,30 @@ pub struct AnimateDiffSettings {
     pub reuse_guidance: bool,
 }
 
+impl AnimateDiffSettings {
+    /// What the planner needs of a run of these settings on the folders `model`, in
+    /// `dtype` under `optimization` with `kernels`.
+    pub fn plan_request(
+        &self,
+        model: ModelSpec,
+        (dtype, optimization, kernels): (DType, Optimization, Kernels),
+    ) -> PlanRequest {
+        PlanRequest {
+            model,
+            height: self.height,
+            width: self.width,
+            num_frames: Some(self.num_frames),
+            batch: 1,
+            cfg: self.guidance_scale > 1.0,
+            dtype,
+            optimization,
+            kernels,
+            decode_chunk_size: self.decode_chunk_size,
+            rehash: RehashMemory::of(&self.rehash),
+        }
+    }
+}
+
 impl Default for AnimateDiffSettings {
     fn default() -> Self {
         AnimateDiffSettings {
@@ -237,19 +261,9 @@ impl AnimateDiff {
         optimization: Optimization,
     ) -> Result<PlanReport, PipelineError> {
         let (model, adapter) = self.dirs.clone();
-        Ok(plan_report(PlanRequest {
-            model: ModelSpec::AnimateDiffFolders { model, adapter },
-            height: settings.height,
-            width: settings.width,
-            num_frames: Some(settings.num_frames),
-            batch: 1,
-            cfg: settings.guidance_scale > 1.0,
-            dtype: self.dtype,
-            optimization,
-            kernels: self.kernels,
-            decode_chunk_size: settings.decode_chunk_size,
-            rehash: RehashMemory::of(&settings.rehash),
-        })?)
+        let model = ModelSpec::AnimateDiffFolders { model, adapter };
+        let how = (self.dtype, optimization, self.kernels);
+        Ok(plan_report(settings.plan_request(model, how))?)
     }
 
     /// Generate frames `(F, 3, H, W)` in `[0, 1]` from `prompt` and unit-noise `latents`

@@ -19,7 +19,9 @@
 use candle_core::{DType, Tensor};
 
 use super::schedule::{alphas_cumprod, float_dtype, scalar, spaced_timesteps};
-use super::{PredictionType, SchedulerClass, SchedulerConfig, SchedulerError, TimestepSpacing};
+use super::{
+    PredictionType, SchedulerClass, SchedulerConfig, SchedulerError, Step, TimestepSpacing,
+};
 
 /// DDIM sampler over the training alpha products. The pipeline calls
 /// [`Self::scale_model_input`] and [`Self::step`] with the index of the step in
@@ -135,12 +137,7 @@ impl DdimScheduler {
     /// One deterministic DDIM step (`eta = 0`) from `sample` at step `step_index`, returned in
     /// the dtype torch gives it (that of `sample` and `model_output`, the wider if they
     /// differ).
-    pub fn step(
-        &self,
-        model_output: &Tensor,
-        step_index: usize,
-        sample: &Tensor,
-    ) -> Result<Tensor, SchedulerError> {
+    pub fn step(&self, model_output: &Tensor, step_index: usize, sample: &Tensor) -> Step {
         self.step_inner(model_output, step_index, sample, 0.0, None)
     }
 

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use super::{
-    DdimScheduler, EulerDiscreteScheduler, SchedulerClass, SchedulerConfig, SchedulerError,
+    DdimScheduler, EulerDiscreteScheduler, SchedulerClass, SchedulerConfig, SchedulerError, Step,
 };
 use candle_core::Tensor;
 
@@ -89,12 +89,7 @@ impl Scheduler {
 
     /// The sample after step `step_index` (deterministic: Euler without churn, DDIM with
     /// `eta = 0`).
-    pub fn step(
-        &self,
-        model_output: &Tensor,
-        step_index: usize,
-        sample: &Tensor,
-    ) -> Result<Tensor, SchedulerError> {
+    pub fn step(&self, model_output: &Tensor, step_index: usize, sample: &Tensor) -> Step {
         delegate!(self, s => s.step(model_output, step_index, sample))
     }
 }

@@ -16,7 +16,7 @@ use super::schedule::{
 };
 use super::{
     FinalSigma, Interpolation, PredictionType, SchedulerClass, SchedulerConfig, SchedulerError,
-    TimestepSpacing,
+    Step, TimestepSpacing,
 };
 
 /// Karras et al.'s rho, fixed in diffusers.
@@ -177,12 +177,7 @@ impl EulerDiscreteScheduler {
     /// model output's dtype. As in diffusers, the sample is upcast to f32 and the model output
     /// keeps its dtype: products with it are rounded to that dtype (f16 for a half-precision
     /// UNet) before they meet the f32 sample. Model outputs in f64 are stepped in f32.
-    pub fn step(
-        &self,
-        model_output: &Tensor,
-        step_index: usize,
-        sample: &Tensor,
-    ) -> Result<Tensor, SchedulerError> {
+    pub fn step(&self, model_output: &Tensor, step_index: usize, sample: &Tensor) -> Step {
         let sigma = self.sigma(step_index)?;
         let next = self.sigmas[step_index + 1];
         let out_dtype = float_dtype(model_output)?;

@@ -21,6 +21,9 @@ use serde::Deserialize;
 use streamline_models::load::{load_config, ModelError};
 use thiserror::Error;
 
+/// What a scheduler's `step` gives: the next sample, or why it cannot.
+pub type Step = Result<candle_core::Tensor, SchedulerError>;
+
 pub use ddim::DdimScheduler;
 pub use dispatch::Scheduler;
 pub use euler::EulerDiscreteScheduler;

@@ -67,6 +67,29 @@ impl Default for SvdSettings {
 }
 
 impl SvdSettings {
+    /// What the planner needs of a run of these settings with `frames` frames, on the
+    /// folder `model`, in `dtype` under `optimization` with `kernels`.
+    pub fn plan_request(
+        &self,
+        model: ModelSpec,
+        frames: usize,
+        (dtype, optimization, kernels): (DType, Optimization, Kernels),
+    ) -> PlanRequest {
+        PlanRequest {
+            model,
+            height: self.height,
+            width: self.width,
+            num_frames: Some(frames),
+            batch: 1,
+            cfg: self.guided(),
+            dtype,
+            optimization,
+            kernels,
+            decode_chunk_size: self.decode_chunk_size.unwrap_or(frames),
+            rehash: RehashMemory::of(&self.rehash),
+        }
+    }
+
     /// Whether the run uses classifier-free guidance: as diffusers decides it, when the
     /// largest per-frame scale exceeds 1 (at 1 the guided prediction is the conditional one,
     /// so the unconditional half of every UNet call is skipped).
@@ -332,20 +355,10 @@ impl StableVideoDiffusion {
         settings: &SvdSettings,
         optimization: Optimization,
     ) -> Result<PlanReport, PipelineError> {
+        let model = ModelSpec::Path(self.dir.clone());
+        let how = (self.dtype, optimization, self.kernels);
         let frames = self.num_frames(settings);
-        Ok(plan_report(PlanRequest {
-            model: ModelSpec::Path(self.dir.clone()),
-            height: settings.height,
-            width: settings.width,
-            num_frames: Some(frames),
-            batch: 1,
-            cfg: settings.guided(),
-            dtype: self.dtype,
-            optimization,
-            kernels: self.kernels,
-            decode_chunk_size: settings.decode_chunk_size.unwrap_or(frames),
-            rehash: RehashMemory::of(&settings.rehash),
-        })?)
+        Ok(plan_report(settings.plan_request(model, frames, how))?)
     }
 
     /// Generate frames `(F, 3, H, W)` in `[0, 1]` from `image` (`3 x H x W` in `[0, 1]`, already
