@@ -53,12 +53,19 @@ pub struct StepRehash {
     value: Option<String>,
     cache: Option<Tensor>,
     recorded: Vec<Tensor>,
-    auto: Option<AutoState>,
-    /// With an auto schedule: the shallow features' value name, and their latest copy.
-    shallow: Option<(String, Option<Tensor>)>,
+    auto: Option<Watch>,
     /// The steps that ran the whole UNet, in order.
     key_steps: Vec<usize>,
     partial_steps: usize,
+}
+
+/// An auto schedule's rule and what it watches: the shallow features' value name in the
+/// graph, and the copy the latest step kept.
+#[derive(Debug)]
+struct Watch {
+    rule: AutoState,
+    value: String,
+    latest: Option<Tensor>,
 }
 
 impl StepRehash {
@@ -81,15 +88,15 @@ impl StepRehash {
             Rehash::Record(p) => Some(*p),
         };
         let auto = match &mode {
-            Rehash::Auto(rule) => Some(AutoState::new(*rule)),
-            _ => None,
-        };
-        let shallow = match auto {
-            Some(_) => {
+            Rehash::Auto(rule) => {
                 let value = graph.marked(SHALLOW_MARK).ok_or(StepError::NoShallow)?;
-                Some((graph.value(value).name.clone(), None))
+                Some(Watch {
+                    rule: AutoState::new(*rule),
+                    value: graph.value(value).name.clone(),
+                    latest: None,
+                })
             }
-            None => None,
+            _ => None,
         };
         let value = point.map(|p| p.value_name(graph)).transpose()?;
         Ok(StepRehash {
@@ -98,7 +105,6 @@ impl StepRehash {
             cache: None,
             recorded: Vec::new(),
             auto,
-            shallow,
             key_steps: Vec::new(),
             partial_steps: 0,
         })
@@ -108,7 +114,7 @@ impl StepRehash {
     pub fn is_full(&self, step: usize) -> bool {
         match &self.mode {
             Rehash::Schedule(s) => s.is_key(step),
-            Rehash::Auto(_) => self.auto.as_ref().is_none_or(|a| a.is_key(step)),
+            Rehash::Auto(_) => self.auto.as_ref().is_none_or(|w| w.rule.is_key(step)),
             Rehash::Off | Rehash::Record(_) => true,
         }
     }
@@ -120,21 +126,17 @@ impl StepRehash {
             self.key_steps.push(step);
             return Ok(Request::default());
         };
-        let watch = self.shallow.iter().map(|(name, _)| name.clone());
+        let value = value.clone();
         if self.is_full(step) {
             self.cache = None;
             self.key_steps.push(step);
             return Ok(Request {
-                keep: std::iter::once(value.clone()).chain(watch).collect(),
+                keep: std::iter::once(value).chain(self.watched()).collect(),
                 substitute: Vec::new(),
             });
         }
         let cache = self.cache.clone().ok_or(StepError::NoCache(step))?;
-        self.partial_steps += 1;
-        Ok(Request {
-            keep: watch.collect(),
-            substitute: vec![(value.clone(), cache)],
-        })
+        Ok(self.partial(value, cache))
     }
 
     /// The request for partial `step` when it runs only the conditional half of a
@@ -145,17 +147,28 @@ impl StepRehash {
             return Err(StepError::NoCache(step));
         };
         let half = cache.dim(0)? / 2;
+        let (value, cache) = (value.clone(), cache.narrow(0, half, half)?);
+        Ok(self.partial(value, cache))
+    }
+
+    /// A partial step's request: `cache` given as `value`, the watched features kept.
+    fn partial(&mut self, value: String, cache: Tensor) -> Request {
         self.partial_steps += 1;
-        Ok(Request {
-            keep: self.shallow.iter().map(|(name, _)| name.clone()).collect(),
-            substitute: vec![(value.clone(), cache.narrow(0, half, half)?)],
-        })
+        Request {
+            keep: self.watched(),
+            substitute: vec![(value, cache)],
+        }
+    }
+
+    /// The values an auto schedule has every step keep.
+    fn watched(&self) -> Vec<String> {
+        self.auto.iter().map(|w| w.value.clone()).collect()
     }
 
     /// Take what a full step kept.
     pub fn absorb(&mut self, mut kept: HashMap<String, Tensor>) -> Result<(), StepError> {
-        if let Some((name, latest)) = &mut self.shallow {
-            *latest = kept.remove(name.as_str());
+        if let Some(watch) = &mut self.auto {
+            watch.latest = kept.remove(watch.value.as_str());
         }
         let Some(value) = &self.value else {
             return Ok(());
@@ -179,19 +192,20 @@ impl StepRehash {
     /// conditional one (which every step computes).
     pub fn observe(&mut self, step: usize, conditional_half: bool) -> Result<(), StepError> {
         let key = self.key_steps.last() == Some(&step);
-        let (Some(auto), Some((name, latest))) = (&mut self.auto, &mut self.shallow) else {
+        let Some(watch) = &mut self.auto else {
             return Ok(());
         };
         // Taken, not kept: the rule holds its own copy of what it compares with.
-        let features = latest
+        let features = watch
+            .latest
             .take()
-            .ok_or_else(|| StepError::NotKept(name.clone()))?;
+            .ok_or_else(|| StepError::NotKept(watch.value.clone()))?;
         let n = features.dim(0)?;
         let watched = match conditional_half {
             true => features.narrow(0, n / 2, n / 2)?,
             false => features.clone(),
         };
-        auto.observe(key, &watched)?;
+        watch.rule.observe(key, &watched)?;
         Ok(())
     }
 
