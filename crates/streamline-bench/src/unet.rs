@@ -252,7 +252,7 @@ pub fn run(dir: &Path, how: &How) -> Result<(Measurement, Tensor)> {
     let rehash = how.schedule()?;
     // A key step keeps the cached value to its end; a partial step starts from it.
     let cached = match &rehash {
-        Some(schedule) => vec![schedule.cache_point()?.value_name(&calls[0].0)?],
+        Some(schedule) => vec![schedule.cache_point().value_name(&calls[0].0)?],
         None => Vec::new(),
     };
     let mut planned = 0;

@@ -21,6 +21,7 @@
 mod animatediff;
 mod batch;
 mod checks;
+mod plan;
 mod progress;
 mod rehash;
 mod score;
@@ -33,9 +34,6 @@ use std::io::IsTerminal;
 use anyhow::Result;
 use candle_core::DType;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use streamline_pipeline::planner::{
-    group_listing, plan_report, ModelSpec, PlanRequest, RehashMemory,
-};
 /// `--device cpu | cuda[:N] | metal[:N]`.
 pub(crate) use streamline_pipeline::DeviceSpec as DeviceArg;
 use streamline_pipeline::{
@@ -62,7 +60,7 @@ enum Command {
     Rehash(rehash::RehashCommand),
     /// Plan memory without weights, from the model's configs alone: each call's groups and
     /// slicing, and each phase's weights, held values and activations (`--json` for scripts).
-    Plan(PlanArgs),
+    Plan(plan::PlanArgs),
     /// Many videos from one model load: a JSONL file of jobs, sharded across processes
     /// (Slurm job arrays, Kubernetes Indexed Jobs) and resumable (docs/batch.md).
     #[command(subcommand)]
@@ -200,73 +198,6 @@ struct VideoSize {
     num_frames: Option<usize>,
 }
 
-#[derive(Args, Debug)]
-struct PlanArgs {
-    /// `svd`, `svd-xt`, `animatediff` (SD 1.5 + motion adapter v1-5-2), an SVD UNet
-    /// config.json, or a diffusers SVD folder.
-    #[arg(long, default_value = "svd")]
-    model: String,
-    #[command(flatten)]
-    video: VideoSize,
-    /// Videos generated at once.
-    #[arg(long, default_value_t = 1, value_parser = checks::positive)]
-    batch: usize,
-    /// Plan without classifier-free guidance (UNet batch not doubled).
-    #[arg(long)]
-    no_cfg: bool,
-    #[arg(long, value_enum, default_value = "f16")]
-    dtype: Dtype,
-    /// The device to plan for (no such device is needed to plan): `cpu`, `cuda[:N]`,
-    /// `metal[:N]`.
-    #[arg(long, default_value = "cpu")]
-    device: DeviceArg,
-    /// Frames per VAE decoder call.
-    #[arg(long, default_value_t = 14, value_parser = checks::positive)]
-    decode_chunk_size: usize,
-    /// Also list every group of both plans.
-    #[arg(long)]
-    groups: bool,
-    /// Count Step Rehash's cache in the denoise phase (it is held from step to step).
-    #[arg(long)]
-    rehash: bool,
-    /// Print the report as JSON (bytes as integers), for scripts.
-    #[arg(long, conflicts_with = "groups")]
-    json: bool,
-    #[command(flatten)]
-    optimization: OptimizationArgs,
-}
-
-fn plan(args: PlanArgs) -> Result<()> {
-    let model = ModelSpec::parse(&args.model);
-    let (height, width) = model.default_size();
-    let report = plan_report(PlanRequest {
-        model,
-        height: args.video.height.unwrap_or(height),
-        width: args.video.width.unwrap_or(width),
-        num_frames: args.video.num_frames,
-        batch: args.batch,
-        cfg: !args.no_cfg,
-        dtype: args.dtype.into(),
-        optimization: args.optimization.optimization()?,
-        kernels: args.optimization.kernels.kernels(args.device.kind)?,
-        decode_chunk_size: args.decode_chunk_size,
-        rehash: match args.rehash {
-            true => RehashMemory::Cache,
-            false => RehashMemory::Off,
-        },
-    })?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report.json())?);
-        return Ok(());
-    }
-    print!("{report}");
-    if args.groups {
-        println!("\nUNet step groups:\n{}", group_listing(&report.unet));
-        println!("VAE decode groups:\n{}", group_listing(&report.decoder));
-    }
-    Ok(())
-}
-
 /// Counts heap bytes so that a run's summary can give each phase's measured peak beside the
 /// planned one (relaxed atomic counters: no measurable cost next to tensor work).
 #[global_allocator]
@@ -291,7 +222,7 @@ fn main() {
     let result = signals::install().and_then(|()| match cli.command {
         Command::Svd(args) => svd::run(args),
         Command::Animatediff(args) => animatediff::run(args),
-        Command::Plan(args) => plan(args),
+        Command::Plan(args) => plan::run(args),
         Command::Rehash(command) => rehash::run(command),
         Command::Batch(command) => batch::run(command),
         Command::Score(command) => score::run(command),

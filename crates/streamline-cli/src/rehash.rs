@@ -6,13 +6,13 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Args, Subcommand, ValueEnum};
 use streamline_pipeline::quality::{psnr, ssim};
-use streamline_pipeline::svd::{example_images, RunReport};
+use streamline_pipeline::svd::{example_images, RunReport, SvdSettings};
 use streamline_pipeline::video::FileOutput;
 use streamline_rehash::{
     greedy, mean, optimal, similarity, CachePoint, Method, Metric, Rehash, RehashArg, Schedule,
 };
 
-use crate::checks::{positive, refuse_overwriting};
+use crate::checks::{positive, refuse_overwriting, Source};
 use crate::session::{Checked, Inputs, SvdCommon};
 
 #[derive(Subcommand, Debug)]
@@ -65,9 +65,20 @@ pub struct EvaluateArgs {
     /// Evaluation image; repeat for several (figures are averaged).
     #[arg(long = "image", required = true)]
     images: Vec<PathBuf>,
-    /// A schedule to evaluate: `uniform:K`, `auto:THRESHOLD` or a file; repeat for several.
+    /// A schedule to evaluate: `uniform:K`, `auto:THRESHOLD` or a file, optionally with
+    /// `@up_blocks.N`; repeat for several.
     #[arg(long = "rehash", required = true)]
     schedules: Vec<RehashArg>,
+    /// Evaluate every schedule at this cache point (`up_blocks.N`) instead of its own; repeat
+    /// to compare several.
+    #[arg(long = "cache-point")]
+    cache_points: Vec<CachePoint>,
+    /// Run each schedule this many times per image and report the median denoising time.
+    #[arg(long, default_value_t = 1, value_parser = positive)]
+    repeat: usize,
+    /// The choice: the fastest schedule (measured) whose PSNR is at least this.
+    #[arg(long, default_value_t = 35.0)]
+    min_psnr: f64,
     /// Print the figures as JSON (one object per schedule, original inference first).
     #[arg(long)]
     json: bool,
@@ -125,7 +136,7 @@ fn search(args: SearchArgs) -> Result<()> {
         score: Some(sim.score(&keys)),
         key_steps: keys,
         method,
-        cache_point: args.cache_point.map(|p| p.to_string()),
+        cache_point: args.cache_point,
         metric: Some(metric),
     };
     schedule.validate(None)?;
@@ -147,6 +158,7 @@ fn search(args: SearchArgs) -> Result<()> {
 /// Sums over the evaluation images for one schedule.
 #[derive(Default)]
 struct Tally {
+    /// Median denoising seconds of each image's runs, summed.
     seconds: f64,
     flops: u64,
     full: usize,
@@ -157,52 +169,128 @@ struct Tally {
     key_steps: Vec<Vec<usize>>,
 }
 
-fn evaluate(args: EvaluateArgs) -> Result<()> {
-    let checked = args.common.check()?;
+/// The schedules `evaluate` runs, each with its flag as named in the report.
+fn evaluated(args: &EvaluateArgs) -> Result<Vec<(String, Rehash)>> {
     let steps = args.common.num_inference_steps;
-    let schedules = args
-        .schedules
+    let flags: Vec<RehashArg> = match args.cache_points.as_slice() {
+        [] => args.schedules.clone(),
+        points => args
+            .schedules
+            .iter()
+            .flat_map(|s| {
+                points.iter().map(|&p| RehashArg {
+                    cache_point: Some(p),
+                    ..s.clone()
+                })
+            })
+            .collect(),
+    };
+    flags
         .iter()
         .map(|s| match s.rehash(steps)? {
             Rehash::Off => anyhow::bail!("--rehash off: original inference is the reference"),
             rehash => Ok((s.to_string(), rehash)),
         })
-        .collect::<Result<Vec<_>>>()?;
+        .collect()
+}
+
+fn evaluate(args: EvaluateArgs) -> Result<()> {
+    let checked = args.common.check()?;
+    let schedules = evaluated(&args)?;
+    for (_, rehash) in &schedules {
+        let settings = SvdSettings {
+            rehash: rehash.clone(),
+            ..checked.settings.clone()
+        };
+        checked.check_settings(settings, Source::Flags)?;
+    }
     let all_inputs = read_inputs(&checked, &args.images, args.common.seed)?;
     let session = checked.load()?;
     let mut reference = Tally::default();
     let mut tallies: Vec<Tally> = schedules.iter().map(|_| Tally::default()).collect();
+    let runs = |rehash: &Rehash, inputs: &Inputs, label: &str| {
+        let mut seconds = Vec::with_capacity(args.repeat);
+        let mut last = None;
+        for _ in 0..args.repeat {
+            let (frames, report) =
+                session.generate(inputs, session.optimization, rehash.clone(), label)?;
+            seconds.push(report.denoise_seconds);
+            last = Some((frames, report));
+        }
+        let (frames, mut report) = last.expect("--repeat is at least 1");
+        report.denoise_seconds = median(seconds);
+        anyhow::Ok((frames, report))
+    };
     for (n, inputs) in all_inputs.iter().enumerate() {
         let label = format!("{}/{} ", n + 1, args.images.len());
-        let (original, report) =
-            session.generate(inputs, session.optimization, Rehash::Off, &label)?;
+        let (original, report) = runs(&Rehash::Off, inputs, &label)?;
         reference.add(&report);
         for ((_, rehash), tally) in schedules.iter().zip(&mut tallies) {
-            let (frames, report) =
-                session.generate(inputs, session.optimization, rehash.clone(), &label)?;
+            let (frames, report) = runs(rehash, inputs, &label)?;
             tally.add(&report);
             tally.psnr += psnr(&frames, &original)?;
             tally.ssim += ssim(&frames, &original)?;
         }
     }
     let n = args.images.len() as f64;
-    let rows: Vec<serde_json::Value> = std::iter::once(reference.json("original", n, &reference))
-        .chain(
-            schedules
-                .iter()
-                .zip(&tallies)
-                .map(|((name, _), t)| t.json(name, n, &reference)),
-        )
-        .collect();
+    let mut rows: Vec<serde_json::Value> =
+        std::iter::once(reference.json("original", n, &reference))
+            .chain(
+                schedules
+                    .iter()
+                    .zip(&tallies)
+                    .map(|((name, _), t)| t.json(name, n, &reference)),
+            )
+            .collect();
+    let chosen = choose(&mut rows, args.min_psnr);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
+    print_table(&rows);
+    match chosen {
+        Some(row) => println!(
+            "\nchosen: {} (the fastest measured at PSNR >= {} dB)",
+            row, args.min_psnr
+        ),
+        None => println!("\nchosen: none reaches PSNR {} dB", args.min_psnr),
+    }
+    Ok(())
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    match values.len() % 2 {
+        0 => (values[mid - 1] + values[mid]) / 2.0,
+        _ => values[mid],
+    }
+}
+
+/// Mark the fastest row with PSNR >= `min_psnr` as `"chosen": true` (every other row
+/// `false`) and return its schedule.
+fn choose(rows: &mut [serde_json::Value], min_psnr: f64) -> Option<String> {
+    let best = rows
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r["psnr_db"].as_f64().is_some_and(|p| p >= min_psnr))
+        .max_by(|(_, a), (_, b)| {
+            let speed = |r: &serde_json::Value| r["speedup"].as_f64().unwrap_or_default();
+            speed(a).total_cmp(&speed(b))
+        })
+        .map(|(i, _)| i);
+    for (i, row) in rows.iter_mut().enumerate() {
+        row["chosen"] = serde_json::json!(Some(i) == best);
+    }
+    best.map(|i| rows[i]["schedule"].as_str().unwrap_or_default().to_string())
+}
+
+fn print_table(rows: &[serde_json::Value]) {
     println!(
         "| schedule | key steps | full + partial UNet evaluations | UNet GFLOP | denoising s | speedup | PSNR dB | SSIM |"
     );
     println!("|---|---|---|---|---|---|---|---|");
-    for row in &rows {
+    for row in rows {
         let quality = match (row["psnr_db"].as_f64(), row["ssim"].as_f64()) {
             (Some(p), Some(s)) => format!("{p:.2} | {s:.4}"),
             _ => "reference | 1".into(),
@@ -218,7 +306,6 @@ fn evaluate(args: EvaluateArgs) -> Result<()> {
             row["speedup"].as_f64().unwrap_or_default(),
         );
     }
-    Ok(())
 }
 
 impl Tally {

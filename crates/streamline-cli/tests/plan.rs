@@ -111,3 +111,46 @@ fn bad_sizes_and_budgets_are_clear_errors() {
     let (ok, _, stderr) = plan(&["--model", "/no/such/config.json"]);
     assert!(!ok && stderr.contains("/no/such/config.json"), "{stderr}");
 }
+
+fn plan_json(args: &[&str]) -> serde_json::Value {
+    let (ok, stdout, stderr) = plan(&[args, &["--json"]].concat());
+    assert!(ok, "streamline plan {args:?} failed: {stderr}");
+    serde_json::from_str(&stdout).unwrap()
+}
+
+#[test]
+fn rehash_plans_its_cache_point_and_the_loop_flops() {
+    let svd = ["--model", "svd", "--dtype", "f16"];
+    let off = plan_json(&svd);
+    let at = |flag: &str| plan_json(&[&svd[..], &["--rehash", flag]].concat());
+    let run = at("uniform:13@up_blocks.1");
+    let rehash = &run["rehash"];
+    assert_eq!(rehash["cache_point"], "up_blocks.1");
+    let points = rehash["cache_points"].as_array().unwrap();
+    assert_eq!(points.len(), 3, "SVD's UNet has three up-block boundaries");
+    let u = |v: &serde_json::Value| v.as_u64().unwrap();
+    // Deeper points cache smaller features and leave a partial step more to run.
+    assert!(u(&points[0]["partial_flops"]) > u(&points[2]["partial_flops"]));
+    assert_eq!(u(&points[1]["partial_flops"]), u(&rehash["partial_flops"]));
+    let full = u(&run["calls"]["unet_step"]["flops"]);
+    let denoise = &run["denoise_loop"];
+    assert_eq!(u(&denoise["original_flops"]), 25 * full);
+    assert_eq!(
+        u(&denoise["flops"]),
+        13 * full + 12 * u(&rehash["partial_flops"])
+    );
+    // The cache at up_blocks.1 is held through the denoise phase.
+    let held = |r: &serde_json::Value| u(&r["phases"][1]["held"]);
+    assert_eq!(held(&run) - held(&off), u(&points[1]["cache_bytes"]));
+    let reuse = plan_json(&[&svd[..], &["--rehash", "uniform:13", "--reuse-guidance"]].concat());
+    let partial = u(&reuse["rehash"]["partial_flops"]);
+    assert_eq!(
+        u(&reuse["denoise_loop"]["flops"]),
+        13 * full + 12 * (partial / 2)
+    );
+    let (ok, _, stderr) = plan(&[&svd[..], &["--rehash", "auto:0.2@up_blocks.3"]].concat());
+    assert!(
+        !ok && stderr.contains("up_blocks.3") && stderr.contains("up_blocks.0 ..= up_blocks.2"),
+        "{stderr}"
+    );
+}

@@ -372,6 +372,72 @@ fn an_mp4_of_the_built_in_model_decodes_to_its_frames() {
 }
 
 #[test]
+fn rehash_evaluate_compares_cache_points_and_chooses() {
+    // The built-in model: the fixture UNet has a single up-block boundary.
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/default");
+    let model = model.to_str().unwrap();
+    let size = ["--height", "64", "--width", "64", "--num-frames", "4"];
+    let flags = [
+        "--model",
+        model,
+        "--num-inference-steps",
+        "3",
+        "--rehash",
+        "uniform:2",
+        "--rehash",
+        "auto:0.1@up_blocks.1",
+        "--cache-point",
+        "up_blocks.0",
+        "--cache-point",
+        "up_blocks.1",
+        "--repeat",
+        "2",
+        "--min-psnr",
+        "0",
+        "--json",
+    ];
+    let (ok, json, err) = streamline(&["rehash", "evaluate"], &[&size[..], &flags].concat());
+    assert!(ok, "{err}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    let names: Vec<&str> = rows
+        .iter()
+        .map(|r| r["schedule"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "original",
+            "uniform:2@up_blocks.0",
+            "uniform:2@up_blocks.1",
+            "auto:0.1@up_blocks.0",
+            "auto:0.1@up_blocks.1"
+        ]
+    );
+    let gflop = |i: usize| rows[i]["unet_gflop"].as_f64().unwrap();
+    assert!(
+        gflop(1) != gflop(2),
+        "the cache point moves the partial step's cost"
+    );
+    let chosen: Vec<bool> = rows
+        .iter()
+        .map(|r| r["chosen"].as_bool().unwrap())
+        .collect();
+    assert_eq!(chosen.iter().filter(|&&c| c).count(), 1, "{json}");
+    assert!(
+        !chosen[0],
+        "original inference is the reference, not a choice"
+    );
+    let (ok, _, err) = streamline(
+        &["rehash", "evaluate"],
+        &["--rehash", "uniform:2", "--cache-point", "up_blocks.1"],
+    );
+    assert!(
+        !ok && err.contains("up_blocks.1") && err.contains("up_blocks.0 ..= up_blocks.0"),
+        "{err}"
+    );
+}
+
+#[test]
 fn rehash_flag_search_and_evaluate() {
     let dir = temp("rehash");
     let (off, every, some) = (
@@ -427,8 +493,9 @@ fn rehash_flag_search_and_evaluate() {
         .concat(),
     );
     assert!(ok, "{err}");
-    assert_eq!(table.lines().count(), 5, "{table}");
+    assert_eq!(table.lines().count(), 7, "{table}");
     assert!(table.contains("| uniform:1 | [0] | 1 + 2 |"), "{table}");
+    assert!(table.contains("\nchosen: "), "{table}");
 
     for (flags, needle) in [
         (vec!["--rehash", "fast"], "--rehash"),

@@ -110,7 +110,7 @@ fn step_rehash_runs_in_the_animatediff_loop() {
     );
     // Key steps chosen during the run: every one at a zero threshold, the first only above
     // every change.
-    let auto = |threshold| Rehash::Auto(AutoRule { threshold });
+    let auto = |threshold| Rehash::Auto(AutoRule::new(threshold));
     let (every, report) = run(&pipe, &call, &latents, Optimization::Original, auto(0.0));
     assert_eq!(max_abs(&every, &original).unwrap(), 0.0);
     assert_eq!(report.key_steps, (0..steps).collect::<Vec<_>>());

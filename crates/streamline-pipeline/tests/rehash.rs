@@ -81,7 +81,7 @@ fn a_schedule_of_only_key_steps_is_original_inference() {
 }
 
 fn auto(threshold: f64) -> Rehash {
-    Rehash::Auto(AutoRule { threshold })
+    Rehash::Auto(AutoRule::new(threshold))
 }
 
 /// `auto:0` is original inference; above every change only the first step runs whole; a run

@@ -16,11 +16,25 @@
 
 use candle_core::{DType, Tensor};
 
-/// The `auto:THRESHOLD` rule's parameter.
+use crate::cache::CachePoint;
+
+/// The `auto:THRESHOLD` rule's parameters.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AutoRule {
     /// Accumulated relative L1 change of the shallow features that calls for a key step.
     pub threshold: f64,
+    /// Where the key steps' features are cached.
+    pub cache_point: CachePoint,
+}
+
+impl AutoRule {
+    /// The rule at the default cache point.
+    pub fn new(threshold: f64) -> Self {
+        AutoRule {
+            threshold,
+            cache_point: CachePoint::default(),
+        }
+    }
 }
 
 /// The rule's state over one denoising loop.
@@ -79,7 +93,7 @@ mod tests {
     /// Features that change by `changes[i]` (relative L1) into step `i + 1`.
     fn keys(threshold: f64, changes: &[f64]) -> Vec<usize> {
         let steps = changes.len() + 1;
-        let mut state = AutoState::new(AutoRule { threshold });
+        let mut state = AutoState::new(AutoRule::new(threshold));
         let mut value = 1.0f64;
         let mut keys = Vec::new();
         for step in 0..steps {

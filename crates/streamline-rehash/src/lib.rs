@@ -10,8 +10,8 @@
 //! - [`search`]: the key-step search over such a matrix — the optimal dynamic program, the
 //!   paper's greedy threshold walk (Algorithm 1) and uniform spacing;
 //! - [`schedule`]: schedules as TOML files and the `--rehash off | uniform:K | auto:T |
-//!   FILE.toml` flag;
-//! - [`auto`]: key steps chosen during the run from how much the UNet's output changes.
+//!   FILE.toml` flag, with an optional `@up_blocks.N` cache point;
+//! - [`auto`]: key steps chosen during the run from how much the shallow features change.
 //!
 //! **Promises:** the dynamic program's key steps score as high as any choice of the same
 //! number of key steps; a schedule where every step is a key step, and `auto:0`, is original
@@ -33,6 +33,6 @@ pub mod step;
 pub use auto::AutoRule;
 pub use cache::{CacheError, CachePoint};
 pub use calibrate::{mean, similarity, CalibrationError, Metric};
-pub use schedule::{RehashArg, Schedule, ScheduleError};
+pub use schedule::{KeySteps, RehashArg, Schedule, ScheduleError};
 pub use search::{greedy, optimal, uniform, Method, SearchError, Similarity};
 pub use step::{Rehash, StepError, StepRehash};

@@ -28,8 +28,9 @@ pub struct Schedule {
     pub num_inference_steps: usize,
     pub key_steps: Vec<usize>,
     pub method: Method,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cache_point: Option<String>,
+    /// `None`: the default cache point.
+    #[serde(default, with = "point_text", skip_serializing_if = "Option::is_none")]
+    pub cache_point: Option<CachePoint>,
     /// The similarity the search maximized (searched schedules only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metric: Option<Metric>,
@@ -40,8 +41,10 @@ pub struct Schedule {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScheduleError {
-    #[error("--rehash {0:?}: expected `off`, `uniform:K`, `auto:THRESHOLD` (a number >= 0) or a .toml schedule file")]
+    #[error("--rehash {0:?}: expected `off`, `uniform:K`, `auto:THRESHOLD` (a number >= 0) or a .toml schedule file, optionally followed by `@up_blocks.N` (the cache point)")]
     Flag(String),
+    #[error("--rehash {flag:?}: {error}")]
+    CachePoint { flag: String, error: CacheError },
     /// Causes are told in the message, so they are not also a `source()` (a reported chain
     /// would print them twice).
     #[error("cannot read rehash schedule {path}: {error}")]
@@ -112,15 +115,20 @@ impl Schedule {
                 "key step {s} is outside a {n}-step schedule (steps are 0..{n})"
             )));
         }
-        self.cache_point().map_err(|e| invalid(e.to_string()))?;
         Ok(())
     }
 
+    /// The same key steps with the features cached at `point`.
+    pub fn at(self, point: CachePoint) -> Self {
+        Schedule {
+            cache_point: (point != CachePoint::default()).then_some(point),
+            ..self
+        }
+    }
+
     /// Where this schedule caches features: its `cache_point`, or the default.
-    pub fn cache_point(&self) -> Result<CachePoint, CacheError> {
-        self.cache_point
-            .as_deref()
-            .map_or(Ok(CachePoint::default()), str::parse)
+    pub fn cache_point(&self) -> CachePoint {
+        self.cache_point.unwrap_or_default()
     }
 
     pub fn to_toml(&self) -> String {
@@ -141,48 +149,108 @@ impl Schedule {
     }
 }
 
-/// The `--rehash` flag: `off`, `uniform:K`, `auto:THRESHOLD` or a schedule file.
+/// A schedule file's `cache_point` as its `up_blocks.N` text.
+mod point_text {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    use crate::cache::CachePoint;
+
+    pub fn serialize<S: Serializer>(point: &Option<CachePoint>, s: S) -> Result<S::Ok, S::Error> {
+        match point {
+            Some(p @ CachePoint::UpBlock(_)) => s.serialize_str(&p.to_string()),
+            Some(CachePoint::LastBoundary) | None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<CachePoint>, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map(Some).map_err(D::Error::custom)
+    }
+}
+
+/// The `--rehash` flag: `off`, `uniform:K`, `auto:THRESHOLD` or a schedule file, optionally
+/// followed by `@up_blocks.N`, the cache point (which overrides a file's).
 #[derive(Clone, Debug, PartialEq)]
-pub enum RehashArg {
+pub struct RehashArg {
+    pub keys: KeySteps,
+    pub cache_point: Option<CachePoint>,
+}
+
+/// Which steps of a `--rehash` flag run the whole UNet.
+#[derive(Clone, Debug, PartialEq)]
+pub enum KeySteps {
     Off,
     Uniform(usize),
     Auto(f64),
     File(PathBuf),
 }
 
+impl From<KeySteps> for RehashArg {
+    fn from(keys: KeySteps) -> Self {
+        RehashArg {
+            keys,
+            cache_point: None,
+        }
+    }
+}
+
+impl std::str::FromStr for KeySteps {
+    type Err = ScheduleError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let flag = || ScheduleError::Flag(s.into());
+        if s == "off" {
+            return Ok(KeySteps::Off);
+        }
+        if let Some(k) = s.strip_prefix("uniform:") {
+            return k.parse().map(KeySteps::Uniform).map_err(|_| flag());
+        }
+        if let Some(t) = s.strip_prefix("auto:") {
+            return match t.parse::<f64>() {
+                Ok(t) if t.is_finite() && t >= 0.0 => Ok(KeySteps::Auto(t)),
+                _ => Err(flag()),
+            };
+        }
+        if s.ends_with(".toml") {
+            return Ok(KeySteps::File(s.into()));
+        }
+        Err(flag())
+    }
+}
+
 impl std::str::FromStr for RehashArg {
     type Err = ScheduleError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s == "off" {
-            return Ok(RehashArg::Off);
+        let Some((keys, point)) = s.rsplit_once('@') else {
+            return Ok(s.parse::<KeySteps>()?.into());
+        };
+        let keys: KeySteps = keys.parse()?;
+        if keys == KeySteps::Off {
+            return Err(ScheduleError::Flag(s.into()));
         }
-        if let Some(k) = s.strip_prefix("uniform:") {
-            return k
-                .parse()
-                .map(RehashArg::Uniform)
-                .map_err(|_| ScheduleError::Flag(s.into()));
-        }
-        if let Some(t) = s.strip_prefix("auto:") {
-            return match t.parse::<f64>() {
-                Ok(t) if t.is_finite() && t >= 0.0 => Ok(RehashArg::Auto(t)),
-                _ => Err(ScheduleError::Flag(s.into())),
-            };
-        }
-        if s.ends_with(".toml") {
-            return Ok(RehashArg::File(s.into()));
-        }
-        Err(ScheduleError::Flag(s.into()))
+        let point = point.parse().map_err(|error| ScheduleError::CachePoint {
+            flag: s.into(),
+            error,
+        })?;
+        Ok(RehashArg {
+            keys,
+            cache_point: Some(point),
+        })
     }
 }
 
 impl std::fmt::Display for RehashArg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            RehashArg::Off => f.write_str("off"),
-            RehashArg::Uniform(k) => write!(f, "uniform:{k}"),
-            RehashArg::Auto(t) => write!(f, "auto:{t}"),
-            RehashArg::File(path) => write!(f, "{}", path.display()),
+        match &self.keys {
+            KeySteps::Off => f.write_str("off")?,
+            KeySteps::Uniform(k) => write!(f, "uniform:{k}")?,
+            KeySteps::Auto(t) => write!(f, "auto:{t}")?,
+            KeySteps::File(path) => write!(f, "{}", path.display())?,
+        }
+        match self.cache_point {
+            Some(point) => write!(f, "@{point}"),
+            None => Ok(()),
         }
     }
 }
@@ -190,25 +258,25 @@ impl std::fmt::Display for RehashArg {
 impl RehashArg {
     /// What the denoising loop of a run of `steps` inference steps does.
     pub fn rehash(&self, steps: usize) -> Result<Rehash, ScheduleError> {
-        Ok(match self {
-            RehashArg::Off => Rehash::Off,
-            RehashArg::Auto(threshold) => Rehash::Auto(AutoRule {
+        Ok(match &self.keys {
+            KeySteps::Off => Rehash::Off,
+            KeySteps::Auto(threshold) => Rehash::Auto(AutoRule {
                 threshold: *threshold,
+                cache_point: self.cache_point.unwrap_or_default(),
             }),
-            RehashArg::Uniform(_) | RehashArg::File(_) => match self.schedule(steps)? {
-                Some(schedule) => Rehash::Schedule(schedule),
-                None => Rehash::Off,
-            },
+            KeySteps::Uniform(_) | KeySteps::File(_) => {
+                self.schedule(steps)?.map_or(Rehash::Off, Rehash::Schedule)
+            }
         })
     }
 
     /// The schedule for a run of `steps` inference steps; `None` for `off` and `auto`,
     /// which have none before the run.
     pub fn schedule(&self, steps: usize) -> Result<Option<Schedule>, ScheduleError> {
-        let schedule = match self {
-            RehashArg::Off | RehashArg::Auto(_) => return Ok(None),
-            RehashArg::Uniform(k) => Schedule::uniform(steps, *k)?,
-            RehashArg::File(path) => {
+        let schedule = match &self.keys {
+            KeySteps::Off | KeySteps::Auto(_) => return Ok(None),
+            KeySteps::Uniform(k) => Schedule::uniform(steps, *k)?,
+            KeySteps::File(path) => {
                 let s = Schedule::read(path)?;
                 if s.num_inference_steps != steps {
                     return Err(ScheduleError::Invalid {
@@ -222,7 +290,10 @@ impl RehashArg {
                 s
             }
         };
-        Ok(Some(schedule))
+        Ok(Some(match self.cache_point {
+            Some(point) => schedule.at(point),
+            None => schedule,
+        }))
     }
 }
 
@@ -230,24 +301,19 @@ impl RehashArg {
 mod tests {
     use super::*;
 
+    fn flag(s: &str) -> RehashArg {
+        s.parse().unwrap()
+    }
+
     #[test]
     fn flag_forms() {
-        assert_eq!("off".parse::<RehashArg>().unwrap(), RehashArg::Off);
+        assert_eq!(flag("off"), KeySteps::Off.into());
+        assert_eq!(flag("uniform:13"), KeySteps::Uniform(13).into());
+        assert_eq!(flag("s.toml"), KeySteps::File("s.toml".into()).into());
+        assert_eq!(flag("auto:0.2"), KeySteps::Auto(0.2).into());
         assert_eq!(
-            "uniform:13".parse::<RehashArg>().unwrap(),
-            RehashArg::Uniform(13)
-        );
-        assert_eq!(
-            "s.toml".parse::<RehashArg>().unwrap(),
-            RehashArg::File("s.toml".into())
-        );
-        assert_eq!(
-            "auto:0.2".parse::<RehashArg>().unwrap(),
-            RehashArg::Auto(0.2)
-        );
-        assert_eq!(
-            RehashArg::Auto(0.2).rehash(25).unwrap(),
-            Rehash::Auto(AutoRule { threshold: 0.2 })
+            flag("auto:0.2").rehash(25).unwrap(),
+            Rehash::Auto(AutoRule::new(0.2))
         );
         for bad in [
             "uniform:",
@@ -257,13 +323,42 @@ mod tests {
             "auto:",
             "auto:-1",
             "auto:nan",
+            "off@up_blocks.1",
+            "uniform:5@",
         ] {
             assert!(bad.parse::<RehashArg>().is_err(), "{bad}");
         }
-        let every = RehashArg::Uniform(25).schedule(25).unwrap().unwrap();
+        let every = flag("uniform:25").schedule(25).unwrap().unwrap();
         assert_eq!(every, Schedule::every_step(25));
-        assert!(RehashArg::Uniform(26).schedule(25).is_err());
-        assert_eq!(RehashArg::Off.schedule(25).unwrap(), None);
+        assert!(flag("uniform:26").schedule(25).is_err());
+        assert_eq!(flag("off").schedule(25).unwrap(), None);
+    }
+
+    #[test]
+    fn a_cache_point_suffix_moves_the_cache() {
+        let point = CachePoint::UpBlock(1);
+        let uniform = flag("uniform:5@up_blocks.1");
+        assert_eq!(uniform.to_string(), "uniform:5@up_blocks.1");
+        let schedule = uniform.schedule(10).unwrap().unwrap();
+        assert_eq!(schedule.cache_point(), point);
+        assert_eq!(
+            schedule.key_steps,
+            flag("uniform:5").schedule(10).unwrap().unwrap().key_steps
+        );
+        assert_eq!(
+            flag("auto:0.3@up_blocks.1").rehash(10).unwrap(),
+            Rehash::Auto(AutoRule {
+                threshold: 0.3,
+                cache_point: point
+            })
+        );
+        let err = "auto:0.3@mid".parse::<RehashArg>().unwrap_err().to_string();
+        assert!(
+            err.contains("auto:0.3@mid") && err.contains("up_blocks.N"),
+            "{err}"
+        );
+        // Moving a schedule to the default point drops its recorded point.
+        assert_eq!(schedule.at(CachePoint::LastBoundary).cache_point, None);
     }
 
     #[test]
@@ -275,12 +370,12 @@ mod tests {
             method: Method::Dp,
             score: Some(11.5),
             metric: Some(Metric::RelL2),
-            cache_point: Some("up_blocks.1".into()),
+            cache_point: Some(CachePoint::UpBlock(1)),
             ..Schedule::uniform(25, 13).unwrap()
         };
         std::fs::write(&path, s.to_toml()).unwrap();
         assert_eq!(Schedule::read(&path).unwrap(), s);
-        let err = RehashArg::File(path.clone())
+        let err = RehashArg::from(KeySteps::File(path.clone()))
             .schedule(20)
             .unwrap_err()
             .to_string();

@@ -18,7 +18,7 @@ pub enum Rehash {
     Off,
     /// Key steps of the schedule run the whole UNet; the others reuse their cache.
     Schedule(Schedule),
-    /// Key steps chosen during the run ([`crate::auto`]), caching at the default point.
+    /// Key steps chosen during the run ([`crate::auto`]).
     Auto(AutoRule),
     /// Calibration: every step runs the whole UNet and its features at the cache point are
     /// recorded (steps x the cached value's bytes are held).
@@ -43,6 +43,31 @@ pub enum StepError {
     Tensor(#[from] candle_core::Error),
     #[error("--rehash auto: the UNet graph marks no shallow features (`{SHALLOW_MARK}`)")]
     NoShallow,
+}
+
+impl Rehash {
+    /// The same key steps with the features cached at `point` (off stays off).
+    pub fn at(self, point: CachePoint) -> Self {
+        match self {
+            Rehash::Off => Rehash::Off,
+            Rehash::Schedule(s) => Rehash::Schedule(s.at(point)),
+            Rehash::Auto(rule) => Rehash::Auto(AutoRule {
+                cache_point: point,
+                ..rule
+            }),
+            Rehash::Record(_) => Rehash::Record(point),
+        }
+    }
+
+    /// Where the features are cached (`None` when off).
+    pub fn cache_point(&self) -> Option<CachePoint> {
+        match self {
+            Rehash::Off => None,
+            Rehash::Schedule(s) => Some(s.cache_point()),
+            Rehash::Auto(rule) => Some(rule.cache_point),
+            Rehash::Record(p) => Some(*p),
+        }
+    }
 }
 
 /// Step Rehash state of one UNet call (one graph and plan) over a denoising loop.
@@ -72,21 +97,16 @@ impl StepRehash {
     /// Resolve `mode`'s cache point on `graph` (the graph the executor runs) for a loop of
     /// `steps` steps.
     pub fn new(mode: Rehash, graph: &Graph, steps: usize) -> Result<Self, StepError> {
-        let point = match &mode {
-            Rehash::Off => None,
-            Rehash::Schedule(s) => {
-                if s.num_inference_steps != steps {
-                    return Err(StepError::Steps {
-                        key_steps: s.key_steps.clone(),
-                        planned: s.num_inference_steps,
-                        steps,
-                    });
-                }
-                Some(s.cache_point()?)
+        if let Rehash::Schedule(s) = &mode {
+            if s.num_inference_steps != steps {
+                return Err(StepError::Steps {
+                    key_steps: s.key_steps.clone(),
+                    planned: s.num_inference_steps,
+                    steps,
+                });
             }
-            Rehash::Auto(_) => Some(CachePoint::default()),
-            Rehash::Record(p) => Some(*p),
-        };
+        }
+        let point = mode.cache_point();
         let auto = match &mode {
             Rehash::Auto(rule) => {
                 let value = graph.marked(SHALLOW_MARK).ok_or(StepError::NoShallow)?;

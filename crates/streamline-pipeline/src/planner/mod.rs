@@ -18,14 +18,16 @@ use streamline_models::svd::{
     VaeConfig,
 };
 use streamline_models::{SizeError, SizeRule};
-use streamline_rehash::Rehash;
+use streamline_rehash::{CacheError, CachePoint, Rehash};
 use thiserror::Error;
 
 use crate::optimize::{CallError, Optimization};
 use crate::phases::{fit_run, BudgetError, Footprint, ModelWeights, Phase, RunPlan};
 use footprint::{clip_activations, RunShape};
 use report::cache_value;
-pub use report::{group_listing, CallPlan, PhasePlan, PlanReport, RehashPlan};
+pub use report::{
+    flop_text, group_listing, CallPlan, PhasePlan, PlanReport, PointCost, RehashPlan,
+};
 
 /// Which model to plan.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -187,19 +189,27 @@ pub enum RehashMemory {
     /// No Step Rehash.
     #[default]
     Off,
-    /// The cached features at the default cache point.
-    Cache,
+    /// The cached features at a cache point.
+    Cache(CachePoint),
     /// The cache, and the shallow features an auto schedule watches: each step's kept copy
     /// and the previous step's.
-    CacheAndShallow,
+    CacheAndShallow(CachePoint),
 }
 
 impl RehashMemory {
     pub fn of(rehash: &Rehash) -> Self {
-        match rehash {
-            Rehash::Off => RehashMemory::Off,
-            Rehash::Auto(_) => RehashMemory::CacheAndShallow,
-            Rehash::Schedule(_) | Rehash::Record(_) => RehashMemory::Cache,
+        match (rehash, rehash.cache_point()) {
+            (Rehash::Auto(_), Some(point)) => RehashMemory::CacheAndShallow(point),
+            (_, Some(point)) => RehashMemory::Cache(point),
+            (_, None) => RehashMemory::Off,
+        }
+    }
+
+    /// Where the features are cached (the default point when off: `plan` reports it).
+    pub fn cache_point(self) -> CachePoint {
+        match self {
+            RehashMemory::Off => CachePoint::default(),
+            RehashMemory::Cache(p) | RehashMemory::CacheAndShallow(p) => p,
         }
     }
 }
@@ -226,8 +236,17 @@ pub enum PlanError {
     Budget(Box<BudgetError>),
     #[error(transparent)]
     Ir(#[from] streamline_ir::IrError),
+    /// A Step Rehash cache point the UNet does not have (told whole, so not a source).
+    #[error("--rehash: {0}")]
+    CachePoint(CacheError),
     #[error("building the model from its config")]
     Build(#[from] candle_core::Error),
+}
+
+impl From<CacheError> for PlanError {
+    fn from(e: CacheError) -> Self {
+        PlanError::CachePoint(e)
+    }
 }
 
 impl From<ModelError> for PlanError {
@@ -363,7 +382,7 @@ pub fn plan_report(request: PlanRequest) -> Result<PlanReport, PlanError> {
         model_name,
         frames,
         latent,
-        rehash: RehashPlan::new(&unet)?,
+        rehash: RehashPlan::new(&unet, request.rehash.cache_point())?,
         encode,
         unet,
         decoder,
@@ -403,12 +422,12 @@ fn lower(models: &Models, shape: RunShape, request: &PlanRequest) -> Result<Lowe
             let value = g.marked(SHALLOW_MARK).map_or(0, |v| g.info(v).bytes());
             2 * value
         };
-        let cached = || cache_value(g).map_or(0, |(_, b)| b);
-        match request.rehash {
+        let cached = |point| cache_value(g, point).map(|(_, b)| b);
+        Ok::<_, CacheError>(match request.rehash {
             RehashMemory::Off => 0,
-            RehashMemory::Cache => cached(),
-            RehashMemory::CacheAndShallow => cached() + shallow(),
-        }
+            RehashMemory::Cache(point) => cached(point)?,
+            RehashMemory::CacheAndShallow(point) => cached(point)? + shallow(),
+        })
     };
     Ok(match models {
         Models::Svd { unet, vae, clip } => {
@@ -436,7 +455,7 @@ fn lower(models: &Models, shape: RunShape, request: &PlanRequest) -> Result<Lowe
                     ],
                     held: [
                         shape.svd_encode_held(),
-                        shape.svd_denoise_held(clip.projection_dim) + cache(&unet_graph),
+                        shape.svd_denoise_held(clip.projection_dim) + cache(&unet_graph)?,
                         shape.decode_held(),
                     ],
                 },
@@ -475,7 +494,7 @@ fn lower(models: &Models, shape: RunShape, request: &PlanRequest) -> Result<Lowe
                     held: [
                         0,
                         shape.animatediff_denoise_held(tokens, text.hidden_size)
-                            + cache(&unet_graph),
+                            + cache(&unet_graph)?,
                         shape.decode_held(),
                     ],
                 },

@@ -4,8 +4,8 @@
 use std::fmt;
 
 use serde::Serialize;
-use streamline_ir::{human, Executor, Graph, Kernels, Plan};
-use streamline_rehash::CachePoint;
+use streamline_ir::{human, up_block_mark, Executor, Graph, Kernels, Plan};
+use streamline_rehash::{CacheError, CachePoint};
 
 use super::{PlanError, PlanRequest};
 use crate::optimize::{plan_call, CallError, CallKind, Optimization};
@@ -44,8 +44,9 @@ impl CallPlan {
     }
 }
 
-/// What Step Rehash costs and saves per UNet call at the default cache point.
+/// What Step Rehash costs and saves per UNet call at one cache point.
 pub struct RehashPlan {
+    pub cache_point: CachePoint,
     pub cache_value: String,
     pub cache_bytes: usize,
     /// Planned activation peaks of a key step (the cached value kept to the end) and of a
@@ -53,33 +54,81 @@ pub struct RehashPlan {
     pub key_step: usize,
     pub partial_step: usize,
     pub partial_flops: u64,
+    /// Every up-block boundary's cached bytes and partial-step FLOPs, shallowest last, so
+    /// that `plan` shows what moving the cache point trades.
+    pub points: Vec<PointCost>,
+}
+
+/// A partial step's cost with the cache at one up-block boundary.
+#[derive(Clone, Debug, Serialize)]
+pub struct PointCost {
+    pub cache_point: String,
+    pub cache_value: String,
+    pub cache_bytes: usize,
+    pub partial_flops: u64,
 }
 
 impl RehashPlan {
     /// `None` for a UNet with no up-block boundary.
-    pub(super) fn new(call: &CallPlan) -> Result<Option<Self>, PlanError> {
-        let Some((cache_value, cache_bytes)) = cache_value(&call.graph) else {
+    pub(super) fn new(call: &CallPlan, point: CachePoint) -> Result<Option<Self>, PlanError> {
+        let boundaries = CachePoint::boundaries(&call.graph);
+        if boundaries.is_empty() {
             return Ok(None);
-        };
+        }
+        let (value, cache_bytes) = cache_value(&call.graph, point)?;
         let exec = Executor::dry(&call.graph, &call.plan)?;
-        let names = std::slice::from_ref(&cache_value);
+        let names = std::slice::from_ref(&value);
         let key = exec.dry_run(names, &[])?;
         let partial = exec.dry_run(&[], names)?;
+        let points = boundaries
+            .into_iter()
+            .map(|n| {
+                let point = CachePoint::UpBlock(n);
+                let (value, bytes) = cache_value(&call.graph, point)?;
+                let flops = exec.dry_run(&[], std::slice::from_ref(&value))?.flops;
+                Ok(PointCost {
+                    cache_point: point.to_string(),
+                    cache_value: value,
+                    cache_bytes: bytes,
+                    partial_flops: flops,
+                })
+            })
+            .collect::<Result<_, PlanError>>()?;
         Ok(Some(RehashPlan {
-            cache_value,
+            cache_point: CachePoint::UpBlock(point.block(&call.graph)?),
+            cache_value: value,
             cache_bytes,
             key_step: key.peak_bytes,
             partial_step: partial.peak_bytes,
             partial_flops: partial.flops,
+            points,
         }))
+    }
+
+    /// The denoising loop's UNet FLOPs over `steps` steps of which `full` run the whole UNet
+    /// (`full_flops` each); with `reuse_guidance` a partial step runs the conditional half of
+    /// the guidance batch only, half its FLOPs (every UNet op is per batch item).
+    pub fn loop_flops(
+        &self,
+        full_flops: u64,
+        (steps, full): (usize, usize),
+        reuse_guidance: bool,
+    ) -> u64 {
+        let partial = match reuse_guidance {
+            true => self.partial_flops / 2,
+            false => self.partial_flops,
+        };
+        full as u64 * full_flops + (steps - full) as u64 * partial
     }
 }
 
-/// The value Step Rehash caches at the default cache point, and its bytes.
-pub(super) fn cache_value(graph: &Graph) -> Option<(String, usize)> {
-    let value = CachePoint::default().value_name(graph).ok()?;
-    let bytes = graph.info(graph.find(&value).ok()?).bytes();
-    Some((value, bytes))
+/// The value Step Rehash caches at `point`, and its bytes.
+pub(super) fn cache_value(graph: &Graph, point: CachePoint) -> Result<(String, usize), CacheError> {
+    let value = point.value_name(graph)?;
+    let id = graph
+        .marked(&up_block_mark(point.block(graph)?))
+        .expect("value_name found it");
+    Ok((value, graph.info(id).bytes()))
 }
 
 /// One phase as planned: the models on the device, what earlier phases handed on, and the
@@ -188,9 +237,28 @@ impl PlanReport {
                 "activations": p.activations,
                 "peak": p.peak(),
             })).collect::<Vec<_>>(),
+            "rehash": self.rehash.as_ref().map(|rh| serde_json::json!({
+                "cache_point": rh.cache_point.to_string(),
+                "cache_value": rh.cache_value,
+                "cache_bytes": rh.cache_bytes,
+                "key_step_activations": rh.key_step,
+                "partial_step_activations": rh.partial_step,
+                "partial_flops": rh.partial_flops,
+                "cache_points": rh.points,
+            })),
             "peak": self.total(),
             "peak_phase": self.peak_phase().phase,
         })
+    }
+}
+
+/// FLOPs in the largest unit that keeps a number above 1 (GFLOP to PFLOP).
+pub fn flop_text(flops: u64) -> String {
+    let flops = flops as f64;
+    match flops {
+        f if f >= 1e15 => format!("{:.2} PFLOP", f / 1e15),
+        f if f >= 1e12 => format!("{:.1} TFLOP", f / 1e12),
+        f => format!("{:.1} GFLOP", f / 1e9),
     }
 }
 
@@ -227,22 +295,29 @@ impl PlanReport {
         };
         writeln!(
             f,
-            "step rehash   cache `{}` {}: key step activations {}, partial step {},",
+            "step rehash   cache {} `{}` {}: key step activations {}, partial step {},",
+            rh.cache_point,
             rh.cache_value,
             human(rh.cache_bytes),
             human(rh.key_step),
             human(rh.partial_step)
         )?;
-        let flops = self.unet.flops as f64;
-        let (amount, unit) = if flops >= 1e12 {
-            (flops / 1e12, "TFLOP")
-        } else {
-            (flops / 1e9, "GFLOP")
-        };
+        let share = |flops: u64| 100.0 * flops as f64 / self.unet.flops as f64;
         writeln!(
             f,
-            "              a partial step runs {:.0}% of a full step's {amount:.1} {unit}",
-            100.0 * rh.partial_flops as f64 / flops,
+            "              a partial step runs {:.0}% of a full step's {}",
+            share(rh.partial_flops),
+            flop_text(self.unet.flops),
+        )?;
+        let points: Vec<String> = rh
+            .points
+            .iter()
+            .map(|p| format!("{} {:.0}%", p.cache_point, share(p.partial_flops)))
+            .collect();
+        writeln!(
+            f,
+            "              at each cache point: {}",
+            points.join(", ")
         )
     }
 
