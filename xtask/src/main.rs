@@ -31,6 +31,10 @@ enum Task {
         /// target/bench/ instead of docs/.
         #[arg(long)]
         quick: bool,
+        /// Run only this scenario (repeat for several), with its full modes and runs and no
+        /// kernel or planning tables; the report goes to target/bench/.
+        #[arg(long = "scenario", value_name = "NAME")]
+        scenarios: Vec<String>,
     },
     /// Check that the CUDA build (features cuda and cudnn) compiles, with no GPU or CUDA
     /// install: nvcc comes from PyPI's CUDA 13 wheels (target/cuda-venv, about 350 MB).
@@ -196,7 +200,7 @@ fn compare_trees(made_dir: &Path, committed_dir: &Path) -> Result<Vec<String>> {
 
 fn main() -> Result<()> {
     match Cli::parse().task {
-        Task::Bench { quick } => bench::bench(quick),
+        Task::Bench { quick, scenarios } => bench::bench(quick, &scenarios),
         Task::CheckCuda { build } => cuda::check_cuda(build),
         Task::Fixtures { check } => fixtures(check),
         Task::TrainDefault { quick, install } => train::train_default(quick, install),

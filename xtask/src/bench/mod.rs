@@ -164,9 +164,24 @@ fn summary(r: &Record, peer: Option<&Record>) -> String {
     )
 }
 
-pub fn bench(quick: bool) -> Result<()> {
+/// `only`: the scenarios to run (all when empty).
+pub fn bench(quick: bool, only: &[String]) -> Result<()> {
     let root = crate::root();
     let scenarios = Scenarios::read(&root.join("bench/scenarios.toml"))?;
+    if let Some(name) = only
+        .iter()
+        .find(|n| !scenarios.scenarios.iter().any(|s| &s.name == *n))
+    {
+        let names: Vec<&str> = scenarios
+            .scenarios
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
+        bail!(
+            "--scenario {name}: bench/scenarios.toml has {}",
+            names.join(", ")
+        );
+    }
     let bin = build(&root)?;
     let python = peers_python(&root);
     if python.is_none() {
@@ -178,6 +193,7 @@ pub fn bench(quick: bool) -> Result<()> {
         .scenarios
         .iter()
         .filter(|s| !s.modes(quick).is_empty())
+        .filter(|s| only.is_empty() || only.contains(&s.name))
         .collect();
     let mut plans = Vec::new();
     for sc in &selected {
@@ -216,18 +232,32 @@ pub fn bench(quick: bool) -> Result<()> {
             bar.inc(1);
         }
     }
-    bar.set_message("kernel micro-benchmarks");
-    let kernel_runs = if quick {
-        scenarios.quick_runs
-    } else {
-        scenarios.kernel_runs
+    let sections = match only.is_empty() {
+        true => {
+            bar.set_message("kernel micro-benchmarks");
+            let kernel_runs = if quick {
+                scenarios.quick_runs
+            } else {
+                scenarios.kernel_runs
+            };
+            let kernels = kernels::run(&root, &bin, python.as_deref(), kernel_runs)?;
+            bar.set_message("planning times");
+            let planning = planning::run(&root, &bin)?;
+            Sections { kernels, planning }
+        }
+        false => Sections {
+            kernels: "(not run: `--scenario`)".into(),
+            planning: "(not run: `--scenario`)".into(),
+        },
     };
-    let kernels = kernels::run(&root, &bin, python.as_deref(), kernel_runs)?;
-    bar.set_message("planning times");
-    let planning = planning::run(&root, &bin)?;
     bar.finish_with_message("done");
-    let sections = Sections { kernels, planning };
-    write_reports(&root, &selected, &records, &sections, quick)
+    write_reports(
+        &root,
+        &selected,
+        &records,
+        &sections,
+        quick || !only.is_empty(),
+    )
 }
 
 /// The report's tables that are not per scenario.
@@ -241,13 +271,13 @@ fn write_reports(
     selected: &[&Scenario],
     records: &[Record],
     sections: &Sections,
-    quick: bool,
+    partial: bool,
 ) -> Result<()> {
     let dir = root.join("target/bench");
     let json = dir.join("latest.json");
     fs::write(&json, serde_json::to_string_pretty(records)?)?;
-    // A quick run is a smoke test: its report stays under target/.
-    let (md, png) = if quick {
+    // A quick or partial run is a smoke test: its report stays under target/.
+    let (md, png) = if partial {
         (dir.join("benchmarks.md"), dir.join("benchmarks.png"))
     } else {
         (
@@ -278,7 +308,7 @@ fn write_reports(
     let text = fs::read_to_string(&template)
         .with_context(|| format!("cannot read {}", template.display()))?
         .replace("{hardware}", &hardware())
-        .replace("{run}", if quick { "quick" } else { "full" })
+        .replace("{run}", if partial { "quick or partial" } else { "full" })
         .replace("{tables}", tables.trim_end())
         .replace("{kernels}", sections.kernels.trim_end())
         .replace("{planning}", sections.planning.trim_end());
