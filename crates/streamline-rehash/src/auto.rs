@@ -5,9 +5,10 @@
 //! each step it adds their relative L1 change since the step before, and once the change
 //! summed since the last key step, plus the latest change (about what the next step will
 //! add), reaches the threshold, the next step is a key step and the sum starts again. The
-//! first step is always one (there is nothing to reuse); the last follows the rule like any
-//! other. A threshold of 0 makes every step a key step: original inference. The rule reads
-//! only the run's own numbers, so a run chooses the same key steps every time.
+//! first step is always one (there is nothing to reuse); the last never is, since a key step
+//! pays for the steps that reuse its cache and none follow the last. A threshold of 0 makes
+//! every step a key step: original inference. The rule reads only the run's own numbers, so a
+//! run chooses the same key steps every time.
 //!
 //! On the default model the shallow features track the drift of the cached deep features
 //! much as the dynamic program's calibration sees it; the UNet's output, tried first, changes
@@ -41,15 +42,18 @@ impl AutoRule {
 #[derive(Debug)]
 pub(crate) struct AutoState {
     rule: AutoRule,
+    /// The loop's last step.
+    last: usize,
     previous: Option<Tensor>,
     accumulated: f64,
     due: bool,
 }
 
 impl AutoState {
-    pub fn new(rule: AutoRule) -> Self {
+    pub fn new(rule: AutoRule, steps: usize) -> Self {
         AutoState {
             rule,
+            last: steps.saturating_sub(1),
             previous: None,
             accumulated: 0.0,
             due: false,
@@ -57,7 +61,7 @@ impl AutoState {
     }
 
     pub fn is_key(&self, step: usize) -> bool {
-        step == 0 || self.due
+        step == 0 || (self.due && (step != self.last || self.rule.threshold == 0.0))
     }
 
     /// Take a step's shallow `features` (`key`: whether the step ran the whole UNet) and
@@ -93,7 +97,7 @@ mod tests {
     /// Features that change by `changes[i]` (relative L1) into step `i + 1`.
     fn keys(threshold: f64, changes: &[f64]) -> Vec<usize> {
         let steps = changes.len() + 1;
-        let mut state = AutoState::new(AutoRule::new(threshold));
+        let mut state = AutoState::new(AutoRule::new(threshold), steps);
         let mut value = 1.0f64;
         let mut keys = Vec::new();
         for step in 0..steps {
@@ -118,7 +122,9 @@ mod tests {
     #[test]
     fn key_steps_follow_the_accumulated_change() {
         // Changes of 0.1 each: two partial steps and the next one's change pass 0.28.
-        assert_eq!(keys(0.28, &[0.1; 9]), vec![0, 3, 6, 9]);
+        assert_eq!(keys(0.28, &[0.1; 10]), vec![0, 3, 6, 9]);
+        // The rule calls for the last step too, but nothing would reuse its cache.
+        assert_eq!(keys(0.28, &[0.1; 9]), vec![0, 3, 6]);
         // Large early changes, small late ones (as a denoising loop runs): keys crowd early.
         let changes = [0.5, 0.3, 0.2, 0.1, 0.05, 0.05, 0.05, 0.05, 0.05];
         assert_eq!(keys(0.32, &changes), vec![0, 2, 4]);

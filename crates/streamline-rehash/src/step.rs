@@ -111,7 +111,7 @@ impl StepRehash {
             Rehash::Auto(rule) => {
                 let value = graph.marked(SHALLOW_MARK).ok_or(StepError::NoShallow)?;
                 Some(Watch {
-                    rule: AutoState::new(*rule),
+                    rule: AutoState::new(*rule, steps),
                     value: graph.value(value).name.clone(),
                     latest: None,
                 })
