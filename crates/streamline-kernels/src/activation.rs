@@ -100,7 +100,8 @@ impl CpuKernel<3> for LinearGeglu {
             )
         }
         let (x, w_h, w_g) = (as_f32(s1, l1)?, as_f32(s2, l2)?, as_f32(s3, l3)?);
-        let mut out = vec![0f32; rows * inner];
+        // The hidden half starts as its bias rows (one pass, not a zeroing and a fill).
+        let mut out = self.h_bias.repeat(rows);
         let dst = Out::new(&mut out);
         let tile = product_tile(rows, MAX_PRODUCT_ROWS);
         for_each_run(
@@ -112,11 +113,7 @@ impl CpuKernel<3> for LinearGeglu {
                 // SAFETY: this task alone writes rows r0..r0 + m.
                 let hidden = unsafe { dst.slice(r0 * inner, m * inner) };
                 let gate = &mut gate[..m * inner];
-                for (h, g) in hidden
-                    .chunks_exact_mut(inner)
-                    .zip(gate.chunks_exact_mut(inner))
-                {
-                    h.copy_from_slice(&self.h_bias);
+                for g in gate.chunks_exact_mut(inner) {
                     g.copy_from_slice(&self.gate_bias);
                 }
                 // SAFETY: rows r0..r0 + m of x, the tile's hidden rows and gate, the weights.
