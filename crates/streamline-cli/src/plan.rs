@@ -143,11 +143,10 @@ impl fmt::Display for DenoiseLoop {
             true => ", partial steps on the conditional half",
             false => "",
         };
-        match (self.full_evaluations, self.flops) {
-            (Some(full), Some(flops)) => write!(
+        match (self.full_evaluations, self.partial_evaluations, self.flops) {
+            (Some(full), Some(partial), Some(flops)) => write!(
                 f,
-                "; with Step Rehash {full} full + {} partial{reuse}: {} ({:.0}%)",
-                self.steps - full,
+                "; with Step Rehash {full} full + {partial} partial{reuse}: {} ({:.0}%)",
                 flop_text(flops),
                 100.0 * flops as f64 / self.original_flops as f64
             ),

@@ -8,7 +8,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use streamline_ir::{up_block_mark, Graph};
+use streamline_ir::{up_block_mark, Graph, ValueId};
 
 /// Where Step Rehash caches features.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -73,12 +73,16 @@ impl CachePoint {
         })
     }
 
+    /// The value cached at this point in `graph`.
+    pub fn value(&self, graph: &Graph) -> Result<ValueId, CacheError> {
+        let n = self.block(graph)?;
+        Ok(graph
+            .marked(&up_block_mark(n))
+            .expect("boundaries() found this mark"))
+    }
+
     /// The name of the value cached at this point in `graph`.
     pub fn value_name(&self, graph: &Graph) -> Result<String, CacheError> {
-        let n = self.block(graph)?;
-        let value = graph
-            .marked(&up_block_mark(n))
-            .expect("boundaries() found this mark");
-        Ok(graph.value(value).name.clone())
+        Ok(graph.value(self.value(graph)?).name.clone())
     }
 }

@@ -46,19 +46,6 @@ pub enum StepError {
 }
 
 impl Rehash {
-    /// The same key steps with the features cached at `point` (off stays off).
-    pub fn at(self, point: CachePoint) -> Self {
-        match self {
-            Rehash::Off => Rehash::Off,
-            Rehash::Schedule(s) => Rehash::Schedule(s.at(point)),
-            Rehash::Auto(rule) => Rehash::Auto(AutoRule {
-                cache_point: point,
-                ..rule
-            }),
-            Rehash::Record(_) => Rehash::Record(point),
-        }
-    }
-
     /// Where the features are cached (`None` when off).
     pub fn cache_point(&self) -> Option<CachePoint> {
         match self {

@@ -4,7 +4,7 @@
 use std::fmt;
 
 use serde::Serialize;
-use streamline_ir::{human, up_block_mark, Executor, Graph, Kernels, Plan};
+use streamline_ir::{human, Executor, Graph, Kernels, Plan};
 use streamline_rehash::{CacheError, CachePoint};
 
 use super::{PlanError, PlanRequest};
@@ -71,37 +71,43 @@ pub struct PointCost {
 impl RehashPlan {
     /// `None` for a UNet with no up-block boundary.
     pub(super) fn new(call: &CallPlan, point: CachePoint) -> Result<Option<Self>, PlanError> {
-        let boundaries = CachePoint::boundaries(&call.graph);
+        let graph = &call.graph;
+        let boundaries = CachePoint::boundaries(graph);
         if boundaries.is_empty() {
             return Ok(None);
         }
-        let (value, cache_bytes) = cache_value(&call.graph, point)?;
-        let exec = Executor::dry(&call.graph, &call.plan)?;
-        let names = std::slice::from_ref(&value);
-        let key = exec.dry_run(names, &[])?;
-        let partial = exec.dry_run(&[], names)?;
-        let points = boundaries
-            .into_iter()
-            .map(|n| {
-                let point = CachePoint::UpBlock(n);
-                let (value, bytes) = cache_value(&call.graph, point)?;
-                let flops = exec.dry_run(&[], std::slice::from_ref(&value))?.flops;
-                Ok(PointCost {
-                    cache_point: point.to_string(),
-                    cache_value: value,
-                    cache_bytes: bytes,
-                    partial_flops: flops,
-                })
+        let exec = Executor::dry(graph, &call.plan)?;
+        // A partial step at every boundary; the one at `point` is the plan's.
+        let partials = boundaries
+            .iter()
+            .map(|&n| {
+                let (value, bytes) = cache_value(graph, CachePoint::UpBlock(n))?;
+                let stats = exec.dry_run(&[], std::slice::from_ref(&value))?;
+                Ok((n, value, bytes, stats))
             })
-            .collect::<Result<_, PlanError>>()?;
+            .collect::<Result<Vec<_>, PlanError>>()?;
+        let block = point.block(graph)?;
+        let (_, value, cache_bytes, partial) = partials
+            .iter()
+            .find(|(n, ..)| *n == block)
+            .expect("block() is one of the boundaries");
+        let key = exec.dry_run(std::slice::from_ref(value), &[])?;
         Ok(Some(RehashPlan {
-            cache_point: CachePoint::UpBlock(point.block(&call.graph)?),
-            cache_value: value,
-            cache_bytes,
+            cache_point: CachePoint::UpBlock(block),
+            cache_value: value.clone(),
+            cache_bytes: *cache_bytes,
             key_step: key.peak_bytes,
             partial_step: partial.peak_bytes,
             partial_flops: partial.flops,
-            points,
+            points: partials
+                .iter()
+                .map(|(n, value, bytes, stats)| PointCost {
+                    cache_point: CachePoint::UpBlock(*n).to_string(),
+                    cache_value: value.clone(),
+                    cache_bytes: *bytes,
+                    partial_flops: stats.flops,
+                })
+                .collect(),
         }))
     }
 
@@ -124,11 +130,8 @@ impl RehashPlan {
 
 /// The value Step Rehash caches at `point`, and its bytes.
 pub(super) fn cache_value(graph: &Graph, point: CachePoint) -> Result<(String, usize), CacheError> {
-    let value = point.value_name(graph)?;
-    let id = graph
-        .marked(&up_block_mark(point.block(graph)?))
-        .expect("value_name found it");
-    Ok((value, graph.info(id).bytes()))
+    let id = point.value(graph)?;
+    Ok((graph.value(id).name.clone(), graph.info(id).bytes()))
 }
 
 /// One phase as planned: the models on the device, what earlier phases handed on, and the
