@@ -14,8 +14,11 @@ use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Result, Shape, Tensor, 
 use half::{bf16, f16};
 
 use crate::cpu_op::{CpuKernel, Input, Kernel};
-use crate::linear::{gemm_rows, linear, product_tile, weight_packing, MAX_PRODUCT_ROWS};
-use crate::par::{for_each_row, for_each_run, runs, Out};
+use crate::linear::{
+    fill_rows, gemm_rows, linear, product_tile, weight_packing, WeightOrder, WeightRhs,
+    MAX_PRODUCT_ROWS,
+};
+use crate::par::{for_each_row, for_each_run, runs, written_by, Out};
 use crate::simd::{exp, gelu_erf, simd_fn};
 use crate::storage::{as_f32, Compute};
 
@@ -48,8 +51,8 @@ pub fn linear_geglu(
     let mut dims = x.dims().to_vec();
     let rows = x.elem_count() / in_dim.max(1);
     let y = x.reshape((rows, in_dim))?.apply_op3_no_bwd(
-        &w_h.contiguous()?,
-        &w_g.contiguous()?,
+        &WeightOrder::dense(w_h)?,
+        &WeightOrder::dense(w_g)?,
         &Kernel(op),
     )?;
     if let Some(last) = dims.last_mut() {
@@ -59,16 +62,18 @@ pub fn linear_geglu(
 }
 
 /// Bytes a CPU [`linear_geglu`] on f32 allocates besides its output (`None` for other
-/// dtypes): per run, the gate of one tile of rows and gemm's packed weight.
+/// dtypes): per run, the gate of one tile of rows and gemm's packed weight (both weights in
+/// `order`).
 pub fn linear_geglu_workspace(
     rows: usize,
-    in_dim: usize,
-    inner: usize,
+    (in_dim, inner): (usize, usize),
+    order: WeightOrder,
     dtype: DType,
 ) -> Option<usize> {
     let tile = product_tile(rows, MAX_PRODUCT_ROWS).min(rows);
     (Compute::for_dtype(dtype, &candle_core::Device::Cpu) == Compute::F32).then(|| {
-        runs(rows.div_ceil(tile.max(1))) * (4 * tile * inner + weight_packing(inner, tile, in_dim))
+        let packing = weight_packing(inner, tile, in_dim, order);
+        runs(rows.div_ceil(tile.max(1))) * (4 * tile * inner + packing)
     })
 }
 
@@ -99,32 +104,35 @@ impl CpuKernel<3> for LinearGeglu {
                 l3.shape()
             )
         }
-        let (x, w_h, w_g) = (as_f32(s1, l1)?, as_f32(s2, l2)?, as_f32(s3, l3)?);
-        // The hidden half starts as its bias rows (one pass, not a zeroing and a fill).
-        let mut out = self.h_bias.repeat(rows);
-        let dst = Out::new(&mut out);
+        let x = as_f32(s1, l1)?;
+        let (w_h, w_g) = (WeightRhs::new(s2, l2)?, WeightRhs::new(s3, l3)?);
         let tile = product_tile(rows, MAX_PRODUCT_ROWS);
-        for_each_run(
-            rows.div_ceil(tile),
-            || vec![0f32; tile.min(rows) * inner],
-            |gate, task| {
-                let r0 = task * tile;
-                let m = tile.min(rows - r0);
-                // SAFETY: this task alone writes rows r0..r0 + m.
-                let hidden = unsafe { dst.slice(r0 * inner, m * inner) };
-                let gate = &mut gate[..m * inner];
-                for g in gate.chunks_exact_mut(inner) {
-                    g.copy_from_slice(&self.gate_bias);
-                }
-                // SAFETY: rows r0..r0 + m of x, the tile's hidden rows and gate, the weights.
-                unsafe {
-                    let x = x.as_ptr().add(r0 * in_dim);
-                    gemm_rows(hidden.as_mut_ptr(), x, w_h.as_ptr(), (m, in_dim, inner));
-                    gemm_rows(gate.as_mut_ptr(), x, w_g.as_ptr(), (m, in_dim, inner));
-                }
-                gate_in_place(hidden, gate);
-            },
-        );
+        let fill = |dst: Out<f32>| {
+            for_each_run(
+                rows.div_ceil(tile),
+                || vec![0f32; tile.min(rows) * inner],
+                |gate, task| {
+                    let r0 = task * tile;
+                    let m = tile.min(rows - r0);
+                    let gate = &mut gate[..m * inner];
+                    // SAFETY: this task alone writes rows r0..r0 + m; x and the weights
+                    // cover what the products read. The hidden half starts as its bias
+                    // rows (one pass, not a zeroing and a fill).
+                    let hidden = unsafe {
+                        let hidden = dst.ptr().add(r0 * inner);
+                        fill_rows(hidden, &self.h_bias, m);
+                        fill_rows(gate.as_mut_ptr(), &self.gate_bias, m);
+                        let x = x.as_ptr().add(r0 * in_dim);
+                        gemm_rows(hidden, x, w_h.operand(), (m, in_dim, inner));
+                        gemm_rows(gate.as_mut_ptr(), x, w_g.operand(), (m, in_dim, inner));
+                        dst.slice(r0 * inner, m * inner)
+                    };
+                    gate_in_place(hidden, gate);
+                },
+            )
+        };
+        // SAFETY: the tiles cover all rows, and each task writes all of its tile's rows.
+        let out = unsafe { written_by(rows * inner, fill) };
         Ok((CpuStorage::F32(out), Shape::from((rows, inner))))
     }
 }

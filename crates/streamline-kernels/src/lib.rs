@@ -50,6 +50,6 @@ pub use group_norm::{
 pub use layer_norm::{layer_norm, layer_norm_reference};
 pub use linear::{
     linear, linear_reference, linear_workspace, temporal_conv, temporal_conv_reference,
-    temporal_conv_workspace,
+    temporal_conv_workspace, WeightOrder,
 };
 pub use storage::Compute;

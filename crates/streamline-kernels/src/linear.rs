@@ -8,12 +8,12 @@
 //! padded copy of the input nor a product per tap exists.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, DType, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor, WithDType};
 use gemm::{gemm, Parallelism};
 use half::{bf16, f16};
 
 use crate::cpu_op::{CpuKernel, Input, Kernel};
-use crate::par::{for_each_run, runs, Out};
+use crate::par::{for_each_run, runs, written_by, Out};
 use crate::storage::{as_f32, Compute};
 
 /// Output rows a temporal convolution task aims at.
@@ -31,8 +31,76 @@ pub(crate) fn product_tile(rows: usize, max_rows: usize) -> usize {
     rows.div_ceil(tiles.min(rows).max(1)).max(1)
 }
 
-/// `x @ w^T + b` over the last dim of `x` (any rank, contiguous), `w` `(out, in)`: the kernel
-/// for f32 on the CPU, candle's matmul and add otherwise.
+/// How an `(out, in)` weight lies in memory: dense as a checkpoint stores it, or dense as its
+/// transpose `(in, out)`, the way the models keep theirs.
+///
+/// gemm solves our row-major products transposed, so the weight is the side it packs into
+/// panels of the kernel's rows. An `InOut` weight is read for that in whole vectors, or not
+/// packed at all; an `OutIn` one is gathered element by element, on every call and every
+/// tile, which costs most where slicing makes the calls small.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightOrder {
+    OutIn,
+    InOut,
+}
+
+impl WeightOrder {
+    /// The order of `w`'s storage, `None` for any other strides.
+    pub fn of(w: &Tensor) -> Option<WeightOrder> {
+        if w.is_contiguous() {
+            Some(WeightOrder::OutIn)
+        } else {
+            w.t().ok()?.is_contiguous().then_some(WeightOrder::InOut)
+        }
+    }
+
+    /// `w` as the kernels take it: as it is in either order, else a dense copy.
+    pub fn dense(w: &Tensor) -> Result<Tensor> {
+        match WeightOrder::of(w) {
+            Some(_) => Ok(w.clone()),
+            None => w.contiguous(),
+        }
+    }
+
+    /// `w` `(out, in)` with its storage in this order.
+    pub fn arrange(self, w: &Tensor) -> Result<Tensor> {
+        match self {
+            WeightOrder::OutIn => w.contiguous(),
+            WeightOrder::InOut => w.t()?.contiguous()?.t(),
+        }
+    }
+}
+
+/// The `(in, out)` right side `w^T` of a product with an `(out, in)` weight, read in place in
+/// either [`WeightOrder`]: its elements, column stride and row stride.
+pub(crate) struct WeightRhs<'a>(&'a [f32], isize, isize);
+
+impl<'a> WeightRhs<'a> {
+    pub(crate) fn new(s: &'a CpuStorage, l: &Layout) -> Result<Self> {
+        let dense = l
+            .contiguous_offsets()
+            .or_else(|| l.transpose(0, 1).ok()?.contiguous_offsets());
+        let (CpuStorage::F32(v), Some((start, end))) = (s, dense) else {
+            candle_core::bail!(
+                "linear: weight {:?} must be f32 in (out, in) or (in, out) order",
+                l.shape()
+            )
+        };
+        let stride = l.stride();
+        Ok(WeightRhs(
+            &v[start..end],
+            stride[0] as isize,
+            stride[1] as isize,
+        ))
+    }
+
+    pub(crate) fn operand(&self) -> Strided<*const f32> {
+        (self.0.as_ptr(), self.1, self.2)
+    }
+}
+
+/// `x @ w^T + b` over the last dim of `x` (any rank, contiguous), `w` `(out, in)` in either
+/// [`WeightOrder`]: the kernel for f32 on the CPU, candle's matmul and add otherwise.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let (out_dim, in_dim) = w.dims2()?;
     if Compute::of(x) != Compute::F32 || !x.is_contiguous() {
@@ -48,7 +116,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let rows = x.elem_count() / in_dim.max(1);
     let y = x
         .reshape((rows, in_dim))?
-        .apply_op2_no_bwd(&w.contiguous()?, &Kernel(op))?;
+        .apply_op2_no_bwd(&WeightOrder::dense(w)?, &Kernel(op))?;
     if let Some(last) = dims.last_mut() {
         *last = out_dim;
     }
@@ -72,19 +140,34 @@ pub fn linear_reference(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Te
 
 /// Bytes a CPU [`linear`] allocates besides its output, `None` where candle's ops run
 /// (half types): per run, gemm's packed copy of the weight when it makes one.
-pub fn linear_workspace(rows: usize, in_dim: usize, out_dim: usize, dtype: DType) -> Option<usize> {
+pub fn linear_workspace(
+    rows: usize,
+    (in_dim, out_dim): (usize, usize),
+    order: WeightOrder,
+    dtype: DType,
+) -> Option<usize> {
     (Compute::for_dtype(dtype, &candle_core::Device::Cpu) == Compute::F32).then(|| {
         let tile = product_tile(rows, MAX_PRODUCT_ROWS);
-        runs(rows.div_ceil(tile)) * weight_packing(out_dim, tile.min(rows), in_dim)
+        runs(rows.div_ceil(tile)) * weight_packing(out_dim, tile.min(rows), in_dim, order)
     })
 }
 
 /// Heap gemm allocates for one tile: it solves the transposed product (our output is
 /// row-major), whose left side is the `(out, in)` weight, and packs that side into panels of
 /// the f32 kernel's rows (one depth block `kc` deep) when it spans at most two row blocks
-/// `mc`. Both sizes come from gemm's own cache model, so the figure follows the machine.
-pub(crate) fn weight_packing(out_dim: usize, tile_rows: usize, in_dim: usize) -> usize {
-    let (mr, nr, _) = gemm_f32_kernel();
+/// `mc`, unless the side already has unit row stride (an `InOut` weight) and its rows fill
+/// whole vectors. Both sizes come from gemm's own cache model, so the figure follows the
+/// machine.
+pub(crate) fn weight_packing(
+    out_dim: usize,
+    tile_rows: usize,
+    in_dim: usize,
+    order: WeightOrder,
+) -> usize {
+    let (mr, nr, lanes) = gemm_f32_kernel();
+    if order == WeightOrder::InOut && out_dim % lanes == 0 {
+        return 0;
+    }
     let params = if out_dim <= 64 && tile_rows <= 64 {
         let kc = in_dim.min(512);
         let l2 = gemm_common::cache::CACHE_INFO[1].cache_bytes;
@@ -130,30 +213,41 @@ impl CpuKernel<2> for Linear {
                 self.bias.len()
             )
         }
-        let (x, w) = (as_f32(s1, l1)?, as_f32(s2, l2)?);
-        // Made as the bias rows the GEMM accumulates onto: one pass over the output, where
-        // a zeroed buffer then filled with the bias would take two.
-        let mut out = self.bias.repeat(rows);
-        let dst = Out::new(&mut out);
+        let (x, w) = (as_f32(s1, l1)?, WeightRhs::new(s2, l2)?);
         let tile = product_tile(rows, MAX_PRODUCT_ROWS);
-        for_each_run(
-            rows.div_ceil(tile),
-            || (),
-            |_, task| {
-                let r0 = task * tile;
-                let m = tile.min(rows - r0);
-                // SAFETY: rows r0..r0 + m of x and of the output, and all of w.
-                unsafe {
-                    gemm_rows(
-                        dst.ptr().add(r0 * out_dim),
-                        x.as_ptr().add(r0 * in_dim),
-                        w.as_ptr(),
-                        (m, in_dim, out_dim),
-                    )
-                }
-            },
-        );
+        // Each task starts its tile as the bias rows the GEMM accumulates onto: one pass over
+        // the output, in parallel, where a zeroed buffer then a fill would take two.
+        let fill = |dst: Out<f32>| {
+            for_each_run(
+                rows.div_ceil(tile),
+                || (),
+                |_, task| {
+                    let r0 = task * tile;
+                    let m = tile.min(rows - r0);
+                    // SAFETY: rows r0..r0 + m of x and of the output, and all of w.
+                    unsafe {
+                        let tile_out = dst.ptr().add(r0 * out_dim);
+                        fill_rows(tile_out, &self.bias, m);
+                        let x = x.as_ptr().add(r0 * in_dim);
+                        gemm_rows(tile_out, x, w.operand(), (m, in_dim, out_dim));
+                    }
+                },
+            )
+        };
+        // SAFETY: the tiles cover all rows, and each task writes all of its tile's rows.
+        let out = unsafe { written_by(rows * out_dim, fill) };
         Ok((CpuStorage::F32(out), Shape::from((rows, out_dim))))
+    }
+}
+
+/// Write `row` into each of the `m` rows that follow `dst`.
+///
+/// # Safety
+/// `dst` must have room for `m * row.len()` elements that nothing else touches meanwhile.
+pub(crate) unsafe fn fill_rows(dst: *mut f32, row: &[f32], m: usize) {
+    for r in 0..m {
+        // SAFETY: row r lies in the caller's extent.
+        unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), dst.add(r * row.len()), row.len()) };
     }
 }
 
@@ -198,24 +292,18 @@ pub(crate) unsafe fn product(
     );
 }
 
-/// `dst += x @ w^T` for `m` rows: `x` `(m, k)`, `w` `(n, k)`, `dst` `(m, n)`, all row-major
-/// and dense, on the calling thread.
+/// `dst += x @ w^T` for `m` rows: `x` `(m, k)` and `dst` `(m, n)` row-major and dense, `w`
+/// the `(k, n)` right side from [`WeightRhs`], on the calling thread.
 ///
 /// # Safety
 /// The pointers must cover those extents, and nothing else may touch `dst` meanwhile.
 pub(crate) unsafe fn gemm_rows(
     dst: *mut f32,
     x: *const f32,
-    w: *const f32,
+    w: Strided<*const f32>,
     (m, k, n): (usize, usize, usize),
 ) {
-    product(
-        (m, n, k),
-        (dst, 1, n as isize),
-        true,
-        (x, 1, k as isize),
-        (w, k as isize, 1),
-    );
+    product((m, n, k), (dst, 1, n as isize), true, (x, 1, k as isize), w);
 }
 
 /// The `(k, 1, 1)` convolution over the frames of position-major `x` `(P, T, C_in)`, zero

@@ -51,6 +51,21 @@ where
     });
 }
 
+/// A new `len`-element output that `fill` writes in full, through the [`Out`] it is given
+/// (typically from [`for_each_run`]'s tasks). Nothing zeroes it first: a zeroed buffer is one
+/// more pass over the output, on the calling thread alone while the other threads wait, and
+/// the tasks' own writes are the only pass here.
+///
+/// # Safety
+/// `fill` must write every element of `0..len` before it returns.
+pub unsafe fn written_by<T: Copy>(len: usize, fill: impl FnOnce(Out<T>)) -> Vec<T> {
+    let mut out = Vec::with_capacity(len);
+    fill(Out(out.as_mut_ptr()));
+    // SAFETY: `fill` wrote all `len` elements (the caller's promise) into the capacity.
+    unsafe { out.set_len(len) };
+    out
+}
+
 /// A pointer to an output that tasks write disjoint parts of.
 #[derive(Clone, Copy)]
 pub struct Out<T>(*mut T);

@@ -173,12 +173,13 @@ proptest! {
         in_dim in 1usize..40,
         out_dim in 1usize..40,
         bias in any::<bool>(),
+        order in prop::sample::select(vec![WeightOrder::OutIn, WeightOrder::InOut]),
         seed in 0u64..1000,
     ) {
         let mut dims = lead.clone();
         dims.push(in_dim);
         let x = randn(&dims, seed);
-        let w = randn(&[out_dim, in_dim], seed + 1);
+        let w = order.arrange(&randn(&[out_dim, in_dim], seed + 1)).unwrap();
         let b = bias.then(|| randn(&[out_dim], seed + 2));
         let got = linear(&x, &w, b.as_ref()).unwrap();
         let want = linear_reference(&x, &w, b.as_ref()).unwrap();
@@ -295,10 +296,12 @@ proptest! {
         in_dim in 1usize..40,
         inner in 1usize..40,
         bias in any::<bool>(),
+        order in prop::sample::select(vec![WeightOrder::OutIn, WeightOrder::InOut]),
         seed in 0u64..1000,
     ) {
         let x = randn(&[rows, in_dim], seed);
-        let (wh, wg) = (randn(&[inner, in_dim], seed + 1), randn(&[inner, in_dim], seed + 2));
+        let weight = |seed| order.arrange(&randn(&[inner, in_dim], seed)).unwrap();
+        let (wh, wg) = (weight(seed + 1), weight(seed + 2));
         let (bh, bg) = (randn(&[inner], seed + 3), randn(&[inner], seed + 4));
         let (bh, bg) = (bias.then_some(&bh), bias.then_some(&bg));
         let h = linear_reference(&x, &wh, bh).unwrap();

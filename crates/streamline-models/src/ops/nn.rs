@@ -17,7 +17,7 @@ use streamline_ir::{
     chunk_ranges, IrError, Kernels, Op, Result, RowRule, SliceCtx, ValueInfo, Workspace,
 };
 use streamline_kernels::{
-    linear_geglu_workspace, linear_workspace, portable, Compute, ConvGeometry,
+    linear_geglu_workspace, linear_workspace, portable, Compute, ConvGeometry, WeightOrder,
 };
 
 use super::kernels;
@@ -76,6 +76,8 @@ pub(crate) fn gemm_scratch(m: usize, n: usize, k: usize, size: usize) -> usize {
 /// `x @ W^T + b` on the last dim.
 #[derive(Debug, Clone)]
 pub struct Linear {
+    /// `W` `(out, in)`, its storage transposed ([`WeightOrder::InOut`]): the CPU kernel's
+    /// products read it without gathering it element by element on every call.
     weight: Tensor,
     bias: Option<Tensor>,
     in_dim: usize,
@@ -94,12 +96,22 @@ impl Linear {
         } else {
             candle_nn::linear_no_bias(in_dim, out_dim, vb)?
         };
+        Linear::from_parts(inner.weight(), inner.bias().cloned())
+    }
+
+    /// A layer from its `(out, in)` weight and its bias.
+    fn from_parts(weight: &Tensor, bias: Option<Tensor>) -> candle_core::Result<Self> {
+        let (out_dim, in_dim) = weight.dims2()?;
         Ok(Linear {
-            weight: inner.weight().clone(),
-            bias: inner.bias().cloned(),
+            weight: WeightOrder::InOut.arrange(weight)?,
+            bias,
             in_dim,
             out_dim,
         })
+    }
+
+    fn order(&self) -> WeightOrder {
+        WeightOrder::of(&self.weight).unwrap_or(WeightOrder::OutIn)
     }
 
     pub(crate) fn forward(&self, x: &Tensor, kernels: Kernels) -> candle_core::Result<Tensor> {
@@ -123,7 +135,8 @@ impl Linear {
             let (i, o, cpu) = (self.in_dim, self.out_dim, kernels.on_cpu());
             return out + portable::linear::linear_workspace(rows, i, o, biased, dtype, cpu);
         }
-        if let Some(ws) = linear_workspace(rows, self.in_dim, self.out_dim, dtype) {
+        let dims = (self.in_dim, self.out_dim);
+        if let Some(ws) = linear_workspace(rows, dims, self.order(), dtype) {
             return out + ws;
         }
         let product = out + gemm_scratch(rows, self.out_dim, self.in_dim, size);
@@ -288,21 +301,14 @@ pub struct Geglu {
 impl Geglu {
     pub fn new(dim: usize, inner: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         let proj = Linear::new(dim, 2 * inner, true, vb.pp("proj"))?;
-        // `force_contiguous` copies the half alone; `copy` would clone the whole projection's
-        // storage into each half, holding it twice.
+        // Each half gets storage of its own (`from_parts` rearranges it): a view into the
+        // whole projection would hold all of it in each half.
         let half = |i: usize| -> candle_core::Result<Linear> {
-            Ok(Linear {
-                weight: proj
-                    .weight
-                    .narrow(0, i * inner, inner)?
-                    .force_contiguous()?,
-                bias: match &proj.bias {
-                    Some(b) => Some(b.narrow(0, i * inner, inner)?.force_contiguous()?),
-                    None => None,
-                },
-                in_dim: dim,
-                out_dim: inner,
-            })
+            let bias = match &proj.bias {
+                Some(b) => Some(b.narrow(0, i * inner, inner)?.force_contiguous()?),
+                None => None,
+            };
+            Linear::from_parts(&proj.weight.narrow(0, i * inner, inner)?, bias)
         };
         Ok(Geglu {
             halves: [half(0)?, half(1)?],
@@ -339,7 +345,7 @@ impl Geglu {
                     kernels.on_cpu(),
                 );
         }
-        match linear_geglu_workspace(rows, gate.in_dim, self.inner, dtype) {
+        match linear_geglu_workspace(rows, (gate.in_dim, self.inner), gate.order(), dtype) {
             Some(ws) => out + ws,
             None => out + gate.peak(rows, dtype, false, kernels),
         }
