@@ -283,18 +283,20 @@ impl CpuKernel<1> for Silu {
 
     fn run(&self, [(s, l)]: [Input; 1]) -> Result<(CpuStorage, Shape)> {
         let x = crate::storage::as_f32(s, l)?;
-        let mut out = vec![0f32; x.len()];
-        let dst = Out::new(&mut out);
-        for_each_run(
-            x.len().div_ceil(SILU_CHUNK),
-            || (),
-            |_, task| {
-                let start = task * SILU_CHUNK;
-                let len = SILU_CHUNK.min(x.len() - start);
-                // SAFETY: this task alone writes start..start + len.
-                silu_into(&x[start..start + len], unsafe { dst.slice(start, len) });
-            },
-        );
+        let fill = |dst: Out<f32>| {
+            for_each_run(
+                x.len().div_ceil(SILU_CHUNK),
+                || (),
+                |_, task| {
+                    let start = task * SILU_CHUNK;
+                    let len = SILU_CHUNK.min(x.len() - start);
+                    // SAFETY: this task alone writes start..start + len.
+                    silu_into(&x[start..start + len], unsafe { dst.slice(start, len) });
+                },
+            );
+        };
+        // SAFETY: the chunks cover the output, and each task writes all of its chunk.
+        let out = unsafe { written_by(x.len(), fill) };
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 }

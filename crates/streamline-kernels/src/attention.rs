@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, DType, Device, Result, Shape, Tensor};
 
 use crate::cpu_op::{CpuKernel, Input, Kernel};
 use crate::linear::product;
-use crate::par::{for_each_run, runs, Out};
+use crate::par::{for_each_run, runs, written_by, Out};
 use crate::simd::{self, simd_fn};
 use crate::storage::{as_f32, Compute};
 
@@ -148,7 +148,6 @@ impl CpuKernel<3> for Flash {
         let (n, lq, c) = l1.shape().dims3()?;
         let lk = l2.shape().dims3()?.1;
         let (q, k, v) = (as_f32(s1, l1)?, as_f32(s2, l2)?, as_f32(s3, l3)?);
-        let mut out = vec![0f32; n * lq * c];
         let dims = Dims {
             lq,
             lk,
@@ -156,7 +155,9 @@ impl CpuKernel<3> for Flash {
             dh: c / self.heads,
             heads: self.heads,
         };
-        flash(q, k, v, &mut out, n, dims, self.scale as f32, self.kv);
+        let fill = |out: Out<f32>| flash(q, k, v, out, n, dims, self.scale as f32, self.kv);
+        // SAFETY: every (row, head, query) of the output is written by one task.
+        let out = unsafe { written_by(n * lq * c, fill) };
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -184,7 +185,7 @@ fn flash(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    out: &mut [f32],
+    out: Out<f32>,
     n: usize,
     d: Dims,
     scale: f32,
@@ -192,7 +193,6 @@ fn flash(
 ) {
     let tiles = d.lq.div_ceil(QUERY_TILE);
     let (bq, bk) = (QUERY_TILE.min(d.lq), KEY_BLOCK.min(d.lk));
-    let out = Out::new(out);
     for_each_run(
         n * d.heads * tiles,
         || Scratch {

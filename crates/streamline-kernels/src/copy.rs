@@ -8,10 +8,10 @@
 use candle_core::{CpuStorage, Layout, Result, Shape, Storage, Tensor};
 
 use crate::cpu_op::{CpuKernel, Input, Kernel};
-use crate::par::{for_each_run, Out};
+use crate::par::{for_each_run, written_by, Out};
 use crate::storage::Compute;
 
-/// Output rows (dim 0) per task and per block.
+/// Output rows (dim 0) per task (at most) and per block.
 const ROW_BLOCK: usize = 16;
 /// Innermost elements per block.
 const COL_BLOCK: usize = 64;
@@ -33,8 +33,10 @@ impl CpuKernel<1> for Contiguous {
         let CpuStorage::F32(src) = s else {
             candle_core::bail!("contiguous: f32 only")
         };
-        let mut out = vec![0f32; l.shape().elem_count()];
-        copy_view(src, l, &mut out)?;
+        let dims = l.shape().dims3()?;
+        let len = l.shape().elem_count();
+        // SAFETY: the copy writes every element of the view into the output.
+        let out = unsafe { written_by(len, |dst| copy_view(src, l, dims, dst)) };
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 }
@@ -62,22 +64,21 @@ pub fn cat0(parts: &[Tensor]) -> Result<Tensor> {
             candle_core::bail!("cat0: f32 CPU parts only")
         };
         let len = layout.shape().elem_count();
-        copy_view(src, layout, &mut out[at..at + len])?;
+        copy_view(src, layout, p.dims3()?, Out::new(&mut out[at..at + len]));
         at += len;
     }
     Tensor::from_vec(out, (rows, d1, d2), first.device())
 }
 
-/// Copy the rank-3 view `l` of `src` into the dense `out`, blocks of output rows per task.
+/// Copy the rank-3 view `l` (of dims `d0, d1, d2`) of `src` into the dense output `dst`,
+/// blocks of output rows per task.
 ///
 /// Blocks are ordered so that the cache lines a block reads are used up before they leave
 /// the L1 cache: when the view is dense along dim 1, a block walks `ROW_BLOCK` of dim 1
 /// beside each element of dim 2; otherwise `ROW_BLOCK` rows of dim 0.
-fn copy_view(src: &[f32], l: &Layout, out: &mut [f32]) -> Result<()> {
-    let (d0, d1, d2) = l.shape().dims3()?;
+fn copy_view(src: &[f32], l: &Layout, (d0, d1, d2): (usize, usize, usize), dst: Out<f32>) {
     let st = l.stride();
     let (s0, s1, s2, base) = (st[0], st[1], st[2], l.start_offset());
-    let dst = Out::new(out);
     let copy = |i: usize, j: usize, k0: usize, k1: usize| {
         // SAFETY: the task running this alone writes row `i` of the output.
         let o = unsafe { dst.slice((i * d1 + j) * d2 + k0, k1 - k0) };
@@ -87,11 +88,16 @@ fn copy_view(src: &[f32], l: &Layout, out: &mut [f32]) -> Result<()> {
         }
     };
     let dense_dim1 = s1 == 1 && s2 != 1;
+    // Fewer rows a task than a block where that leaves a thread without one (a frame-major
+    // view of one video has as few rows as frames).
+    let per_task = ROW_BLOCK
+        .min(d0.div_ceil(rayon::current_num_threads().max(1)))
+        .max(1);
     for_each_run(
-        d0.div_ceil(ROW_BLOCK),
+        d0.div_ceil(per_task),
         || (),
         |_, task| {
-            let rows = task * ROW_BLOCK..d0.min((task + 1) * ROW_BLOCK);
+            let rows = task * per_task..d0.min((task + 1) * per_task);
             if dense_dim1 {
                 for i in rows {
                     for j0 in (0..d1).step_by(ROW_BLOCK) {
@@ -113,5 +119,4 @@ fn copy_view(src: &[f32], l: &Layout, out: &mut [f32]) -> Result<()> {
             }
         },
     );
-    Ok(())
 }

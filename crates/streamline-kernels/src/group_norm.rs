@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, DType, Result, Shape, Tensor, WithDType};
 use half::{bf16, f16};
 
 use crate::cpu_op::{CpuKernel, Input, Kernel};
-use crate::par::{for_each_run, runs, Out};
+use crate::par::{for_each_run, runs, written_by, Out};
 use crate::simd::{self, simd_fn};
 use crate::storage::Compute;
 
@@ -96,38 +96,40 @@ impl FrameNorm {
         let plane = x.len() / (n * c);
         let per_group = c / self.groups;
         let block = per_group * plane;
-        let mut out = vec![T::zero(); x.len()];
-        let dst = Out::new(&mut out);
         let wide = T::DTYPE != DType::F32;
-        for_each_run(
-            n * self.groups,
-            || vec![0f32; if wide { block } else { 0 }],
-            |scratch, task| {
-                let g = task % self.groups;
-                let src = &x[task * block..(task + 1) * block];
-                // SAFETY: this task alone writes block `task`.
-                let out = unsafe { dst.slice(task * block, block) };
-                let values: &[f32] = if wide {
-                    for (s, v) in scratch.iter_mut().zip(src) {
-                        *s = v.to_f64() as f32;
+        let fill = |dst: Out<T>| {
+            for_each_run(
+                n * self.groups,
+                || vec![0f32; if wide { block } else { 0 }],
+                |scratch, task| {
+                    let g = task % self.groups;
+                    let src = &x[task * block..(task + 1) * block];
+                    // SAFETY: this task alone writes block `task`.
+                    let out = unsafe { dst.slice(task * block, block) };
+                    let values: &[f32] = if wide {
+                        for (s, v) in scratch.iter_mut().zip(src) {
+                            *s = v.to_f64() as f32;
+                        }
+                        scratch
+                    } else {
+                        // SAFETY: T is f32 when `wide` is false.
+                        unsafe { std::slice::from_raw_parts(src.as_ptr() as *const f32, block) }
+                    };
+                    let (mean, var) = moments(values);
+                    let rstd = 1.0 / (var + self.eps).sqrt();
+                    for (i, ch) in (g * per_group..(g + 1) * per_group).enumerate() {
+                        let (scale, shift) = (self.weight[ch] * rstd, self.bias[ch]);
+                        let (v, o) = (
+                            &values[i * plane..(i + 1) * plane],
+                            &mut out[i * plane..(i + 1) * plane],
+                        );
+                        affine(v, o, mean, scale, shift);
                     }
-                    scratch
-                } else {
-                    // SAFETY: T is f32 when `wide` is false.
-                    unsafe { std::slice::from_raw_parts(src.as_ptr() as *const f32, block) }
-                };
-                let (mean, var) = moments(values);
-                let rstd = 1.0 / (var + self.eps).sqrt();
-                for (i, ch) in (g * per_group..(g + 1) * per_group).enumerate() {
-                    let (scale, shift) = (self.weight[ch] * rstd, self.bias[ch]);
-                    let (v, o) = (
-                        &values[i * plane..(i + 1) * plane],
-                        &mut out[i * plane..(i + 1) * plane],
-                    );
-                    affine(v, o, mean, scale, shift);
-                }
-            },
-        );
+                },
+            );
+        };
+        // SAFETY: the frames' groups cover the output, and each task writes all its block.
+        let out = unsafe { written_by(x.len(), fill) };
         Ok(out)
     }
 }

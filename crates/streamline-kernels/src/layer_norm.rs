@@ -9,7 +9,7 @@
 use candle_core::{CpuStorage, DType, Result, Shape, Tensor};
 
 use crate::cpu_op::{CpuKernel, Input, Kernel};
-use crate::par::for_each_row;
+use crate::par::{for_each_row, written_by, Out};
 use crate::simd::{self, simd_fn};
 use crate::storage::{as_f32, Compute};
 
@@ -79,17 +79,22 @@ impl CpuKernel<1> for LayerNorm {
                 self.bias.len()
             )
         }
-        let mut out = vec![0f32; x.len()];
-        for_each_row(
-            &mut out,
-            dim,
-            TASK_ELEMS / dim,
-            || (),
-            |_, r, o| {
-                let row = &x[r * dim..(r + 1) * dim];
-                norm_row(row, o, &self.weight, &self.bias, self.eps);
-            },
-        );
+        let fill = |dst: Out<f32>| {
+            // SAFETY: the whole output, which only the row calls below touch.
+            let out = unsafe { dst.slice(0, x.len()) };
+            for_each_row(
+                out,
+                dim,
+                TASK_ELEMS / dim,
+                || (),
+                |_, r, o| {
+                    let row = &x[r * dim..(r + 1) * dim];
+                    norm_row(row, o, &self.weight, &self.bias, self.eps);
+                },
+            );
+        };
+        // SAFETY: every row is normalized into its output row.
+        let out = unsafe { written_by(x.len(), fill) };
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 }

@@ -4,7 +4,8 @@
 //! **Owns** candle custom ops for the CPU: 2D convolution through tiled im2col and `gemm`
 //! (no full-size im2col buffer), GroupNorm statistics and normalization with f32
 //! accumulation, LayerNorm, attention with query tiles and an online softmax (no tokens x tokens
-//! buffer), GEGLU's gate and SiLU in vectorized passes, and products with the bias fused (linear
+//! buffer), GEGLU's gate and SiLU in vectorized passes, residual adds and blends split across the
+//! threads, and products with the bias fused (linear
 //! layers, the temporal `(k, 1, 1)` convolution). And [`portable`], the path for every other
 //! device, from candle's tensor ops alone: attention in query tiles and key blocks with an
 //! online softmax (flash-attn behind `flash-attn`), convolution in bands of rows under a bound
@@ -29,6 +30,7 @@ mod attention;
 mod conv;
 mod copy;
 mod cpu_op;
+mod elementwise;
 mod group_norm;
 mod layer_norm;
 mod linear;
@@ -44,6 +46,7 @@ pub use attention::{
 };
 pub use conv::{conv2d, conv2d_reference, ConvGeometry};
 pub use copy::{cat0, contiguous};
+pub use elementwise::{add, batch_affine, blend, ChannelTables};
 pub use group_norm::{
     group_norm, group_norm_reference, group_norm_workspace, group_sums, group_sums_runs,
 };

@@ -356,11 +356,22 @@ pub fn temporal_conv_workspace(
     dtype: DType,
 ) -> usize {
     let compute = Compute::for_dtype(dtype, &candle_core::Device::Cpu);
-    let per_tile = TILE_ROWS.div_ceil(t.max(1)).min(positions.max(1));
+    let per_tile = temporal_tile(positions, t);
     let rows = per_tile * t;
     let out = compute.widened_bytes(rows * out_channels);
     runs(positions.div_ceil(per_tile)) * (4 * rows * kernel * in_channels + out)
         + compute.widened_bytes(kernel * in_channels * out_channels)
+}
+
+/// Positions per task of a temporal convolution over `positions` positions of `t` frames:
+/// about [`TILE_ROWS`] rows, but never so many that a thread is left without a task (a
+/// sliced plan's small calls would otherwise run on one thread).
+fn temporal_tile(positions: usize, t: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    TILE_ROWS
+        .div_ceil(t.max(1))
+        .min(positions.div_ceil(threads))
+        .max(1)
 }
 
 struct TemporalConv {
@@ -377,7 +388,7 @@ impl TemporalConv {
     ) -> Vec<T> {
         let (k, cout) = (self.kernel, self.bias.len());
         let pad = k / 2;
-        let per_tile = TILE_ROWS.div_ceil(t.max(1)).min(p.max(1));
+        let per_tile = temporal_tile(p, t);
         let wide = T::DTYPE != DType::F32;
         let mut out = vec![T::zero(); p * t * cout];
         let dst = Out::new(&mut out);

@@ -289,6 +289,47 @@ proptest! {
         prop_assert!(rel_l2(&got, &want) <= 1e-5, "{:e}", rel_l2(&got, &want));
     }
 
+    #[test]
+    fn pointwise_matches_candle(len in 1usize..70_000, alpha in -2.0f64..2.0, seed in 0u64..1000) {
+        let (a, b) = (randn(&[len], seed), randn(&[len], seed + 1));
+        let sum = add(&a, &b).unwrap();
+        prop_assert!(rel_l2(&sum, &(&a + &b).unwrap()) == 0.0);
+        let want = (((&a - &b).unwrap() * alpha).unwrap() + &b).unwrap();
+        let got = blend(&a, &b, alpha).unwrap();
+        prop_assert!(rel_l2(&got, &want) <= 1e-6, "{:e}", rel_l2(&got, &want));
+    }
+
+    /// Channels last (`inner` 1) or before `inner` elements, batch items cut anywhere.
+    #[test]
+    fn batch_affine_matches_candle(
+        (batch, per_batch, first) in (1usize..4, 1usize..9).prop_flat_map(|(b, p)| (Just(b), Just(p), 0..b * p)),
+        channels in 1usize..20,
+        inner in prop::sample::select(vec![1usize, 3, 8]),
+        reps in 1usize..4,
+        scaled in any::<bool>(),
+        seed in 0u64..1000,
+    ) {
+        let rows = batch * per_batch - first;
+        let x = randn(&[rows, reps * channels, inner], seed);
+        let (scale, shift) = (randn(&[batch, channels], seed + 1), randn(&[batch, channels], seed + 2));
+        let (sv, tv) = (scale.flatten_all().unwrap().to_vec1::<f32>().unwrap(), shift.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let tables = ChannelTables { scale: scaled.then_some(&sv[..]), shift: &tv, channels };
+        let at = portable::norm::BatchRows { per_batch, first };
+        let got = batch_affine(&x, tables, inner, at).unwrap().unwrap();
+        let ids: Vec<u32> = (0..rows).map(|r| ((first + r) / per_batch) as u32).collect();
+        let ids = Tensor::new(ids, &Device::Cpu).unwrap();
+        let per_row = |t: &Tensor| {
+            t.index_select(&ids, 0).unwrap().reshape((rows, 1, channels, 1)).unwrap()
+                .repeat((1, reps, 1, 1)).unwrap().reshape((rows, reps * channels, 1)).unwrap()
+        };
+        let mut want = x.clone();
+        if scaled {
+            want = want.broadcast_mul(&per_row(&scale)).unwrap();
+        }
+        let want = want.broadcast_add(&per_row(&shift)).unwrap();
+        prop_assert!(rel_l2(&got, &want) == 0.0, "{:e}", rel_l2(&got, &want));
+    }
+
     /// Row counts past several 256-row tiles, the last one partial.
     #[test]
     fn linear_geglu_matches_candle(

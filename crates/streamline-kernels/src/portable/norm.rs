@@ -345,6 +345,11 @@ pub struct BatchRows {
 }
 
 impl BatchRows {
+    /// The batch item of row `r` of the slice.
+    pub fn batch_of(&self, r: usize) -> usize {
+        (self.first + r) / self.per_batch.max(1)
+    }
+
     /// Rows `0..rows` of the slice cut where batch items change: (batch item, rows of the
     /// slice), the form [`group_moments`] takes.
     pub fn pieces(&self, rows: usize) -> Vec<(usize, Range<usize>)> {

@@ -3,9 +3,17 @@
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use streamline_ir::op_contract;
-use streamline_ir::{IrError, Op, Result, RowRule, SliceCtx, ValueInfo, Workspace};
+use streamline_ir::{IrError, Kernels, Op, Result, RowRule, SliceCtx, ValueInfo, Workspace};
+use streamline_kernels::portable::norm::BatchRows;
+use streamline_kernels::ChannelTables;
 
+use super::kernels;
 use super::layout::{batch_ids, by_row_chunks, info_of, row_chunk};
+
+/// Whether the f32 CPU kernels run an op on `x` under `ws`.
+fn cpu_f32(x: &ValueInfo, ws: Workspace) -> bool {
+    ws.kernels == Kernels::Cpu && x.dtype == DType::F32
+}
 
 fn elems(v: &ValueInfo) -> u64 {
     v.shape.elem_count() as u64
@@ -29,8 +37,8 @@ impl Op for Add {
     fn flops(&self, inputs: &[&ValueInfo], _: &ValueInfo) -> u64 {
         elems(inputs[0])
     }
-    fn forward(&self, x: &[&Tensor], _: &SliceCtx) -> Result<Tensor> {
-        Ok((x[0] + x[1])?)
+    fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
+        Ok(kernels::add(ctx.workspace().kernels, x[0], x[1])?)
     }
 }
 
@@ -63,9 +71,13 @@ impl Blend {
     }
 
     /// Computed as `alpha * (a - b) + b`: the difference, its scaled copy, then the result,
-    /// so one buffer besides the result (the two scaled inputs would be two).
+    /// so one buffer besides the result (the two scaled inputs would be two). The f32 CPU
+    /// kernel needs none.
     fn tiling(&self, x: &ValueInfo, output: &ValueInfo, ws: Workspace) -> (usize, usize) {
         let rows = x.shape.dims()[0];
+        if cpu_f32(x, ws) {
+            return (rows, 0);
+        }
         let per = x.bytes() / rows.max(1);
         row_chunk(rows, output.bytes(), ws.limit, |r| 2 * r * per)
     }
@@ -87,6 +99,9 @@ impl Op for Blend {
     }
     fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
         let (a, b) = (x[0], x[1]);
+        if let Some(blended) = kernels::blend(ctx.workspace().kernels, a, b, self.alpha) {
+            return Ok(blended?);
+        }
         let (chunk, _) = self.tiling(&info_of(a), &info_of(a), ctx.workspace());
         by_row_chunks(a.dims(), a.dtype(), a.device(), chunk, |r| {
             let (a, b) = (
@@ -146,6 +161,10 @@ impl AddBatchEmb {
     fn tiling(&self, inputs: &[&ValueInfo], output: &ValueInfo, ws: Workspace) -> (usize, usize) {
         let (x, e) = (inputs[0], inputs[1]);
         let rows = x.shape.dims()[0];
+        if cpu_f32(x, ws) {
+            // The kernel: the table on the host, and the kernel's copy of it.
+            return (rows, 2 * e.shape.elem_count() * 4);
+        }
         let per_row = std::mem::size_of::<u32>() + e.bytes() / e.shape.dims()[0].max(1);
         let out_row = x.bytes() / rows.max(1);
         row_chunk(rows, output.bytes(), ws.limit, |r| r * (per_row + out_row))
@@ -179,6 +198,22 @@ impl Op for AddBatchEmb {
     fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
         let (h, e) = (x[0], x[1]);
         let rows = ctx.rows(h.dim(0)?);
+        if ctx.kernels == Kernels::Cpu {
+            let table = e.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let tables = ChannelTables {
+                scale: None,
+                shift: &table,
+                channels: e.dim(1)?,
+            };
+            let inner = h.dims()[self.channel_dim + 1..].iter().product();
+            let at = BatchRows {
+                per_batch: self.rows_per_batch,
+                first: rows.start,
+            };
+            if let Some(out) = streamline_kernels::batch_affine(h, tables, inner, at) {
+                return Ok(out?);
+            }
+        }
         let (chunk, _) = self.tiling(&[&info_of(h), &info_of(e)], &info_of(h), ctx.workspace());
         by_row_chunks(h.dims(), h.dtype(), h.device(), chunk, |r| {
             let abs = rows.start + r.start..rows.start + r.end;
@@ -209,10 +244,36 @@ impl Op for AddBroadcast {
         }
         Ok(inputs[0].clone())
     }
+    /// The f32 CPU kernel holds `e` on the host and in its own copy.
+    fn workspace_bytes(&self, inputs: &[&ValueInfo], _: &ValueInfo, ws: Workspace) -> usize {
+        match cpu_f32(inputs[1], ws) {
+            true => 2 * inputs[1].shape.elem_count() * 4,
+            false => 0,
+        }
+    }
     fn flops(&self, inputs: &[&ValueInfo], _: &ValueInfo) -> u64 {
         elems(inputs[0])
     }
-    fn forward(&self, x: &[&Tensor], _: &SliceCtx) -> Result<Tensor> {
-        Ok(x[0].broadcast_add(x[1])?)
+    fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
+        let (h, e) = (x[0], x[1]);
+        if ctx.kernels == Kernels::Cpu && e.dtype() == DType::F32 {
+            // One batch item whose channels are all of `e`, repeated along every row.
+            let table = e.flatten_all()?.to_vec1::<f32>()?;
+            let tables = ChannelTables {
+                scale: None,
+                shift: &table,
+                channels: table.len(),
+            };
+            let rows = h.elem_count() / table.len().max(1);
+            let at = BatchRows {
+                per_batch: rows,
+                first: 0,
+            };
+            let flat = h.reshape((rows, table.len()))?;
+            if let Some(out) = streamline_kernels::batch_affine(&flat, tables, 1, at) {
+                return Ok(out?.reshape(h.shape())?);
+            }
+        }
+        Ok(h.broadcast_add(e)?)
     }
 }

@@ -18,7 +18,7 @@ use streamline_ir::{
 };
 
 use streamline_kernels::portable::{self, norm::BatchRows};
-use streamline_kernels::{group_norm_workspace, group_sums, group_sums_runs};
+use streamline_kernels::{group_norm_workspace, group_sums, group_sums_runs, ChannelTables};
 
 use super::kernels;
 use super::layout::{batch_ids, batch_pieces, by_row_chunks, info_of, row_chunk};
@@ -333,7 +333,8 @@ impl GroupNormApply {
 
     /// Per batch item `(B, C)` scale `weight * rstd` and shift `bias - mean * scale`, from
     /// the statistics in f64, in the dtype of `x`.
-    fn tables(&self, stats: &[Moments], x: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// Per batch item and channel: the scale and shift the normalized output is.
+    fn table_values(&self, stats: &[Moments]) -> (Vec<f64>, Vec<f64>) {
         let (batch, c) = (self.dims.batch, self.channels());
         let per_group = c / self.groups;
         let (mut scale, mut shift) = (Vec::new(), Vec::new());
@@ -346,10 +347,40 @@ impl GroupNormApply {
                 shift.push(self.bias[ch] - m.mean * s);
             }
         }
+        (scale, shift)
+    }
+
+    fn tables(&self, stats: &[Moments], x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (batch, c) = (self.dims.batch, self.channels());
+        let (scale, shift) = self.table_values(stats);
         let table = |v: Vec<f64>| -> Result<Tensor> {
             Ok(Tensor::from_vec(v, (batch, c), x.device())?.to_dtype(x.dtype())?)
         };
         Ok((table(scale)?, table(shift)?))
+    }
+
+    /// The f32 CPU kernel's output, `None` where it does not apply.
+    fn apply_kernel(&self, x: &Tensor, stats: &Tensor, first: usize) -> Option<Result<Tensor>> {
+        if x.dtype() != DType::F32 || !x.device().is_cpu() {
+            return None;
+        }
+        let moments = match moments_from_tensor(stats) {
+            Ok(m) => m,
+            Err(e) => return Some(Err(e)),
+        };
+        let (scale, shift) = self.table_values(&moments);
+        let narrow = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect::<Vec<f32>>();
+        let (scale, shift) = (narrow(scale), narrow(shift));
+        let tables = ChannelTables {
+            scale: Some(&scale),
+            shift: &shift,
+            channels: self.channels(),
+        };
+        let rows = BatchRows {
+            per_batch: self.dims.hw(),
+            first,
+        };
+        streamline_kernels::batch_affine(x, tables, 1, rows).map(|r| Ok(r?))
     }
 
     /// Per chunk of rows, with the tables alive: their batch ids, per-row scale and shift,
@@ -368,6 +399,10 @@ impl GroupNormApply {
                 r * (output.bytes() / rows.max(1))
                     + portable::norm::group_norm_apply_workspace(r, at, t, c, batch, x.dtype)
             });
+        }
+        if x.dtype == DType::F32 {
+            // The kernel: the f64 tables, their f32 copies and the kernel's own.
+            return (rows, self.dims.batch * c * (2 * 8 + 4 * 4));
         }
         let tables = self.dims.batch * c * (2 * 8 + 2 * size);
         let row = x.bytes() / rows.max(1);
@@ -440,6 +475,9 @@ impl Op for GroupNormApply {
                     &part, inputs[1], w, b, self.eps, at,
                 )?)
             });
+        }
+        if let Some(out) = self.apply_kernel(x, inputs[1], rows.start) {
+            return out;
         }
         let (scale, shift) = self.tables(&moments_from_tensor(inputs[1])?, x)?;
         by_row_chunks(x.dims(), x.dtype(), x.device(), chunk, |r| {

@@ -9,7 +9,7 @@
 use candle_core::{DType, Result, Tensor};
 use streamline_ir::Kernels;
 use streamline_kernels::portable;
-use streamline_kernels::{AttentionSizes, ConvGeometry, KvRows};
+use streamline_kernels::{AttentionSizes, Compute, ConvGeometry, KvRows};
 
 /// Scaled dot-product attention (see `streamline_kernels::attention`).
 pub(crate) fn attention(
@@ -113,6 +113,26 @@ pub(crate) fn silu(kernels: Kernels, x: &Tensor) -> Result<Tensor> {
         Kernels::Cpu => streamline_kernels::silu(x),
         _ => portable::linear::silu(x),
     }
+}
+
+/// `a + b` for two tensors of one shape.
+pub(crate) fn add(kernels: Kernels, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    match kernels {
+        Kernels::Cpu => streamline_kernels::add(a, b),
+        _ => a + b,
+    }
+}
+
+/// `alpha * (a - b) + b` for two tensors of one shape, in one pass on the CPU (`None`
+/// elsewhere: the caller tiles candle's ops).
+pub(crate) fn blend(
+    kernels: Kernels,
+    a: &Tensor,
+    b: &Tensor,
+    alpha: f64,
+) -> Option<Result<Tensor>> {
+    (kernels == Kernels::Cpu && Compute::of(a) == Compute::F32)
+        .then(|| streamline_kernels::blend(a, b, alpha))
 }
 
 /// A contiguous copy.
