@@ -32,6 +32,7 @@ pub(crate) trait Backend {
         inputs: &[&Self::V],
         ctx: &SliceCtx,
     ) -> Result<Self::V>;
+    /// A value of `info`'s shape whose contents are left unset: its writer covers it whole.
     fn alloc(&self, info: &ValueInfo) -> Result<Self::V>;
     fn write(&self, dst: &Self::V, src: &Self::V, dim: usize, offset: usize) -> Result<()>;
     fn merge(&self, node: &Node, acc: &Self::V, partial: &Self::V) -> Result<Self::V>;
@@ -91,7 +92,10 @@ impl Backend for Real<'_> {
     }
 
     fn alloc(&self, info: &ValueInfo) -> Result<Tensor> {
-        Ok(Tensor::zeros(info.shape.clone(), info.dtype, self.device)?)
+        // SAFETY: `alloc` makes the full-size outputs of sliced groups and row plans, which
+        // their slices (or bands) write in full before anything reads them. Zeroing them
+        // first would be one more pass over every such output, on this thread alone.
+        Ok(unsafe { Tensor::empty(info.shape.clone(), info.dtype, self.device)? })
     }
 
     fn write(&self, dst: &Tensor, src: &Tensor, dim: usize, offset: usize) -> Result<()> {

@@ -227,6 +227,7 @@ fn declared_workspace_matches_heap() {
     let feat128 = randn(&[frames, 128, 32, 32], f32_);
     let tokens = randn(&[frames, 4096, 64], f32_);
     let pos = randn(&[positions, 14, 64], f32_);
+    let pos_f16 = pos.to_dtype(DType::F16).unwrap();
     let context = randn(&[2, 1, 256], f32_);
     let emb = randn(&[2, 64], f32_);
     let stats_op = GroupNormStats::new(dims, 64, 32).unwrap();
@@ -344,6 +345,38 @@ fn declared_workspace_matches_heap() {
             vec![randn(&[2, 3], f32_)],
         ),
         case("const", Const::arange(14, &Device::Cpu).unwrap(), vec![]),
+        // On f32 the CPU kernels need only per-batch tables, whatever the rows: nothing to
+        // tile (the half-type cases below tile).
+        sliced(
+            case(
+                "add_batch_emb positions",
+                AddBatchEmb {
+                    rows_per_batch: 4096,
+                    channel_dim: 2,
+                },
+                vec![pos.clone(), emb.clone()],
+            ),
+            Axis::Positions,
+            3000..6000,
+            positions,
+            false,
+        ),
+        case(
+            "group_norm_apply (8192,14,64)",
+            norm_apply.clone(),
+            vec![pos.clone(), stats.clone()],
+        ),
+        sliced(
+            case(
+                "group_norm_apply",
+                norm_apply.clone(),
+                vec![pos.clone(), stats.clone()],
+            ),
+            Axis::Positions,
+            3000..6000,
+            positions,
+            false,
+        ),
         case(
             "add_batch_emb frames",
             AddBatchEmb {
@@ -407,12 +440,12 @@ fn declared_workspace_matches_heap() {
         ),
         sliced(
             case(
-                "add_batch_emb positions",
+                "add_batch_emb positions f16",
                 AddBatchEmb {
                     rows_per_batch: 4096,
                     channel_dim: 2,
                 },
-                vec![pos.clone(), emb.clone()],
+                vec![pos_f16.clone(), emb.to_dtype(DType::F16).unwrap()],
             ),
             Axis::Positions,
             3000..6000,
@@ -447,15 +480,15 @@ fn declared_workspace_matches_heap() {
             false,
         ),
         case(
-            "group_norm_apply (8192,14,64)",
+            "group_norm_apply f16 (8192,14,64)",
             norm_apply.clone(),
-            vec![pos.clone(), stats.clone()],
+            vec![pos_f16.clone(), stats.clone()],
         ),
         sliced(
             case(
-                "group_norm_apply",
+                "group_norm_apply f16",
                 norm_apply.clone(),
-                vec![pos.clone(), stats.clone()],
+                vec![pos_f16.clone(), stats.clone()],
             ),
             Axis::Positions,
             3000..6000,

@@ -161,13 +161,21 @@ impl AddBatchEmb {
     fn tiling(&self, inputs: &[&ValueInfo], output: &ValueInfo, ws: Workspace) -> (usize, usize) {
         let (x, e) = (inputs[0], inputs[1]);
         let rows = x.shape.dims()[0];
-        if cpu_f32(x, ws) {
-            // The kernel: the table on the host, and the kernel's copy of it.
-            return (rows, 2 * e.shape.elem_count() * 4);
+        if let Some(bytes) = self.kernel_workspace(x, e, ws) {
+            return (rows, bytes);
         }
         let per_row = std::mem::size_of::<u32>() + e.bytes() / e.shape.dims()[0].max(1);
         let out_row = x.bytes() / rows.max(1);
         row_chunk(rows, output.bytes(), ws.limit, |r| r * (per_row + out_row))
+    }
+}
+
+impl AddBatchEmb {
+    /// The f32 CPU kernel's workspace (the table on the host and the kernel's copy), `None`
+    /// where it does not run: other devices and dtypes, or a limit it would not fit.
+    fn kernel_workspace(&self, x: &ValueInfo, e: &ValueInfo, ws: Workspace) -> Option<usize> {
+        let bytes = 2 * e.shape.elem_count() * 4;
+        (cpu_f32(x, ws) && ws.limit.is_none_or(|l| bytes <= l)).then_some(bytes)
     }
 }
 
@@ -198,7 +206,10 @@ impl Op for AddBatchEmb {
     fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
         let (h, e) = (x[0], x[1]);
         let rows = ctx.rows(h.dim(0)?);
-        if ctx.kernels == Kernels::Cpu {
+        if self
+            .kernel_workspace(&info_of(h), &info_of(e), ctx.workspace())
+            .is_some()
+        {
             let table = e.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             let tables = ChannelTables {
                 scale: None,

@@ -359,11 +359,18 @@ impl GroupNormApply {
         Ok((table(scale)?, table(shift)?))
     }
 
-    /// The f32 CPU kernel's output, `None` where it does not apply.
-    fn apply_kernel(&self, x: &Tensor, stats: &Tensor, first: usize) -> Option<Result<Tensor>> {
-        if x.dtype() != DType::F32 || !x.device().is_cpu() {
-            return None;
-        }
+    /// The f32 CPU kernel's workspace (the tables in f64, their f32 copies and the kernel's
+    /// own), `None` where it does not run: other dtypes, or a limit it would not fit.
+    fn kernel_workspace(&self, x: &ValueInfo, ws: Workspace) -> Option<usize> {
+        let bytes = self.dims.batch * self.channels() * (2 * 8 + 4 * 4);
+        let fits = ws.limit.is_none_or(|l| bytes <= l);
+        (ws.kernels == Kernels::Cpu && x.dtype == DType::F32 && fits).then_some(bytes)
+    }
+
+    /// The f32 CPU kernel's output, `None` where it does not run.
+    fn apply_kernel(&self, x: &Tensor, stats: &Tensor, ctx: &SliceCtx) -> Option<Result<Tensor>> {
+        self.kernel_workspace(&info_of(x), ctx.workspace())?;
+        let first = ctx.rows(self.dims.positions_len()).start;
         let moments = match moments_from_tensor(stats) {
             Ok(m) => m,
             Err(e) => return Some(Err(e)),
@@ -400,9 +407,8 @@ impl GroupNormApply {
                     + portable::norm::group_norm_apply_workspace(r, at, t, c, batch, x.dtype)
             });
         }
-        if x.dtype == DType::F32 {
-            // The kernel: the f64 tables, their f32 copies and the kernel's own.
-            return (rows, self.dims.batch * c * (2 * 8 + 4 * 4));
+        if let Some(bytes) = self.kernel_workspace(x, ws) {
+            return (rows, bytes);
         }
         let tables = self.dims.batch * c * (2 * 8 + 2 * size);
         let row = x.bytes() / rows.max(1);
@@ -476,7 +482,7 @@ impl Op for GroupNormApply {
                 )?)
             });
         }
-        if let Some(out) = self.apply_kernel(x, inputs[1], rows.start) {
+        if let Some(out) = self.apply_kernel(x, inputs[1], ctx) {
             return out;
         }
         let (scale, shift) = self.tables(&moments_from_tensor(inputs[1])?, x)?;

@@ -300,15 +300,15 @@ pub struct Geglu {
 
 impl Geglu {
     pub fn new(dim: usize, inner: usize, vb: VarBuilder) -> candle_core::Result<Self> {
-        let proj = Linear::new(dim, 2 * inner, true, vb.pp("proj"))?;
-        // Each half gets storage of its own (`from_parts` rearranges it): a view into the
-        // whole projection would hold all of it in each half.
+        // The checkpoint's projection as it is stored; each half gets storage of its own
+        // (`from_parts` rearranges it): a view into the whole would hold all of it in each.
+        let proj = candle_nn::linear(dim, 2 * inner, vb.pp("proj"))?;
         let half = |i: usize| -> candle_core::Result<Linear> {
-            let bias = match &proj.bias {
+            let bias = match proj.bias() {
                 Some(b) => Some(b.narrow(0, i * inner, inner)?.force_contiguous()?),
                 None => None,
             };
-            Linear::from_parts(&proj.weight.narrow(0, i * inner, inner)?, bias)
+            Linear::from_parts(&proj.weight().narrow(0, i * inner, inner)?, bias)
         };
         Ok(Geglu {
             halves: [half(0)?, half(1)?],
