@@ -210,7 +210,13 @@ impl How {
 
 fn main() -> Result<()> {
     streamline_ir::alloc::keep_freed_memory();
-    match Cli::parse().task {
+    let cli = Cli::parse();
+    // Timed the way the CLI runs: on one of rayon's workers.
+    streamline_kernels::on_worker(|| run(cli))
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.task {
         Task::PrepareUnet {
             dir,
             config,

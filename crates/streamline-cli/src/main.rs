@@ -219,13 +219,16 @@ fn main() {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
-    let result = signals::install().and_then(|()| match cli.command {
-        Command::Svd(args) => svd::run(args),
-        Command::Animatediff(args) => animatediff::run(args),
-        Command::Plan(args) => plan::run(args),
-        Command::Rehash(command) => rehash::run(command),
-        Command::Batch(command) => batch::run(command),
-        Command::Score(command) => score::run(command),
+    // On one of rayon's workers, so each kernel's threads join rather than wake and sleep.
+    let result = signals::install().and_then(|()| {
+        streamline_kernels::on_worker(|| match cli.command {
+            Command::Svd(args) => svd::run(args),
+            Command::Animatediff(args) => animatediff::run(args),
+            Command::Plan(args) => plan::run(args),
+            Command::Rehash(command) => rehash::run(command),
+            Command::Batch(command) => batch::run(command),
+            Command::Score(command) => score::run(command),
+        })
     });
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -55,4 +55,5 @@ pub use linear::{
     linear, linear_reference, linear_workspace, temporal_conv, temporal_conv_reference,
     temporal_conv_workspace, WeightOrder,
 };
+pub use par::on_worker;
 pub use storage::Compute;

@@ -6,6 +6,21 @@
 
 use rayon::prelude::*;
 
+/// `f` run on one of rayon's worker threads (directly, when called on one), its panics
+/// carried back to the caller.
+///
+/// A run's code (the executor, the pipeline) calls one kernel after another. Called from a
+/// thread outside the pool, each kernel hands its runs to the workers and sleeps until they
+/// finish, and the idle workers sleep between kernels: two wake-ups a kernel, which the small
+/// kernels of a sliced plan or of a small model pay thousands of times a step. On a worker,
+/// a kernel runs one share of its work itself while the others steal theirs.
+pub fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        return f();
+    }
+    rayon::scope(|_| f())
+}
+
 /// Runs [`for_each_run`] cuts `tasks` into: one per thread, never more than the tasks.
 pub fn runs(tasks: usize) -> usize {
     rayon::current_num_threads().max(1).min(tasks)
