@@ -9,10 +9,9 @@
 
 use candle_core::{CpuStorage, Result, Shape, Tensor};
 
-use crate::portable::norm::BatchRows;
-
 use crate::cpu_op::{CpuKernel, Input, Kernel};
 use crate::par::{for_each_run, written_by, Out};
+use crate::portable::norm::BatchRows;
 use crate::simd::simd_fn;
 use crate::storage::{as_f32, Compute};
 

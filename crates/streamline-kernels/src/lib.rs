@@ -3,14 +3,17 @@
 //!
 //! **Owns** candle custom ops for the CPU: 2D convolution through tiled im2col and `gemm`
 //! (no full-size im2col buffer), GroupNorm statistics and normalization with f32
-//! accumulation, LayerNorm, attention with query tiles and an online softmax (no tokens x tokens
-//! buffer), GEGLU's gate and SiLU in vectorized passes, residual adds and blends split across the
-//! threads, and products with the bias fused (linear
-//! layers, the temporal `(k, 1, 1)` convolution). And [`portable`], the path for every other
-//! device, from candle's tensor ops alone: attention in query tiles and key blocks with an
-//! online softmax (flash-attn behind `flash-attn`), convolution in bands of rows under a bound
-//! on im2col, products, LayerNorm, GroupNorm and temporal GroupNorm's mergeable moments in
-//! tiles of rows.
+//! accumulation, LayerNorm, attention with query tiles and an online softmax (no tokens x
+//! tokens buffer), GEGLU's gate and SiLU in vectorized passes, residual adds, blends and
+//! per-channel affine maps, and products with the bias fused (linear layers, the temporal
+//! `(k, 1, 1)` convolution; the models keep linear weights in [`WeightOrder::InOut`], which
+//! gemm reads without gathering them element by element on every call). Every kernel splits
+//! its work over rayon's threads, and [`on_worker`] runs a caller's code on one of them, so
+//! that a kernel's threads join instead of sleeping between kernels. And [`portable`], the
+//! path for every other device, from candle's tensor ops alone: attention in query tiles and
+//! key blocks with an online softmax (flash-attn behind `flash-attn`), convolution in bands
+//! of rows under a bound on im2col, products, LayerNorm, GroupNorm and temporal GroupNorm's
+//! mergeable moments in tiles of rows.
 //!
 //! **Promises** every kernel equals candle's reference ops (also exported here, and used on
 //! other devices and dtypes) within 1e-5 relative L2; f16 and bf16 compute in f32 inside.

@@ -62,8 +62,19 @@ impl WeightOrder {
         }
     }
 
-    /// `w` `(out, in)` with its storage in this order.
+    /// `w` `(out, in)` with its storage in this order. A broadcast view (the zeros that stand
+    /// for weights when only shapes matter, as in planning) holds no elements to arrange and
+    /// stays as it is: copying it would make gigabytes of zeros.
     pub fn arrange(self, w: &Tensor) -> Result<Tensor> {
+        let broadcast = w
+            .layout()
+            .stride()
+            .iter()
+            .zip(w.dims())
+            .any(|(&stride, &dim)| stride == 0 && dim > 1);
+        if broadcast {
+            return Ok(w.clone());
+        }
         match self {
             WeightOrder::OutIn => w.contiguous(),
             WeightOrder::InOut => w.t()?.contiguous()?.t(),

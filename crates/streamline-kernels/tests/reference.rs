@@ -502,3 +502,22 @@ fn layer_norm_of_nearly_equal_values() {
         rel_l2(&candle, &want)
     );
 }
+
+/// Stand-in weights (zeros broadcast to a shape, as planning from a config makes them) stay
+/// views when arranged; dense weights get the order asked for.
+#[test]
+fn weight_order_arranges_dense_weights_only() {
+    let zeros = Tensor::zeros((), DType::F32, &Device::Cpu)
+        .unwrap()
+        .broadcast_as((64, 32))
+        .unwrap();
+    let kept = WeightOrder::InOut.arrange(&zeros).unwrap();
+    assert_eq!(kept.stride(), zeros.stride());
+    assert_eq!(WeightOrder::of(&kept), None);
+    let w = randn(&[64, 32], 1);
+    let t = WeightOrder::InOut.arrange(&w).unwrap();
+    assert_eq!(WeightOrder::of(&t), Some(WeightOrder::InOut));
+    assert_eq!(rel_l2(&t, &w), 0.0);
+    let back = WeightOrder::OutIn.arrange(&t).unwrap();
+    assert_eq!(WeightOrder::of(&back), Some(WeightOrder::OutIn));
+}

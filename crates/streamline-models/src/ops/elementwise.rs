@@ -1,4 +1,6 @@
-//! Pointwise combinations: residual adds, blends, skip concatenation, embedding adds.
+//! Pointwise combinations: residual adds, blends, skip concatenation, embedding adds. On f32
+//! on the CPU the sums run as streamline's kernels, split across the threads (candle's run
+//! on one thread, or on a spinning pool of their own).
 
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
@@ -148,8 +150,9 @@ impl Op for ConcatChannels {
 
 /// Adds a per-batch-item vector `e: (B, C)` along the channel dim of every row of batch item
 /// `row / rows_per_batch` (resnet time embeddings). `e` is read whole; the slice context tells
-/// which batch item each row belongs to. One gather makes the `(rows, C)` per-row vectors, the
-/// only buffer besides the result, wherever the slice meets batch boundaries.
+/// which batch item each row belongs to. On f32 on the CPU one kernel pass writes the result
+/// (`streamline_kernels::batch_affine`); otherwise one gather makes the `(rows, C)` per-row
+/// vectors, the only buffer besides the result, wherever the slice meets batch boundaries.
 #[derive(Debug, Clone)]
 pub struct AddBatchEmb {
     pub rows_per_batch: usize,

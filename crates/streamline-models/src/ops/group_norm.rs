@@ -273,7 +273,9 @@ impl Op for GroupNormStats {
 }
 
 /// `(x - mean) / sqrt(var + eps) * weight + bias` on a position-major `(B*H*W, T, C)` feature,
-/// with the statistics of [`GroupNormStats`]; pointwise per position.
+/// with the statistics of [`GroupNormStats`]; pointwise per position. On f32 on the CPU, one
+/// kernel pass (`streamline_kernels::batch_affine`) with a scale and shift per batch item and
+/// channel.
 #[derive(Debug, Clone)]
 pub struct GroupNormApply {
     pub dims: VideoDims,

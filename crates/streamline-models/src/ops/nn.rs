@@ -73,11 +73,16 @@ pub(crate) fn gemm_scratch(m: usize, n: usize, k: usize, size: usize) -> usize {
     }
 }
 
+/// How every [`Linear`] keeps its weight, and what its workspace is planned for: the same
+/// whether the weights are real or stand-ins for their shapes, so a plan made from a config
+/// alone counts what a run with the checkpoint allocates.
+const WEIGHT_ORDER: WeightOrder = WeightOrder::InOut;
+
 /// `x @ W^T + b` on the last dim.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// `W` `(out, in)`, its storage transposed ([`WeightOrder::InOut`]): the CPU kernel's
-    /// products read it without gathering it element by element on every call.
+    /// `W` `(out, in)`, its storage transposed ([`WEIGHT_ORDER`]): the CPU kernel's products
+    /// read it without gathering it element by element on every call.
     weight: Tensor,
     bias: Option<Tensor>,
     in_dim: usize,
@@ -103,15 +108,11 @@ impl Linear {
     fn from_parts(weight: &Tensor, bias: Option<Tensor>) -> candle_core::Result<Self> {
         let (out_dim, in_dim) = weight.dims2()?;
         Ok(Linear {
-            weight: WeightOrder::InOut.arrange(weight)?,
+            weight: WEIGHT_ORDER.arrange(weight)?,
             bias,
             in_dim,
             out_dim,
         })
-    }
-
-    fn order(&self) -> WeightOrder {
-        WeightOrder::of(&self.weight).unwrap_or(WeightOrder::OutIn)
     }
 
     pub(crate) fn forward(&self, x: &Tensor, kernels: Kernels) -> candle_core::Result<Tensor> {
@@ -136,7 +137,7 @@ impl Linear {
             return out + portable::linear::linear_workspace(rows, i, o, biased, dtype, cpu);
         }
         let dims = (self.in_dim, self.out_dim);
-        if let Some(ws) = linear_workspace(rows, dims, self.order(), dtype) {
+        if let Some(ws) = linear_workspace(rows, dims, WEIGHT_ORDER, dtype) {
             return out + ws;
         }
         let product = out + gemm_scratch(rows, self.out_dim, self.in_dim, size);
@@ -345,7 +346,7 @@ impl Geglu {
                     kernels.on_cpu(),
                 );
         }
-        match linear_geglu_workspace(rows, (gate.in_dim, self.inner), gate.order(), dtype) {
+        match linear_geglu_workspace(rows, (gate.in_dim, self.inner), WEIGHT_ORDER, dtype) {
             Some(ws) => out + ws,
             None => out + gate.peak(rows, dtype, false, kernels),
         }
