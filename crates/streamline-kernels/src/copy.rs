@@ -8,7 +8,7 @@
 use candle_core::{CpuStorage, Layout, Result, Shape, Storage, Tensor};
 
 use crate::cpu_op::{CpuKernel, Input, Kernel};
-use crate::par::{for_each_run, written_by, Out};
+use crate::par::{for_each_run, per_task, written_by, Out};
 use crate::storage::Compute;
 
 /// Output rows (dim 0) per task (at most) and per block.
@@ -88,11 +88,8 @@ fn copy_view(src: &[f32], l: &Layout, (d0, d1, d2): (usize, usize, usize), dst: 
         }
     };
     let dense_dim1 = s1 == 1 && s2 != 1;
-    // Fewer rows a task than a block where that leaves a thread without one (a frame-major
-    // view of one video has as few rows as frames).
-    let per_task = ROW_BLOCK
-        .min(d0.div_ceil(rayon::current_num_threads().max(1)))
-        .max(1);
+    // A frame-major view of one video has as few rows as frames.
+    let per_task = per_task(d0, ROW_BLOCK);
     for_each_run(
         d0.div_ceil(per_task),
         || (),

@@ -13,7 +13,7 @@ use gemm::{gemm, Parallelism};
 use half::{bf16, f16};
 
 use crate::cpu_op::{CpuKernel, Input, Kernel};
-use crate::par::{for_each_run, runs, written_by, Out};
+use crate::par::{for_each_run, per_task, runs, written_by, Out};
 use crate::storage::{as_f32, Compute};
 
 /// Output rows a temporal convolution task aims at.
@@ -375,14 +375,9 @@ pub fn temporal_conv_workspace(
 }
 
 /// Positions per task of a temporal convolution over `positions` positions of `t` frames:
-/// about [`TILE_ROWS`] rows, but never so many that a thread is left without a task (a
-/// sliced plan's small calls would otherwise run on one thread).
+/// about [`TILE_ROWS`] rows, fewer where a thread would be left without a task.
 fn temporal_tile(positions: usize, t: usize) -> usize {
-    let threads = rayon::current_num_threads().max(1);
-    TILE_ROWS
-        .div_ceil(t.max(1))
-        .min(positions.div_ceil(threads))
-        .max(1)
+    per_task(positions, TILE_ROWS.div_ceil(t.max(1)))
 }
 
 struct TemporalConv {

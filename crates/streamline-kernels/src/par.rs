@@ -26,6 +26,13 @@ pub fn runs(tasks: usize) -> usize {
     rayon::current_num_threads().max(1).min(tasks)
 }
 
+/// Items per task when `items` are cut into tasks of at most `max`: fewer where that would
+/// leave a thread without a task (a sliced plan's small calls would otherwise run on one).
+pub fn per_task(items: usize, max: usize) -> usize {
+    max.min(items.div_ceil(rayon::current_num_threads().max(1)))
+        .max(1)
+}
+
 /// Call `f(scratch, task)` for every task in `0..tasks`, the tasks cut into [`runs`]
 /// contiguous runs that run in parallel, each with its own `init()` scratch.
 pub fn for_each_run<S, I, F>(tasks: usize, init: I, f: F)

@@ -270,7 +270,7 @@ impl Op for AddBroadcast {
     }
     fn forward(&self, x: &[&Tensor], ctx: &SliceCtx) -> Result<Tensor> {
         let (h, e) = (x[0], x[1]);
-        if ctx.kernels == Kernels::Cpu && e.dtype() == DType::F32 {
+        if cpu_f32(&info_of(e), ctx.workspace()) {
             // One batch item whose channels are all of `e`, repeated along every row.
             let table = e.flatten_all()?.to_vec1::<f32>()?;
             let tables = ChannelTables {
