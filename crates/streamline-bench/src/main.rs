@@ -141,6 +141,10 @@ struct How {
     /// Timed runs after the measured first run.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Follow each timed run with one of the original plan (no Step Rehash) in this process:
+    /// the ratio of each pair is the mode's cost against original inference at that moment.
+    #[arg(long)]
+    paired: bool,
     /// `cpu` or `cuda[:N]` (in a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,

@@ -83,6 +83,9 @@ pub fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
 pub struct Measurement {
     /// UNet step time of each timed run (after the first, measured run).
     pub step_seconds: Vec<f64>,
+    /// `--paired`: the original plan's step time after each timed run, in the same process.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub original_step_seconds: Vec<f64>,
     /// End to end: denoising loop time of each timed run.
     pub denoise_seconds: Vec<f64>,
     pub peak_rss_above_baseline_bytes: u64,

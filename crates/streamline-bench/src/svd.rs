@@ -9,6 +9,7 @@ use candle_core::{DType, Tensor};
 use clap::Args;
 use streamline_pipeline::svd::{unit_noise, Planes, StableVideoDiffusion, SvdSettings};
 use streamline_pipeline::video::load_image;
+use streamline_pipeline::Optimization;
 use streamline_rehash::Rehash;
 
 use crate::device::DevicePeak;
@@ -66,10 +67,10 @@ pub fn run(args: &SvdArgs, how: &How) -> Result<(Measurement, Tensor)> {
     }
     let image = Planes::from_tensor(&load_image(&args.image, Some((height, width)))?)?;
     let plan = pipe.plan(&settings, optimization)?;
-    let generate = || {
+    let generate = |settings: &SvdSettings, optimization| {
         pipe.generate(
             &image,
-            &settings,
+            settings,
             &latents,
             &image_noise,
             optimization,
@@ -79,17 +80,30 @@ pub fn run(args: &SvdArgs, how: &How) -> Result<(Measurement, Tensor)> {
 
     let baseline = Baseline::take()?;
     let device_peak = DevicePeak::start(&dev)?;
-    let (output, report) = generate()?;
+    let (output, report) = generate(&settings, optimization)?;
     let device_peak_bytes = device_peak.map(DevicePeak::finish).transpose()?;
     let (rss, live) = baseline.peaks()?;
-    let mut denoise_seconds = Vec::new();
+    // `--paired`: original inference (no Step Rehash) after each timed run.
+    let original = SvdSettings {
+        rehash: Rehash::Off,
+        ..settings.clone()
+    };
+    let (mut denoise_seconds, mut original_denoise) = (Vec::new(), Vec::new());
     for _ in 0..how.runs {
-        denoise_seconds.push(generate()?.1.denoise_seconds);
+        denoise_seconds.push(generate(&settings, optimization)?.1.denoise_seconds);
+        if how.paired {
+            original_denoise.push(
+                generate(&original, Optimization::Original)?
+                    .1
+                    .denoise_seconds,
+            );
+        }
     }
     let steps = how.num_inference_steps as f64;
     Ok((
         Measurement {
             step_seconds: denoise_seconds.iter().map(|s| s / steps).collect(),
+            original_step_seconds: original_denoise.iter().map(|s| s / steps).collect(),
             denoise_seconds,
             peak_rss_above_baseline_bytes: rss,
             live_peak_bytes: live,

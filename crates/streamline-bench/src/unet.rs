@@ -12,9 +12,9 @@ use streamline_ir::{Executor, Graph, Request};
 use streamline_models::load::{PerBlock, Usage, WeightSource};
 use streamline_models::sd::{MotionAdapterConfig, MotionUNetConfig, UNet2DConfig, UNetMotionModel};
 use streamline_models::svd::{UNetConfig, UNetShape, UNetSpatioTemporalConditionModel};
-use streamline_pipeline::optimize_for;
 use streamline_pipeline::svd::unit_noise;
-use streamline_rehash::{Rehash, StepRehash};
+use streamline_pipeline::{optimize_for, Kernels, Optimization};
+use streamline_rehash::{Rehash, Schedule, StepRehash};
 
 use crate::device::DevicePeak;
 use crate::measure::{timed, Baseline, Measurement};
@@ -215,7 +215,157 @@ fn step_inputs(
     Ok(inputs)
 }
 
-/// Run the step under `mode`: the first run is measured for memory, then `runs` timed runs.
+/// The UNet calls of one step under `optimization`, each lowered and planned: one call per
+/// run of frames (naive slicing evaluates each run as a video of its own).
+struct Calls {
+    chunks: Vec<std::ops::Range<usize>>,
+    planned: Vec<(Graph, streamline_ir::Plan)>,
+    /// (B, H, W) of the output.
+    bhw: (usize, usize, usize),
+}
+
+impl Calls {
+    fn new(
+        unet: &Model,
+        io: &HashMap<String, Tensor>,
+        optimization: Optimization,
+        kernels: Kernels,
+    ) -> Result<Self> {
+        let (b, t, _, h, w) = io.get("sample").context("no `sample`")?.dims5()?;
+        let context_len = io
+            .get("encoder_hidden_states")
+            .context("no `encoder_hidden_states`")?
+            .dim(1)?;
+        let chunks = optimization.frame_runs(t);
+        let planned = chunks
+            .iter()
+            .map(|r| {
+                let shape = UNetShape {
+                    batch: b,
+                    frames: r.len(),
+                    height: h,
+                    width: w,
+                    context_len,
+                };
+                Ok(optimize_for(&unet.lower(shape)?, optimization, kernels)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Calls {
+            chunks,
+            planned,
+            bhw: (b, h, w),
+        })
+    }
+}
+
+/// One UNet step's executors (and Step Rehash schedule), ready to run again and again on the
+/// prepared inputs.
+struct Stepper<'a> {
+    calls: &'a Calls,
+    execs: Vec<Executor<'a>>,
+    rehash: Option<Schedule>,
+}
+
+impl<'a> Stepper<'a> {
+    fn new(calls: &'a Calls, rehash: Option<Schedule>, dev: &Device) -> Result<Self> {
+        let execs = calls
+            .planned
+            .iter()
+            .map(|(g, p)| Ok(Executor::new(g, p, dev)?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Stepper {
+            calls,
+            execs,
+            rehash,
+        })
+    }
+
+    /// The plan's peak, over a key step that keeps the rehash cache and a partial one.
+    fn planned(&self) -> Result<usize> {
+        // A key step keeps the cached value to its end; a partial step starts from it.
+        let cached = match &self.rehash {
+            Some(schedule) => vec![schedule
+                .cache_point()
+                .value_name(&self.calls.planned[0].0)?],
+            None => Vec::new(),
+        };
+        let mut planned = 0;
+        for exec in &self.execs {
+            planned = planned
+                .max(exec.dry_run(&cached, &[])?.peak_bytes)
+                .max(exec.dry_run(&[], &cached)?.peak_bytes);
+        }
+        Ok(planned)
+    }
+
+    /// Seconds of one step, its output in `out` (one tensor per call).
+    fn step(
+        &self,
+        io: &HashMap<String, Tensor>,
+        dev: &Device,
+        out: &mut Vec<Tensor>,
+    ) -> Result<f64> {
+        match &self.rehash {
+            None => self.whole(io, dev, out),
+            Some(schedule) => self.rehashed(schedule, io, out),
+        }
+    }
+
+    fn whole(
+        &self,
+        io: &HashMap<String, Tensor>,
+        dev: &Device,
+        out: &mut Vec<Tensor>,
+    ) -> Result<f64> {
+        let (b, h, w) = self.calls.bhw;
+        let mut secs = 0.0;
+        out.clear();
+        for (range, exec) in self.calls.chunks.iter().zip(&self.execs) {
+            let inputs = step_inputs(io, false, range.clone())?;
+            let (mut o, s) = timed(|| {
+                let o = exec.run(inputs, &Request::default())?;
+                dev.synchronize()?;
+                Ok(o)
+            })?;
+            secs += s;
+            out.push(o.outputs.remove(0).reshape((b, range.len(), (), h, w))?);
+        }
+        Ok(secs)
+    }
+
+    /// Step Rehash: a key step on the previous step's inputs fills the cache, the measured step
+    /// reuses it. The step time is the mean over a schedule of `keys` key steps.
+    fn rehashed(
+        &self,
+        schedule: &Schedule,
+        io: &HashMap<String, Tensor>,
+        out: &mut Vec<Tensor>,
+    ) -> Result<f64> {
+        let (b, h, w) = self.calls.bhw;
+        let t = self.calls.chunks.iter().map(|r| r.len()).sum();
+        let (graph, exec) = (&self.calls.planned[0].0, &self.execs[0]);
+        let mut state = StepRehash::new(
+            Rehash::Schedule(schedule.clone()),
+            graph,
+            schedule.num_inference_steps,
+        )?;
+        let partial = (0..schedule.num_inference_steps)
+            .find(|&i| !state.is_full(i))
+            .context("the rehash schedule has no partial step")?;
+        let request = state.request(partial - 1)?;
+        let (full, full_s) = timed(|| Ok(exec.run(step_inputs(io, true, 0..t)?, &request)?))?;
+        state.absorb(full.kept)?;
+        let request = state.request(partial)?;
+        let (mut part, part_s) = timed(|| Ok(exec.run(step_inputs(io, false, 0..t)?, &request)?))?;
+        *out = vec![part.outputs.remove(0).reshape((b, t, (), h, w))?];
+        let keys = schedule.full_steps() as f64;
+        let steps = schedule.num_inference_steps as f64;
+        Ok((keys * full_s + (steps - keys) * part_s) / steps)
+    }
+}
+
+/// Run the step under `mode`: the first run is measured for memory, then `runs` timed runs,
+/// each followed by a run of the original plan when `how.paired`.
 /// Returns the measurement and the step's output (B, T, 4, H, W).
 pub fn run(dir: &Path, how: &How) -> Result<(Measurement, Tensor)> {
     let dev = how.device()?;
@@ -224,97 +374,32 @@ pub fn run(dir: &Path, how: &How) -> Result<(Measurement, Tensor)> {
     let file = dir.join("inputs.safetensors");
     let io = candle_core::safetensors::load(&file, &dev)
         .with_context(|| format!("cannot read {}", file.display()))?;
-    let (b, t, _, h, w) = io.get("sample").context("no `sample`")?.dims5()?;
-    let context_len = io
-        .get("encoder_hidden_states")
-        .context("no `encoder_hidden_states`")?
-        .dim(1)?;
-    let optimization = how.optimization()?;
-    // Naive slicing evaluates the UNet once per run of frames, each a video of its own.
-    let chunks = optimization.frame_runs(t);
-    let calls = chunks
-        .iter()
-        .map(|r| {
-            let shape = UNetShape {
-                batch: b,
-                frames: r.len(),
-                height: h,
-                width: w,
-                context_len,
-            };
-            Ok(optimize_for(&unet.lower(shape)?, optimization, kernels)?)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let execs = calls
-        .iter()
-        .map(|(g, p)| Ok(Executor::new(g, p, &dev)?))
-        .collect::<Result<Vec<_>>>()?;
     let rehash = how.schedule()?;
-    // A key step keeps the cached value to its end; a partial step starts from it.
-    let cached = match &rehash {
-        Some(schedule) => vec![schedule.cache_point().value_name(&calls[0].0)?],
-        None => Vec::new(),
-    };
-    let mut planned = 0;
-    for exec in &execs {
-        planned = planned
-            .max(exec.dry_run(&cached, &[])?.peak_bytes)
-            .max(exec.dry_run(&[], &cached)?.peak_bytes);
-    }
-
-    // Step Rehash: a key step on the previous step's inputs fills the cache, the measured step
-    // reuses it. The reported step time is the mean over a schedule of `keys` key steps.
-    let step = |out: &mut Vec<Tensor>| -> Result<f64> {
-        match &rehash {
-            None => {
-                let mut secs = 0.0;
-                out.clear();
-                for (range, exec) in chunks.iter().zip(&execs) {
-                    let inputs = step_inputs(&io, false, range.clone())?;
-                    let (mut o, s) = timed(|| {
-                        let o = exec.run(inputs, &Request::default())?;
-                        dev.synchronize()?;
-                        Ok(o)
-                    })?;
-                    secs += s;
-                    out.push(o.outputs.remove(0).reshape((b, range.len(), (), h, w))?);
-                }
-                Ok(secs)
-            }
-            Some(schedule) => {
-                let (graph, exec) = (&calls[0].0, &execs[0]);
-                let mut state = StepRehash::new(
-                    Rehash::Schedule(schedule.clone()),
-                    graph,
-                    schedule.num_inference_steps,
-                )?;
-                let partial = (0..schedule.num_inference_steps)
-                    .find(|&i| !state.is_full(i))
-                    .context("the rehash schedule has no partial step")?;
-                let request = state.request(partial - 1)?;
-                let (full, full_s) =
-                    timed(|| Ok(exec.run(step_inputs(&io, true, 0..t)?, &request)?))?;
-                state.absorb(full.kept)?;
-                let request = state.request(partial)?;
-                let (mut part, part_s) =
-                    timed(|| Ok(exec.run(step_inputs(&io, false, 0..t)?, &request)?))?;
-                *out = vec![part.outputs.remove(0).reshape((b, t, (), h, w))?];
-                let keys = schedule.full_steps() as f64;
-                let steps = schedule.num_inference_steps as f64;
-                Ok((keys * full_s + (steps - keys) * part_s) / steps)
-            }
-        }
-    };
+    let calls = Calls::new(&unet, &io, how.optimization()?, kernels)?;
+    let stepper = Stepper::new(&calls, rehash.clone(), &dev)?;
+    let planned = stepper.planned()?;
     let mut out = Vec::new();
     let baseline = Baseline::take()?;
     let device_peak = DevicePeak::start(&dev)?;
-    step(&mut out)?;
+    stepper.step(&io, &dev, &mut out)?;
     let device_peak_bytes = device_peak.map(DevicePeak::finish).transpose()?;
     let (rss, live) = baseline.peaks()?;
     let output = Tensor::cat(&out, 1)?;
-    let step_seconds = (0..how.runs)
-        .map(|_| step(&mut out))
-        .collect::<Result<_>>()?;
+    let original_calls = match how.paired {
+        true => Some(Calls::new(&unet, &io, Optimization::Original, kernels)?),
+        false => None,
+    };
+    let original = original_calls
+        .as_ref()
+        .map(|calls| Stepper::new(calls, None, &dev))
+        .transpose()?;
+    let (mut step_seconds, mut original_step_seconds) = (Vec::new(), Vec::new());
+    for _ in 0..how.runs {
+        step_seconds.push(stepper.step(&io, &dev, &mut out)?);
+        if let Some(original) = &original {
+            original_step_seconds.push(original.step(&io, &dev, &mut out)?);
+        }
+    }
     // Step Rehash figures are per step of its schedule: the mean of key and partial steps.
     let (full_steps, partial_steps) = match &rehash {
         Some(s) => (s.full_steps(), s.num_inference_steps - s.full_steps()),
@@ -323,6 +408,7 @@ pub fn run(dir: &Path, how: &How) -> Result<(Measurement, Tensor)> {
     Ok((
         Measurement {
             step_seconds,
+            original_step_seconds,
             full_steps,
             partial_steps,
             peak_rss_above_baseline_bytes: rss,

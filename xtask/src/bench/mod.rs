@@ -104,16 +104,21 @@ fn jobs(
     jobs
 }
 
-fn measure(bin: &Path, sc: &Scenario, paths: &Paths, job: &mut Job) -> Result<Record> {
+/// Run one of `job`'s processes and read what it measured.
+fn run_once(paths: &Paths, job: &mut Job) -> Result<Measurement> {
     let log = paths
         .out
         .join(format!("{}-{}.log", job.implementation, job.mode));
     run_logged(&mut job.cmd, &log)?;
     let file = paths.measurement(job.implementation, &job.mode);
-    let m: Measurement = serde_json::from_str(
+    serde_json::from_str(
         &fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?,
     )
-    .with_context(|| format!("{}: not a measurement", file.display()))?;
+    .with_context(|| format!("{}: not a measurement", file.display()))
+}
+
+/// `job`'s record: its pooled measurement, and its output's error against our original's.
+fn record(bin: &Path, sc: &Scenario, paths: &Paths, job: &Job, m: Measurement) -> Result<Record> {
     let mut compare = Command::new(bin);
     compare
         .arg("compare")
@@ -140,6 +145,43 @@ fn measure(bin: &Path, sc: &Scenario, paths: &Paths, job: &mut Job) -> Result<Re
     ))
 }
 
+/// Every job of one scenario, `rounds` processes each, in turns; their records in job order.
+fn measure_scenario(
+    bin: &Path,
+    sc: &Scenario,
+    paths: &Paths,
+    jobs: &mut [Job],
+    rounds: usize,
+    bar: &ProgressBar,
+) -> Result<Vec<Record>> {
+    let mut pooled: Vec<Option<Measurement>> = jobs.iter().map(|_| None).collect();
+    for round in 1..=rounds {
+        for (job, pool) in jobs.iter_mut().zip(&mut pooled) {
+            bar.set_message(format!(
+                "{} {} {} (round {round}/{rounds})",
+                sc.name, job.implementation, job.mode
+            ));
+            let m = run_once(paths, job)?;
+            match pool {
+                Some(p) => p.pool(m),
+                None => *pool = Some(m),
+            }
+            bar.inc(1);
+        }
+    }
+    let mut records: Vec<Record> = Vec::new();
+    for (job, m) in jobs.iter().zip(pooled) {
+        let m = m.context("a scenario runs at least one round")?;
+        let record = record(bin, sc, paths, job, m)?;
+        let peer = records
+            .iter()
+            .find(|p| p.implementation == "diffusers" && p.mode == "original");
+        bar.suspend(|| eprintln!("{}", summary(&record, peer)));
+        records.push(record);
+    }
+    Ok(records)
+}
+
 /// A one-line summary, with ratios to diffusers' original when it ran.
 fn summary(r: &Record, peer: Option<&Record>) -> String {
     let ratio = |a: f64, b: f64| format!(" ({:.2}x diffusers)", a / b);
@@ -161,7 +203,9 @@ fn summary(r: &Record, peer: Option<&Record>) -> String {
         r.rel_l2_vs_original,
         r.psnr_vs_original
             .map_or(String::new(), |p| format!(", PSNR {p:.1} dB")),
-    )
+    ) + &r
+        .time_over_original_paired
+        .map_or(String::new(), |p| format!(", {p:.2}x original (paired)"))
 }
 
 /// `only`: the scenarios to run (all when empty).
@@ -202,7 +246,8 @@ pub fn bench(quick: bool, only: &[String]) -> Result<()> {
         let jobs = jobs(&bin, python.as_deref(), &root, sc, &paths, quick, runs);
         plans.push((*sc, paths, jobs));
     }
-    let total: usize = plans.iter().map(|p| p.2.len()).sum();
+    let rounds = |sc: &Scenario| if quick { 1 } else { sc.rounds };
+    let total: usize = plans.iter().map(|p| p.2.len() * rounds(p.0)).sum();
     let bar = ProgressBar::new(total as u64).with_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")?
             .progress_chars("=> "),
@@ -221,16 +266,7 @@ pub fn bench(quick: bool, only: &[String]) -> Result<()> {
                 &paths.out.join("prepare.log"),
             )?;
         }
-        for job in jobs.iter_mut() {
-            bar.set_message(format!("{} {} {}", sc.name, job.implementation, job.mode));
-            let record = measure(&bin, sc, paths, job)?;
-            let peer = records.iter().find(|p| {
-                p.scenario == sc.name && p.implementation == "diffusers" && p.mode == "original"
-            });
-            bar.suspend(|| eprintln!("{}", summary(&record, peer)));
-            records.push(record);
-            bar.inc(1);
-        }
+        records.extend(measure_scenario(&bin, sc, paths, jobs, rounds(sc), &bar)?);
     }
     let sections = match only.is_empty() {
         true => {

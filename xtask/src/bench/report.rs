@@ -8,6 +8,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Deserialize)]
 pub struct Measurement {
     pub step_seconds: Vec<f64>,
+    /// Ours, `--paired`: the original plan's step time right after each timed run.
+    #[serde(default)]
+    pub original_step_seconds: Vec<f64>,
     #[serde(default)]
     pub denoise_seconds: Vec<f64>,
     pub peak_rss_above_baseline_bytes: u64,
@@ -22,6 +25,21 @@ pub struct Measurement {
     /// Ours, end to end on the CPU: each phase's planned and measured whole-run peak.
     #[serde(default)]
     pub phases: Vec<PhaseFigures>,
+}
+
+impl Measurement {
+    /// Another process's measurement of the same scenario x mode (a later round): its timed
+    /// runs join these; memory keeps the highest peak seen, so a round cannot hide one.
+    pub fn pool(&mut self, next: Measurement) {
+        self.step_seconds.extend(next.step_seconds);
+        self.original_step_seconds
+            .extend(next.original_step_seconds);
+        self.denoise_seconds.extend(next.denoise_seconds);
+        self.peak_rss_above_baseline_bytes = self
+            .peak_rss_above_baseline_bytes
+            .max(next.peak_rss_above_baseline_bytes);
+        self.live_peak_bytes = self.live_peak_bytes.max(next.live_peak_bytes);
+    }
 }
 
 /// One phase of an end-to-end run (streamline-bench's `PhaseMeasure`).
@@ -49,6 +67,11 @@ pub struct Record {
     pub step_seconds_median: f64,
     pub step_seconds_min: f64,
     pub step_seconds_max: f64,
+    /// Ours, paired runs: the median over pairs of this mode's step time over the original
+    /// plan's step time right after it, in the same process. A slow spell of the machine
+    /// lasting seconds slows both halves of a pair, so this ratio is steadier than the ratio
+    /// of two medians taken minutes apart.
+    pub time_over_original_paired: Option<f64>,
     /// End to end: the whole denoising loop.
     pub denoise_seconds_median: Option<f64>,
     pub peak_rss_above_baseline_bytes: u64,
@@ -75,6 +98,12 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
+/// The median of `steps[i] / originals[i]`; none without pairs.
+fn paired_ratio(steps: &[f64], originals: &[f64]) -> Option<f64> {
+    let ratios: Vec<f64> = steps.iter().zip(originals).map(|(s, o)| s / o).collect();
+    (!ratios.is_empty()).then(|| median(&ratios))
+}
+
 impl Record {
     pub fn new(
         scenario: &str,
@@ -92,6 +121,7 @@ impl Record {
             step_seconds_median: median(&m.step_seconds),
             step_seconds_min: fold(f64::INFINITY, f64::min),
             step_seconds_max: fold(0.0, f64::max),
+            time_over_original_paired: paired_ratio(&m.step_seconds, &m.original_step_seconds),
             denoise_seconds_median: (!m.denoise_seconds.is_empty())
                 .then(|| median(&m.denoise_seconds)),
             peak_rss_above_baseline_bytes: m.peak_rss_above_baseline_bytes,
@@ -141,13 +171,13 @@ pub fn table(records: &[Record], scenario: &str, end_to_end: bool) -> String {
     };
     writeln!(
         t,
-        "| implementation | mode | {time} | min-max | time / diffusers | peak RSS MiB | RSS / diffusers | live peak MiB | planned MiB | UNet evals full+partial | rel. L2 vs original |{}",
+        "| implementation | mode | {time} | min-max | time / diffusers | time / original (paired) | peak RSS MiB | RSS / diffusers | live peak MiB | planned MiB | UNet evals full+partial | rel. L2 vs original |{}",
         if end_to_end { " PSNR dB | phases: planned / measured MiB |" } else { "" }
     )
     .unwrap();
     writeln!(
         t,
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|{}",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|{}",
         if end_to_end { "---:|---|" } else { "" }
     )
     .unwrap();
@@ -163,7 +193,7 @@ pub fn table(records: &[Record], scenario: &str, end_to_end: bool) -> String {
         };
         write!(
             t,
-            "| {} | {} | {} | {}-{} | {} | {} | {} | {} | {} | {} | {:.1e} |",
+            "| {} | {} | {} | {}-{} | {} | {} | {} | {} | {} | {} | {} | {:.1e} |",
             r.implementation,
             r.mode,
             seconds(r.denoise_seconds_median.unwrap_or(r.step_seconds_median)),
@@ -173,6 +203,8 @@ pub fn table(records: &[Record], scenario: &str, end_to_end: bool) -> String {
                 r.step_seconds_median,
                 b.step_seconds_median
             )),
+            r.time_over_original_paired
+                .map_or("-".into(), |p| format!("{p:.2}x")),
             mib(r.peak_rss_above_baseline_bytes),
             base.map_or("-".into(), |b| ratio(
                 r.peak_rss_above_baseline_bytes as f64,
@@ -215,9 +247,10 @@ fn phases(phases: &[PhaseFigures]) -> String {
 mod tests {
     use super::*;
 
-    fn record(mode: &str, implementation: &str, steps: Vec<f64>, rss: u64) -> Record {
-        let m = Measurement {
+    fn measurement(steps: Vec<f64>, rss: u64) -> Measurement {
+        Measurement {
             step_seconds: steps,
+            original_step_seconds: Vec::new(),
             denoise_seconds: Vec::new(),
             peak_rss_above_baseline_bytes: rss,
             live_peak_bytes: None,
@@ -225,7 +258,11 @@ mod tests {
             full_steps: None,
             phases: Vec::new(),
             partial_steps: None,
-        };
+        }
+    }
+
+    fn record(mode: &str, implementation: &str, steps: Vec<f64>, rss: u64) -> Record {
+        let m = measurement(steps, rss);
         let error = Error {
             rel_l2: 0.0,
             psnr: None,
@@ -242,6 +279,43 @@ mod tests {
         assert_eq!(
             record("x", "y", vec![5.0, 1.0, 2.0], 0).step_seconds_median,
             2.0
+        );
+    }
+
+    #[test]
+    fn rounds_pool_runs_and_keep_the_highest_peak() {
+        let m = |steps, rss, live| Measurement {
+            live_peak_bytes: live,
+            planned_peak_bytes: Some(7),
+            ..measurement(steps, rss)
+        };
+        let mut first = m(vec![1.0, 2.0], 10, Some(5));
+        first.pool(m(vec![3.0], 30, Some(4)));
+        first.pool(m(vec![4.0], 20, Some(6)));
+        assert_eq!(first.step_seconds, [1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(first.peak_rss_above_baseline_bytes, 30);
+        assert_eq!(first.live_peak_bytes, Some(6));
+        assert_eq!(first.planned_peak_bytes, Some(7));
+    }
+
+    #[test]
+    fn paired_runs_give_the_median_ratio_of_each_pair() {
+        let m = Measurement {
+            original_step_seconds: vec![1.0, 4.0, 2.0],
+            ..measurement(vec![1.1, 4.0, 3.0], 0)
+        };
+        let error = Error {
+            rel_l2: 0.0,
+            psnr: None,
+        };
+        let r = Record::new("s", "paper", "streamline", m, error);
+        // Pairs 1.1, 1.0 and 1.5: their median, not 3.0 / 2.0 of the medians.
+        assert_eq!(r.time_over_original_paired, Some(1.1));
+        let t = table(&[r], "s", false);
+        assert!(t.contains("| 1.10x |"), "{t}");
+        assert_eq!(
+            record("x", "y", vec![1.0], 0).time_over_original_paired,
+            None
         );
     }
 

@@ -36,7 +36,17 @@ pub struct Scenario {
     pub modes: Vec<String>,
     #[serde(default)]
     pub quick_modes: Vec<String>,
+    /// Timed runs in each process.
     pub runs: usize,
+    /// Processes per mode in a full run, taken in turns (every mode's first process, then
+    /// every mode's second, ...): a machine that slows down for a while slows every mode alike
+    /// instead of the one that happened to run then. The timed runs of all rounds are pooled.
+    #[serde(default = "one")]
+    pub rounds: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 #[derive(Debug, Deserialize)]
@@ -108,8 +118,8 @@ impl Scenario {
         {
             bail!("`original` must be the first mode: every error is measured against it");
         }
-        if self.runs == 0 {
-            bail!("`runs` must be at least 1");
+        if self.runs == 0 || self.rounds == 0 {
+            bail!("`runs` and `rounds` must be at least 1");
         }
         Ok(())
     }
@@ -227,6 +237,9 @@ pub fn ours(
         .args(["--spatial-chunks", &sc.spatial_chunks.to_string()])
         .args(["--memory-budget", &sc.memory_budget])
         .args(["--rehash", &rehash]);
+    if mode != "original" {
+        cmd.arg("--paired");
+    }
     report_args(&mut cmd, paths, "streamline", mode, runs);
     cmd
 }
