@@ -71,7 +71,7 @@ pub mod video;
 
 pub use kernels::{kernels_for, DeviceKind, DeviceSpec, KernelChoice};
 pub use optimize::{
-    optimize, optimize_for, parse_bytes, plan_call, CallError, CallKind, Optimization,
+    optimize, optimize_for, paper_passes, parse_bytes, plan_call, CallError, CallKind, Optimization,
 };
 pub use run::Sizes;
 pub use streamline_ir::Kernels;

@@ -12,13 +12,13 @@ use std::path::Path;
 use common::{fixture, io, rel_l2};
 
 use candle_core::{DType, Device, Tensor};
-use streamline_ir::{Executor, Graph, Kernels, Plan, Request};
+use streamline_ir::{Executor, Graph, Kernels, Pass, Plan, Request};
 use streamline_models::load::WeightSource;
 use streamline_models::sd::{AutoencoderKL, MotionModule, UNetMotionModel};
 use streamline_models::svd::{
     AutoencoderKLTemporalDecoder, UNetShape, UNetSpatioTemporalConditionModel,
 };
-use streamline_pipeline::{optimize, optimize_for, Optimization};
+use streamline_pipeline::{optimize, optimize_for, paper_passes, Optimization};
 
 fn run(graph: &Graph, plan: &Plan, inputs: &[Tensor]) -> (Tensor, usize) {
     let exec = Executor::new(graph, plan, &Device::Cpu).unwrap();
@@ -41,21 +41,33 @@ fn check_kernels(graph: &Graph, inputs: &[Tensor], frames_len: usize, kernels: K
     let (reference, _) = run(&g0, &p0, inputs);
     for t in [1, 2, 3, 7, frames_len] {
         for s in [7, 11, 13] {
-            for opt in [
-                Optimization::SlicerOnly {
-                    temporal_chunks: t,
-                    spatial_chunks: s,
-                },
-                Optimization::Paper {
-                    temporal_chunks: t,
-                    spatial_chunks: s,
-                },
-            ] {
-                let (g, p) = optimize(opt).unwrap();
-                let (out, _) = run(&g, &p, inputs);
+            // The paper's counts on every group, as Paper runs before coarsening them.
+            let fixed = paper_passes(t, s)
+                .run(graph.clone(), Plan::trivial(graph).with_kernels(kernels))
+                .unwrap();
+            let paper = Optimization::Paper {
+                temporal_chunks: t,
+                spatial_chunks: s,
+            };
+            let slicer_only = Optimization::SlicerOnly {
+                temporal_chunks: t,
+                spatial_chunks: s,
+            };
+            let plans = [
+                (format!("{slicer_only:?}"), optimize(slicer_only).unwrap()),
+                (format!("{paper:?} uncoarsened"), fixed.clone()),
+                (format!("{paper:?}"), optimize(paper).unwrap()),
+            ];
+            for (name, (g, p)) in &plans {
+                let (out, _) = run(g, p, inputs);
                 let err = rel_l2(&out, &reference);
-                assert!(err <= 1e-5, "{kernels} {opt:?}: relative L2 {err}");
+                assert!(err <= 1e-5, "{kernels} {name}: relative L2 {err}");
             }
+            let peak = |(g, p): &(Graph, Plan)| Executor::plan_stats(g, p).unwrap().peak_bytes;
+            assert!(
+                peak(&plans[2].1) <= peak(&fixed),
+                "{kernels} {paper:?}: coarsening raised the planned peak"
+            );
         }
     }
     // The tightest budget budget mode can meet forces the most slicing; it must stay exact.

@@ -4,7 +4,7 @@
 use proptest::prelude::*;
 use streamline_ir::testing::*;
 use streamline_ir::{check_group, Axis, Executor, Graph, Kernels, Pass, Plan};
-use streamline_slicer::{fit_budget, FitBudget, PaperSlicer};
+use streamline_slicer::{fit_budget, Coarsen, FitBudget, PaperSlicer};
 
 fn slicer(temporal_chunks: usize, spatial_chunks: usize) -> PaperSlicer {
     PaperSlicer {
@@ -59,6 +59,34 @@ proptest! {
             }
             let err = error_vs_trivial(&g2, d, &plan, seed).unwrap();
             prop_assert!(err <= 1e-6, "relative L2 {err} for\n{}", plan.dump(&g2));
+        }
+    }
+
+    /// Coarsening a sliced plan keeps its groups and axes, slices no group more than before,
+    /// never raises the planned peak, and computes what the trivial plan computes.
+    #[test]
+    fn coarsened_plans_keep_the_peak_and_match_the_trivial_plan(
+        d in dims(),
+        steps in steps(14),
+        choices in prop::collection::vec(any::<u32>(), 1..48),
+        t in 1usize..12,
+        s in 1usize..20,
+        seed in any::<u64>(),
+    ) {
+        let g = random_graph(d, &steps);
+        for start in [Plan::trivial(&g), random_plan(&g, &choices)] {
+            let (g, sliced) = slicer(t, s).run(g.clone(), start).unwrap();
+            let (g, plan) = Coarsen.run(g, sliced.clone()).unwrap();
+            plan.validate(&g).unwrap();
+            let peak = |p: &Plan| Executor::plan_stats(&g, p).unwrap().peak_bytes;
+            prop_assert!(peak(&plan) <= peak(&sliced), "the peak rose:\n{}", plan.dump(&g));
+            prop_assert_eq!(plan.groups.len(), sliced.groups.len());
+            for (after, before) in plan.groups.iter().zip(&sliced.groups) {
+                prop_assert_eq!((&after.nodes, after.axis), (&before.nodes, before.axis));
+                prop_assert!(after.chunks <= before.chunks);
+            }
+            let err = error_vs_trivial(&g, d, &plan, seed).unwrap();
+            prop_assert!(err <= 1e-6, "relative L2 {err} for\n{}", plan.dump(&g));
         }
     }
 
