@@ -257,6 +257,7 @@ impl GroupSums {
                 || vec![0f32; if T::DTYPE == DType::F32 { 0 } else { row }],
                 |scratch, run| {
                     let mut acc = vec![0f64; self.groups];
+                    let mut frame_sums = vec![0f32; self.groups];
                     let (start, end) = (
                         rows.start + run * rows.len() / runs,
                         rows.start + (run + 1) * rows.len() / runs,
@@ -273,13 +274,21 @@ impl GroupSums {
                             scratch
                         };
                         for frame in values.chunks_exact(c) {
-                            for (g, a) in acc.iter_mut().enumerate() {
-                                let xs = &frame[g * per_group..(g + 1) * per_group];
-                                let s = match self.centers {
+                            for (g, (s, xs)) in frame_sums
+                                .iter_mut()
+                                .zip(frame.chunks_exact(per_group))
+                                .enumerate()
+                            {
+                                *s = match self.centers {
                                     Some(_) => simd::centered_squares(xs, self.center(p, g)),
                                     None => simd::sum(xs),
                                 };
-                                *a += f64::from(s);
+                            }
+                            // Apart from the f32 sums: each group's f64 total then takes one
+                            // add per frame across all groups at once, not a chain through
+                            // memory per group.
+                            for (a, s) in acc.iter_mut().zip(&frame_sums) {
+                                *a += f64::from(*s);
                             }
                         }
                     }

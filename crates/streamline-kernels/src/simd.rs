@@ -108,6 +108,12 @@ pub fn gelu_erf(x: f32) -> f32 {
 /// Sum of `xs` in [`LANES`] partial sums.
 #[inline(always)]
 pub fn sum(xs: &[f32]) -> f32 {
+    // Fewer than LANES: the partial sums below would all stay 0 and add nothing to the tail,
+    // so summing the tail alone is the same number, without zeroing and adding them (GroupNorm
+    // statistics of the small models sum groups of 2-8 channels, millions of times a step).
+    if xs.len() < LANES {
+        return xs.iter().sum();
+    }
     let mut acc = [0f32; LANES];
     let chunks = xs.chunks_exact(LANES);
     let tail: f32 = chunks.remainder().iter().sum();
@@ -122,6 +128,10 @@ pub fn sum(xs: &[f32]) -> f32 {
 /// Sum of `(x - mean)^2` over `xs`, in [`LANES`] partial sums.
 #[inline(always)]
 pub fn centered_squares(xs: &[f32], mean: f32) -> f32 {
+    // As in `sum`: below LANES the tail is the whole result.
+    if xs.len() < LANES {
+        return xs.iter().map(|v| (v - mean) * (v - mean)).sum();
+    }
     let mut acc = [0f32; LANES];
     let chunks = xs.chunks_exact(LANES);
     let tail: f32 = chunks
