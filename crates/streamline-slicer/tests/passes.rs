@@ -31,9 +31,9 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(96))]
 
     /// Any chunk counts, up to beyond the axis length, on the trivial plan or on a random
-    /// plan's groups.
+    /// plan's groups; the same plans coarsened too ([`coarsened_plan_holds`]).
     #[test]
-    fn paper_plans_match_the_trivial_plan(
+    fn paper_plans_and_their_coarsening_match_the_trivial_plan(
         d in dims(),
         steps in steps(14),
         choices in prop::collection::vec(any::<u32>(), 1..48),
@@ -59,34 +59,7 @@ proptest! {
             }
             let err = error_vs_trivial(&g2, d, &plan, seed).unwrap();
             prop_assert!(err <= 1e-6, "relative L2 {err} for\n{}", plan.dump(&g2));
-        }
-    }
-
-    /// Coarsening a sliced plan keeps its groups and axes, slices no group more than before,
-    /// never raises the planned peak, and computes what the trivial plan computes.
-    #[test]
-    fn coarsened_plans_keep_the_peak_and_match_the_trivial_plan(
-        d in dims(),
-        steps in steps(14),
-        choices in prop::collection::vec(any::<u32>(), 1..48),
-        t in 1usize..12,
-        s in 1usize..20,
-        seed in any::<u64>(),
-    ) {
-        let g = random_graph(d, &steps);
-        for start in [Plan::trivial(&g), random_plan(&g, &choices)] {
-            let (g, sliced) = slicer(t, s).run(g.clone(), start).unwrap();
-            let (g, plan) = Coarsen.run(g, sliced.clone()).unwrap();
-            plan.validate(&g).unwrap();
-            let peak = |p: &Plan| Executor::plan_stats(&g, p).unwrap().peak_bytes;
-            prop_assert!(peak(&plan) <= peak(&sliced), "the peak rose:\n{}", plan.dump(&g));
-            prop_assert_eq!(plan.groups.len(), sliced.groups.len());
-            for (after, before) in plan.groups.iter().zip(&sliced.groups) {
-                prop_assert_eq!((&after.nodes, after.axis), (&before.nodes, before.axis));
-                prop_assert!(after.chunks <= before.chunks);
-            }
-            let err = error_vs_trivial(&g, d, &plan, seed).unwrap();
-            prop_assert!(err <= 1e-6, "relative L2 {err} for\n{}", plan.dump(&g));
+            coarsened_plan_holds(&g2, &plan, |p| error_vs_trivial(&g2, d, p, seed).unwrap());
         }
     }
 
@@ -121,6 +94,26 @@ proptest! {
         let inputs = || rows::row_tensors(d, seed);
         budget_is_met_or_refused(&g, fraction, 1e-5, |plan| error_on(&g, inputs(), plan));
     }
+}
+
+/// Coarsening the sliced plan `sliced` keeps its groups and axes, slices no group more than
+/// before, never raises the planned peak, and keeps the plan exact (`error`).
+fn coarsened_plan_holds(g: &Graph, sliced: &Plan, error: impl Fn(&Plan) -> f64) {
+    let (g, plan) = Coarsen.run(g.clone(), sliced.clone()).unwrap();
+    plan.validate(&g).unwrap();
+    let peak = |p: &Plan| Executor::plan_stats(&g, p).unwrap().peak_bytes;
+    assert!(
+        peak(&plan) <= peak(sliced),
+        "the peak rose:\n{}",
+        plan.dump(&g)
+    );
+    assert_eq!(plan.groups.len(), sliced.groups.len());
+    for (after, before) in plan.groups.iter().zip(&sliced.groups) {
+        assert_eq!((&after.nodes, after.axis), (&before.nodes, before.axis));
+        assert!(after.chunks <= before.chunks);
+    }
+    let err = error(&plan);
+    assert!(err <= 1e-6, "relative L2 {err} for\n{}", plan.dump(&g));
 }
 
 /// A budget of `fraction` of original inference's peak, fitted from the one-chunk plan: met
