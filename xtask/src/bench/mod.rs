@@ -358,19 +358,27 @@ fn write_reports(
     Ok(())
 }
 
-/// CPU model, core count and memory of this machine.
+/// The value of the first `name: value` line of a /proc/cpuinfo text whose key is `name`
+/// itself ("model" is not "model name").
+fn cpuinfo_field(cpuinfo: &str, name: &str) -> Option<String> {
+    cpuinfo.lines().find_map(|l| {
+        let (key, value) = l.split_once(':')?;
+        (key.trim() == name).then(|| value.trim().to_string())
+    })
+}
+
 /// The machine in words: CPU model and the vector features the kernels dispatch on (ratios
 /// move 10-30% between machine kinds), cores and memory.
 fn hardware() -> String {
     let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let field = |name: &str| {
-        cpuinfo
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split(':').nth(1))
-            .map(|s| s.trim().to_string())
-    };
+    let field = |name: &str| cpuinfo_field(&cpuinfo, name);
     let cpu = field("model name").unwrap_or_else(|| "unknown CPU".into());
+    // A VM's model name can be as vague as "Intel(R) Xeon(R) Processor"; family and model
+    // tell the generations apart, and ratios move between them.
+    let cpu = match (field("cpu family"), field("model")) {
+        (Some(family), Some(model)) => format!("{cpu}, family {family} model {model}"),
+        _ => cpu,
+    };
     let flags = field("flags").unwrap_or_default();
     let has = |f: &str| flags.split_whitespace().any(|x| x == f);
     let features: Vec<&str> = [
@@ -401,4 +409,21 @@ fn hardware() -> String {
             format!("{:.0} GiB", kb / (1u64 << 20) as f64)
         });
     format!("{cpu} ({features}), {cores} cores available, {mem} RAM, no GPU (CPU only)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpuinfo_field;
+
+    #[test]
+    fn cpuinfo_fields_match_whole_keys() {
+        let text = "cpu family\t: 6\nmodel\t\t: 207\nmodel name\t: Intel(R) Xeon(R) Processor\n";
+        assert_eq!(cpuinfo_field(text, "model").as_deref(), Some("207"));
+        assert_eq!(
+            cpuinfo_field(text, "model name").as_deref(),
+            Some("Intel(R) Xeon(R) Processor")
+        );
+        assert_eq!(cpuinfo_field(text, "cpu family").as_deref(), Some("6"));
+        assert_eq!(cpuinfo_field(text, "flags"), None);
+    }
 }
