@@ -264,6 +264,7 @@ struct Stepper<'a> {
     calls: &'a Calls,
     execs: Vec<Executor<'a>>,
     rehash: Option<Schedule>,
+    dev: Device,
 }
 
 impl<'a> Stepper<'a> {
@@ -277,6 +278,7 @@ impl<'a> Stepper<'a> {
             calls,
             execs,
             rehash,
+            dev: dev.clone(),
         })
     }
 
@@ -299,24 +301,14 @@ impl<'a> Stepper<'a> {
     }
 
     /// Seconds of one step, its output in `out` (one tensor per call).
-    fn step(
-        &self,
-        io: &HashMap<String, Tensor>,
-        dev: &Device,
-        out: &mut Vec<Tensor>,
-    ) -> Result<f64> {
+    fn step(&self, io: &HashMap<String, Tensor>, out: &mut Vec<Tensor>) -> Result<f64> {
         match &self.rehash {
-            None => self.whole(io, dev, out),
+            None => self.whole(io, out),
             Some(schedule) => self.rehashed(schedule, io, out),
         }
     }
 
-    fn whole(
-        &self,
-        io: &HashMap<String, Tensor>,
-        dev: &Device,
-        out: &mut Vec<Tensor>,
-    ) -> Result<f64> {
+    fn whole(&self, io: &HashMap<String, Tensor>, out: &mut Vec<Tensor>) -> Result<f64> {
         let (b, h, w) = self.calls.bhw;
         let mut secs = 0.0;
         out.clear();
@@ -324,7 +316,7 @@ impl<'a> Stepper<'a> {
             let inputs = step_inputs(io, false, range.clone())?;
             let (mut o, s) = timed(|| {
                 let o = exec.run(inputs, &Request::default())?;
-                dev.synchronize()?;
+                self.dev.synchronize()?;
                 Ok(o)
             })?;
             secs += s;
@@ -381,23 +373,23 @@ pub fn run(dir: &Path, how: &How) -> Result<(Measurement, Tensor)> {
     let mut out = Vec::new();
     let baseline = Baseline::take()?;
     let device_peak = DevicePeak::start(&dev)?;
-    stepper.step(&io, &dev, &mut out)?;
+    stepper.step(&io, &mut out)?;
     let device_peak_bytes = device_peak.map(DevicePeak::finish).transpose()?;
     let (rss, live) = baseline.peaks()?;
     let output = Tensor::cat(&out, 1)?;
-    let original_calls = match how.paired {
-        true => Some(Calls::new(&unet, &io, Optimization::Original, kernels)?),
-        false => None,
-    };
+    let original_calls = how
+        .paired
+        .then(|| Calls::new(&unet, &io, Optimization::Original, kernels))
+        .transpose()?;
     let original = original_calls
         .as_ref()
         .map(|calls| Stepper::new(calls, None, &dev))
         .transpose()?;
     let (mut step_seconds, mut original_step_seconds) = (Vec::new(), Vec::new());
     for _ in 0..how.runs {
-        step_seconds.push(stepper.step(&io, &dev, &mut out)?);
+        step_seconds.push(stepper.step(&io, &mut out)?);
         if let Some(original) = &original {
-            original_step_seconds.push(original.step(&io, &dev, &mut out)?);
+            original_step_seconds.push(original.step(&io, &mut out)?);
         }
     }
     // Step Rehash figures are per step of its schedule: the mean of key and partial steps.

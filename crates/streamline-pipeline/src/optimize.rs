@@ -41,24 +41,21 @@ impl Optimization {
     /// per-batch computations ahead of the video path (names unchanged).
     pub fn passes(self) -> PassPipeline {
         let hoisted = PassPipeline::new().then(HoistWhole);
-        let slicer = |temporal_chunks, spatial_chunks| PaperSlicer {
-            temporal_chunks,
-            spatial_chunks,
-        };
         match self {
             Optimization::Original | Optimization::Naive { .. } => hoisted,
             Optimization::SlicerOnly {
                 temporal_chunks,
                 spatial_chunks,
-            } => hoisted.then(slicer(temporal_chunks, spatial_chunks)),
+            } => hoisted.then(PaperSlicer {
+                temporal_chunks,
+                spatial_chunks,
+            }),
             Optimization::Paper {
                 temporal_chunks,
                 spatial_chunks,
             } => paper_passes(temporal_chunks, spatial_chunks).then(Coarsen),
-            Optimization::Budget { bytes } => hoisted
-                .then(slicer(1, 1))
-                .then(OperatorGrouping)
-                .then(FitBudget { bytes }),
+            // The paper's setting at one chunk: the groups and axes the budget search slices.
+            Optimization::Budget { bytes } => paper_passes(1, 1).then(FitBudget { bytes }),
         }
     }
 

@@ -28,30 +28,28 @@ impl Pass for Coarsen {
 
 /// [`Coarsen`] on `plan`.
 pub fn coarsen(graph: &Graph, plan: Plan) -> Result<Plan> {
-    {
-        let mut cost = PlanCost::new(graph, plan)?;
-        let ceiling = cost.peak();
-        for gi in 0..cost.plan().groups.len() {
-            let group = cost.plan().groups[gi].clone();
-            if group.axis.is_none() {
-                continue;
-            }
-            let mut chunks = 1;
-            while chunks < group.chunks {
-                let trial = cost.trial(
-                    gi,
-                    Group {
-                        chunks,
-                        ..group.clone()
-                    },
-                )?;
-                if trial.peak <= ceiling {
-                    cost.accept(trial);
-                    break;
-                }
-                chunks *= 2;
-            }
+    let mut cost = PlanCost::new(graph, plan)?;
+    let ceiling = cost.peak();
+    for gi in 0..cost.plan().groups.len() {
+        let group = cost.plan().groups[gi].clone();
+        if group.axis.is_none() {
+            continue;
         }
-        Ok(cost.into_plan())
+        let mut chunks = 1;
+        while chunks < group.chunks {
+            let trial = cost.trial(
+                gi,
+                Group {
+                    chunks,
+                    ..group.clone()
+                },
+            )?;
+            if trial.peak <= ceiling {
+                cost.accept(trial);
+                break;
+            }
+            chunks *= 2;
+        }
     }
+    Ok(cost.into_plan())
 }

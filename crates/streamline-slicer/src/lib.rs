@@ -17,15 +17,16 @@
 //! - [`naive`]: the paper's Sec. 3 baseline, temporal layers cut along frames too. It is
 //!   **wrong on purpose** (motion across chunk borders is lost) and exists only for comparisons.
 //!
-//! **Promises:** every plan [`PaperSlicer`], [`Coarsen`] and [`FitBudget`] emit passes `Plan::validate` and
-//! computes what the trivial plan computes, to float rounding, for any chunk count including
-//! counts that do not divide the axis; a fitted plan's planned peak is within its budget; a
-//! coarsened plan's planned peak is at most the peak of the plan it was given.
+//! **Promises:** every plan [`PaperSlicer`], [`Coarsen`] and [`FitBudget`] emit passes
+//! `Plan::validate` and computes what the trivial plan computes, to float rounding, for any
+//! chunk count including counts that do not divide the axis; a fitted plan's planned peak is
+//! within its budget; a coarsened plan's planned peak is at most the peak of the plan it was
+//! given.
 //!
 //! **Tests:** `cargo test -p streamline-slicer` runs the passes on random toy graphs
 //! (streamline-ir's `testing` harness): sliced plans match the trivial plan (proptest, chunk
-//! counts that do not divide the axis; coarsened plans too, their peak checked), budgets are met with an exact plan or refused with the
-//! same smallest peak for every budget below it. Exactness on the SVD and AnimateDiff fixtures
+//! counts that do not divide the axis; coarsened plans too, their peak checked), budgets are
+//! met with an exact plan or refused with the same smallest peak for every budget below it. Exactness on the SVD and AnimateDiff fixtures
 //! is tested in `streamline-pipeline`, which sees models, slicer and grouping together.
 
 mod budget;

@@ -186,7 +186,7 @@ fn measure_scenario(
 fn summary(r: &Record, peer: Option<&Record>) -> String {
     let ratio = |a: f64, b: f64| format!(" ({:.2}x diffusers)", a / b);
     format!(
-        "{} {} {}: step {:.3} s{}, peak RSS {:.1} MiB{}, rel. L2 vs original {:.1e}{}",
+        "{} {} {}: step {:.3} s{}, peak RSS {:.1} MiB{}, rel. L2 vs original {:.1e}{}{}",
         r.scenario,
         r.implementation,
         r.mode,
@@ -203,9 +203,9 @@ fn summary(r: &Record, peer: Option<&Record>) -> String {
         r.rel_l2_vs_original,
         r.psnr_vs_original
             .map_or(String::new(), |p| format!(", PSNR {p:.1} dB")),
-    ) + &r
-        .time_over_original_paired
-        .map_or(String::new(), |p| format!(", {p:.2}x original (paired)"))
+        r.time_over_original_paired
+            .map_or(String::new(), |p| format!(", {p:.2}x original (paired)")),
+    )
 }
 
 /// `only`: the scenarios to run (all when empty).
